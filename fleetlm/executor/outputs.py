@@ -1,0 +1,107 @@
+"""The data that crosses boundaries: scheduler -> executor -> scheduler -> caller.
+
+Plain dataclasses with no torch, so they can be pickled to worker actors and tested on their
+own. New requests are sent to the workers in full once (`NewRequestData`); requests the workers
+already know are sent as per-step diffs (`CachedRequestData`). A request resumed after
+preemption is sent in full again, since its blocks were all replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetlm.executor.sampling_params import SamplingParams
+
+# One position's logprobs: the chosen token first, then the top-N alternatives by logprob.
+PositionLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    token_ids: list[int]  # prompt + any output tokens already generated (after preemption)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """Diffs for requests the workers already hold, one list entry per request."""
+
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)  # appended to the table
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str]  # workers drop their state for these (finished or preempted)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the workers computed: one sampled token per request whose prompt is complete.
+
+    Requests in the middle of a chunked prefill get an empty list in `sampled_token_ids`.
+    """
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    # Prompt logprobs of the positions computed this step (None for the first prompt token).
+    prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """One request's progress in one step, from the scheduler to the output processor."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None = None
+    new_prompt_logprobs: list[PositionLogprobs | None] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # cumulative text so far
+    token_ids: list[int]  # cumulative token ids so far
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """What a caller of the offline or async API receives (cumulative, like vLLM's)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished
