@@ -1,0 +1,61 @@
+"""What the serving layer needs from an engine; the cluster layer depends on this, not on a class.
+
+`AsyncEngine` implements it; CPU tests of the HTTP layer may pass another implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """A point-in-time snapshot, cheap to take; counters are cumulative since start."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
+    prefix_cache_queries: int = 0  # tokens looked up
+    prefix_cache_hits: int = 0  # tokens found
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+
+class EngineClient(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Any  # a Hugging Face tokenizer with the model's chat template
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative `RequestOutput`s until one has `finished=True`.
+
+        Raises `ValueError` (naming the field) before yielding anything if the request is
+        invalid: empty prompt, prompt over the context length, bad sampling values. Closing
+        the iterator early (client gone) aborts the request and frees its blocks.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown ids are ignored."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine loop has died; the server then answers 503."""
+        ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,143 @@
+"""Tensor-parallel layers. Each parameter carries a `weight_loader` that takes the full
+checkpoint tensor and copies in this rank's shard, so the checkpoint loader stays generic."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the parallel size {denominator}")
+    return numerator // denominator
+
+
+def _copy_checked(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows; each rank holds out_features / tp rows."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp: ParallelGroup = SINGLE_PROCESS) -> None:
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = _divide(out_features, tp.world_size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        n = param.shape[0]
+        _copy_checked(param, loaded.narrow(0, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices stacked into one (gate and up projections)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 tp: ParallelGroup = SINGLE_PROCESS) -> None:
+        super().__init__(in_features, sum(output_sizes), bias, tp)
+        self.shard_sizes = [_divide(s, tp.world_size, "output features") for s in output_sizes]
+
+    def _shard_range(self, shard_id) -> tuple[int, int]:
+        return sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        offset, size = self._shard_range(shard_id)
+        _copy_checked(param.data.narrow(0, offset, size),
+                      loaded.narrow(0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v projections in one matrix; heads are split over ranks (KV heads replicated
+    when there are fewer of them than ranks)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp: ParallelGroup = SINGLE_PROCESS) -> None:
+        self.num_heads = _divide(num_heads, tp.world_size, "attention heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp.world_size)
+        self.kv_replicas = max(1, tp.world_size // num_kv_heads)
+        sizes = [self.num_heads * head_dim, self.num_kv_heads * head_dim,
+                 self.num_kv_heads * head_dim]
+        super().__init__(hidden_size, [s * tp.world_size for s in sizes], bias, tp)
+        self.shard_sizes = sizes
+
+    def _shard_range(self, shard_id) -> tuple[int, int]:
+        return super()._shard_range("qkv".index(shard_id))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        offset, size = self._shard_range(shard_id)
+        rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
+        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns; partial results are summed over ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp: ParallelGroup = SINGLE_PROCESS) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = _divide(in_features, tp.world_size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = lambda p, w, shard_id=None: _copy_checked(p, w)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        n = param.shape[1]
+        _copy_checked(param, loaded.narrow(1, self.tp.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; out-of-shard ids contribute zeros."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup = SINGLE_PROCESS):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows_per_rank = -(-vocab_size // tp.world_size)
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        shard = loaded[self.vocab_start:self.vocab_start + self.rows_per_rank]
+        param.data.zero_()
+        param.data[: shard.shape[0]].copy_(shard)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local < 0) | (local >= self.rows_per_rank)
+        out = F.embedding(local.masked_fill(mask, 0), self.weight).masked_fill(mask[:, None], 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over the vocabulary; may share its weight with the input embedding."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        return logits[..., : self.vocab_size]
