@@ -1,0 +1,145 @@
+"""The async API: many concurrent callers stream outputs while one background thread steps.
+
+Threads: callers live on an asyncio event loop; the engine loop runs in its own thread (torch
+releases the GIL in its kernels, so the event loop stays responsive). The two meet in two
+places only: a command queue into the engine thread (add, abort) and `call_soon_threadsafe`
+back out to each caller's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fleetlm.executor.config import EngineConfig
+from fleetlm.executor.engine import LLMEngine
+from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.protocol import EngineStats
+from fleetlm.executor.request import Request
+from fleetlm.executor.sampling_params import SamplingParams
+
+logger = logging.getLogger("fleetlm.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    """Implements `fleetlm.executor.protocol.EngineClient`."""
+
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self.model_name = config.model.model
+        self.max_model_len = self.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._error: BaseException | None = None
+        self._is_stopped = False
+        self._thread = threading.Thread(target=self._run_loop, name="fleetlm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(config)
+
+    # ---- caller side (event loop) ----------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        if self._error is not None:
+            raise EngineDeadError("the engine loop has stopped") from self._error
+        requests = self.engine.make_requests(request_id, prompt, sampling_params, priority)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send(("add", request_id, prompt if isinstance(prompt, str) else None, requests))
+        finished = False
+        try:
+            while not finished:
+                out = await self._next_output(stream.queue)
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    @staticmethod
+    async def _next_output(q: asyncio.Queue) -> RequestOutput:
+        """The newest output: outputs are cumulative, so a slow reader skips stale ones."""
+        out = await q.get()
+        while not q.empty() and not isinstance(out, BaseException) and not out.finished:
+            out = q.get_nowait()
+        if isinstance(out, BaseException):
+            raise EngineDeadError("the engine loop has stopped") from out
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    async def shutdown(self) -> None:
+        self._is_stopped = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join)
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- engine side (background thread) -----------------------------------------------------
+    def _run_loop(self) -> None:
+        try:
+            while not self._is_stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._publish(self.engine.step())
+        except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
+            logger.exception("engine loop died")
+            self._error = exc
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt, requests = command
+                self._add(request_id, prompt, requests)
+            else:
+                self.engine.abort_request(command[1])
+
+    def _add(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
+        if request_id not in self._streams:
+            return  # the caller went away before the engine saw the request
+        self.engine.add_requests(request_id, prompt, requests)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)

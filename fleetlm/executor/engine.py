@@ -1,0 +1,95 @@
+"""The synchronous engine: input processing, the engine core, output processing.
+
+The offline `LLM` drives it directly; `AsyncEngine` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fleetlm.executor.config import EngineConfig
+from fleetlm.executor.engine_core import EngineCore
+from fleetlm.executor.executor import Executor, LocalExecutor
+from fleetlm.executor.input_processor import InputProcessor
+from fleetlm.executor.output_processor import OutputProcessor
+from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.protocol import EngineStats
+from fleetlm.executor.request import Request, RequestStatus
+from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.weights import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.executor = executor or LocalExecutor(config)
+        self.core = EngineCore(config, self.executor)
+        self.tokenizer = load_tokenizer(self.executor.model_dir)
+        self.max_model_len = self.executor.max_model_len
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.max_model_len, self.executor.vocab_size,
+            _eos_token_id(self.tokenizer, self.executor.hf_config))
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      priority: int = 0) -> list[Request]:
+        """Validate and tokenize (raises ValueError); safe to call off the engine thread."""
+        prompt_token_ids = self.input_processor.tokenize(prompt)
+        return self.input_processor.make_requests(request_id, prompt_token_ids, params, priority)
+
+    def add_requests(self, request_id: str, prompt: str | None,
+                     requests: list[Request]) -> None:
+        if request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        first = requests[0]
+        params = first.sampling_params if len(requests) == 1 else \
+            _parent_params(first.sampling_params, len(requests))
+        self.output_processor.add_request(request_id, prompt, first.prompt_token_ids, params,
+                                          first.arrival_time)
+        for request in requests:
+            self.core.add_request(request)
+        self.num_prompt_tokens += first.num_prompt_tokens
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        requests = self.make_requests(request_id, prompt, params, priority)
+        self.add_requests(request_id, prompt if isinstance(prompt, str) else None, requests)
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.finish_requests(self.output_processor.child_ids(request_id),
+                                  RequestStatus.FINISHED_ABORTED)
+        self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
+        self.num_generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+        processed = self.output_processor.process_outputs(core_outputs)
+        if processed.reqs_to_stop:
+            self.core.finish_requests(processed.reqs_to_stop, RequestStatus.FINISHED_STOPPED)
+        return processed.request_outputs
+
+    def stats(self) -> EngineStats:
+        s = self.core.scheduler.stats()
+        return EngineStats(
+            num_running=s["num_running"], num_waiting=s["num_waiting"],
+            kv_cache_usage=s["kv_cache_usage"],
+            prefix_cache_queries=s["prefix_cache_queries"],
+            prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens)
+
+
+def _parent_params(child: SamplingParams, n: int) -> SamplingParams:
+    return replace(child, n=n)
+
+
+def _eos_token_id(tokenizer, hf_config) -> int | None:
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    eos = getattr(hf_config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) else eos

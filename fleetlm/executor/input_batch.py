@@ -1,0 +1,110 @@
+"""Turn one SchedulerOutput into the model's input tensors (numpy on the host, one copy each).
+
+Region map of a step's tokens (see attention.py): requests with one scheduled token first
+(decodes), then the rest (prefill chunks), each request's tokens contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fleetlm.executor.attention import AttentionMetadata
+from fleetlm.executor.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    """What a worker keeps for a request between steps."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + outputs sampled so far (the worker appends its own samples)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class PreparedBatch:
+    req_ids: list[str]  # in batch order
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    sampling_req_ids: list[str]  # requests whose prompt is complete after this step
+    logits_indices: torch.Tensor  # row of each sampling request's last token
+    prompt_logprob_rows: dict[str, tuple[int, int, int]]  # req -> (first row, count, first pos)
+
+
+def order_for_batch(num_scheduled_tokens: dict[str, int]) -> list[str]:
+    decodes = [r for r, n in num_scheduled_tokens.items() if n == 1]
+    prefills = [r for r, n in num_scheduled_tokens.items() if n != 1]
+    return decodes + prefills
+
+
+def _block_table(rows: list[list[int]]) -> np.ndarray:
+    table = np.zeros((len(rows), max((len(r) for r in rows), default=0)), dtype=np.int32)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = row
+    return table
+
+
+def prepare_batch(states: dict[str, CachedRequestState], num_scheduled_tokens: dict[str, int],
+                  block_size: int, device: torch.device) -> PreparedBatch:
+    req_ids = order_for_batch(num_scheduled_tokens)
+    num_decodes = sum(1 for r in req_ids if num_scheduled_tokens[r] == 1)
+    input_ids, positions, slots, seq_lens = [], [], [], []
+    sampling_req_ids, logits_rows = [], []
+    prompt_rows: dict[str, tuple[int, int, int]] = {}
+    num_rows = 0
+    for req_id in req_ids:
+        state, n = states[req_id], num_scheduled_tokens[req_id]
+        start, end = state.num_computed_tokens, state.num_computed_tokens + n
+        pos = np.arange(start, end)
+        blocks = np.asarray(state.block_ids, dtype=np.int64)
+        input_ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
+        positions.append(pos)
+        slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        seq_lens.append(end)
+        if end == len(state.token_ids):
+            sampling_req_ids.append(req_id)
+            logits_rows.append(num_rows + n - 1)
+        if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
+            count = min(end, state.num_prompt_tokens - 1) - start
+            prompt_rows[req_id] = (num_rows, count, start)
+        num_rows += n
+
+    def tensor(parts, dtype=torch.int64):
+        return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+
+    tables = [states[r].block_ids for r in req_ids]
+    q_lens = [num_scheduled_tokens[r] for r in req_ids[num_decodes:]]
+    meta = AttentionMetadata(
+        slot_mapping=tensor(slots),
+        num_decode_tokens=num_decodes,
+        decode_block_tables=torch.from_numpy(_block_table(tables[:num_decodes])).to(device),
+        decode_seq_lens=torch.tensor(seq_lens[:num_decodes], dtype=torch.int32, device=device),
+        num_prefill_tokens=sum(q_lens),
+        prefill_cu_seqlens_q=torch.tensor(np.cumsum([0] + q_lens), dtype=torch.int32,
+                                          device=device),
+        prefill_seq_lens=torch.tensor(seq_lens[num_decodes:], dtype=torch.int32, device=device),
+        prefill_block_tables=torch.from_numpy(_block_table(tables[num_decodes:])).to(device),
+        is_prefill_without_context=all(
+            states[r].num_computed_tokens == 0 for r in req_ids[num_decodes:]),
+    )
+    return PreparedBatch(
+        req_ids=req_ids,
+        input_ids=tensor(input_ids),
+        positions=tensor(positions),
+        attn_metadata=meta,
+        sampling_req_ids=sampling_req_ids,
+        logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        prompt_logprob_rows=prompt_rows,
+    )

@@ -1,0 +1,59 @@
+"""Validate and tokenize a prompt, and fan an n > 1 request out into n child requests."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fleetlm.executor.request import Request
+from fleetlm.executor.sampling_params import SamplingParams
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int,
+                 eos_token_id: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt) if prompt else []
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem; nothing is queued for an invalid request."""
+        num = len(prompt_token_ids)
+        if num == 0:
+            raise ValueError("prompt is empty")
+        if num >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {num} tokens long, but the model's context length is "
+                f"{self.max_model_len} tokens (at least one must be left for the output)")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        params.validate_for_model(self.vocab_size)
+
+    def make_requests(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams, priority: int = 0,
+                      arrival_time: float | None = None) -> list[Request]:
+        """One Request per completion; children of an n > 1 request are `{id}#{i}` and get
+        seed + i, so seeded completions differ from each other but repeat across runs."""
+        self.validate(prompt_token_ids, params)
+        max_tokens = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        children = [(request_id, params)] if params.n == 1 else [
+            (child_request_id(request_id, i),
+             replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+            for i in range(params.n)
+        ]
+        return [
+            Request(child_id, prompt_token_ids, child_params, self.eos_token_id,
+                    arrival_time=arrival_time, priority=priority, max_tokens=max_tokens)
+            for child_id, child_params in children
+        ]
+
+
+def child_request_id(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}"

@@ -1,0 +1,81 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(...)`."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+
+from tqdm.auto import tqdm
+
+from fleetlm.executor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fleetlm.executor.engine import LLMEngine
+from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.sampling_params import SamplingParams
+
+Conversation = list[dict[str, str]]
+
+
+def make_engine_config(model: str, **kwargs) -> EngineConfig:
+    """Spread flat keyword arguments (vLLM style) over the config sections by field name."""
+    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    values: dict[str, dict] = {name: {} for name in sections}
+    for key, value in kwargs.items():
+        owner = next((s for s, cls in sections.items()
+                      if key in {f.name for f in fields(cls)}), None)
+        if owner is None:
+            raise TypeError(f"unknown engine argument {key!r}")
+        values[owner][key] = value
+    return EngineConfig(
+        model=ModelConfig(model=model, **values["model"]),
+        cache=CacheConfig(**values["cache"]),
+        scheduler=SchedulerConfig(**values["scheduler"]),
+    )
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m-instruct", **engine_args) -> None:
+        self.engine = LLMEngine(make_engine_config(model, **engine_args))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("sampling_params must be one value or one per prompt")
+        request_ids = []
+        for prompt, p in zip(prompts, params_list):
+            request_ids.append(str(next(self._counter)))
+            self.engine.add_request(request_ids[-1], prompt, p)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: Conversation,
+                            add_generation_prompt: bool = True) -> list[int]:
+        return list(self.engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
+            return_dict=False))
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[r] for r in request_ids]

@@ -1,0 +1,197 @@
+"""One device's model: loads the weights, owns the KV cache, runs a SchedulerOutput."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from fleetlm.executor.config import CacheConfig, ModelConfig
+from fleetlm.executor.input_batch import CachedRequestState, PreparedBatch, prepare_batch
+from fleetlm.executor.models import get_model_class
+from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
+from fleetlm.executor.sampler import Sampler, compute_prompt_logprobs
+from fleetlm.executor.sampling_metadata import SamplingMetadata
+from fleetlm.executor.weights import iterate_weights, load_hf_config, resolve_model
+from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
+
+logger = logging.getLogger("fleetlm.model_runner")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: without them CPU bf16 matrix products are several times slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+        return _DTYPES[name]
+    if device.type == "cuda" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 tp: ParallelGroup = SINGLE_PROCESS) -> None:
+        self.model_config = model_config
+        self.block_size = cache_config.block_size
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.tp = tp
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self._load_model()
+        self._allocate_kv_cache(cache_config)
+
+    # ---- setup -------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        started = time.perf_counter()
+        cfg = self.model_config
+        # Random weights need only a config: a directory with config.json (no checkpoint).
+        self.model_dir = Path(cfg.model) if cfg.random_weights else resolve_model(cfg.model)
+        self.hf_config = load_hf_config(self.model_dir)
+        self.max_model_len = min(cfg.max_model_len or self.hf_config.max_position_embeddings,
+                                 self.hf_config.max_position_embeddings)
+        model_class = get_model_class(self.hf_config)
+        with _default_dtype(self.dtype), self.device:
+            self.model = model_class(self.hf_config, tp=self.tp).eval()
+        if cfg.random_weights:
+            _init_random(self.model, cfg.seed)
+        else:
+            self._load_weights()
+        logger.info("model %s loaded in %.1f s (%s, %s)", cfg.model,
+                    time.perf_counter() - started, self.dtype, self.device)
+
+    def _load_weights(self) -> None:
+        loaded = self.model.load_weights(iterate_weights(self.model_dir))
+        missing = {n for n, _ in self.model.named_parameters()} - loaded
+        if missing:
+            raise ValueError(f"checkpoint in {self.model_dir} lacks {sorted(missing)[:5]}")
+
+    def _allocate_kv_cache(self, cache_config: CacheConfig) -> None:
+        layer = self.model.layers[0].self_attn
+        shape = (self.block_size, layer.num_kv_heads, layer.head_dim)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        bytes_per_block = 2 * len(self.model.layers) * element * int(torch.Size(shape).numel())
+        self.num_blocks = cache_config.num_blocks or (
+            cache_config.kv_cache_memory_bytes // bytes_per_block)
+        if self.num_blocks < 1:
+            raise ValueError("kv_cache_memory_bytes is too small for one KV block")
+        self.kv_caches = [
+            (torch.zeros((self.num_blocks, *shape), dtype=self.dtype, device=self.device),
+             torch.zeros((self.num_blocks, *shape), dtype=self.dtype, device=self.device))
+            for _ in self.model.layers
+        ]
+        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks,
+                    self.block_size, self.num_blocks * bytes_per_block / 2**20)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    # ---- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        batch = prepare_batch(self.requests, scheduler_output.num_scheduled_tokens,
+                              self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
+                            batch.attn_metadata)
+        sampled = self._sample(batch, hidden)
+        return self._make_output(batch, sampled, hidden)
+
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
+                new.eos_token_id, list(new.block_ids), new.num_computed_tokens)
+        cached = out.scheduled_cached_reqs
+        for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
+                                                   cached.num_computed_tokens):
+            state = self.requests[req_id]
+            state.block_ids.extend(block_ids)
+            state.num_computed_tokens = num_computed
+
+    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor):
+        if not batch.sampling_req_ids:
+            return None
+        states = [self.requests[r] for r in batch.sampling_req_ids]
+        metadata = SamplingMetadata.build(
+            params=[s.sampling_params for s in states],
+            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+            eos_token_ids=[s.eos_token_id for s in states],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
+        return self.sampler(logits, metadata)
+
+    def _make_output(self, batch: PreparedBatch, sampled, hidden) -> ModelRunnerOutput:
+        sampled_ids: dict[str, list[int]] = {}
+        logprobs = {}
+        if sampled is not None:
+            token_ids = sampled.sampled_token_ids.tolist()
+            for i, req_id in enumerate(batch.sampling_req_ids):
+                self.requests[req_id].token_ids.append(token_ids[i])
+                sampled_ids[req_id] = [token_ids[i]]
+                if sampled.logprobs is not None and sampled.logprobs[i] is not None:
+                    logprobs[req_id] = [sampled.logprobs[i]]
+        return ModelRunnerOutput(
+            req_ids=batch.req_ids,
+            sampled_token_ids=[sampled_ids.get(r, []) for r in batch.req_ids],
+            logprobs=logprobs,
+            prompt_logprobs=self._prompt_logprobs(batch, hidden),
+        )
+
+    def _prompt_logprobs(self, batch: PreparedBatch, hidden: torch.Tensor):
+        result = {}
+        for req_id, (row, count, first_pos) in batch.prompt_logprob_rows.items():
+            state = self.requests[req_id]
+            logits = self.model.compute_logits(hidden[row:row + count]).float()
+            targets = state.token_ids[first_pos + 1:first_pos + 1 + count]
+            entries = compute_prompt_logprobs(logits, targets,
+                                              state.sampling_params.prompt_logprobs)
+            result[req_id] = ([None] if first_pos == 0 else []) + entries
+        return result
+
+
+def _init_random(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        values = torch.ones(param.shape) if "norm" in name else \
+            torch.randn(param.shape, generator=generator) * 0.02
+        param.data.copy_(values)

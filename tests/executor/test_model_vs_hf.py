@@ -1,0 +1,128 @@
+"""Our model against Hugging Face transformers on the same weights: greedy tokens equal,
+logprobs close. The built-in SmolLM2 model and small random Llama / Qwen2 / Qwen3 / Mistral
+models saved in the Hugging Face format (so our loader is exercised too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from fleetlm import LLM, SamplingParams
+from fleetlm.executor.weights import load_tokenizer, resolve_model
+
+PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Hi",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Quelle est la différence entre un chat et un chien ? Réponds en français.",
+    "用一句话介绍一下长城。",
+    "Translate to Russian: The weather is nice today.",
+    "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n",
+    "Tell me a story about a dragon 🐉 and a robot 🤖 who become friends. " * 12,
+]
+MAX_TOKENS = 20
+LOGPROB_ATOL = 2e-3  # fp32 on both sides; differences come from summation order only
+
+
+def hf_greedy(model, prompt_ids: list[int], max_tokens: int):
+    """Greedy continuation and each step's log-softmax, from transformers' own generate()."""
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        eos_token_id=None)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    return tokens, logprobs
+
+
+def assert_matches_hf(llm: LLM, hf_model, prompts_ids: list[list[int]], max_tokens: int):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    outputs = llm.generate(prompts_ids, params)
+    for prompt_ids, out in zip(prompts_ids, outputs):
+        expected, hf_logprobs = hf_greedy(hf_model, prompt_ids, max_tokens)
+        got = out.outputs[0]
+        assert got.token_ids == expected, f"prompt of {len(prompt_ids)} tokens diverged"
+        for position, (token, hf_lp) in enumerate(zip(got.token_ids, hf_logprobs)):
+            sampled_token, sampled_logprob = got.logprobs[position][0]
+            assert sampled_token == token
+            assert sampled_logprob == pytest.approx(hf_lp[token].item(), abs=LOGPROB_ATOL)
+
+
+@pytest.fixture(scope="module")
+def builtin_dir():
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def builtin_hf(builtin_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        builtin_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def builtin_llm(builtin_dir):
+    return LLM(str(builtin_dir), dtype="float32", kv_cache_memory_bytes=256 << 20)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+        return_dict=False))
+
+
+def test_builtin_model_greedy_matches_transformers(builtin_llm, builtin_hf):
+    tokenizer = builtin_llm.get_tokenizer()
+    prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS]
+    assert max(len(p) for p in prompts_ids) > 300  # the long prompt is really long
+    assert_matches_hf(builtin_llm, builtin_hf, prompts_ids, MAX_TOKENS)
+
+
+def test_builtin_model_answers_sensibly(builtin_llm):
+    out = builtin_llm.chat([{"role": "user", "content": PROMPTS[0]}],
+                           SamplingParams(temperature=0, max_tokens=16))
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_chunked_prefill_and_prefix_hits_give_the_same_tokens(builtin_dir, builtin_hf):
+    llm = LLM(str(builtin_dir), dtype="float32", kv_cache_memory_bytes=64 << 20,
+              max_num_batched_tokens=48, block_size=16)
+    tokenizer = llm.get_tokenizer()
+    long_prompt = chat_ids(tokenizer, PROMPTS[7])
+    shared_prefix = long_prompt[:200] + chat_ids(tokenizer, "And now a poem.")
+    assert_matches_hf(llm, builtin_hf, [long_prompt], 8)  # prefilled in chunks of <= 48
+    assert_matches_hf(llm, builtin_hf, [shared_prefix], 8)  # first 192 tokens from the cache
+    assert llm.engine.stats().prefix_cache_hits >= 192
+
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=1024, vocab_size=49152, tie_word_embeddings=False)
+RANDOM_MODELS = {
+    "llama3-gqa-rope-scaling": (transformers.LlamaConfig, dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+        rope_theta=500000.0)),
+    "qwen3-qk-norm": (transformers.Qwen3Config, dict(rope_theta=1000000.0)),
+    "qwen2-qkv-bias": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_MODELS))
+def test_random_models_match_transformers(name, builtin_dir, tmp_path):
+    config_class, extra = RANDOM_MODELS[name]
+    config = config_class(**{**SMALL, **extra})
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so logits are not flat
+        for param in hf_model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.08)
+    hf_model.save_pretrained(tmp_path)
+    load_tokenizer(builtin_dir).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=16 << 20)
+    tokenizer = llm.get_tokenizer()
+    prompts_ids = [tokenizer.encode(p) for p in PROMPTS[:4]] + [
+        tokenizer.encode(PROMPTS[7])[:300]]
+    assert_matches_hf(llm, hf_model.eval(), prompts_ids, 12)
