@@ -206,8 +206,8 @@ class _SnapshotCollector:
             yield family
 
     def _request_success(self) -> Metric:
-        labels = ["model_name", "finished_reason"]
-        family = CounterMetricFamily(PREFIX + "request_success", REQUEST_SUCCESS_HELP, labels=labels)
+        name, labels = PREFIX + "request_success", ["model_name", "finished_reason"]
+        family = CounterMetricFamily(name, REQUEST_SUCCESS_HELP, labels=labels)
         for model, snaps in self.by_model.items():
             totals: dict[str, int] = {}
             for snap in snaps:

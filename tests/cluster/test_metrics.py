@@ -41,7 +41,8 @@ def _replica_a() -> dict:
     for gap in (0.01, 0.02, 0.02):
         recorder.on_token(gap)
     recorder.on_finish(0.5, num_prompt_tokens=7, num_generation_tokens=3, finish_reason="stop")
-    recorder.on_finish(9000.0, num_prompt_tokens=100, num_generation_tokens=1, finish_reason="length")
+    recorder.on_finish(9000.0, num_prompt_tokens=100, num_generation_tokens=1,
+                       finish_reason="length")  # fmt: skip
     stats = _stats(
         num_running=2, num_waiting=1, kv_cache_usage=0.25, prefix_cache_queries=40,
         prefix_cache_hits=16, num_preemptions=1, num_prompt_tokens=107, num_generation_tokens=4,
