@@ -1,0 +1,75 @@
+"""GGUF file -> Hugging Face model folder, through transformers' own GGUF support.
+
+transformers dequantizes the tensors, maps llama.cpp names to HF names and reverses the q/k
+row permutation llama.cpp applies to Llama-family attention; it also rebuilds the config and
+the tokenizer (with the chat template) from the GGUF metadata. We only save the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+# Bump when the output of convert_gguf changes, so old cache entries are not reused.
+CONVERTER_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SAVED_DTYPE = torch.bfloat16  # what the reference systems store converted GGUF weights in
+
+logger = logging.getLogger("fleetlm.weights")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Write config.json, generation_config.json, tokenizer files (chat template included) and
+    `model.safetensors` (bfloat16, HF tensor names) for the GGUF file into `out_dir`."""
+    logger.info("Converting GGUF %s into %s", gguf_path, out_dir)
+    config = _load_config(gguf_path)
+    tensors = _load_tensors(gguf_path, config)
+    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    _save_tokenizer(gguf_path, config, out_dir)
+    logger.info("Converted %d tensors from %s", len(tensors), gguf_path.name)
+
+
+def _save_tokenizer(gguf_path: Path, config, out_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # GGUF carries no tokenizer length limit; the model's context length is the real one.
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out_dir)
+
+
+def _load_config(gguf_path: Path):
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The saved weights are dequantized: the folder must not claim GGUF quantization.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = SAVED_DTYPE
+    return config
+
+
+def _load_tensors(gguf_path: Path, config) -> dict[str, torch.Tensor]:
+    # transformers maps GGUF names onto the parameter names of a model instance; a model on
+    # the meta device gives those names without allocating memory.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
+    tensors = {name: t.to(SAVED_DTYPE).contiguous() for name, t in parsed["tensors"].items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    _check_complete(tensors, model, config, gguf_path)
+    return tensors
+
+
+def _check_complete(tensors: dict[str, torch.Tensor], model, config, gguf_path: Path) -> None:
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"{gguf_path}: GGUF lacks tensors the model needs: {missing[:8]}")

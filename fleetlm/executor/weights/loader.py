@@ -1,0 +1,54 @@
+"""Reading a Hugging Face model folder: config, tokenizer and a stream of weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger("fleetlm.weights")
+
+
+def iterate_weights(model_dir: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF tensor name, CPU tensor in its stored dtype) for every tensor of every
+    *.safetensors file in `model_dir`, one tensor at a time, with a progress bar.
+
+    Intended for a model's `load_weights()`; the tensors are not kept after they are yielded.
+    Raises FileNotFoundError when the folder has no *.safetensors file.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    num_tensors = sum(_num_tensors(f) for f in files)
+    logger.info("Loading %d tensors from %d file(s) in %s", num_tensors, len(files), model_dir)
+    with tqdm(total=num_tensors, desc="Loading weights", unit="tensors",
+              disable=not progress) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                names = f.keys()  # safe_open is not a dict: it cannot be iterated directly
+                for name in names:
+                    yield name, f.get_tensor(name)
+                    bar.update()
+
+
+def _num_tensors(file: Path) -> int:
+    with safe_open(file, framework="pt", device="cpu") as f:
+        return len(f.keys())
+
+
+def load_hf_config(model_dir: Path) -> PretrainedConfig:
+    """The model's transformers config (config.json)."""
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; warns when it has no chat template (chat requests need one)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        logger.warning("Tokenizer in %s has no chat template", model_dir)
+    return tokenizer
