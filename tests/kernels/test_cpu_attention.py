@@ -1,0 +1,109 @@
+"""The C paged-attention kernel against the torch reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fleetlm.kernels import attention, cpu_attention
+
+pytestmark = pytest.mark.skipif(not cpu_attention.is_available(),
+                                reason="the C kernel did not compile here")
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+BLOCKS = pytest.mark.parametrize("block_size", [8, 16])
+GROUPS = pytest.mark.parametrize("group", [1, 3])
+DECODE_SEQ_LENS = [1, 8, 17, 33, 16, 70]
+PREFILL_CASES = {  # name: (q_lens, seq_lens)
+    "fresh_prompts": ([5, 16, 9], [5, 16, 9]),
+    "chunks_with_context": ([7, 3, 1, 40], [20, 40, 9, 73]),
+}
+
+
+@DTYPES
+@BLOCKS
+@GROUPS
+def test_decode_matches_reference(group, block_size, dtype, paged_batch, close):
+    batch = paged_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, group=group,
+                        block_size=block_size, dtype=dtype)
+    out = cpu_attention.paged_decode_attention(*batch.decode_args())
+    assert out.dtype == dtype
+    close(out, attention.paged_decode_attention_reference(*batch.decode_args()), dtype)
+
+
+@DTYPES
+@BLOCKS
+@GROUPS
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_matches_reference(case, group, block_size, dtype, paged_batch, close):
+    batch = paged_batch(*PREFILL_CASES[case], group=group, block_size=block_size, dtype=dtype)
+    out = cpu_attention.paged_prefill_attention(*batch.prefill_args())
+    close(out, attention.paged_prefill_attention_reference(*batch.prefill_args()), dtype)
+
+
+def test_large_logits_keep_the_softmax_stable(paged_batch, close):
+    """Scores of several hundred force many running-max rescales; nothing may overflow."""
+    batch = paged_batch([1, 1], [100, 37], group=3, block_size=16, dtype=torch.float32)
+    batch.scale = 20.0
+    out = cpu_attention.paged_decode_attention(*batch.decode_args())
+    assert torch.isfinite(out).all()
+    close(out, attention.paged_decode_attention_reference(*batch.decode_args()), torch.float32)
+
+
+def test_fp32_query_over_bf16_cache(paged_batch, close):
+    batch = paged_batch([1] * 3, [5, 40, 17], group=3, block_size=16, dtype=torch.bfloat16)
+    batch.query = batch.query.float()
+    out = cpu_attention.paged_decode_attention(*batch.decode_args())
+    assert out.dtype == torch.float32
+    close(out, attention.paged_decode_attention_reference(*batch.decode_args()), torch.bfloat16)
+
+
+def test_thread_count_does_not_change_results(paged_batch):
+    batch = paged_batch([7, 3, 1, 40], [20, 40, 9, 73], group=3, block_size=16,
+                        dtype=torch.float32)
+    num_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.paged_prefill_attention(*batch.prefill_args())
+        torch.set_num_threads(2)
+        two = cpu_attention.paged_prefill_attention(*batch.prefill_args())
+    finally:
+        torch.set_num_threads(num_threads)
+    assert torch.equal(one, two)
+
+
+def test_block_ids_outside_the_cache_are_rejected(paged_batch):
+    batch = paged_batch([1, 1], [5, 9], group=1, block_size=8, dtype=torch.float32)
+    batch.block_tables[1, 1] = batch.k_cache.shape[0]
+    with pytest.raises(ValueError, match="block"):
+        cpu_attention.paged_decode_attention(*batch.decode_args())
+
+
+def test_block_table_too_short_for_seq_len_is_rejected(paged_batch):
+    batch = paged_batch([1], [9], group=1, block_size=8, dtype=torch.float32)
+    batch.block_tables = batch.block_tables[:, :1]
+    with pytest.raises(ValueError, match="too short"):
+        cpu_attention.paged_decode_attention(*batch.decode_args())
+
+
+def test_supports_only_what_the_kernel_handles():
+    query = torch.zeros(2, 4, 64)
+    cache = torch.zeros(3, 8, 2, 64)
+    assert cpu_attention.supports(query, cache, cache)
+    assert not cpu_attention.supports(query, cache.half(), cache.half())
+    odd_dim = torch.zeros(3, 8, 2, 72)
+    assert not cpu_attention.supports(query, odd_dim, odd_dim)
+    strided = cache.transpose(0, 1)
+    assert not cpu_attention.supports(query, strided, strided)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_kernel_shares_torchs_openmp_runtime():
+    """Two OpenMP runtimes in one process would oversubscribe the cores."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        runtimes = {os.path.realpath(line.split()[-1]) for line in maps
+                    if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1
