@@ -1,0 +1,124 @@
+"""The scheduler's use of the scheduler-side KV connector, with a fake connector."""
+
+from __future__ import annotations
+
+from sched_helpers import make_request, make_scheduler, step
+
+from fleetlm.executor.request import Request, RequestStatus
+from fleetlm.kvtransfer.base import KVConnectorScheduler
+
+
+class FakeConnector(KVConnectorScheduler):
+    """Offers `matches[req_id]` remote tokens and keeps the blocks of `keep_blocks` alive;
+    records every call."""
+
+    def __init__(self, matches=None, keep_blocks=()) -> None:
+        self.matches: dict[str, tuple[int | None, bool]] = dict(matches or {})
+        self.keep_blocks = set(keep_blocks)
+        self.asked: list[tuple[str, int]] = []
+        self.allocs: list[tuple[str, list[int], int]] = []
+        self.finished: list[tuple[str, list[int]]] = []
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
+        self.asked.append((request.request_id, num_computed_tokens))
+        return self.matches.get(request.request_id, (0, False))
+
+    def update_state_after_alloc(self, request: Request, block_ids, num_external_tokens) -> None:
+        self.allocs.append((request.request_id, list(block_ids), num_external_tokens))
+
+    def request_finished(self, request: Request, block_ids) -> bool:
+        self.finished.append((request.request_id, list(block_ids)))
+        return request.request_id in self.keep_blocks
+
+
+def test_synchronous_remote_tokens_count_as_computed():
+    connector = FakeConnector({"r": (8, False)})
+    scheduler = make_scheduler(connector=connector)
+    prompt = list(range(100, 110))
+    scheduler.add_request(make_request("r", prompt))
+    out, results = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 2}
+    (new,) = out.scheduled_new_reqs
+    assert (new.block_ids, new.num_computed_tokens) == ([0, 1, 2], 8)
+    assert connector.allocs == [("r", [0, 1, 2], 8)]
+    assert results["r"].num_cached_tokens == 8
+    # Loaded blocks are cached like computed ones: a later request hits them locally.
+    scheduler.add_request(make_request("s", prompt))
+    out, _ = step(scheduler)
+    assert connector.asked == [("r", 0), ("s", 8)]
+    assert out.num_scheduled_tokens == {"r": 1, "s": 2}
+
+
+def test_remote_tokens_leave_the_last_token_to_compute():
+    connector = FakeConnector({"r": (10, False)})
+    scheduler = make_scheduler(connector=connector)
+    scheduler.add_request(make_request("r", 10))
+    out, _ = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 1}
+    assert connector.allocs == [("r", [0, 1, 2], 9)]
+
+
+def test_ask_later_keeps_the_request_waiting_and_lets_others_pass():
+    connector = FakeConnector({"r": (None, False)})
+    scheduler = make_scheduler(connector=connector)
+    scheduler.add_request(make_request("r", 5))
+    scheduler.add_request(make_request("s", 3))
+    out, _ = step(scheduler)
+    assert out.num_scheduled_tokens == {"s": 3}
+    assert (scheduler.num_waiting, connector.allocs) == (1, [("s", [0], 0)])
+    connector.matches["r"] = (4, False)
+    out, _ = step(scheduler)
+    assert out.num_scheduled_tokens == {"s": 1, "r": 1}
+    assert connector.asked == [("r", 0), ("s", 0), ("r", 0)]
+
+
+def test_asynchronous_load_waits_for_finish_receiving():
+    connector = FakeConnector({"r": (8, True)})
+    scheduler = make_scheduler(connector=connector)
+    request = make_request("r", 10)
+    scheduler.add_request(request)
+    for _ in range(2):
+        out, _ = step(scheduler)
+        assert out.num_scheduled_tokens == {}
+    assert connector.allocs == [("r", [0, 1, 2], 8)]  # blocks for the whole prompt
+    assert scheduler.kv_cache_manager.get_block_ids("r") == [0, 1, 2]
+    assert scheduler.kv_cache_manager.block_pool.cached_blocks == {}  # KV not there yet
+    assert (scheduler.num_waiting, scheduler.num_running) == (1, 0)
+    assert request.status == RequestStatus.WAITING
+
+    scheduler.finish_receiving(["r", "unknown"])
+    assert len(scheduler.kv_cache_manager.block_pool.cached_blocks) == 2
+    out, results = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 2}
+    (new,) = out.scheduled_new_reqs
+    assert (new.block_ids, new.num_computed_tokens) == ([0, 1, 2], 8)
+    assert len(connector.allocs) == 1
+    assert results["r"].new_token_ids == [500]
+    assert results["r"].num_cached_tokens == 8
+
+
+def test_blocks_stay_alive_until_sent():
+    connector = FakeConnector(keep_blocks={"r"})
+    scheduler = make_scheduler(num_blocks=8, connector=connector)
+    scheduler.add_request(make_request("r", 5, max_tokens=1))
+    _, results = step(scheduler)
+    assert results["r"].finish_reason == "length"
+    assert connector.finished == [("r", [0, 1])]
+    assert scheduler.kv_cache_manager.num_free_blocks == 6
+    assert not scheduler.has_unfinished_requests()
+    scheduler.finish_sending(["r", "unknown"])
+    assert scheduler.kv_cache_manager.num_free_blocks == 8
+    scheduler.check_invariants()
+
+
+def test_aborting_a_loading_request_frees_its_blocks():
+    connector = FakeConnector({"r": (8, True)})
+    scheduler = make_scheduler(num_blocks=8, connector=connector)
+    scheduler.add_request(make_request("r", 10))
+    step(scheduler)
+    scheduler.finish_requests(["r"], RequestStatus.FINISHED_ABORTED)
+    assert connector.finished == [("r", [0, 1, 2])]
+    assert scheduler.kv_cache_manager.num_free_blocks == 8
+    assert scheduler.num_waiting == 0
+    scheduler.finish_receiving(["r"])  # a late report is ignored
+    scheduler.check_invariants()
