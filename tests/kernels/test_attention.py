@@ -10,9 +10,8 @@ from fleetlm.kernels import attention
 DTYPES = [torch.float32, torch.bfloat16]
 DECODE_SEQ_LENS = [1, 8, 17, 33, 16, 40]  # one token, whole blocks, partial last blocks
 PREFILL_CASES = {  # name: (q_lens, seq_lens)
-    "one_token": ([1], [1]),
     "fresh_prompts": ([5, 16, 9], [5, 16, 9]),
-    "chunks_with_context": ([7, 3, 1, 20], [20, 40, 9, 33]),
+    "chunks_with_context": ([7, 3, 1, 20, 1], [20, 40, 9, 33, 1]),
 }
 GRID = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 BLOCKS = pytest.mark.parametrize("block_size", [8, 16])
