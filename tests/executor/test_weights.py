@@ -221,6 +221,8 @@ def test_default_cache_converts_once_then_reuses(monkeypatch, tmp_path, fake_ggu
     assert first.name.startswith("model-")
     assert fake_convert == [fake_gguf]
     assert (first / "config.json").is_file()
+    assert first.stat().st_mode & 0o777 == 0o755  # shared caches stay readable
+    assert (first / "config.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp folder left
 
 

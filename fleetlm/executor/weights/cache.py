@@ -20,6 +20,7 @@ from pathlib import Path
 CACHE_DIR_ENV = "FLEETLM_CACHE_DIR"
 KEY_LENGTH = 16  # hex digits of the sha256 kept in a folder name
 ENTRY_MODE = 0o755
+FILE_MODE = 0o644
 
 logger = logging.getLogger("fleetlm.weights")
 
@@ -48,12 +49,20 @@ def get_or_create(entry: Path, build: Callable[[Path], None]) -> Path:
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    tmp_dir.chmod(ENTRY_MODE)  # mkdtemp makes it private; a cache entry is readable by all
     try:
         build(tmp_dir)
+        _make_readable(tmp_dir)
         return publish(tmp_dir, entry)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp (and safetensors) create private files; a cache entry is readable by all."""
+    folder.chmod(ENTRY_MODE)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(FILE_MODE)
 
 
 def publish(tmp_dir: Path, entry: Path) -> Path:

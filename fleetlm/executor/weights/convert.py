@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 # Bump when the output of convert_gguf changes, so old cache entries are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 SAVED_DTYPE = torch.bfloat16  # what the reference systems store converted GGUF weights in
 
