@@ -9,8 +9,12 @@ shared (load averages of 7 were seen while writing these tests), so single sampl
 by several ms. The tests therefore bound medians, and keep every bound below half the 20 ms
 token interval, so a client that took the wrong chunk for the first token, or counted a chunk
 twice, would still fail: TTFT within `TTFT_DELIVERY_S` of the server's, ITL gaps within
-`ITL_DELIVERY_S` (a gap is the difference of two delivery delays, which mostly cancel). The
-server's own timing against its nominal delays carries its scheduling jitter (`NOMINAL_S`).
+`ITL_DELIVERY_S` (a gap is the difference of two delivery delays, which mostly cancel). Medians
+of up to 6.5 ms (TTFT) and 0.1 ms (ITL) were measured here at load average 9. The fake server's
+own timing against its nominal delays, and the client's Poisson schedule, carry the scheduling
+jitter of a busy event loop on a busy machine (`JITTER_S`; up to 7 ms seen); the server keeps
+absolute deadlines, so a late chunk shortens the next gap and the median gap stays within
+`ITL_JITTER_S` of nominal (0.6 ms seen).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from fleetlm.bench.workloads import WorkloadConfig, build_workload
 
 TTFT_DELIVERY_S = 0.01
 ITL_DELIVERY_S = 0.002
-NOMINAL_S = 0.01
+JITTER_S = 0.015
+ITL_JITTER_S = 0.003
 TTFT_S, ITL_S = 0.05, 0.02
 NUM_PROMPTS, OUTPUT_LEN, CONCURRENCY = 8, 8, 4
 
@@ -57,7 +62,7 @@ def test_ttft_matches_the_server(timed_run):
     server = [s.chunk_times[0] - s.receive_time for s in served]
     assert all(c >= s for c, s in zip(client, server))  # causality, exact
     assert statistics.median(c - s for c, s in zip(client, server)) <= TTFT_DELIVERY_S
-    assert TTFT_S <= statistics.median(server) <= TTFT_S + NOMINAL_S
+    assert TTFT_S <= statistics.median(server) <= TTFT_S + JITTER_S
     metrics = compute_metrics(result)
     assert metrics.ttft_ms.median == pytest.approx(1000 * statistics.median(client))
 
@@ -76,8 +81,8 @@ def test_itl_and_tpot_match_the_server(timed_run):
     assert statistics.median(abs(e) for e in gap_errors) <= ITL_DELIVERY_S
     assert statistics.median(abs(e) for e in tpot_errors) <= ITL_DELIVERY_S
     metrics = compute_metrics(result)
-    assert abs(metrics.itl_ms.median / 1000 - ITL_S) <= NOMINAL_S
-    assert abs(metrics.tpot_ms.median / 1000 - ITL_S) <= NOMINAL_S
+    assert abs(metrics.itl_ms.median / 1000 - ITL_S) <= ITL_JITTER_S
+    assert abs(metrics.tpot_ms.median / 1000 - ITL_S) <= ITL_JITTER_S
 
 
 def test_throughput_counts_usage_tokens_over_the_run(timed_run):
@@ -129,7 +134,7 @@ def test_requests_are_sent_on_the_poisson_schedule(fake_server):
                          LoadPoint(request_rate=rate), num_warmups=1, seed=seed)
     sent = [r.send_time - result.records[0].send_time for r in result.records]
     expected = arrival_offsets(num_prompts, rate, seed)
-    assert statistics.median(abs(s - e) for s, e in zip(sent, expected)) <= NOMINAL_S
+    assert statistics.median(abs(s - e) for s, e in zip(sent, expected)) <= JITTER_S
     assert expected[-1] > 0.1  # the schedule spans several token intervals: a real check
 
 
