@@ -1,0 +1,101 @@
+"""Build and deploy the Ray Serve application of one `ClusterConfig`, in one place.
+
+    OpenAIIngress (FastAPI, router)  ──handle──>  LLMServer-0 … LLMServer-{count-1}
+
+Each engine replica is its own single-replica deployment, so the ingress holds a handle per
+replica and its router, not Serve's, decides where a request goes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import HTTPOptions
+
+from fleetlm.cluster.config import ClusterConfig, to_engine_config
+from fleetlm.cluster.ingress import make_ingress_class
+from fleetlm.cluster.server import EngineFactory, LLMServer
+
+logger = logging.getLogger(__name__)
+
+INGRESS_NAME = "OpenAIIngress"
+MS_PER_S = 1000.0
+
+
+class LLMServerDeployment(LLMServer):
+    """`LLMServer` plus Ray Serve's shutdown hook (Serve awaits an async `__del__`)."""
+
+    async def __del__(self) -> None:
+        await self.shutdown()
+
+
+def server_name(index: int) -> str:
+    return f"LLMServer-{index}"
+
+
+def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None) -> Application:
+    """The application: one ingress bound to `config.replicas.count` engine replicas.
+
+    `engine_factory(EngineConfig) -> EngineClient` builds each replica's engine; None means
+    fleetlm's own `AsyncEngine`. It is pickled to the replicas, so it must be importable there.
+    """
+    engine_config = to_engine_config(config)
+    interval_s = config.http.stream_interval_ms / MS_PER_S
+    servers = [
+        serve.deployment(LLMServerDeployment)
+        .options(
+            name=server_name(i),
+            num_replicas=1,
+            ray_actor_options=_replica_actor_options(config),
+            max_ongoing_requests=config.replicas.max_ongoing_requests,
+        )
+        .bind(engine_config, config.model.served_name, engine_factory, interval_s, server_name(i))
+        for i in range(config.replicas.count)
+    ]
+    ingress = serve.deployment(make_ingress_class()).options(
+        name=INGRESS_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
+        max_ongoing_requests=config.replicas.max_ongoing_requests * config.replicas.count,
+    )
+    return ingress.bind(
+        config.model.served_name, servers, config.router.policy, config.http.api_keys
+    )
+
+
+def _replica_actor_options(config: ClusterConfig) -> dict:
+    replicas = config.replicas
+    options: dict = {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus}
+    if replicas.num_threads is not None:
+        env = {"OMP_NUM_THREADS": str(replicas.num_threads)}
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def start_http(config: ClusterConfig) -> None:
+    """Start Serve's HTTP proxy where the config says (no-op if Serve already runs)."""
+    serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port))
+
+
+def deploy(
+    config: ClusterConfig,
+    engine_factory: EngineFactory | None = None,
+    is_blocking: bool = True,
+    route_prefix: str = "/",
+) -> None:
+    """Deploy (or update) the application on the connected Ray cluster.
+
+    With `is_blocking`, return once every replica is running; otherwise return at once.
+    """
+    start_http(config)
+    logger.info(
+        "Deploying %s: %d replica(s) of %s", config.name, config.replicas.count, config.model.name
+    )
+    app = build_app(config, engine_factory)
+    serve._run(app, name=config.name, route_prefix=route_prefix, _blocking=is_blocking)
+
+
+def url_of(config: ClusterConfig) -> str:
+    return f"http://{config.http.host}:{config.http.port}"

@@ -1,0 +1,215 @@
+"""Engine outputs -> OpenAI chat and completion bodies, whole or as stream chunks.
+
+A formatter serves one HTTP request whose choices are separate engine requests (one per
+prompt and `n`), indexed `prompt_index * n + j`. It remembers how much of each choice it
+has sent, so `chunks()` can be given any later cumulative snapshot and emits only the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetlm.cluster.openai_protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+from fleetlm.executor.outputs import PositionLogprobs, RequestOutput
+
+
+@dataclass
+class _Sent:
+    """How much of one choice the client has already received."""
+
+    num_chars: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    is_started: bool = False
+    is_finished: bool = False
+
+
+class _Formatter:
+    def __init__(self, request_id: str, model: str, tokenizer, num_choices: int) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self._sent = [_Sent() for _ in range(num_choices)]
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _new_text(self, index: int, output: RequestOutput) -> tuple[str, list[PositionLogprobs]]:
+        """The text and logprob positions of choice `index` not yet sent; marks them sent."""
+        sent = self._sent[index]
+        completion = output.outputs[0]
+        text = completion.text[sent.num_chars:]
+        logprobs = (completion.logprobs or [])[sent.num_tokens:]
+        sent.num_chars = max(sent.num_chars, len(completion.text))
+        sent.num_tokens = max(sent.num_tokens, len(completion.token_ids))
+        sent.is_finished = completion.finish_reason is not None
+        return text, logprobs
+
+
+def usage_of(outputs: dict[int, RequestOutput], n: int) -> UsageInfo:
+    """Prompt tokens count once per prompt, not once per choice."""
+    prompt = sum(len(out.prompt_token_ids) for i, out in outputs.items() if i % n == 0)
+    completion = sum(len(out.outputs[0].token_ids) for out in outputs.values())
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class ChatFormatter(_Formatter):
+    def __init__(self, request: ChatCompletionRequest, request_id: str, model: str, tokenizer):
+        super().__init__(request_id, model, tokenizer, request.n)
+        self.request = request
+
+    def response(self, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
+        choices = []
+        for index in sorted(outputs):
+            text, logprobs = self._new_text(index, outputs[index])
+            completion = outputs[index].outputs[0]
+            choices.append(ChatChoice(
+                index=index,
+                message={"role": "assistant", "content": text},
+                logprobs=self._logprobs(logprobs),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            ))
+        usage = usage_of(outputs, self.request.n)
+        return ChatCompletionResponse(
+            id=self.request_id, model=self.model, choices=choices, usage=usage
+        )
+
+    def chunks(self, snapshot: dict[int, RequestOutput]) -> list[ChatCompletionChunk]:
+        return [self._chunk(index, snapshot[index]) for index in sorted(snapshot)]
+
+    def usage_chunk(self, outputs: dict[int, RequestOutput]) -> ChatCompletionChunk:
+        usage = usage_of(outputs, self.request.n)
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[], usage=usage)
+
+    def _chunk(self, index: int, output: RequestOutput) -> ChatCompletionChunk:
+        sent = self._sent[index]
+        delta = {"content": ""} if sent.is_started else {"role": "assistant", "content": ""}
+        sent.is_started = True
+        text, logprobs = self._new_text(index, output)
+        delta["content"] = text
+        completion = output.outputs[0]
+        choice = ChatStreamChoice(
+            index=index,
+            delta=delta,
+            logprobs=self._logprobs(logprobs),
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+        return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
+
+    def _logprobs(self, positions: list[PositionLogprobs]) -> ChatLogprobs | None:
+        if not self.request.logprobs:
+            return None
+        num_top = self.request.top_logprobs or 0
+        return ChatLogprobs(content=[self._token_logprob(p, num_top) for p in positions])
+
+    def _token_logprob(self, position: PositionLogprobs, num_top: int) -> TokenLogprob:
+        (token_id, logprob), alternatives = position[0], position[1:1 + num_top]
+        return TokenLogprob(
+            **self._top(token_id, logprob).model_dump(),
+            top_logprobs=[self._top(t, lp) for t, lp in alternatives],
+        )
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+
+class CompletionFormatter(_Formatter):
+    def __init__(self, request: CompletionRequest, request_id: str, model: str, tokenizer):
+        num_choices = len(request.prompts()) * request.n
+        super().__init__(request_id, model, tokenizer, num_choices)
+        self.request = request
+
+    def response(self, outputs: dict[int, RequestOutput]) -> CompletionResponse:
+        choices = [self._choice(index, outputs[index]) for index in sorted(outputs)]
+        usage = usage_of(outputs, self.request.n)
+        return CompletionResponse(
+            id=self.request_id, model=self.model, choices=choices, usage=usage
+        )
+
+    def chunks(self, snapshot: dict[int, RequestOutput]) -> list[CompletionResponse]:
+        return [
+            CompletionResponse(
+                id=self.request_id, model=self.model, choices=[self._choice(i, snapshot[i])]
+            )
+            for i in sorted(snapshot)
+        ]
+
+    def usage_chunk(self, outputs: dict[int, RequestOutput]) -> CompletionResponse:
+        usage = usage_of(outputs, self.request.n)
+        return CompletionResponse(id=self.request_id, model=self.model, choices=[], usage=usage)
+
+    def _choice(self, index: int, output: RequestOutput) -> CompletionChoice:
+        sent = self._sent[index]
+        prefix, logprobs = "", CompletionLogprobs()
+        if not sent.is_started and self.request.echo:
+            prefix = self._prompt_text(output)
+            logprobs = self._prompt_logprobs(output)
+            sent.text_offset = len(prefix)
+        sent.is_started = True
+        text, positions = self._new_text(index, output)
+        for position in positions:
+            self._append(logprobs, position, sent)
+        completion = output.outputs[0]
+        return CompletionChoice(
+            index=index,
+            text=prefix + text,
+            logprobs=logprobs if self.request.logprobs is not None else None,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+
+    def _prompt_text(self, output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return self.tokenizer.decode(output.prompt_token_ids)
+
+    def _prompt_logprobs(self, output: RequestOutput) -> CompletionLogprobs:
+        """The prompt's own tokens with their logprobs (None for the first one)."""
+        logprobs = CompletionLogprobs()
+        positions = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+        offset = 0
+        for token_id, position in zip(output.prompt_token_ids, positions):
+            text = self.token_text(token_id)
+            logprobs.tokens.append(text)
+            logprobs.text_offset.append(offset)
+            logprobs.token_logprobs.append(None if position is None else position[0][1])
+            logprobs.top_logprobs.append(None if position is None else self._top_dict(position))
+            offset += len(text)
+        return logprobs
+
+    def _append(self, logprobs: CompletionLogprobs, position: PositionLogprobs, sent: _Sent):
+        token_id, logprob = position[0]
+        text = self.token_text(token_id)
+        logprobs.tokens.append(text)
+        logprobs.token_logprobs.append(logprob)
+        logprobs.top_logprobs.append(self._top_dict(position))
+        logprobs.text_offset.append(sent.text_offset)
+        sent.text_offset += len(text)
+
+    def _top_dict(self, position: PositionLogprobs) -> dict[str, float]:
+        """The sampled token and the top-N alternatives (OpenAI's legacy shape)."""
+        num_top = self.request.logprobs or 0
+        return {self.token_text(t): lp for t, lp in position[: 1 + num_top]}

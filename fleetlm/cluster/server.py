@@ -1,0 +1,234 @@
+"""One engine replica behind Ray Serve: owns an engine, speaks OpenAI bodies.
+
+`LLMServer` is a plain class (app.py wraps it with `serve.deployment`), so it also runs
+in-process in tests. It takes an engine *factory*, as Ray Serve LLM does, so CPU tests can run
+real Serve deployments around a fake engine.
+
+Stream contract of `chat` / `completions` (what the ingress relays):
+  first item: an `OpenAIError` (nothing was generated), or, without `stream`, the whole
+              response as a dict, or, with `stream`, a str of SSE events;
+  later items (stream only): str of one or more SSE events; the last ends with `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jinja2
+
+from fleetlm.cluster import errors
+from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.metrics import MetricsRecorder
+from fleetlm.cluster.openai_format import ChatFormatter, CompletionFormatter
+from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
+from fleetlm.cluster.request_timing import RequestTimer
+from fleetlm.cluster.streams import merge_streams
+from fleetlm.executor.config import EngineConfig
+from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.protocol import EngineClient, EngineStats
+from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.scheduler import SchedulerQueueFullError
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineConfig], EngineClient]
+Formatter = ChatFormatter | CompletionFormatter
+
+_DONE_EVENT = "data: [DONE]\n\n"
+
+
+def default_engine_factory(config: EngineConfig) -> EngineClient:
+    """fleetlm's own engine."""
+    from fleetlm.executor.async_engine import AsyncEngine
+
+    from_config = getattr(AsyncEngine, "from_config", None)
+    return from_config(config) if from_config else AsyncEngine(config)
+
+
+def sse(chunks: list) -> str:
+    return "".join(f"data: {chunk.model_dump_json()}\n\n" for chunk in chunks)
+
+
+class LLMServer:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        served_model_name: str,
+        engine_factory: EngineFactory | None = None,
+        stream_interval_s: float = 0.0,
+        replica_id: str = "",
+    ) -> None:
+        logger.info("Loading model %s", engine_config.model.model)
+        self.engine = (engine_factory or default_engine_factory)(engine_config)
+        self.model_name = served_model_name
+        self.max_num_waiting = engine_config.scheduler.max_num_waiting
+        self.stream_interval_s = stream_interval_s
+        self.metrics = MetricsRecorder(replica_id, self.engine.max_model_len)
+
+    # ---- OpenAI endpoints ----------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatCompletionRequest, request_id: str | None = None
+    ) -> AsyncIterator[Any]:
+        request_id = request_id or random_id("chatcmpl")
+        tokenizer = self.engine.tokenizer
+        try:
+            prompt = self._chat_prompt(request)
+            params = request.to_sampling_params()
+        except ValueError as e:
+            yield errors.bad_request(str(e))
+            return
+        formatter = ChatFormatter(request, request_id, self.model_name, tokenizer)
+        async for item in self._generate(formatter, request_id, [prompt], params, request):
+            yield item
+
+    async def completions(
+        self, request: CompletionRequest, request_id: str | None = None
+    ) -> AsyncIterator[Any]:
+        request_id = request_id or random_id("cmpl")
+        try:
+            params = request.to_sampling_params()
+        except ValueError as e:
+            yield errors.bad_request(str(e))
+            return
+        formatter = CompletionFormatter(request, request_id, self.model_name, self.engine.tokenizer)
+        prompts = request.prompts()
+        async for item in self._generate(formatter, request_id, prompts, params, request):
+            yield item
+
+    # ---- state for the ingress, the router and Ray Serve ---------------------------------
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This replica's part of /metrics (see `fleetlm.cluster.metrics.render_metrics`)."""
+        return self.metrics.snapshot(self.engine.stats(), self.model_name)
+
+    def is_healthy(self) -> bool:
+        return self.engine.is_healthy
+
+    def check_health(self) -> None:
+        """Ray Serve's health hook: a dead engine makes Serve replace this replica."""
+        if not self.engine.is_healthy:
+            raise RuntimeError("the engine loop has died")
+
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def shutdown(self) -> None:
+        result = self.engine.shutdown()
+        if inspect.isawaitable(result):
+            await result
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(
+                request.messages_as_dicts(),
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"messages do not fit the model's chat template: {e}") from None
+        # The template already holds the special tokens (BOS and the like).
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _admission_error(self) -> OpenAIError | None:
+        """429 while the engine's waiting queue is at its limit (the engine would refuse)."""
+        if self.max_num_waiting is None:
+            return None
+        num_waiting = self.engine.stats().num_waiting
+        if num_waiting >= self.max_num_waiting:
+            return errors.queue_full(num_waiting, self.max_num_waiting)
+        return None
+
+    async def _generate(
+        self,
+        formatter: Formatter,
+        request_id: str,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        request: ChatCompletionRequest | CompletionRequest,
+    ) -> AsyncIterator[Any]:
+        if not self.engine.is_healthy:
+            yield errors.engine_dead()
+            return
+        child_ids = [f"{request_id}-{i}" for i in range(len(prompts) * params.n)]
+        rejection = self._admission_error()
+        if rejection is not None:
+            yield rejection
+            return
+        latest: dict[int, RequestOutput] = {}
+        timer = RequestTimer(self.metrics, len(child_ids))
+        merged = merge_streams(
+            [
+                self._stream(prompts[i // params.n], _child_params(params, i % params.n), rid)
+                for i, rid in enumerate(child_ids)
+            ],
+            self.stream_interval_s,
+        )
+        try:
+            async for snapshot in merged:
+                latest.update(snapshot)
+                timer.on_snapshot(snapshot)
+                if request.stream:
+                    yield sse(formatter.chunks(snapshot))
+            yield self._final(formatter, latest, request)
+        except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
+            error = _as_openai_error(e, request_id)
+            yield _sse_error(error) if latest and request.stream else error
+        finally:
+            await merged.aclose()
+            await self._abort_unfinished(child_ids, latest)
+            timer.on_end(latest)
+
+    async def _stream(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's stream, started lazily so eager validation errors surface in it too."""
+        async for output in self.engine.generate(prompt, params, request_id):
+            yield output
+
+    def _final(
+        self,
+        formatter: Formatter,
+        outputs: dict[int, RequestOutput],
+        request: ChatCompletionRequest | CompletionRequest,
+    ) -> Any:
+        if not request.stream:
+            return formatter.response(outputs).model_dump()
+        usage = sse([formatter.usage_chunk(outputs)]) if request.include_usage else ""
+        return usage + _DONE_EVENT
+
+    async def _abort_unfinished(self, child_ids: list[str], latest: dict[int, RequestOutput]):
+        for index, rid in enumerate(child_ids):
+            if index not in latest or not latest[index].finished:
+                await self.engine.abort(rid)
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of an `n` > 1 request: its own engine request, seed + index like vLLM."""
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _as_openai_error(error: Exception, request_id: str) -> OpenAIError:
+    if isinstance(error, ValueError):
+        return errors.bad_request(str(error))
+    if isinstance(error, SchedulerQueueFullError):
+        return errors.queue_full_message(str(error))
+    logger.error("request %s failed", request_id, exc_info=error)
+    return errors.internal_error(error)
+
+
+def _sse_error(error: OpenAIError) -> str:
+    """An error after the stream started: an error event, then the end of the stream."""
+    return f"data: {json.dumps(error.to_dict())}\n\n{_DONE_EVENT}"

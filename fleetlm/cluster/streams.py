@@ -1,0 +1,73 @@
+"""Merge several engine streams into one stream of coalesced snapshots.
+
+Engine outputs are cumulative, so a consumer that falls behind loses nothing by skipping to
+the latest one. `merge_streams` exploits that: every item it yields holds, per stream, only
+the newest output that arrived since the previous item. Each item costs one message through
+Ray Serve, so under load many engine steps (and many `n` choices) share one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fleetlm.executor.outputs import RequestOutput
+
+_DONE = object()
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[RequestOutput]], interval_s: float = 0.0
+) -> AsyncIterator[dict[int, RequestOutput]]:
+    """Yield `{stream index: latest output}` until every stream has finished.
+
+    An exception in any stream is raised here; closing this iterator early cancels the
+    streams (each engine stream then aborts its request). With `interval_s > 0`, outputs are
+    held back up to that long after the first new one so more of them share an item.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+    num_open = len(tasks)
+    try:
+        while num_open:
+            items = [await queue.get()]
+            if interval_s > 0:
+                await asyncio.sleep(interval_s)
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            latest, num_done = _collect(items)
+            num_open -= num_done
+            if latest:
+                yield latest
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _collect(items: list[tuple[int, object]]) -> tuple[dict[int, RequestOutput], int]:
+    latest: dict[int, RequestOutput] = {}
+    num_done = 0
+    for index, item in items:
+        if isinstance(item, BaseException):
+            raise item
+        if item is _DONE:
+            num_done += 1
+        else:
+            latest[index] = item
+    return latest, num_done
+
+
+async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+    try:
+        async for output in stream:
+            queue.put_nowait((index, output))
+        queue.put_nowait((index, _DONE))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # handed to the consumer, which raises it
+        queue.put_nowait((index, e))
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,119 @@
+"""The deployment YAML schema: the shipped files load, mistakes are reported by key and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetlm.cluster.config import ClusterConfig, load_config, to_engine_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.http.host == "127.0.0.1"
+    assert config.model.name == "smollm2-135m-instruct"
+
+
+def test_two_replica_config_has_two_replicas():
+    config = load_config(CONFIGS / "two-replicas.yaml")
+    assert config.replicas.count == 2
+    assert config.router.policy == "round_robin"
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = _write(tmp_path, "engine:\n  blok_size: 32\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "unknown key 'engine.blok_size'" in str(info.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'replica'"):
+        load_config(_write(tmp_path, "replica:\n  count: 2\n"))
+
+
+def test_bad_value_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="replicas.count"):
+        load_config(_write(tmp_path, "replicas:\n  count: 0\n"))
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == ClusterConfig()
+
+
+def test_non_mapping_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"parallel": {"tensor_parallel_size": 2}},
+        {"parallel": {"pipeline_parallel_size": 2}},
+        {"parallel": {"expert_parallel_size": 4}},
+        {"pd": {"enabled": True}},
+        {"router": {"policy": "prefix_aware"}},
+    ],
+)
+def test_later_features_are_rejected_clearly(section):
+    with pytest.raises(ValueError, match="not implemented yet"):
+        ClusterConfig.model_validate(section)
+
+
+def test_pd_pools_parse_while_disabled():
+    config = ClusterConfig.model_validate({"pd": {"prefill": {"count": 2}, "decode": {"count": 3}}})
+    assert (config.pd.prefill.count, config.pd.decode.count) == (2, 3)
+
+
+def test_every_field_has_a_description():
+    def walk(model_type):
+        for name, field in model_type.model_fields.items():
+            assert field.description, f"{model_type.__name__}.{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(ClusterConfig)
+
+
+def test_to_engine_config_maps_every_section():
+    config = ClusterConfig.model_validate({
+        "model": {"name": "/models/x.gguf", "dtype": "float32", "max_model_len": 1024},
+        "engine": {
+            "block_size": 32,
+            "kv_cache_memory_bytes": "64MiB",
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 512,
+            "enable_prefix_caching": False,
+            "max_num_waiting": 5,
+        },
+    })
+    engine = to_engine_config(config)
+    assert engine.model.model == "/models/x.gguf"
+    assert engine.model.dtype == "float32"
+    assert engine.model.max_model_len == 1024
+    assert engine.cache.block_size == 32
+    assert engine.cache.kv_cache_memory_bytes == 64 * 1024 * 1024
+    assert engine.cache.enable_prefix_caching is False
+    assert engine.scheduler.max_num_seqs == 8
+    assert engine.scheduler.max_num_batched_tokens == 512
+    assert engine.scheduler.max_num_waiting == 5
+    assert engine.parallel.tensor_parallel_size == 1
+
+
+def test_served_model_name_defaults_to_the_model():
+    assert ClusterConfig().model.served_name == "smollm2-135m-instruct"
+    named = ClusterConfig.model_validate({"model": {"served_model_name": "smol"}})
+    assert named.model.served_name == "smol"

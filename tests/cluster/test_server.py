@@ -1,0 +1,199 @@
+"""The engine replica's OpenAI logic, in-process over the fake engine (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import small_config
+from fake_engine import CRASH_MARKER, FakeEngine, expected_text
+
+from fleetlm.cluster.config import to_engine_config
+from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
+from fleetlm.cluster.server import LLMServer
+
+USER = [{"role": "user", "content": "hi"}]
+CHAT_PROMPT_LEN = len("<user>hi\n<assistant>")
+WAIT_S = 10.0
+
+
+def _server(**engine) -> LLMServer:
+    config = small_config(engine=engine)
+    return LLMServer(to_engine_config(config), "fake", FakeEngine, replica_id="r0")
+
+
+async def _collect(stream, limit: int | None = None) -> list:
+    items = []
+    async for item in stream:
+        items.append(item)
+        if limit is not None and len(items) == limit:
+            await stream.aclose()
+            break
+    return items
+
+
+def _run(stream) -> list:
+    return asyncio.run(_collect(stream))
+
+
+def _events(items: list[str]) -> list:
+    text = "".join(items)
+    assert text.endswith("data: [DONE]\n\n")
+    parts = [p.removeprefix("data: ") for p in text.split("\n\n") if p]
+    return [json.loads(p) for p in parts[:-1]]
+
+
+def _chat(**body) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": USER, **body})
+
+
+def test_chat_whole_response():
+    [body] = _run(_server().chat(_chat(max_tokens=5)))
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "fake"
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected_text(CHAT_PROMPT_LEN, 5)}
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": CHAT_PROMPT_LEN, "completion_tokens": 5,
+                             "total_tokens": CHAT_PROMPT_LEN + 5}  # fmt: skip
+
+
+def test_chat_stream_deltas_add_up_and_end_with_usage():
+    request = _chat(max_tokens=6, stream=True, stream_options={"include_usage": True})
+    events = _events(_run(_server().chat(request)))
+    *chunks, usage = events
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert text == expected_text(CHAT_PROMPT_LEN, 6)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+
+
+def test_chat_n_choices_and_logprobs():
+    [body] = _run(_server().chat(_chat(max_tokens=3, n=2, logprobs=True, top_logprobs=2)))
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    content = body["choices"][1]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == list(expected_text(CHAT_PROMPT_LEN, 3))
+    assert content[0]["logprob"] == -0.5
+    assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-1.0, -2.0]
+    assert body["usage"]["completion_tokens"] == 6
+
+
+def test_completion_echo_logprobs_for_loglikelihood():
+    """lm-eval sends token ids with echo and logprobs=1 and reads token_logprobs."""
+    prompt = [104, 101, 108, 108, 111]  # "hello"
+    request = CompletionRequest(prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    [body] = _run(_server().completions(request))
+    [choice] = body["choices"]
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "hello" + expected_text(5, 1)
+    assert logprobs["tokens"] == ["h", "e", "l", "l", "o", expected_text(5, 1)]
+    assert logprobs["token_logprobs"] == [None, -0.5, -0.5, -0.5, -0.5, -0.5]
+    assert logprobs["top_logprobs"][0] is None
+    assert logprobs["top_logprobs"][1] == {"e": -0.5, "\x00": -1.0}
+    assert logprobs["text_offset"] == [0, 1, 2, 3, 4, 5]
+
+
+def test_completion_batched_prompts_with_n():
+    request = CompletionRequest(prompt=["ab", "abcd"], max_tokens=2, n=2)
+    [body] = _run(_server().completions(request))
+    texts = [c["text"] for c in body["choices"]]
+    assert texts == [expected_text(2, 2)] * 2 + [expected_text(4, 2)] * 2
+    assert body["usage"]["prompt_tokens"] == 6  # each prompt once, not once per choice
+
+
+def test_completion_stop_string():
+    text = expected_text(3, 10)
+    request = CompletionRequest(prompt="abc", max_tokens=10, stop=[text[4:6]])
+    [body] = _run(_server().completions(request))
+    assert body["choices"][0]["text"] == text[:4]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("request_body", "status"),
+    [
+        (_chat(messages=[{"role": "wizard", "content": "x"}]), 400),
+        (CompletionRequest(prompt="x" * 600), 400),
+        (CompletionRequest(prompt=[1, 2, 999]), 200),  # the fake accepts any id < its limit
+    ],
+)
+def test_errors_come_back_as_values(request_body, status):
+    server = _server()
+    method = server.chat if isinstance(request_body, ChatCompletionRequest) else server.completions
+    [item] = _run(method(request_body))
+    if status == 200:
+        assert isinstance(item, dict)
+    else:
+        assert isinstance(item, OpenAIError) and item.status == status
+
+
+def test_queue_full_is_429():
+    server = _server(max_num_seqs=1, max_num_waiting=1)
+
+    async def scenario():
+        running = server.completions(CompletionRequest(prompt="a", max_tokens=200, stream=True))
+        await running.__anext__()  # running: one token came back
+        waiting = asyncio.ensure_future(_collect(server.completions(CompletionRequest(prompt="b"))))
+        await asyncio.wait_for(_until(lambda: server.stats().num_waiting == 1), WAIT_S)
+        [rejected] = await _collect(server.completions(CompletionRequest(prompt="c")))
+        await running.aclose()
+        return rejected, await waiting
+
+    rejected, [served] = asyncio.run(scenario())
+    assert isinstance(rejected, OpenAIError) and rejected.status == 429
+    assert rejected.code == "queue_full"
+    assert served["choices"][0]["finish_reason"] == "length"
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0)
+
+
+def test_crash_mid_request_is_500_then_dead_engine_is_503():
+    server = _server()
+    [crashed] = _run(server.completions(CompletionRequest(prompt=CRASH_MARKER)))
+    assert crashed.status == 500
+    [dead] = _run(server.completions(CompletionRequest(prompt="x")))
+    assert dead.status == 503 and not server.is_healthy()
+    with pytest.raises(RuntimeError):
+        server.check_health()
+
+
+def test_closing_the_stream_aborts_and_frees_blocks():
+    server = _server()
+    request = CompletionRequest(prompt="abc", max_tokens=300, stream=True)
+    items = _run_partial(server, request, num_items=3)
+    assert len(items) == 3
+    stats = server.stats()
+    assert (stats.num_running, stats.kv_cache_usage) == (0, 0.0)
+    snapshot = server.metrics_snapshot()
+    assert snapshot["request_success"] == {"abort": 1}
+
+
+def _run_partial(server: LLMServer, request, num_items: int) -> list:
+    return asyncio.run(_collect(server.completions(request), limit=num_items))
+
+
+def test_metrics_snapshot_counts_requests():
+    server = _server()
+    for _ in range(2):
+        _run(server.chat(_chat(max_tokens=4)))
+    snapshot = server.metrics_snapshot()
+    assert snapshot["replica_id"] == "r0" and snapshot["model_name"] == "fake"
+    assert snapshot["request_success"] == {"length": 2}
+    assert snapshot["counters"]["generation_tokens"] == 8
+    assert sum(snapshot["histograms"]["time_to_first_token_seconds"]["counts"]) == 2
+    assert sum(snapshot["histograms"]["inter_token_latency_seconds"]["counts"]) == 6
+
+
+def test_stream_interval_coalesces_tokens():
+    config = small_config()
+    server = LLMServer(to_engine_config(config), "fake", FakeEngine, stream_interval_s=0.05)
+    request = CompletionRequest(prompt="abc", max_tokens=20, stream=True)
+    events = _events(_run(server.completions(request)))
+    assert "".join(e["choices"][0]["text"] for e in events) == expected_text(3, 20)
+    assert len(events) < 20  # 2 ms per token, 50 ms per message

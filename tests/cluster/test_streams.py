@@ -1,0 +1,81 @@
+"""merge_streams: latest output per stream, errors surface, early close cancels the streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fleetlm.cluster.streams import merge_streams
+from fleetlm.executor.outputs import CompletionOutput, RequestOutput
+
+
+def _output(rid: str, num_tokens: int, finished: bool = False) -> RequestOutput:
+    completion = CompletionOutput(0, "x" * num_tokens, [0] * num_tokens)
+    return RequestOutput(rid, None, [1], [completion], finished)
+
+
+async def _burst(rid: str, num: int, closed: list[str]):
+    """Yields `num` outputs without awaiting in between: a consumer sees only the last."""
+    try:
+        for i in range(1, num + 1):
+            yield _output(rid, i, finished=i == num)
+    finally:
+        closed.append(rid)
+
+
+async def _forever(rid: str, closed: list[str]):
+    try:
+        i = 0
+        while True:
+            i += 1
+            yield _output(rid, i)
+            await asyncio.sleep(0)
+    finally:
+        closed.append(rid)
+
+
+async def _failing():
+    yield _output("bad", 1)
+    raise ValueError("boom")
+
+
+def test_outputs_that_arrive_together_are_coalesced():
+    closed: list[str] = []
+
+    async def run():
+        return [s async for s in merge_streams([_burst("a", 5, closed), _burst("b", 3, closed)])]
+
+    snapshots = asyncio.run(run())
+    merged: dict[int, RequestOutput] = {}
+    for snapshot in snapshots:
+        merged.update(snapshot)
+    assert len(merged[0].outputs[0].token_ids) == 5 and merged[0].finished
+    assert len(merged[1].outputs[0].token_ids) == 3 and merged[1].finished
+    assert len(snapshots) < 8
+    assert sorted(closed) == ["a", "b"]
+
+
+def test_an_error_in_one_stream_is_raised_and_the_others_closed():
+    closed: list[str] = []
+
+    async def run():
+        async for _ in merge_streams([_forever("a", closed), _failing()]):
+            pass
+
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(run())
+    assert closed == ["a"]
+
+
+def test_closing_early_closes_every_stream():
+    closed: list[str] = []
+
+    async def run():
+        merged = merge_streams([_forever("a", closed), _forever("b", closed)])
+        first = await merged.__anext__()
+        await merged.aclose()
+        return first
+
+    assert asyncio.run(run())
+    assert sorted(closed) == ["a", "b"]
