@@ -47,7 +47,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == metadata.num_reqs
         raw_logprobs = None
         if metadata.num_logprobs is not None:
-            raw_logprobs = logits.log_softmax(dim=-1)
+            raw_logprobs = _rows(logits, metadata.logprob_rows).log_softmax(dim=-1)
         if metadata.min_tokens_mask is not None:
             logits[metadata.min_tokens_mask] = float("-inf")
         if metadata.penalties is not None:
@@ -55,7 +55,7 @@ class Sampler:
         sampled = self._sample(logits, metadata)
         if raw_logprobs is None:
             return SamplerOutput(sampled)
-        return SamplerOutput(sampled, gather_logprobs(raw_logprobs, sampled, metadata.num_logprobs))
+        return SamplerOutput(sampled, _logprobs_per_row(raw_logprobs, sampled, metadata))
 
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         greedy = None if metadata.is_all_random else logits.argmax(dim=-1)
@@ -64,20 +64,47 @@ class Sampler:
         logits = logits.div_(metadata.temperature)
         if metadata.min_p is not None:
             logits = apply_min_p(logits, metadata.min_p)
-        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
+        if metadata.top_k is not None or metadata.top_p is not None:
+            logits = _truncate(logits, metadata)
         random = exponential_race(logits.softmax(dim=-1), metadata.generators, self.generator)
         return random if greedy is None else torch.where(metadata.is_greedy, greedy, random)
+
+
+def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows]
+
+
+def _truncate(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    rows = metadata.truncated_rows
+    truncated = apply_top_k_top_p(
+        _rows(logits, rows), metadata.top_k, metadata.max_top_k, metadata.top_p
+    )
+    if rows is None:
+        return truncated
+    logits[rows] = truncated
+    return logits
+
+
+def _logprobs_per_row(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, metadata: SamplingMetadata
+) -> list[PositionLogprobs | None]:
+    """Logprobs of the asking rows (`raw_logprobs` holds only those), None for the others."""
+    num_logprobs = [n for n in metadata.num_logprobs if n is not None]
+    asking = iter(
+        gather_logprobs(raw_logprobs, _rows(sampled, metadata.logprob_rows), num_logprobs)
+    )
+    return [None if n is None else next(asking) for n in metadata.num_logprobs]
 
 
 def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Tensor:
     """Repetition: tokens seen in prompt or output get logit / r if positive, else logit * r.
     Then logit -= frequency * count_in_output + presence * (count_in_output > 0)."""
-    counts = penalties.output_counts
-    is_seen = penalties.is_in_prompt | (counts > 0)
-    penalised = torch.where(logits > 0, logits / penalties.repetition, logits * penalties.repetition)
-    logits = torch.where(is_seen, penalised, logits)
-    logits -= penalties.frequency * counts
-    logits -= penalties.presence * (counts > 0)
+    if penalties.repetition.numel():
+        seen = logits[penalties.seen]
+        factor = penalties.repetition
+        logits[penalties.seen] = torch.where(seen > 0, seen / factor, seen * factor)
+    if penalties.output_offsets.numel():
+        logits[penalties.in_output] -= penalties.output_offsets
     return logits
 
 
@@ -161,9 +188,10 @@ def exponential_race(
         noise.uniform_(generator=generator)
     for row, row_generator in generators.items():
         noise[row].uniform_(generator=row_generator)
-    # -log(U) ~ Exp(1), in (0, inf] since U is in [0, 1); 4x cheaper than exponential_ on CPU.
-    noise.log_().neg_()
-    return probs.div_(noise).argmax(dim=-1)
+    # E = -log(U) ~ Exp(1) (4x cheaper than exponential_ on CPU), and argmax(probs / E) =
+    # argmin(probs / log U), one pass less. log U is in [-inf, 0): never a division by zero.
+    noise.log_()
+    return probs.div_(noise).argmin(dim=-1)
 
 
 def gather_logprobs(

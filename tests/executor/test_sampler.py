@@ -135,6 +135,17 @@ def test_greedy_rows_stay_argmax_in_a_mixed_batch():
     assert tokens[0::2].tolist() == logits[0::2].argmax(dim=-1).tolist()
 
 
+def test_truncation_applies_only_to_the_rows_that_ask():
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=1),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.1)]
+    meta = _build(params * 50)
+    assert meta.truncated_rows.tolist() == [row for row in range(200) if row % 4 in (1, 3)]
+    tokens = Sampler(torch.Generator().manual_seed(9))(LOGITS_8.repeat(200, 1), meta)
+    by_kind = tokens.sampled_token_ids.view(50, 4)
+    assert by_kind[:, 1:].unique().tolist() == [0]  # top-k 1, greedy, top-p 0.1 (p0 = 0.4)
+    assert len(by_kind[:, 0].unique()) > 3
+
+
 def _seeded_sequence(seed, row, batch_params, logits, num_steps=40):
     """Tokens a request with `seed` at `row` draws over `num_steps` output positions."""
     params = list(batch_params)
