@@ -19,7 +19,7 @@ PROMPTS = [
     "用一句话介绍一下长城。",
     "Translate to Russian: The weather is nice today.",
     "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n",
-    "Tell me a story about a dragon 🐉 and a robot 🤖 who become friends. " * 12,
+    "Tell me a story about a dragon 🐉 and a robot 🤖 who become friends. " * 16,
 ]
 MAX_TOKENS = 20
 LOGPROB_ATOL = 2e-3  # fp32 on both sides; differences come from summation order only
@@ -74,7 +74,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 def test_builtin_model_greedy_matches_transformers(builtin_llm, builtin_hf):
     tokenizer = builtin_llm.get_tokenizer()
     prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS]
-    assert max(len(p) for p in prompts_ids) > 300  # the long prompt is really long
+    assert max(len(p) for p in prompts_ids) > 300  # one prompt spans many KV blocks
     assert_matches_hf(builtin_llm, builtin_hf, prompts_ids, MAX_TOKENS)
 
 
