@@ -90,11 +90,20 @@ def prefill_attention_no_cache(query: torch.Tensor, key: torch.Tensor, value: to
     query `[num_tokens, num_heads, head_dim]`, key/value `[num_tokens, num_kv_heads,
     head_dim]` the fresh projections, so nothing is gathered from the cache. Sequence s owns
     rows `cu_seqlens_q[s]:cu_seqlens_q[s+1]`. Returns `[num_tokens, num_heads, head_dim]`.
+    CUDA runs SDPA per sequence (flash attention); CPU runs the C kernel when it can.
     """
-    if key.shape != value.shape or key.shape[0] != query.shape[0]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match "
-                         f"query's {query.shape[0]} tokens")
+    if key.dim() != 3 or key.shape != value.shape or key.shape[0] != query.shape[0]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be "
+                         f"[{query.shape[0]}, num_kv_heads, head_dim] like query")
     _check_heads(query.shape[1], key.shape[1])
+    if not query.is_cuda and cpu_attention.supports(query, key, value):
+        return cpu_attention.prefill_attention_no_cache(query, key, value, cu_seqlens_q, scale)
+    return prefill_attention_no_cache_reference(query, key, value, cu_seqlens_q, scale)
+
+
+def prefill_attention_no_cache_reference(query, key, value, cu_seqlens_q,
+                                         scale) -> torch.Tensor:
+    """Torch reference of `prefill_attention_no_cache`: causal SDPA per sequence."""
     bounds = cu_seqlens_q.tolist()
     out = torch.empty_like(query)
     for begin, end in zip(bounds[:-1], bounds[1:]):

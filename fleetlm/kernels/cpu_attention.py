@@ -5,7 +5,7 @@ One entry point serves decode (one query token per sequence) and prefill with ea
 as `torch.get_num_threads()`; the library links the same `libgomp.so.1` that torch has
 already loaded, so both share one thread pool.
 
-Contract beyond `attention.py`'s: CPU tensors, caches contiguous with dtype fp32 or bf16,
+Contract beyond `attention.py`'s: CPU tensors, contiguous caches of dtype fp32 or bf16,
 head_dim a multiple of `HEAD_DIM_MULTIPLE`. `supports()` says whether a call qualifies; the
 dispatcher falls back to the torch reference otherwise.
 """
@@ -56,12 +56,12 @@ def is_available() -> bool:
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the C kernel can serve a call with these tensors."""
+    """Whether the C kernel can serve a call with these tensors (caches, or fresh key/value)."""
     return (
         query.device.type == "cpu"
+        and k_cache.device.type == "cpu"
         and k_cache.dtype in KV_DTYPE_CODES
-        and k_cache.is_contiguous()
-        and v_cache.is_contiguous()
+        and v_cache.dtype == k_cache.dtype
         and k_cache.shape[-1] % HEAD_DIM_MULTIPLE == 0
         and is_available()
     )
@@ -81,10 +81,27 @@ def paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, blo
                 tokens_per_task)
 
 
+def prefill_attention_no_cache(query, key, value, cu_seqlens_q, scale):
+    """`attention.prefill_attention_no_cache`: the fresh key/value `[num_tokens, num_kv_heads,
+    head_dim]` serve as a cache of one-token blocks, sequence s's j-th block being token
+    `cu_seqlens_q[s] + j`, so nothing is copied."""
+    cu_seqlens_q = cu_seqlens_q.to(torch.int32)
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    if q_lens.numel() == 0:
+        return torch.empty_like(query)
+    offsets = torch.arange(int(q_lens.max()), dtype=torch.int32)
+    block_tables = (cu_seqlens_q[:-1, None] + offsets).clamp_(max=max(key.shape[0] - 1, 0))
+    k_cache, v_cache = key.contiguous().unsqueeze(1), value.contiguous().unsqueeze(1)
+    return paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, q_lens, block_tables,
+                                   scale)
+
+
 def _run(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
          tokens_per_task) -> torch.Tensor:
     library = _library()
     assert library is not None and k_cache.dtype == v_cache.dtype, "check supports() first"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     query_f32 = query.to(torch.float32).contiguous()
     out = torch.empty_like(query_f32)

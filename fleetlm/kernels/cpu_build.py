@@ -1,7 +1,7 @@
 """Compile a plain C source into a shared library at first use and load it with ctypes.
 
-The library lands in a cache directory keyed by a hash of the source, the compiler and its
-flags, and this host's CPU features (the flags include `-march=native`), so each build
+The library lands in a cache directory keyed by a hash of the source (with the `*.h` headers
+beside it), the compiler and its flags, and this host's CPU features (the flags include `-march=native`), so each build
 happens once per machine and a changed source never loads a stale binary. Concurrent
 builders are safe: each compiles into its own temporary file and renames it into place
 atomically, so a reader only ever sees a whole library.
@@ -67,7 +67,8 @@ def _cpu_features() -> str:
 def library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
     """The cache path of `source` built by `compiler` with `flags` on this host."""
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), compiler.encode(), " ".join(flags).encode()):
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, compiler.encode(), " ".join(flags).encode()):
         digest.update(part)
         digest.update(b"\0")
     digest.update(_cpu_features().encode())

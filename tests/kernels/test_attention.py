@@ -51,12 +51,15 @@ def test_prefill_matches_dense(prefill_fn, case, group, block_size, dtype, paged
 
 @GRID
 @GROUPS
-def test_prefill_without_cache_matches_dense(group, dtype, paged_batch, dense_attention, close):
+@pytest.mark.parametrize("no_cache_fn", [attention.prefill_attention_no_cache_reference,
+                                         attention.prefill_attention_no_cache],
+                         ids=["reference", "dispatch"])
+def test_prefill_without_cache_matches_dense(no_cache_fn, group, dtype, paged_batch,
+                                             dense_attention, close):
     q_lens = [5, 16, 1, 9]
     batch = paged_batch(q_lens, q_lens, group=group, block_size=16, dtype=dtype)
-    out = attention.prefill_attention_no_cache(batch.query, torch.cat(batch.keys),
-                                               torch.cat(batch.values), batch.cu_seqlens_q,
-                                               batch.scale)
+    out = no_cache_fn(batch.query, torch.cat(batch.keys), torch.cat(batch.values),
+                      batch.cu_seqlens_q, batch.scale)
     close(out, dense_attention(batch), dtype)
 
 

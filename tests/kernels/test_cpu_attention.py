@@ -96,8 +96,28 @@ def test_supports_only_what_the_kernel_handles():
     assert not cpu_attention.supports(query, cache.half(), cache.half())
     odd_dim = torch.zeros(3, 8, 2, 72)
     assert not cpu_attention.supports(query, odd_dim, odd_dim)
-    strided = cache.transpose(0, 1)
-    assert not cpu_attention.supports(query, strided, strided)
+
+
+def test_strided_caches_are_rejected(paged_batch):
+    batch = paged_batch([1], [9], group=1, block_size=8, dtype=torch.float32)
+    batch.k_cache = batch.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_attention.paged_decode_attention(*batch.decode_args())
+
+
+@DTYPES
+@GROUPS
+def test_prefill_without_cache_matches_reference(group, dtype, paged_batch, close):
+    """Fresh key/value as slices of a fused projection (strided tokens), no cache at all."""
+    q_lens = [5, 16, 1, 40]
+    batch = paged_batch(q_lens, q_lens, group=group, block_size=16, dtype=dtype)
+    fused = torch.stack([torch.cat(batch.keys), torch.cat(batch.values)], dim=1)
+    key, value = fused[:, 0], fused[:, 1]
+    out = cpu_attention.prefill_attention_no_cache(batch.query, key, value, batch.cu_seqlens_q,
+                                                   batch.scale)
+    expected = attention.prefill_attention_no_cache_reference(
+        batch.query, key, value, batch.cu_seqlens_q, batch.scale)
+    close(out, expected, dtype)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")

@@ -34,14 +34,17 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     assert cpu_build.cache_dir() == tmp_path / "kernels"
 
 
-def test_library_path_is_keyed_by_source_compiler_and_flags(source):
+def test_library_path_is_keyed_by_source_headers_compiler_and_flags(source):
     first = cpu_build.library_path(source, "/usr/bin/cc", FLAGS)
     assert first == cpu_build.library_path(source, "/usr/bin/cc", FLAGS)
     assert first.parent == cpu_build.cache_dir()
     assert first != cpu_build.library_path(source, "/usr/bin/clang", FLAGS)
     assert first != cpu_build.library_path(source, "/usr/bin/cc", FLAGS[1:])
+    source.with_name("helpers.h").write_text("#define TWO 2\n")
+    with_header = cpu_build.library_path(source, "/usr/bin/cc", FLAGS)
+    assert with_header != first
     source.write_text(SOURCE + "\n")
-    assert first != cpu_build.library_path(source, "/usr/bin/cc", FLAGS)
+    assert with_header != cpu_build.library_path(source, "/usr/bin/cc", FLAGS)
 
 
 def test_load_compiles_once_then_reuses_the_cache(source, has_compiler, monkeypatch):
