@@ -61,14 +61,16 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                            block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                            block_tables: torch.Tensor, scale: float,
+                            max_seqlen_q: int | None = None) -> torch.Tensor:
     """Causal attention of packed query chunks over their sequences' cached KV.
 
     query `[num_tokens, num_heads, head_dim]`; sequence s owns query rows
     `cu_seqlens_q[s]:cu_seqlens_q[s+1]` (q_len of them) and kv length `seq_lens[s] >= q_len`,
     all of it already in the cache. Lower-right causal alignment: query i of sequence s sits
     at position `seq_len - q_len + i` and sees kv positions up to and including it. Returns
-    `[num_tokens, num_heads, head_dim]` in query.dtype.
+    `[num_tokens, num_heads, head_dim]` in query.dtype. `max_seqlen_q` (the longest q_len),
+    when the caller knows it, spares the CUDA path a device sync.
     """
     _check_paged(query, k_cache, v_cache, block_tables, seq_lens)
     if cu_seqlens_q.shape != (seq_lens.shape[0] + 1,):
@@ -77,7 +79,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     args = (query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
     triton_module = _triton_for(query)
     if triton_module is not None:
-        return triton_module.paged_prefill_attention(*args)
+        return triton_module.paged_prefill_attention(*args, max_seqlen_q=max_seqlen_q)
     if cpu_attention.supports(query, k_cache, v_cache):
         return cpu_attention.paged_prefill_attention(*args)
     return paged_prefill_attention_reference(*args)

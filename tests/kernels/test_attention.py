@@ -140,3 +140,11 @@ def test_prefill_rejects_bad_cu_seqlens(paged_batch):
         attention.paged_prefill_attention(batch.query, batch.k_cache, batch.v_cache,
                                           batch.cu_seqlens_q[:-1], batch.seq_lens,
                                           batch.block_tables, batch.scale)
+
+
+def test_dispatch_falls_back_to_the_reference_without_the_c_kernel(paged_batch, monkeypatch):
+    batch = paged_batch([1, 1], [5, 30], group=3, block_size=8, dtype=torch.float32)
+    monkeypatch.setattr(attention.cpu_attention, "is_available", lambda: False)
+    out = attention.paged_decode_attention(*batch.decode_args())
+    expected = attention.paged_decode_attention_reference(*batch.decode_args())
+    assert torch.equal(out, expected)
