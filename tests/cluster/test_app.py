@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlm.cluster.app import build_app, server_name
 from fleetlm.cluster.config import load_config
 
+pytestmark = pytest.mark.slow  # a Ray cluster and two Serve apps: tens of seconds on 2 cores
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-test-key"

@@ -1,0 +1,140 @@
+"""`fleetlm`: serve, deploy, status, shutdown (and `bench`, when installed).
+
+A thin argparse dispatcher; the work happens in fleetlm.cluster.launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/default.yaml"
+BENCH_MODULE = "fleetlm.bench.cli"
+RAY_AUTH_MODE_VAR = "RAY_AUTH_MODE"
+RAY_SAVED_TOKEN = Path.home() / ".ray" / "auth_token"  # where a local `ray.init` saves it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    address = {"help": "Ray cluster to join (default: $RAY_ADDRESS)", "default": None}
+
+    serve = commands.add_parser("serve", help="start (or join) a cluster, deploy, run until ^C")
+    serve.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="deployment YAML")
+    serve.add_argument("--address", **address)
+
+    deploy = commands.add_parser("deploy", help="deploy onto a running cluster and return")
+    deploy.add_argument("config", help="deployment YAML")
+    deploy.add_argument("--address", **address)
+
+    status = commands.add_parser("status", help="applications, deployments and replicas")
+    status.add_argument("--address", **address)
+
+    shutdown = commands.add_parser("shutdown", help="delete an application, or all of Serve")
+    shutdown.add_argument("--address", **address)
+    shutdown.add_argument("--app", default=None, help="application name (default: all)")
+
+    commands.add_parser("bench", help="benchmark a running server (fleetlm bench serve -h)",
+                        add_help=False)  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _use_saved_ray_token()
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, OSError, RuntimeError) as e:  # OSError covers ConnectionError
+        print(f"fleetlm {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fleetlm.cluster import launcher
+
+    config = _load(args.config)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    is_cluster_owned = launcher.connect(args.address, is_local_allowed=True)
+    try:
+        launcher.deploy_and_wait(config)
+        print(launcher.ready_message(config), flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("Shutting down ...", flush=True)
+        launcher.teardown(config.name, is_cluster_owned)
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from fleetlm.cluster import launcher
+
+    config = _load(args.config)
+    launcher.connect(args.address, is_local_allowed=False)
+    launcher.deploy_and_wait(config)
+    print(launcher.ready_message(config))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fleetlm.cluster import launcher
+
+    launcher.connect(args.address, is_local_allowed=False)
+    print("\n".join(launcher.status_lines()))
+    return 0
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    from fleetlm.cluster import launcher
+
+    launcher.connect(args.address, is_local_allowed=False)
+    launcher.teardown(args.app, is_cluster_owned=False)
+    print(f"Deleted {args.app}." if args.app else "Serve is shut down.")
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "deploy": _deploy, "status": _status, "shutdown": _shutdown}
+
+
+def _load(path: str):
+    from fleetlm.cluster.config import load_config
+
+    return load_config(path)
+
+
+def _use_saved_ray_token() -> None:
+    """Join token-protected clusters (Ray's default) with the saved token.
+
+    `ray.init(address=...)` sends the token only in token mode, which must be chosen before
+    Ray is imported. Set RAY_AUTH_MODE yourself to override (`disabled`: no tokens).
+    """
+    if RAY_AUTH_MODE_VAR not in os.environ and RAY_SAVED_TOKEN.is_file():
+        os.environ[RAY_AUTH_MODE_VAR] = "token"
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _bench(argv: list[str]) -> int:
+    if importlib.util.find_spec(BENCH_MODULE) is None:
+        print("fleetlm bench: the benchmark module is not installed", file=sys.stderr)
+        return 1
+    return importlib.import_module(BENCH_MODULE).main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

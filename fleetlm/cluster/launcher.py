@@ -1,0 +1,123 @@
+"""What the CLI does on a Ray cluster: connect, deploy with a progress bar, report, tear down.
+
+Kept apart from cli.py so the CLI stays an argument parser and these steps stay testable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+from fleetlm.cluster.app import deploy, url_of
+from fleetlm.cluster.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_HOST = "127.0.0.1"
+POLL_INTERVAL_S = 0.5
+RUNNING = "RUNNING"
+FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+def connect(address: str | None, is_local_allowed: bool) -> bool:
+    """Join the cluster at `address` (or `RAY_ADDRESS`); else start a local one if allowed.
+
+    Returns True if this process started the cluster (and so should stop it).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("Joining the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    if not is_local_allowed:
+        try:
+            ray.init(address="auto", logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConnectionError(
+                "no running Ray cluster found: pass --address or set RAY_ADDRESS"
+            ) from e
+        return False
+    logger.info("Starting a local Ray cluster on %s", LOCAL_HOST)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(_node_ip_address=LOCAL_HOST, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def deploy_and_wait(config: ClusterConfig) -> None:
+    """Deploy, then show replicas coming up until all run; `RuntimeError` if Serve gives up."""
+    deploy(config, is_blocking=False)
+    num_replicas = config.replicas.count + 1  # the engine replicas and the ingress
+    with tqdm(total=num_replicas, desc=f"Starting {config.model.name}", unit="replica") as bar:
+        for num_running, status, message in _poll_app(config.name):
+            bar.update(num_running - bar.n)
+            if status in FAILED_STATES:
+                raise RuntimeError(f"deploying {config.name} failed: {message}")
+            if status == RUNNING:
+                return
+
+
+def _poll_app(name: str) -> Iterator[tuple[int, str, str]]:
+    from ray import serve
+
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None:
+            num_running = sum(
+                d.replica_states.get(RUNNING, 0) for d in app.deployments.values()
+            )
+            yield num_running, _name(app.status), app.message
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _name(status) -> str:
+    """Serve's status enums print as "ApplicationStatus.RUNNING"; we want "RUNNING"."""
+    return getattr(status, "value", str(status))
+
+
+def ready_message(config: ClusterConfig) -> str:
+    import ray
+
+    url = url_of(config)
+    address = ray.get_runtime_context().gcs_address
+    key = f' -H "Authorization: Bearer {config.http.api_keys[0]}"' if config.http.api_keys else ""
+    return (
+        f"fleetlm is serving {config.model.served_name} at {url}/v1 (chat page: {url}/)\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} \\\n"
+        f"    -d '{{\"model\": \"{config.model.served_name}\", "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f"Ray cluster: {address} (fleetlm status --address {address})"
+    )
+
+
+def status_lines() -> list[str]:
+    """One line per application and per deployment, with replica states."""
+    from ray import serve
+
+    status = serve.status()
+    if not status.applications:
+        return ["No fleetlm applications are running."]
+    lines = []
+    for name, app in status.applications.items():
+        lines.append(f"{name}: {_name(app.status)}" + (f" ({app.message})" if app.message else ""))
+        for deployment_name, deployment in app.deployments.items():
+            states = ", ".join(f"{n} {s}" for s, n in sorted(deployment.replica_states.items()))
+            lines.append(f"  {deployment_name}: {_name(deployment.status)} [{states}]")
+    return lines
+
+
+def teardown(app_name: str | None, is_cluster_owned: bool) -> None:
+    """Delete one app (or all of Serve with None); stop Ray if this process started it."""
+    import ray
+    from ray import serve
+
+    if app_name is None or is_cluster_owned:
+        serve.shutdown()
+    else:
+        serve.delete(app_name)
+    ray.shutdown()

@@ -1,0 +1,134 @@
+"""The Serve application with fleetlm's own engine and the built-in model, over HTTP.
+
+Greedy answers through HTTP must equal the offline engine's for the same prompts, the load of
+32 concurrent streams must drain completely, and an abandoned stream must leave no KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from conftest import small_config
+
+from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.config import load_config
+from fleetlm.executor.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+APP = "real"
+MODEL = "smollm2-135m-instruct"
+ENGINE = {"kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 32, "max_num_batched_tokens": 512}
+MAX_MODEL_LEN = 512
+NUM_TOKENS = 8
+TIMEOUT_S = 300.0
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+CONVERSATION = [{"role": "user", "content": "Name a color."}]
+
+
+@pytest.fixture(scope="module")
+def config():
+    base = load_config(CONFIGS / "default.yaml")
+    return small_config(base, engine=ENGINE, model={"max_model_len": MAX_MODEL_LEN})
+
+
+@pytest.fixture(scope="module")
+def real(http_port, config):
+    from ray import serve
+
+    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    yield f"http://127.0.0.1:{http_port}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from fleetlm.executor.llm import LLM
+
+    return LLM(MODEL, max_model_len=MAX_MODEL_LEN, **ENGINE)
+
+
+def _client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=TIMEOUT_S)
+
+
+def _greedy(max_tokens: int = NUM_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def test_greedy_completions_equal_the_offline_engine(real, offline):
+    expected = [out.outputs[0].text for out in offline.generate(PROMPTS, _greedy())]
+    client = _client(real)
+    got = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=NUM_TOKENS, temperature=0)
+        .choices[0].text
+        for p in PROMPTS
+    ]
+    assert got == expected
+
+
+def test_greedy_chat_stream_equals_the_offline_engine(real, offline):
+    [expected] = offline.chat(CONVERSATION, _greedy())
+    stream = _client(real).chat.completions.create(
+        model=MODEL, messages=CONVERSATION, max_tokens=NUM_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        expected.outputs[0].text
+    )
+    assert chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_32_concurrent_streams_finish(real):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"Count to {i}:", max_tokens=4, stream=True
+        )
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{real}/v1", api_key="unused", timeout=TIMEOUT_S)
+        async with client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert all(reason in ("length", "stop") and text for text, reason in results)
+
+
+def test_echo_gives_prompt_logprobs(real):
+    token_ids = [504, 3575, 282, 4649, 314]  # any in-vocabulary ids
+    reply = requests.post(f"{real}/v1/completions", timeout=TIMEOUT_S, json={
+        "prompt": token_ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+    }).json()  # fmt: skip
+    logprobs = reply["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(token_ids) + 1
+    assert logprobs["token_logprobs"][0] is None
+    assert all(lp <= 0.0 for lp in logprobs["token_logprobs"][1:])
+    assert all(len(top) >= 1 for top in logprobs["top_logprobs"][1:])
+
+
+def test_disconnect_leaves_no_blocks_in_use(real):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(server_name(0), APP)
+    body = {"prompt": "Tell me a long story.", "max_tokens": MAX_MODEL_LEN // 2, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with requests.post(f"{real}/v1/completions", json=body, stream=True, timeout=TIMEOUT_S) as r:
+        assert next(r.iter_lines()).startswith(b"data: ")
+        assert handle.stats.remote().result().kv_cache_usage > 0.0
+    deadline = time.monotonic() + TIMEOUT_S
+    while (stats := handle.stats.remote().result()).num_running:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.05)
+    assert (stats.num_waiting, stats.kv_cache_usage) == (0, 0.0)
