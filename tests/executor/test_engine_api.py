@@ -65,14 +65,14 @@ def test_max_tokens_min_tokens_and_ignore_eos(llm):
 
 def test_seeded_sampling_repeats_whatever_the_batch(llm):
     prompt = chat_prompt(llm, "Tell me a short story.")
-    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=24)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=1234, max_tokens=24)
     alone = llm.generate([prompt], params)[0].outputs[0].token_ids
     others = [chat_prompt(llm, f"Count to {i}.") for i in range(5)]
     batch = llm.generate(others[:2] + [prompt] + others[2:],
                          [SamplingParams(temperature=1.0, max_tokens=24)] * 2 + [params]
                          + [SamplingParams(temperature=0.7, max_tokens=24)] * 3)
     assert batch[2].outputs[0].token_ids == alone
-    different = llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.95, seed=99,
+    different = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=99,
                                                       max_tokens=24))
     assert different[0].outputs[0].token_ids != alone
 
