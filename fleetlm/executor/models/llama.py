@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fleetlm.executor.attention import AttentionMetadata, PagedAttention
-from fleetlm.executor.models.ops import GatedMLP, RMSNorm, RotaryEmbedding
+from fleetlm.executor.models.ops import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
 from fleetlm.parallel.layers import (
     ParallelLMHead,
@@ -38,7 +38,7 @@ def head_dim_of(hf_config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hf_config, rotary: RotaryEmbedding, tp: ParallelGroup) -> None:
+    def __init__(self, hf_config, tp: ParallelGroup) -> None:
         super().__init__()
         head_dim = head_dim_of(hf_config)
         arch = (hf_config.architectures or [""])[0]
@@ -56,36 +56,34 @@ class LlamaAttention(nn.Module):
         if self.has_qk_norm:
             self.q_norm = RMSNorm(head_dim, hf_config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps)
-        self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim)
 
-    def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata):
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata):
+        num_heads, num_kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(hidden).view(-1, num_heads + 2 * num_kv_heads, self.head_dim)
+        qk, v = qkv[:, : num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
         if self.has_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            qk = torch.cat((self.q_norm(qk[:, :num_heads]), self.k_norm(qk[:, num_heads:])), 1)
+        qk = apply_rotary(qk, cos_sin)
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
         out = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.view(-1, q_size))
+        return self.o_proj(out.view(-1, num_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config, rotary: RotaryEmbedding, tp: ParallelGroup) -> None:
+    def __init__(self, hf_config, tp: ParallelGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary, tp)
+        self.self_attn = LlamaAttention(hf_config, tp)
         self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, tp)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
+    def forward(self, cos_sin, hidden, residual, kv_cache: KVCache, meta: AttentionMetadata):
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(cos_sin, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -103,10 +101,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.hf_config = hf_config
         max_position = max_position or hf_config.max_position_embeddings
-        rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_position)
+        self.rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_position)
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, rotary, tp) for _ in range(hf_config.num_hidden_layers))
+            LlamaDecoderLayer(hf_config, tp) for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
         self.is_tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -115,8 +113,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
         hidden, residual = self.embed_tokens(input_ids), None
+        cos_sin = self.rotary.cos_sin(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm.add_and_norm(hidden, residual)
         return hidden
 
