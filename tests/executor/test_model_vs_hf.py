@@ -126,3 +126,18 @@ def test_random_models_match_transformers(name, builtin_dir, tmp_path):
     prompts_ids = [tokenizer.encode(p) for p in PROMPTS[:4]] + [
         tokenizer.encode(PROMPTS[7])[:300]]
     assert_matches_hf(llm, hf_model.eval(), prompts_ids, 12)
+
+
+@pytest.mark.gpu
+def test_builtin_model_on_cuda_matches_transformers(builtin_dir):
+    """The same engine on CUDA (Triton attention), bf16 on both sides: greedy tokens equal."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        builtin_dir, dtype=torch.bfloat16).to("cuda").eval()
+    llm = LLM(str(builtin_dir), dtype="bfloat16", device="cuda")
+    tokenizer = llm.get_tokenizer()
+    prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[:4]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for prompt_ids, out in zip(prompts_ids, llm.generate(prompts_ids, params)):
+        expected = hf_model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=8,
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert out.outputs[0].token_ids == expected[0, len(prompt_ids):].tolist()
