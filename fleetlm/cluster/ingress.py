@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -197,12 +198,19 @@ async def _on_validation_error(request: Request, error: RequestValidationError) 
     return _error_response(errors.bad_request(str(error)))
 
 
+async def _on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, RayActorError):  # the replica died; Serve is replacing it
+        return _error_response(errors.engine_dead())
+    return _error_response(errors.internal_error(error))
+
+
 def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
     """A FastAPI app whose routes call `ingress`'s bound methods."""
     app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(OpenAIError, _on_openai_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
     for http_method, path, name in _ROUTES:
         app.add_api_route(path, getattr(ingress, name), methods=[http_method])
     return app

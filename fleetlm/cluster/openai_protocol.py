@@ -29,6 +29,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage in every chunk
 
 
 class SamplingFields(_Request):
@@ -57,6 +58,10 @@ class SamplingFields(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def is_usage_continuous(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def _sampling_params(self, **extra: Any) -> SamplingParams:
         given = {

@@ -24,7 +24,7 @@ import jinja2
 from fleetlm.cluster import errors
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import MetricsRecorder
-from fleetlm.cluster.openai_format import ChatFormatter, CompletionFormatter
+from fleetlm.cluster.openai_format import ChatFormatter, CompletionFormatter, usage_of
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
 from fleetlm.cluster.request_timing import RequestTimer
 from fleetlm.cluster.streams import merge_streams
@@ -180,7 +180,7 @@ class LLMServer:
                 latest.update(snapshot)
                 timer.on_snapshot(snapshot)
                 if request.stream:
-                    yield sse(formatter.chunks(snapshot))
+                    yield sse(self._chunks(formatter, snapshot, latest, request))
             yield self._final(formatter, latest, request)
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
             error = _as_openai_error(e, request_id)
@@ -196,6 +196,20 @@ class LLMServer:
         """The engine's stream, started lazily so eager validation errors surface in it too."""
         async for output in self.engine.generate(prompt, params, request_id):
             yield output
+
+    @staticmethod
+    def _chunks(
+        formatter: Formatter,
+        snapshot: dict[int, RequestOutput],
+        latest: dict[int, RequestOutput],
+        request: ChatCompletionRequest | CompletionRequest,
+    ) -> list:
+        chunks = formatter.chunks(snapshot)
+        if request.is_usage_continuous:
+            usage = usage_of(latest, request.n)
+            for chunk in chunks:
+                chunk.usage = usage
+        return chunks
 
     def _final(
         self,

@@ -22,22 +22,26 @@ async def merge_streams(
     """Yield `{stream index: latest output}` until every stream has finished.
 
     An exception in any stream is raised here; closing this iterator early cancels the
-    streams (each engine stream then aborts its request). With `interval_s > 0`, outputs are
-    held back up to that long after the first new one so more of them share an item.
+    streams (each engine stream then aborts its request). With `interval_s > 0`, items are
+    at least that far apart: the first goes out at once (time to first token is untouched),
+    later outputs that come sooner wait and share the next item.
     """
     queue: asyncio.Queue = asyncio.Queue()
     tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
     num_open = len(tasks)
+    loop = asyncio.get_running_loop()
+    next_time = loop.time()
     try:
         while num_open:
             items = [await queue.get()]
-            if interval_s > 0:
-                await asyncio.sleep(interval_s)
+            if loop.time() < next_time:
+                await asyncio.sleep(next_time - loop.time())
             while not queue.empty():
                 items.append(queue.get_nowait())
             latest, num_done = _collect(items)
             num_open -= num_done
             if latest:
+                next_time = loop.time() + interval_s
                 yield latest
     finally:
         for task in tasks:

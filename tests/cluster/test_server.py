@@ -197,3 +197,12 @@ def test_stream_interval_coalesces_tokens():
     events = _events(_run(server.completions(request)))
     assert "".join(e["choices"][0]["text"] for e in events) == expected_text(3, 20)
     assert len(events) < 20  # 2 ms per token, 50 ms per message
+
+
+def test_continuous_usage_counts_tokens_so_far():
+    request = CompletionRequest(prompt="abc", max_tokens=4, stream=True,
+                                stream_options={"continuous_usage_stats": True})  # fmt: skip
+    events = _events(_run(_server().completions(request)))
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 4
+    assert all(e["usage"]["prompt_tokens"] == 3 for e in events)

@@ -79,3 +79,23 @@ def test_closing_early_closes_every_stream():
 
     assert asyncio.run(run())
     assert sorted(closed) == ["a", "b"]
+
+
+def test_interval_sends_the_first_output_at_once_and_batches_the_rest():
+    async def stream(released: asyncio.Event):
+        yield _output("a", 1)
+        await released.wait()
+        for i in range(2, 11):
+            await asyncio.sleep(0)  # many loop turns, far less than the interval
+            yield _output("a", i, finished=i == 10)
+
+    async def run(interval_s: float) -> list[int]:
+        released = asyncio.Event()
+        counts = []
+        async for snapshot in merge_streams([stream(released)], interval_s):
+            counts.append(len(snapshot[0].outputs[0].token_ids))
+            released.set()
+        return counts
+
+    assert asyncio.run(run(0.05)) == [1, 10]
+    assert len(asyncio.run(run(0.0))) > 2
