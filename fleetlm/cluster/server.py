@@ -69,6 +69,7 @@ class LLMServer:
         self.max_num_waiting = engine_config.scheduler.max_num_waiting
         self.stream_interval_s = stream_interval_s
         self.metrics = MetricsRecorder(replica_id, self.engine.max_model_len)
+        self.num_pending = 0  # engine requests sent that have not produced output yet
 
     # ---- OpenAI endpoints ----------------------------------------------------------------
 
@@ -141,12 +142,17 @@ class LLMServer:
         # The template already holds the special tokens (BOS and the like).
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def _admission_error(self) -> OpenAIError | None:
-        """429 while the engine's waiting queue is at its limit (the engine would refuse)."""
+    def _admission_error(self, num_new: int) -> OpenAIError | None:
+        """429 if `num_new` more requests would take the waiting queue over its limit.
+
+        The engine's own count lags (its thread adds requests later), so requests sent but
+        without output yet count too: an upper bound that closes the race between requests
+        arriving together.
+        """
         if self.max_num_waiting is None:
             return None
-        num_waiting = self.engine.stats().num_waiting
-        if num_waiting >= self.max_num_waiting:
+        num_waiting = max(self.engine.stats().num_waiting, self.num_pending)
+        if num_waiting + num_new > self.max_num_waiting:
             return errors.queue_full(num_waiting, self.max_num_waiting)
         return None
 
@@ -162,10 +168,12 @@ class LLMServer:
             yield errors.engine_dead()
             return
         child_ids = [f"{request_id}-{i}" for i in range(len(prompts) * params.n)]
-        rejection = self._admission_error()
+        rejection = self._admission_error(len(child_ids))
         if rejection is not None:
             yield rejection
             return
+        self.num_pending += len(child_ids)
+        pending = set(range(len(child_ids)))
         latest: dict[int, RequestOutput] = {}
         timer = RequestTimer(self.metrics, len(child_ids))
         merged = merge_streams(
@@ -179,16 +187,25 @@ class LLMServer:
             async for snapshot in merged:
                 latest.update(snapshot)
                 timer.on_snapshot(snapshot)
+                self._release(pending, snapshot)
                 if request.stream:
                     yield sse(self._chunks(formatter, snapshot, latest, request))
             yield self._final(formatter, latest, request)
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
-            error = _as_openai_error(e, request_id)
+            error = _as_openai_error(e, request_id, self.engine.is_healthy)
             yield _sse_error(error) if latest and request.stream else error
         finally:
             await merged.aclose()
+            self._release(pending, pending.copy())
             await self._abort_unfinished(child_ids, latest)
             timer.on_end(latest)
+
+    def _release(self, pending: set[int], indices) -> None:
+        """Choices that produced output (or ended) no longer count as pending."""
+        for index in list(indices):
+            if index in pending:
+                pending.discard(index)
+                self.num_pending -= 1
 
     async def _stream(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -234,13 +251,13 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, n=1, seed=seed)
 
 
-def _as_openai_error(error: Exception, request_id: str) -> OpenAIError:
+def _as_openai_error(error: Exception, request_id: str, is_healthy: bool) -> OpenAIError:
     if isinstance(error, ValueError):
         return errors.bad_request(str(error))
     if isinstance(error, SchedulerQueueFullError):
         return errors.queue_full_message(str(error))
     logger.error("request %s failed", request_id, exc_info=error)
-    return errors.internal_error(error)
+    return errors.internal_error(error) if is_healthy else errors.engine_dead()
 
 
 def _sse_error(error: OpenAIError) -> str:

@@ -239,7 +239,7 @@ def test_index_page_is_served(two):
 def test_health_turns_503_when_the_engine_dies(tight):
     assert requests.get(f"{tight}/health", timeout=TIMEOUT_S).status_code == 200
     crashed = _post(f"{tight}/v1/completions", {"prompt": CRASH_MARKER})
-    assert crashed.status_code == 500
+    assert crashed.status_code == 503
     health = requests.get(f"{tight}/health", timeout=TIMEOUT_S)
     assert health.status_code == 503
     assert health.json()["error"]["code"] == "engine_dead"

@@ -153,10 +153,10 @@ async def _until(condition) -> None:
         await asyncio.sleep(0)
 
 
-def test_crash_mid_request_is_500_then_dead_engine_is_503():
+def test_a_crashed_engine_answers_503():
     server = _server()
     [crashed] = _run(server.completions(CompletionRequest(prompt=CRASH_MARKER)))
-    assert crashed.status == 500
+    assert crashed.status == 503
     [dead] = _run(server.completions(CompletionRequest(prompt="x")))
     assert dead.status == 503 and not server.is_healthy()
     with pytest.raises(RuntimeError):
@@ -206,3 +206,20 @@ def test_continuous_usage_counts_tokens_so_far():
     counts = [e["usage"]["completion_tokens"] for e in events]
     assert counts == sorted(counts) and counts[-1] == 4
     assert all(e["usage"]["prompt_tokens"] == 3 for e in events)
+
+
+def test_requests_arriving_together_cannot_overfill_the_queue():
+    """The engine counts a request as waiting only later; the server's own count closes that gap."""
+    server = _server(max_num_seqs=1, max_num_waiting=2)
+
+    async def scenario():
+        streams = [server.completions(CompletionRequest(prompt="a", max_tokens=3))
+                   for _ in range(5)]  # fmt: skip
+        return await asyncio.gather(*(_collect(s) for s in streams))
+
+    results = [item for [item] in asyncio.run(scenario())]
+    rejected = [r.status for r in results if isinstance(r, OpenAIError)]
+    served = [r["choices"][0]["finish_reason"] for r in results if isinstance(r, dict)]
+    # Conservative: a request counts as waiting until its first output, so two get in.
+    assert (rejected, served) == ([429] * 3, ["length"] * 2)
+    assert server.num_pending == 0
