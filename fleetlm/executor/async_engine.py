@@ -21,12 +21,20 @@ from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.protocol import EngineStats
 from fleetlm.executor.request import Request
 from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.scheduler import SchedulerQueueFullError
 
 logger = logging.getLogger("fleetlm.async_engine")
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+@dataclass
+class _RequestError:
+    """An error that ends one request (queue full, duplicate id), not the engine."""
+
+    error: Exception
 
 
 @dataclass
@@ -80,8 +88,10 @@ class AsyncEngine:
     async def _next_output(q: asyncio.Queue) -> RequestOutput:
         """The newest output: outputs are cumulative, so a slow reader skips stale ones."""
         out = await q.get()
-        while not q.empty() and not isinstance(out, BaseException) and not out.finished:
+        while not q.empty() and isinstance(out, RequestOutput) and not out.finished:
             out = q.get_nowait()
+        if isinstance(out, _RequestError):
+            raise out.error
         if isinstance(out, BaseException):
             raise EngineDeadError("the engine loop has stopped") from out
         return out
@@ -134,9 +144,13 @@ class AsyncEngine:
                 self.engine.abort_request(command[1])
 
     def _add(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
-        if request_id not in self._streams:
+        stream = self._streams.get(request_id)
+        if stream is None:
             return  # the caller went away before the engine saw the request
-        self.engine.add_requests(request_id, prompt, requests)
+        try:
+            self.engine.add_requests(request_id, prompt, requests)
+        except (ValueError, SchedulerQueueFullError) as exc:  # this request's, not the engine's
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _RequestError(exc))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

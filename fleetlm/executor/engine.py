@@ -48,8 +48,12 @@ class LLMEngine:
             _parent_params(first.sampling_params, len(requests))
         self.output_processor.add_request(request_id, prompt, first.prompt_token_ids, params,
                                           first.arrival_time)
-        for request in requests:
-            self.core.add_request(request)
+        try:
+            for request in requests:
+                self.core.add_request(request)
+        except Exception:  # queue full: take back the children already queued
+            self.abort_request(request_id)
+            raise
         self.num_prompt_tokens += first.num_prompt_tokens
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,

@@ -9,6 +9,8 @@ import pytest
 
 from fleetlm import LLM, SamplingParams
 from fleetlm.executor.async_engine import AsyncEngine
+from fleetlm.executor.engine import LLMEngine
+from fleetlm.executor.scheduler import SchedulerQueueFullError
 from fleetlm.executor.llm import make_engine_config
 
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -173,3 +175,27 @@ def test_abort_frees_blocks_at_once(engine, llm):
     asyncio.run(scenario())
     assert kv_blocks_in_use(llm) == 0
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_full_waiting_queue_rejects_the_request_not_the_engine(llm):
+    config = make_engine_config("smollm2-135m-instruct", dtype="float32", max_num_seqs=1,
+                                max_num_waiting=1)
+    # A second engine core over the idle module engine's model and KV cache tensors.
+    engine = AsyncEngine(config, engine=LLMEngine(config, executor=llm.engine.executor))
+
+    async def drain(request_id):
+        async for out in engine.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True),
+                                         request_id):
+            last = out
+        return last
+
+    async def scenario():
+        return await asyncio.gather(*(drain(f"q{i}") for i in range(4)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    rejected = [r for r in results if isinstance(r, SchedulerQueueFullError)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(rejected) >= 1 and len(served) >= 2 and len(rejected) + len(served) == 4
+    assert engine.is_healthy
+    asyncio.run(engine.shutdown())
