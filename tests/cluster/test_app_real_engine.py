@@ -132,3 +132,24 @@ def test_disconnect_leaves_no_blocks_in_use(real):
         assert time.monotonic() < deadline, "the abandoned request is still running"
         time.sleep(0.05)
     assert (stats.num_waiting, stats.kv_cache_usage) == (0, 0.0)
+
+
+def test_web_page_streams_a_real_answer_in_chromium(real, offline, tmp_path):
+    """End to end: the chat page served by the real app, in headless Chromium."""
+    import browser
+
+    reason = browser.ensure_chromium()
+    if reason:
+        pytest.skip(reason)
+    question = "What is the capital of France? Answer in one sentence."
+    with browser.chromium_page(tmp_path / "chromium") as page:
+        assert browser.open_chat(page, real) == MODEL
+        browser.watch_replies(page)
+        browser.set_settings(page, temperature=0, max_tokens=24)
+        browser.send_message(page, question)
+        reply = browser.wait_for_reply(page, 0, timeout_ms=int(TIMEOUT_S * 1000))
+        updates = browser.reply_updates(page, 0)
+        page.screenshot(path=str(tmp_path / "chat.png"))
+    assert reply.state == "done" and "Paris" in reply.text
+    assert len(updates) > 1  # streamed token by token, not delivered at the end
+    assert reply.ttft_ms is not None and reply.tokens_per_s is not None
