@@ -29,7 +29,7 @@ from bench.compare.session import SessionRecord, SessionRunner, result_path, sav
 from bench.compare.summary import build_summary
 from bench.compare.system_fleetlm import FleetlmSystem
 from bench.compare.system_llamacpp import LlamaCppSystem
-from bench.compare.system_vllm import VllmSystem
+from bench.compare.system_vllm import DTYPES, VllmSystem
 from bench.compare.systems import Context, System
 
 SYSTEMS: dict[str, Callable[[Context], System]] = {
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="installs and builds")
     add("--host", default=DEFAULT_HOST)
     add("--threads", type=int, default=os.cpu_count() or 1, help="threads/cores per server")
+    add("--vllm-dtype", choices=DTYPES, default=DTYPES[0],
+        help="vLLM's dtype to try first (the other one if it does not start)")
     add("--quick", action="store_true",
         help="tiny smoke run: 4 prompts, 16 tokens out, C=1,2, shared prefix 128, 1 repeat")
     mode = parser.add_mutually_exclusive_group()
@@ -264,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     ctx = make_context(args, plan)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    systems = [SYSTEMS[name](ctx) for name in args.systems]
+    systems = [VllmSystem(ctx, args.vllm_dtype) if name == "vllm" else SYSTEMS[name](ctx)
+               for name in args.systems]
     fresh = None if args.table_only else install_all(systems, ctx.work_dir)
     status = _status(ctx.out_dir, fresh)
     if args.install_only:

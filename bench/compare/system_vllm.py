@@ -6,7 +6,8 @@ break every vLLM import and text models do not need them); Debian's tcmalloc.
 Start: through `vllm_launcher.py` (the `vllm` console script fails on the distribution name),
 tcmalloc and the venv's libiomp5 preloaded, OpenMP threads bound to all cores, a 2 GiB KV
 cache, prefix caching off for `random` (every prompt is new) and on for `shared-prefix`.
-dtype: bfloat16 as the issue asks; float32 is tried when a bfloat16 server does not come up.
+dtype: bfloat16 as the issue asks (or float32 first with --vllm-dtype float32); the other one is
+tried when a server in the first does not come up.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class VllmSystem(System):
     name = "vllm"
     start_timeout_s = START_TIMEOUT_S
     client_extra_args = ("--continuous-usage",)
+
+    def __init__(self, ctx, first_dtype: str = DTYPES[0]) -> None:
+        super().__init__(ctx)
+        if first_dtype not in DTYPES:
+            raise ValueError(f"vLLM dtype must be one of {DTYPES}, got {first_dtype!r}")
+        self.dtypes = (first_dtype, *(d for d in DTYPES if d != first_dtype))
 
     @property
     def venv(self) -> Path:
@@ -79,7 +86,7 @@ class VllmSystem(System):
         prefix_flag = ("--no-enable-prefix-caching" if workload == "random"
                        else "--enable-prefix-caching")
         variants = []
-        for dtype in DTYPES:
+        for dtype in self.dtypes:
             argv = (str(self.python), str(LAUNCHER), "serve", str(self.ctx.hf_dir),
                     "--host", self.ctx.host, "--port", str(port),
                     "--served-model-name", self.ctx.model_name, "--dtype", dtype, prefix_flag)

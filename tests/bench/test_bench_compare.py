@@ -315,6 +315,10 @@ def test_vllm_command_and_sessions(tmp_path):
     assert random_bf16.argv[1].endswith("vllm_launcher.py")
     assert random_fp32.variant == "float32" and "--dtype" in random_fp32.argv
     assert vllm.launch_variants(8123, "shared-prefix")[0].argv[-1] == "--enable-prefix-caching"
+    fp32_first = VllmSystem(_context(tmp_path), "float32").launch_variants(8123, "random")
+    assert [v.variant for v in fp32_first] == ["float32", "bfloat16"]
+    with pytest.raises(ValueError, match="dtype"):
+        VllmSystem(_context(tmp_path), "float16")
     env = random_bf16.env
     assert (env["VLLM_TARGET_DEVICE"], env["VLLM_CPU_OMP_THREADS_BIND"],
             env["VLLM_CPU_KVCACHE_SPACE"]) == ("cpu", "0-1", "2")
