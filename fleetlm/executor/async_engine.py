@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from fleetlm.executor.sampling_params import SamplingParams
 from fleetlm.executor.scheduler import SchedulerQueueFullError
 
 logger = logging.getLogger("fleetlm.async_engine")
+
+# The engine thread gives the GIL up around every torch op and must get it back at once; with
+# Python's default 5 ms switch interval a busy event-loop thread (streaming, serialization)
+# holds it long enough to stall every step. Measured in docs/benchmarks.md.
+_GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 class EngineDeadError(RuntimeError):
@@ -56,6 +62,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._is_stopped = False
+        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run_loop, name="fleetlm-engine", daemon=True)
         self._thread.start()
 
