@@ -23,6 +23,9 @@ RUNNING = "RUNNING"
 FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
 def connect(address: str | None, is_local_allowed: bool) -> bool:
     """Join the cluster at `address` (or `RAY_ADDRESS`); else start a local one if allowed.
 
@@ -45,6 +48,9 @@ def connect(address: str | None, is_local_allowed: bool) -> bool:
         return False
     logger.info("Starting a local Ray cluster on %s", LOCAL_HOST)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray runs workers at nice 15; an engine replica's OpenMP threads then lose the CPU to every
+    # Ray daemon, and each preempted thread stalls the whole parallel region.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(_node_ip_address=LOCAL_HOST, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
