@@ -218,7 +218,7 @@ def system_infos(systems: Sequence[System], out_dir: Path, status: dict) -> list
     for system in systems:
         files = sorted((out_dir / "raw" / system.name).glob("repeat-*/session-*.json"))
         sessions = [json.loads(f.read_text()) for f in files]
-        settings = next((s["settings"] for s in sessions if s.get("settings")), [])
+        settings = list(dict.fromkeys(line for s in sessions for line in s.get("settings", ())))
         infos.append({"name": system.name, "versions": system.versions(), "settings": settings,
                       **status.get(system.name, {}), "sessions": sessions})
     return infos

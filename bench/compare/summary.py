@@ -32,6 +32,7 @@ METRICS = (
     Metric("tpot_median_ms", ("tpot_ms", "median"), False, "TPOT med ms"),
 )
 METRICS_BY_NAME = {m.name: m for m in METRICS}
+ITL_METRICS = frozenset({"itl_median_ms", "itl_p99_ms"})
 
 
 def _lookup(entry: Mapping, path: Sequence[str]):
@@ -85,6 +86,7 @@ def median_over_repeats(runs: Sequence[Mapping]) -> dict:
         for key, value in run["checks"].items():
             checks[key] = checks.get(key, 0) + value
     result["checks"] = checks
+    result["is_itl_reliable"] = not checks.get("num_itl_mismatch")
     return result
 
 
@@ -93,11 +95,15 @@ def ratios_to_best_other(by_system: Mapping[str, Mapping], ours: str = OURS) -> 
 
     Best is the highest throughput or the lowest latency. So a ratio > 1 means fleetlm is ahead
     on a throughput and behind on a latency. None when fleetlm or every other system lacks it.
+    ITL metrics of a system whose ITL samples were miscounted (`is_itl_reliable` False) are
+    left out.
     """
     result = {}
     for metric in METRICS:
-        mine = (by_system.get(ours) or {}).get(metric.name)
-        others = {name: s[metric.name] for name, s in by_system.items()
+        usable = {name: s for name, s in by_system.items()
+                  if metric.name not in ITL_METRICS or s.get("is_itl_reliable", True)}
+        mine = (usable.get(ours) or {}).get(metric.name)
+        others = {name: s[metric.name] for name, s in usable.items()
                   if name != ours and s.get(metric.name) is not None}
         if mine is None or not others:
             result[metric.name] = None

@@ -176,6 +176,9 @@ def test_median_over_repeats_skips_unmeasured_runs():
     assert medians["num_runs"] == 4
     assert medians["output_throughput"] == 20.0 and medians["ttft_p99_ms"] == 4000.0
     assert medians["checks"]["num_requests"] == 6 and medians["checks"]["num_exact"] == 6
+    assert medians["is_itl_reliable"] is True
+    bad = summary.summarize_run(_entry(1.0, 1.0, requests=[_request(num_itls=31)]))
+    assert summary.median_over_repeats([bad])["is_itl_reliable"] is False
 
 
 def test_ratio_is_against_the_best_other_per_metric():
@@ -187,6 +190,11 @@ def test_ratio_is_against_the_best_other_per_metric():
     assert ratios["ttft_median_ms"] == {"ratio": 1.25, "best_other": "llamacpp",
                                         "best_value": 40.0}
     assert ratios["itl_p99_ms"] is None
+    by_system["llamacpp"].update(itl_median_ms=0.1, is_itl_reliable=False)
+    by_system["vllm"]["itl_median_ms"] = 20.0
+    by_system["fleetlm"]["itl_median_ms"] = 10.0
+    itl = summary.ratios_to_best_other(by_system)["itl_median_ms"]
+    assert itl == {"ratio": 0.5, "best_other": "vllm", "best_value": 20.0}  # llamacpp's miscounted
     assert summary.ratios_to_best_other({"vllm": by_system["vllm"]})["output_throughput"] is None
 
 
