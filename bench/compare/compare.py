@@ -1,7 +1,7 @@
 """Side-by-side serving benchmark: fleetlm, vLLM's CPU build and llama.cpp's server.
 
     bench/compare/run.sh                 # the issue's run: 3 repeats, random 256/128 at C=1,8,32
-                                         # and shared-prefix, all three systems (~1 h or more)
+                                         # and shared-prefix, all three systems (1.5-2 h here)
     bench/compare/run.sh --quick         # smoke test: 4 prompts, 16 tokens out, C=1,2, 1 repeat
     bench/compare/run.sh --table-only    # rebuild compare.md / compare.json from raw results
 
@@ -138,6 +138,7 @@ def make_context(args: argparse.Namespace, plan: PlanConfig) -> Context:
 
 def install_all(systems: Sequence[System], work_dir: Path) -> dict[str, dict]:
     """Install each system (skipping what is done); {name: {"install_s", "install_error"}}."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     times_path = work_dir / INSTALL_TIMES_FILE
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     status = {}
@@ -153,7 +154,6 @@ def install_all(systems: Sequence[System], work_dir: Path) -> dict[str, dict]:
         if error is None and elapsed >= MIN_RECORDED_INSTALL_S:
             times[system.name] = elapsed
         status[system.name] = {"install_s": times.get(system.name), "install_error": error}
-    work_dir.mkdir(parents=True, exist_ok=True)
     times_path.write_text(json.dumps(times, indent=1) + "\n")
     return status
 
