@@ -196,37 +196,6 @@ def test_a_full_waiting_queue_rejects_the_request_not_the_engine(llm):
     results = asyncio.run(scenario())
     rejected = [r for r in results if isinstance(r, SchedulerQueueFullError)]
     served = [r for r in results if not isinstance(r, BaseException)]
-    assert len(rejected) >= 1 and len(served) >= 1 and len(rejected) + len(served) == 4
+    assert len(rejected) >= 1 and len(served) >= 2 and len(rejected) + len(served) == 4
     assert engine.is_healthy
-    assert asyncio.run(drain("later")).finished  # the engine goes on serving
     asyncio.run(engine.shutdown())
-
-
-def test_engine_process_streams_aborts_and_shuts_down(llm):
-    """The default AsyncEngine: the engine loop in its own process."""
-    config = make_engine_config("smollm2-135m-instruct", dtype="float32",
-                                kv_cache_memory_bytes=64 << 20)
-    prompt = chat_prompt(llm, PROMPT)
-    params = SamplingParams(temperature=0, max_tokens=12)
-    expected = llm.generate([prompt], params)[0].outputs[0].token_ids
-
-    async def scenario(engine):
-        async for last in engine.generate(prompt, params, "greedy"):
-            pass
-        stream = engine.generate(prompt, SamplingParams(max_tokens=500, ignore_eos=True), "gone")
-        await anext(stream)
-        await stream.aclose()
-        async for after in engine.generate(prompt, SamplingParams(max_tokens=2), "after"):
-            pass
-        return last, after
-
-    engine = AsyncEngine(config)
-    try:
-        last, after = asyncio.run(scenario(engine))
-        assert last.outputs[0].token_ids == expected
-        assert engine.stats().kv_cache_usage == 0.0 and engine.stats().num_running == 0
-        num_generated = len(expected) + len(after.outputs[0].token_ids)
-        assert engine.stats().num_generation_tokens >= num_generated + 1  # + the aborted one
-    finally:
-        asyncio.run(engine.shutdown())
-    assert not engine.is_healthy
