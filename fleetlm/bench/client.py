@@ -168,10 +168,11 @@ def _on_chunk(chunk: dict, arrival: float, record: RequestRecord, text_parts, en
     text = _choice_text(choices[0], endpoint) if choices else ""
     usage = chunk.get("usage")
     num_tokens = 0
-    if choices and usage is not None:  # continuous usage: the growth is this chunk's tokens
+    if choices and text and usage is not None:  # continuous usage: growth = this chunk's tokens
         num_tokens = usage.get("completion_tokens", 0) - (record.usage_completion_tokens or 0)
     elif choices and text:
         num_tokens = 1
+    # A text-less chunk carrying the final usage (llama-server's last chunk) adds no tokens.
     if usage is not None:
         record.usage_prompt_tokens = usage.get("prompt_tokens")
         record.usage_completion_tokens = usage.get("completion_tokens")

@@ -144,3 +144,18 @@ def test_connection_errors_are_recorded_not_raised(fake_server):
     result = run_against(fake_server, _workload(num_prompts=2), LoadPoint(),
                          base_url=f"http://127.0.0.1:{closed_port}")
     assert all(r.error.startswith("ClientConnectorError") for r in result.records)
+
+
+def test_final_usage_chunk_without_text_adds_no_tokens():
+    """llama-server sends usage only in its last, text-less chunk: each text chunk is one
+    token and that chunk adds none (it once counted as all of them, skewing ITL)."""
+    from fleetlm.bench.client import RequestRecord, _on_chunk
+
+    record, parts = RequestRecord("c", 0, max_tokens=3, num_expected_prompt_tokens=4), []
+    for i, text in enumerate(["a", "b", "c"]):
+        _on_chunk({"choices": [{"text": text}]}, float(i), record, parts, "completions")
+    _on_chunk({"choices": [{"text": "", "finish_reason": "length"}],
+               "usage": {"prompt_tokens": 4, "completion_tokens": 3}}, 3.0, record, parts,
+              "completions")
+    assert record.chunk_num_tokens == [1, 1, 1] and record.chunk_times == [0.0, 1.0, 2.0]
+    assert record.usage_completion_tokens == 3
