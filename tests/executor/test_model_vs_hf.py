@@ -160,3 +160,18 @@ def test_bfloat16_prompt_logprobs_close_to_transformers(builtin_dir):
     theirs = torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
     assert (ours - theirs).abs().median() < BF16_LOGPROB_MEDIAN_ATOL
     assert (ours - theirs).abs().max() < BF16_LOGPROB_MAX_ATOL
+
+
+def test_random_weights_from_a_config_alone(builtin_dir, tmp_path):
+    """Large shapes are benchmarked with random weights: a folder with only config.json and a
+    tokenizer is enough, and the same seed gives the same model."""
+    config_class, extra = RANDOM_MODELS["qwen3-qk-norm"]
+    config_class(**{**SMALL, **extra, "architectures": ["Qwen3ForCausalLM"]}).save_pretrained(
+        tmp_path)
+    load_tokenizer(builtin_dir).save_pretrained(tmp_path)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = [LLM(str(tmp_path), random_weights=True, seed=3, dtype="float32",
+                   kv_cache_memory_bytes=8 << 20).generate([[1, 2, 3, 4]], params)[0]
+               for _ in range(2)]
+    assert len(outputs[0].outputs[0].token_ids) == 6
+    assert outputs[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids
