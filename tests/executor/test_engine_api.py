@@ -196,6 +196,8 @@ def test_a_full_waiting_queue_rejects_the_request_not_the_engine(llm):
     results = asyncio.run(scenario())
     rejected = [r for r in results if isinstance(r, SchedulerQueueFullError)]
     served = [r for r in results if not isinstance(r, BaseException)]
-    assert len(rejected) >= 1 and len(served) >= 2 and len(rejected) + len(served) == 4
+    # How many fit depends on whether the engine stepped between arrivals; never all of them.
+    assert len(rejected) >= 1 and len(served) >= 1 and len(rejected) + len(served) == 4
     assert engine.is_healthy
+    assert asyncio.run(drain("later")).finished  # the engine goes on serving
     asyncio.run(engine.shutdown())
