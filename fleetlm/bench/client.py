@@ -168,8 +168,11 @@ def _on_chunk(chunk: dict, arrival: float, record: RequestRecord, text_parts, en
     text = _choice_text(choices[0], endpoint) if choices else ""
     usage = chunk.get("usage")
     num_tokens = 0
-    if choices and text and usage is not None:  # continuous usage: growth = this chunk's tokens
-        num_tokens = usage.get("completion_tokens", 0) - (record.usage_completion_tokens or 0)
+    if choices and text and usage is not None:
+        # Usage in a text chunk: its growth over the tokens counted so far is this chunk's
+        # share (several tokens per message with continuous usage; also right when usage
+        # first appears on the last text chunk after chunks without it).
+        num_tokens = usage.get("completion_tokens", 0) - sum(record.chunk_num_tokens)
     elif choices and text:
         num_tokens = 1
     # A text-less chunk carrying the final usage (llama-server's last chunk) adds no tokens.

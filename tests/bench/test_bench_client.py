@@ -159,3 +159,17 @@ def test_final_usage_chunk_without_text_adds_no_tokens():
               "completions")
     assert record.chunk_num_tokens == [1, 1, 1] and record.chunk_times == [0.0, 1.0, 2.0]
     assert record.usage_completion_tokens == 3
+
+
+def test_usage_first_seen_on_the_last_text_chunk_counts_only_that_chunk():
+    """A server that sends usage only with its last text chunk: that chunk carries the
+    tokens not yet counted, not all of them."""
+    from fleetlm.bench.client import RequestRecord, _on_chunk
+
+    record, parts = RequestRecord("c", 0, max_tokens=4, num_expected_prompt_tokens=4), []
+    for i, text in enumerate(["a", "b", "c"]):
+        _on_chunk({"choices": [{"text": text}]}, float(i), record, parts, "completions")
+    _on_chunk({"choices": [{"text": "d", "finish_reason": "length"}],
+               "usage": {"prompt_tokens": 4, "completion_tokens": 4}}, 3.0, record, parts,
+              "completions")
+    assert record.chunk_num_tokens == [1, 1, 1, 1] and "".join(parts) == "abcd"
