@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.compare` importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.compare.plan import QUICK, WORKLOADS, PlanConfig, Point, points, system_order
+from bench.compare.plots import write_plot
 from bench.compare.report import render
 from bench.compare.session import SessionRecord, SessionRunner, result_path, save_record
 from bench.compare.summary import build_summary
@@ -31,6 +32,7 @@ from bench.compare.system_fleetlm import FleetlmSystem
 from bench.compare.system_llamacpp import LlamaCppSystem
 from bench.compare.system_vllm import DTYPES, VllmSystem
 from bench.compare.systems import Context, System
+from bench.compare.targets import evaluate_all
 
 SYSTEMS: dict[str, Callable[[Context], System]] = {
     "fleetlm": FleetlmSystem, "vllm": VllmSystem, "llamacpp": LlamaCppSystem}
@@ -240,11 +242,14 @@ def write_outputs(systems: Sequence[System], plan: PlanConfig, ctx: Context, rep
     run_info = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **machine_info(), "model": ctx.model_name, "repeats": repeats,
                 "seed": base_seed, "plan": plan.__dict__}
-    document = {"run": run_info, "systems": infos, "summary": summary}
+    document = {"run": run_info, "systems": infos, "summary": summary,
+                "targets": evaluate_all(summary)}
     (ctx.out_dir / "compare.json").write_text(json.dumps(document, indent=1) + "\n")
     markdown = render(summary, infos, {k: v for k, v in run_info.items() if k != "plan"}
                       | {"points": ", ".join(summary["points"]) or "none"})
     (ctx.out_dir / "compare.md").write_text(markdown)
+    if summary["points"]:
+        write_plot(summary, ctx.out_dir)
     return markdown
 
 

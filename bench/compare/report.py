@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bench.compare.summary import METRICS, METRICS_BY_NAME, median_or_none
+from bench.compare.targets import evaluate_all
 
 _MIB = 1024 * 1024
 RESULT_COLUMNS = ("output_throughput", "request_throughput", "ttft_median_ms", "ttft_p99_ms",
@@ -73,6 +74,17 @@ def ratio_table(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
+def targets_table(summary: Mapping) -> str:
+    lines = _header(["target", "fleetlm", "reference", "ratio", "met"])
+    for row in evaluate_all(summary):
+        reference = ("-" if row["reference"] is None
+                     else f"{row['reference']} {_num(row['reference_value'])}")
+        met = {True: "yes", False: "no", None: "not measured"}[row["met"]]
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        lines.append(_row([row["target"], _num(row["ours"]), reference, ratio, met]))
+    return "\n".join(lines)
+
+
 def _mib(sample: Mapping | None, key: str) -> float | None:
     return None if not sample else sample[key] / _MIB
 
@@ -117,6 +129,8 @@ def render(summary: Mapping, systems: Sequence[Mapping], run_info: Mapping) -> s
         (f"Ratio of fleetlm's median to the best other system's median ({metric_notes}). "
          "ITL of a system whose ITL samples were miscounted (\"ITL count off\") is left out."),
         ratio_table(summary),
+        "## The issue's targets",
+        targets_table(summary),
         "## Systems",
         systems_table(systems),
         "Settings:",

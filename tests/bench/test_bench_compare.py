@@ -352,3 +352,49 @@ def test_llamacpp_command_has_slots_and_bans_eos(tmp_path):
         "--cont-batching", "--no-kv-unified", "-c", str(40 * 2048), "-b", "2048", "-ub", "512")
     assert llama.client_extra_args == ("--ban-eos", "--eos-token-ids", "0,2")
     assert llama.session_key("random") == llama.session_key("shared-prefix")
+
+
+# --- targets and plot ---------------------------------------------------------------------------
+
+def _summary_for_targets(fleetlm_c32: float) -> dict:
+    def systems(ours_tps, vllm_tps, llama_tps, ours_ttft, vllm_ttft, llama_ttft):
+        return {"systems": {
+            "fleetlm": {"output_throughput": ours_tps, "ttft_median_ms": ours_ttft},
+            "vllm": {"output_throughput": vllm_tps, "ttft_median_ms": vllm_ttft},
+            "llamacpp": {"output_throughput": llama_tps, "ttft_median_ms": llama_ttft}}}
+    return {"points": {
+        "random-c1": systems(60.0, 40.0, 50.0, 90.0, 120.0, 100.0),
+        "random-c8": systems(300.0, 210.0, 80.0, 200.0, 150.0, 300.0),
+        "random-c32": systems(fleetlm_c32, 500.0, 80.0, 400.0, 900.0, 500.0),
+        "shared-prefix-c8": systems(100.0, 90.0, 70.0, 100.0, 300.0, 200.0)}}
+
+
+def test_targets_compare_against_the_named_or_best_other_system():
+    from bench.compare.targets import evaluate_all
+
+    rows = {row["target"]: row for row in evaluate_all(_summary_for_targets(999.0))}
+    c32 = rows["random-c32: out tok/s >= 2x vllm"]
+    assert c32["reference"] == "vllm" and c32["ratio"] == pytest.approx(999 / 500) \
+        and c32["met"] is False
+    c1 = rows["random-c1: out tok/s >= 1.2x best other"]
+    assert c1["reference"] == "llamacpp" and c1["ratio"] == pytest.approx(1.2) and c1["met"]
+    assert rows["random-c8: out tok/s >= 1.5x vllm"]["met"] is False  # 300 / 210 < 1.5
+    ttft8 = rows["random-c8: TTFT med ms <= 1x best other"]
+    assert ttft8["reference"] == "vllm" and ttft8["met"] is False
+    assert rows["random-c32: TTFT med ms <= 1x best other"]["met"] is True
+    assert evaluate_all(_summary_for_targets(1000.0))[0]["met"] is True
+    missing = evaluate_all({"points": {}})
+    assert all(row["met"] is None and row["ratio"] is None for row in missing)
+
+
+def test_targets_and_plot_are_written_with_the_table(tmp_path):
+    from bench.compare.plots import PLOT_FILE, write_plot
+
+    text = report.targets_table(_summary_for_targets(990.0))
+    assert "| random-c32: out tok/s >= 2x vllm | 990.0 | vllm 500.0 | 1.98x | no |" in text
+    assert "| random-c1: TTFT med ms <= 1x best other | 90.0 | llamacpp 100.0 | 0.90x | yes |" \
+        in text
+    path = write_plot(_summary_for_targets(999.0), tmp_path)
+    assert path == tmp_path / PLOT_FILE
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000

@@ -1,0 +1,64 @@
+"""The issue's targets for fleetlm, checked against the comparison's medians.
+
+Output tokens/s at least 2x vLLM's at concurrency 32 and 1.5x at 8, at least 1.2x the best
+of vLLM and llama.cpp at 1; median TTFT no higher than the best of the two at every
+concurrency of the `random` workload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bench.compare.summary import METRICS_BY_NAME, OURS
+
+
+@dataclass(frozen=True)
+class Target:
+    point: str  # workload point key, e.g. "random-c32"
+    metric: str  # a summary metric name
+    against: str | None  # a system name, or None for the best other system
+    factor: float  # fleetlm / reference must be >= factor (throughput) or <= factor (latency)
+
+    @property
+    def text(self) -> str:
+        metric = METRICS_BY_NAME[self.metric]
+        sign = ">=" if metric.is_higher_better else "<="
+        whom = self.against or "best other"
+        return f"{self.point}: {metric.label} {sign} {self.factor:g}x {whom}"
+
+
+TARGETS = (
+    Target("random-c32", "output_throughput", "vllm", 2.0),
+    Target("random-c8", "output_throughput", "vllm", 1.5),
+    Target("random-c1", "output_throughput", None, 1.2),
+    Target("random-c1", "ttft_median_ms", None, 1.0),
+    Target("random-c8", "ttft_median_ms", None, 1.0),
+    Target("random-c32", "ttft_median_ms", None, 1.0),
+)
+
+
+def evaluate(target: Target, summary: Mapping) -> dict:
+    """fleetlm's value, the reference system and value, the ratio and whether it is met
+    (`met` None when either side was not measured)."""
+    metric = METRICS_BY_NAME[target.metric]
+    systems = summary.get("points", {}).get(target.point, {}).get("systems", {})
+    ours = (systems.get(OURS) or {}).get(target.metric)
+    others = {name: s[target.metric] for name, s in systems.items()
+              if name != OURS and s.get(target.metric) is not None
+              and (target.against is None or name == target.against)}
+    row = {"target": target.text, "ours": ours, "reference": None, "reference_value": None,
+           "ratio": None, "met": None}
+    if ours is None or not others:
+        return row
+    choose = max if metric.is_higher_better else min
+    reference = choose(others, key=others.get)
+    ratio = ours / others[reference] if others[reference] else None
+    row.update(reference=reference, reference_value=others[reference], ratio=ratio)
+    if ratio is not None:
+        row["met"] = ratio >= target.factor if metric.is_higher_better else ratio <= target.factor
+    return row
+
+
+def evaluate_all(summary: Mapping) -> list[dict]:
+    return [evaluate(target, summary) for target in TARGETS]
