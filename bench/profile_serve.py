@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=25,
+                        help="py-spy samples per second (100 took 10%% of a core here)")
     args = parser.parse_args(own)
     args.out.mkdir(parents=True, exist_ok=True)
     if "--result-dir" not in client:
