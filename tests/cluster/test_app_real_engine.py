@@ -7,6 +7,7 @@ Greedy answers through HTTP must equal the offline engine's for the same prompts
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import openai
 import pytest
 import requests
 from conftest import small_config
+from prometheus_client.parser import text_string_to_metric_families
 
+from fleetlm.bench.cli import main as bench_main
 from fleetlm.cluster.app import build_app, server_name
 from fleetlm.cluster.config import load_config
 from fleetlm.executor.sampling_params import SamplingParams
@@ -104,6 +107,48 @@ def test_32_concurrent_streams_finish(real):
 
     results = asyncio.run(run())
     assert all(reason in ("length", "stop") and text for text, reason in results)
+
+
+def _server_ttft(base_url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of the server's own time-to-first-token histogram."""
+    text = requests.get(f"{base_url}/metrics", timeout=TIMEOUT_S).text
+    [family] = [f for f in text_string_to_metric_families(text)
+                if f.name == "fleetlm:time_to_first_token_seconds"]
+    values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples
+              if s.name.endswith(("_sum", "_count"))}
+    return values["sum"], values["count"]
+
+
+def test_bench_client_measures_the_real_app(real, tmp_path):
+    """`fleetlm bench serve` against the real app: every request delivers exactly its tokens,
+    `usage` agrees with the tokenizer within re-tokenization noise, and the client's TTFT
+    (which includes HTTP) is never below the engine's own."""
+    num_prompts = 4
+    sum_before, count_before = _server_ttft(real)
+    argv = ["serve", "--base-url", real, "--model", MODEL, "--workload", "random",
+            "--num-prompts", str(num_prompts), "--input-len", "32",
+            "--output-len", str(NUM_TOKENS), "--max-concurrency", "2", "--tokenizer", MODEL,
+            "--continuous-usage", "--result-dir", str(tmp_path), "--disable-tqdm"]
+    assert bench_main(argv) == 0
+    sum_after, count_after = _server_ttft(real)
+
+    [point] = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert point["num_completed"] == num_prompts and point["num_failed"] == 0
+    assert point["total_output_tokens"] == num_prompts * NUM_TOKENS
+    assert point["max_in_flight"] == 2
+    rows = point["requests"]
+    for row in rows:
+        assert row["usage_completion_tokens"] == NUM_TOKENS and row["error"] is None
+        assert abs(row["tokenizer_completion_tokens"] - NUM_TOKENS) <= 2
+        assert abs(row["usage_prompt_tokens"] - 32) <= 2
+        assert 0 < len(row["itl_ms"]) <= NUM_TOKENS - 1
+        assert 0 < row["ttft_ms"] <= row["e2el_ms"]
+        assert row["ttft_ms"] + sum(row["itl_ms"]) <= row["e2el_ms"] + 1e-6
+    assert count_after - count_before == num_prompts
+    client_ttft_s = sum(row["ttft_ms"] for row in rows) / 1000.0
+    assert 0 < sum_after - sum_before <= client_ttft_s
+    assert point["output_throughput"] == pytest.approx(
+        point["total_output_tokens"] / point["duration_s"])
 
 
 def test_echo_gives_prompt_logprobs(real):
