@@ -72,7 +72,8 @@ class LlamaCppSystem(System):
     @property
     def client_extra_args(self) -> tuple[str, ...]:  # type: ignore[override]
         ids = ",".join(map(str, self.ctx.eos_token_ids))
-        return ("--ban-eos", "--eos-token-ids", ids) if ids else ()
+        ban = ("--ban-eos", "--eos-token-ids", ids) if ids else ()
+        return (*ban, "--no-keepalive")  # llama-server drops reused keep-alive connections
 
     def _cmake_flags(self) -> tuple[str, ...]:
         return cmake_flags(cpu_flags(Path("/proc/cpuinfo").read_text()))

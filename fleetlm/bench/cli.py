@@ -100,6 +100,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="JSON object merged into every request body")
     parser.add_argument("--continuous-usage", action="store_true",
                         help="ask for usage in every chunk (exact tokens per chunk)")
+    parser.add_argument("--no-keepalive", action="store_true",
+                        help="a new connection per request (servers that drop reused ones)")
 
 
 def _add_workload_options(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +181,7 @@ def _endpoint_config(args: argparse.Namespace, tokenizer: BenchTokenizer | None)
         api_key=args.api_key, temperature=args.temperature,
         banned_token_ids=_banned_ids(args, tokenizer),
         is_continuous_usage=args.continuous_usage, extra_body=args.extra_body,
-        request_timeout_s=args.request_timeout,
+        request_timeout_s=args.request_timeout, is_new_connection_per_request=args.no_keepalive,
     )
     if not args.model:
         config = dataclasses.replace(config, model=asyncio.run(fetch_model_name(config)))

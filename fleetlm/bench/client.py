@@ -45,6 +45,9 @@ class EndpointConfig:
     is_continuous_usage: bool = False  # ask for usage in every chunk (vLLM extension)
     extra_body: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
+    # Close each connection after its request: for servers that drop reused keep-alive
+    # connections (llama-server under concurrent streams).
+    is_new_connection_per_request: bool = False
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINT_PATHS:
@@ -110,7 +113,7 @@ def make_session(config: EndpointConfig) -> aiohttp.ClientSession:
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=config.is_new_connection_per_request)
     return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
 
 

@@ -47,6 +47,7 @@ class ServedRequest:
     receive_time: float
     chunk_times: list[float] = field(default_factory=list)  # token chunks only
     end_time: float = 0.0
+    peer: tuple | None = None  # client address: the same for requests on one connection
 
 
 def _last_text(body: dict) -> str:
@@ -104,7 +105,8 @@ class FakeOpenAIServer:
         return web.json_response({"object": "list", "data": [{"id": FAKE_MODEL}]})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        served = ServedRequest(request.path, {}, time.perf_counter())
+        served = ServedRequest(request.path, {}, time.perf_counter(),
+                               peer=request.transport.get_extra_info("peername"))
         served.body = await request.json()
         self.served.append(served)
         self.num_in_flight += 1

@@ -173,3 +173,15 @@ def test_usage_first_seen_on_the_last_text_chunk_counts_only_that_chunk():
                "usage": {"prompt_tokens": 4, "completion_tokens": 4}}, 3.0, record, parts,
               "completions")
     assert record.chunk_num_tokens == [1, 1, 1, 1] and "".join(parts) == "abcd"
+
+
+@pytest.mark.parametrize("is_new_connection", [False, True])
+def test_connections_are_reused_unless_asked_not_to(fake_server, is_new_connection):
+    """Sequential requests share one keep-alive connection by default, and each gets its own
+    with `--no-keepalive` (llama-server drops reused ones)."""
+    fake_server.configure(FAST)
+    run_against(fake_server, _workload(), LoadPoint(max_concurrency=1),
+                is_new_connection_per_request=is_new_connection)
+    peers = [s.peer for s in fake_server.served]
+    assert len(peers) == NUM_PROMPTS and None not in peers
+    assert len(set(peers)) == (NUM_PROMPTS if is_new_connection else 1)

@@ -350,7 +350,7 @@ def test_llamacpp_command_has_slots_and_bans_eos(tmp_path):
         "-m", str(tmp_path / "m.gguf"), "--host", "127.0.0.1", "--port", "8124",
         "--alias", "smollm2-135m-instruct", "-t", "2", "-tb", "2", "-np", "40",
         "--cont-batching", "--no-kv-unified", "-c", str(40 * 2048), "-b", "2048", "-ub", "512")
-    assert llama.client_extra_args == ("--ban-eos", "--eos-token-ids", "0,2")
+    assert llama.client_extra_args == ("--ban-eos", "--eos-token-ids", "0,2", "--no-keepalive")
     assert llama.session_key("random") == llama.session_key("shared-prefix")
 
 
