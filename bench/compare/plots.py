@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from bench.compare.summary import point_label
+
 PLOT_FILE = "compare.png"
 _PANELS = (("output_throughput", "output tokens/s", False),
            ("ttft_median_ms", "median TTFT (ms)", True),
@@ -18,7 +20,7 @@ _PANELS = (("output_throughput", "output tokens/s", False),
 def _random_points(summary: Mapping) -> list[tuple[int, Mapping]]:
     points = []
     for key, data in summary.get("points", {}).items():
-        workload, _, concurrency = key.rpartition("-c")
+        workload, concurrency = point_label(key)
         if workload == "random" and concurrency.isdigit():
             points.append((int(concurrency), data["systems"]))
     return sorted(points, key=lambda p: p[0])
@@ -31,9 +33,8 @@ def write_plot(summary: Mapping, out_dir: Path) -> Path:
     fig = Figure(figsize=(16.0, 4.2), dpi=110)
     axes = fig.subplots(1, 4)
     random_points = _random_points(summary)
-    systems = sorted({name for _, s in random_points for name in s}
-                     | {name for key, data in summary.get("points", {}).items()
-                        for name in data["systems"]})
+    systems = sorted({name for data in summary.get("points", {}).values()
+                      for name in data["systems"]})
     colors = {name: f"C{i}" for i, name in enumerate(systems)}
     concurrencies = [c for c, _ in random_points]
     for ax, (metric, label, log_scale) in zip(axes, _PANELS):

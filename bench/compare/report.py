@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from bench.compare.summary import METRICS, METRICS_BY_NAME, median_or_none
+from bench.compare.summary import METRICS, METRICS_BY_NAME, median_or_none, point_label
 from bench.compare.targets import evaluate_all
 
 _MIB = 1024 * 1024
@@ -25,12 +25,6 @@ def _row(cells: Sequence[str]) -> str:
 
 def _header(cells: Sequence[str]) -> list[str]:
     return [_row(cells), "|" + "---|" * len(cells)]
-
-
-def _point_label(point: str) -> tuple[str, str]:
-    """`random-c8` -> ("random", "8")."""
-    workload, _, concurrency = point.rpartition("-c")
-    return workload, concurrency
 
 
 def _checks_cell(checks: Mapping[str, int]) -> str:
@@ -53,7 +47,7 @@ def results_table(summary: Mapping) -> str:
     labels = [METRICS_BY_NAME[name].label for name in RESULT_COLUMNS]
     lines = _header(["workload", "C", "system", *labels, "runs", "output tokens"])
     for point, data in summary["points"].items():
-        workload, concurrency = _point_label(point)
+        workload, concurrency = point_label(point)
         for system, medians in data["systems"].items():
             digits = [2 if name == "request_throughput" else 1 for name in RESULT_COLUMNS]
             values = [_num(medians[name], d) for name, d in zip(RESULT_COLUMNS, digits)]
@@ -70,7 +64,7 @@ def ratio_table(summary: Mapping) -> str:
             ratio = data["ratios"].get(name)
             cells.append("-" if ratio is None or ratio["ratio"] is None
                          else f"{ratio['ratio']:.2f}x ({ratio['best_other']})")
-        lines.append(_row([*_point_label(point), *cells]))
+        lines.append(_row([*point_label(point), *cells]))
     return "\n".join(lines)
 
 

@@ -108,11 +108,24 @@ def ratios_to_best_other(by_system: Mapping[str, Mapping], ours: str = OURS) -> 
         if mine is None or not others:
             result[metric.name] = None
             continue
-        choose = max if metric.is_higher_better else min
-        best = choose(others, key=others.get)
-        ratio = mine / others[best] if others[best] else None
+        best, ratio = ratio_to_best(mine, others, metric)
         result[metric.name] = {"ratio": ratio, "best_other": best, "best_value": others[best]}
     return result
+
+
+def ratio_to_best(mine: float, others: Mapping[str, float], metric: Metric
+                  ) -> tuple[str, float | None]:
+    """The best of `others` for `metric` (highest throughput, lowest latency) and
+    mine / its value (None when that value is 0)."""
+    choose = max if metric.is_higher_better else min
+    best = choose(others, key=others.get)
+    return best, (mine / others[best] if others[best] else None)
+
+
+def point_label(point: str) -> tuple[str, str]:
+    """`random-c8` -> ("random", "8")."""
+    workload, _, concurrency = point.rpartition("-c")
+    return workload, concurrency
 
 
 def build_summary(runs: Iterable[tuple[str, str, int, Mapping]]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bench.compare.summary import METRICS_BY_NAME, OURS
+from bench.compare.summary import METRICS_BY_NAME, OURS, ratio_to_best
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,7 @@ def evaluate(target: Target, summary: Mapping) -> dict:
            "ratio": None, "met": None}
     if ours is None or not others:
         return row
-    choose = max if metric.is_higher_better else min
-    reference = choose(others, key=others.get)
-    ratio = ours / others[reference] if others[reference] else None
+    reference, ratio = ratio_to_best(ours, others, metric)
     row.update(reference=reference, reference_value=others[reference], ratio=ratio)
     if ratio is not None:
         row["met"] = ratio >= target.factor if metric.is_higher_better else ratio <= target.factor
