@@ -1,10 +1,11 @@
-"""One device's model: loads the weights, owns the KV cache, runs a SchedulerOutput."""
+"""One rank's model: loads its share of the weights, owns its KV cache, runs a SchedulerOutput."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,8 +16,9 @@ from fleetlm.executor.models import get_model_class
 from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
 from fleetlm.executor.sampler import Sampler, compute_prompt_logprobs
 from fleetlm.executor.sampling_metadata import SamplingMetadata
-from fleetlm.executor.weights import iterate_weights, load_hf_config, resolve_model
-from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
+from fleetlm.executor.weights import ReadCounter, iterate_weights, load_hf_config, resolve_model
+from fleetlm.parallel.pipeline import StageHandoff
+from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
 
 logger = logging.getLogger("fleetlm.model_runner")
 
@@ -60,17 +62,27 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
+    """One rank's model. Set-up is two-phase so a worker group can agree on the cache size:
+    construct (loads this rank's weights), `num_available_blocks()` on every rank, then
+    `allocate_kv_cache(min over ranks)`."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 tp: ParallelGroup = SINGLE_PROCESS) -> None:
+                 groups: ProcessGroups = SINGLE_PROCESS_GROUPS,
+                 layer_partition: Sequence[int] | None = None) -> None:
         self.model_config = model_config
+        self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
-        self.tp = tp
+        self.groups = groups
+        self.layer_partition = layer_partition
         self.requests: dict[str, CachedRequestState] = {}
-        self.sampler = Sampler()
+        # Unseeded requests draw from this generator: seeded alike on every rank, so every
+        # rank of a worker group samples the same tokens.
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(model_config.seed))
+        self.handoff = StageHandoff(groups.pp)
+        self.weights_read = ReadCounter()
         self._load_model()
-        self._allocate_kv_cache(cache_config)
 
     # ---- setup -------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -83,7 +95,7 @@ class ModelRunner:
                                  self.hf_config.max_position_embeddings)
         model_class = get_model_class(self.hf_config)
         with _default_dtype(self.dtype), self.device:
-            self.model = model_class(self.hf_config, tp=self.tp).eval()
+            self.model = model_class(self.hf_config, self.groups, self.layer_partition).eval()
         if cfg.random_weights:
             _init_random(self.model, cfg.seed)
         else:
@@ -92,27 +104,42 @@ class ModelRunner:
                     time.perf_counter() - started, self.dtype, self.device)
 
     def _load_weights(self) -> None:
-        loaded = self.model.load_weights(iterate_weights(self.model_dir))
+        weights = iterate_weights(self.model_dir, counter=self.weights_read,
+                                  progress=self.groups.world.is_first_rank)
+        loaded = self.model.load_weights(weights)
         missing = {n for n, _ in self.model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"checkpoint in {self.model_dir} lacks {sorted(missing)[:5]}")
 
-    def _allocate_kv_cache(self, cache_config: CacheConfig) -> None:
-        layer = self.model.layers[0].self_attn
-        shape = (self.block_size, layer.num_kv_heads, layer.head_dim)
+    @property
+    def _kv_block_shape(self) -> tuple[int, int, int]:
+        attention = next(iter(self.model.layers.values())).self_attn
+        return self.block_size, attention.num_kv_heads, attention.head_dim
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """K and V of one block over this rank's layers and KV heads."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        bytes_per_block = 2 * len(self.model.layers) * element * int(torch.Size(shape).numel())
-        self.num_blocks = cache_config.num_blocks or (
-            cache_config.kv_cache_memory_bytes // bytes_per_block)
-        if self.num_blocks < 1:
+        return 2 * len(self.model.layers) * element * int(torch.Size(self._kv_block_shape).numel())
+
+    def num_available_blocks(self) -> int:
+        """Blocks this rank could hold: `num_blocks` if configured, else what
+        `kv_cache_memory_bytes` (per rank) buys with this rank's share of the model."""
+        return self.cache_config.num_blocks or (
+            self.cache_config.kv_cache_memory_bytes // self.kv_bytes_per_block)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        if num_blocks < 1:
             raise ValueError("kv_cache_memory_bytes is too small for one KV block")
+        self.num_blocks = num_blocks
+        shape = (num_blocks, *self._kv_block_shape)
         self.kv_caches = [
-            (torch.zeros((self.num_blocks, *shape), dtype=self.dtype, device=self.device),
-             torch.zeros((self.num_blocks, *shape), dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in self.model.layers
         ]
-        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks,
-                    self.block_size, self.num_blocks * bytes_per_block / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size,
+                    num_blocks * self.kv_bytes_per_block / 2**20)
 
     @property
     def vocab_size(self) -> int:
@@ -120,14 +147,23 @@ class ModelRunner:
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run this rank's part of one step. The last stage returns the sampled tokens;
+        earlier stages hand their hidden states on and return None."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = prepare_batch(self.requests, scheduler_output.num_scheduled_tokens,
                               self.block_size, self.device)
+        intermediate = None
+        if not self.model.is_first_stage:
+            intermediate = self.handoff.recv(len(batch.positions), self.hf_config.hidden_size,
+                                             self.dtype, self.device)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
-                            batch.attn_metadata)
+                            batch.attn_metadata, intermediate)
+        if not self.model.is_last_stage:
+            self.handoff.send(*hidden)
+            return None
         sampled = self._sample(batch, hidden)
         return self._make_output(batch, sampled, hidden)
 
@@ -139,11 +175,14 @@ class ModelRunner:
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                 new.eos_token_id, list(new.block_ids), new.num_computed_tokens)
         cached = out.scheduled_cached_reqs
-        for req_id, block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
-                                                   cached.num_computed_tokens):
+        for req_id, block_ids, num_computed, token_ids in zip(
+                cached.req_ids, cached.new_block_ids, cached.num_computed_tokens,
+                cached.new_token_ids):
             state = self.requests[req_id]
             state.block_ids.extend(block_ids)
             state.num_computed_tokens = num_computed
+            first = max(num_computed, state.num_prompt_tokens)
+            state.token_ids[first:first + len(token_ids)] = token_ids
 
     def _sample(self, batch: PreparedBatch, hidden: torch.Tensor):
         if not batch.sampling_req_ids:
@@ -166,8 +205,7 @@ class ModelRunner:
         if sampled is not None:
             token_ids = sampled.sampled_token_ids.tolist()
             for i, req_id in enumerate(batch.sampling_req_ids):
-                self.requests[req_id].token_ids.append(token_ids[i])
-                sampled_ids[req_id] = [token_ids[i]]
+                sampled_ids[req_id] = [token_ids[i]]  # comes back in the next step's diffs
                 if sampled.logprobs is not None and sampled.logprobs[i] is not None:
                     logprobs[req_id] = [sampled.logprobs[i]]
         return ModelRunnerOutput(

@@ -1,9 +1,11 @@
 """The data that crosses boundaries: scheduler -> executor -> scheduler -> caller.
 
-Plain dataclasses with no torch, so they can be pickled to worker actors and tested on their
-own. New requests are sent to the workers in full once (`NewRequestData`); requests the workers
-already know are sent as per-step diffs (`CachedRequestData`). A request resumed after
-preemption is sent in full again, since its blocks were all replaced.
+Plain dataclasses with no torch, so they can cross to worker processes (as msgpack, see
+`wire.py`) and be tested on their own. New requests are sent to the workers in full once
+(`NewRequestData`); requests the workers already know are sent as per-step diffs
+(`CachedRequestData`), which carry the tokens sampled since (every pipeline stage needs them,
+not only the one that sampled). A request resumed after preemption is sent in full again,
+since its blocks were all replaced.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class CachedRequestData:
     req_ids: list[str] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # appended to the table
     num_computed_tokens: list[int] = field(default_factory=list)
+    # Output tokens at positions [max(num_computed_tokens, num_prompt_tokens), ...) of this
+    # step's tokens: sampled since the workers last heard of the request.
+    new_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # workers drop their state for these (finished or preempted)
+    step_id: int = 0  # counts schedule() calls: matches outputs to steps when several are in flight
 
     @property
     def is_empty(self) -> bool:
@@ -61,6 +67,16 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # Prompt logprobs of the positions computed this step (None for the first prompt token).
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
+    kv_connector_output: KVConnectorOutput | None = None
+
+
+@dataclass
+class KVConnectorOutput:
+    """One rank's KV-transfer news for one step; the executor merges every rank's, since a
+    transfer is done only when all ranks have done their part."""
+
+    finished_sending: set[str] = field(default_factory=set)
+    finished_recving: set[str] = field(default_factory=set)
 
 
 @dataclass

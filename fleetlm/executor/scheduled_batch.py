@@ -40,6 +40,9 @@ class ScheduledBatch:
         self.cached_reqs.req_ids.append(request.request_id)
         self.cached_reqs.new_block_ids.append(new_block_ids)
         self.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
+        first = max(request.num_computed_tokens, request.num_prompt_tokens)
+        end = request.num_computed_tokens + num_tokens
+        self.cached_reqs.new_token_ids.append(request.all_token_ids[first:end])
         self._spend(request, num_tokens)
 
     def _spend(self, request: Request, num_tokens: int) -> None:
@@ -48,11 +51,12 @@ class ScheduledBatch:
         self.token_budget -= num_tokens
         request.num_computed_tokens += num_tokens
 
-    def to_output(self, finished_req_ids: set[str]) -> SchedulerOutput:
+    def to_output(self, finished_req_ids: set[str], step_id: int) -> SchedulerOutput:
         return SchedulerOutput(
             scheduled_new_reqs=self.new_reqs,
             scheduled_cached_reqs=self.cached_reqs,
             num_scheduled_tokens=self.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(self.num_scheduled_tokens.values()),
             finished_req_ids=finished_req_ids,
+            step_id=step_id,
         )

@@ -77,6 +77,11 @@ class Scheduler:
         self.sending: dict[str, Request] = {}
         self.finished_req_ids: set[str] = set()  # since the last schedule(), for the workers
         self.num_preemptions = 0
+        self.num_steps = 0
+        # Steps scheduled but not yet updated (several under pipeline parallelism): each
+        # request's preemption count when scheduled, so that a step's sample for a request
+        # preempted (and perhaps readmitted) since then is recognised as stale.
+        self._in_flight: dict[int, dict[str, int]] = {}
 
     # ---- requests in and out ----
 
@@ -138,8 +143,11 @@ class Scheduler:
         if self.num_preemptions == num_preemptions_before:
             self._schedule_loaded(batch)
             self._schedule_waiting(batch)
-        output = batch.to_output(self.finished_req_ids)
+        self.num_steps += 1
+        output = batch.to_output(self.finished_req_ids, self.num_steps)
         self.finished_req_ids = set()
+        self._in_flight[output.step_id] = {
+            r: self.requests[r].num_preemptions for r in output.num_scheduled_tokens}
         return output
 
     def _schedule_running(self, batch: ScheduledBatch) -> None:
@@ -258,11 +266,14 @@ class Scheduler:
         sampled = dict(
             zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids, strict=True)
         )
+        preemptions = self._in_flight.pop(scheduler_output.step_id, {})
         outputs = []
         for request_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
+            if preemptions.get(request_id, request.num_preemptions) != request.num_preemptions:
+                continue  # preempted while this step ran, and running again since
             output = self._update_request(request, sampled.get(request_id, []), model_runner_output)
             if output is not None:
                 outputs.append(output)

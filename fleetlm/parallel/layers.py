@@ -1,5 +1,10 @@
-"""Tensor-parallel layers. Each parameter carries a `weight_loader` that takes the full
-checkpoint tensor and copies in this rank's shard, so the checkpoint loader stays generic."""
+"""Tensor-parallel layers. Each parameter carries a `weight_loader` that takes a checkpoint
+tensor and copies in this rank's shard, so the checkpoint loader stays generic.
+
+A checkpoint tensor is a `torch.Tensor` or a lazy one (`fleetlm.executor.weights.LazyTensor`):
+anything with `.shape` and `.narrow(dim, start, length)`. Loaders only ever narrow it to their
+own rows or columns first, so a rank reads only its shard from a lazy file.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,20 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _copy_checked(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
+def whole(loaded) -> torch.Tensor:
+    """All of a checkpoint tensor (for parameters every rank holds in full)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.narrow(0, 0, loaded.shape[0])
+
+
+def _copy_checked(param: nn.Parameter, loaded) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(whole(loaded))
+
+
+def load_replicated(param: nn.Parameter, loaded, shard_id=None) -> None:
+    """The loader of parameters held whole on every rank (norms, biases of row layers)."""
+    _copy_checked(param, loaded)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -37,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         n = param.shape[0]
         _copy_checked(param, loaded.narrow(0, self.tp.rank * n, n))
 
@@ -56,7 +71,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _shard_range(self, shard_id) -> tuple[int, int]:
         return sum(self.shard_sizes[:shard_id]), self.shard_sizes[shard_id]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
         _copy_checked(param.data.narrow(0, offset, size),
                       loaded.narrow(0, self.tp.rank * size, size))
@@ -69,8 +84,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, tp: ParallelGroup = SINGLE_PROCESS) -> None:
         self.num_heads = _divide(num_heads, tp.world_size, "attention heads")
-        self.num_kv_heads = max(1, num_kv_heads // tp.world_size)
-        self.kv_replicas = max(1, tp.world_size // num_kv_heads)
+        if num_kv_heads >= tp.world_size:
+            self.num_kv_heads = _divide(num_kv_heads, tp.world_size, "KV heads")
+            self.kv_replicas = 1
+        else:  # fewer KV heads than ranks: each KV head lives on tp / num_kv_heads ranks
+            self.num_kv_heads = 1
+            self.kv_replicas = _divide(tp.world_size, num_kv_heads, "ranks over KV heads")
         sizes = [self.num_heads * head_dim, self.num_kv_heads * head_dim,
                  self.num_kv_heads * head_dim]
         super().__init__(hidden_size, [s * tp.world_size for s in sizes], bias, tp)
@@ -79,7 +98,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     def _shard_range(self, shard_id) -> tuple[int, int]:
         return super()._shard_range("qkv".index(shard_id))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
         _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
@@ -98,9 +117,9 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = lambda p, w, shard_id=None: _copy_checked(p, w)
+            self.bias.weight_loader = load_replicated
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         n = param.shape[1]
         _copy_checked(param, loaded.narrow(1, self.tp.rank * n, n))
 
@@ -121,10 +140,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        shard = loaded[self.vocab_start:self.vocab_start + self.rows_per_rank]
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        num_rows = max(0, min(self.rows_per_rank, loaded.shape[0] - self.vocab_start))
         param.data.zero_()
-        param.data[: shard.shape[0]].copy_(shard)
+        if num_rows:
+            param.data[:num_rows].copy_(loaded.narrow(0, self.vocab_start, num_rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

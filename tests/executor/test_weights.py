@@ -17,6 +17,7 @@ from fleetlm.executor.weights import (
     BUILTIN_MODELS,
     CACHE_DIR_ENV,
     BuiltinModel,
+    ReadCounter,
     builtin_gguf_path,
     default_cache_dir,
     iterate_weights,
@@ -25,6 +26,7 @@ from fleetlm.executor.weights import (
     resolve_model,
 )
 from fleetlm.executor.weights import builtin as builtin_module
+from fleetlm.parallel.layers import whole
 from fleetlm.executor.weights import resolve as resolve_module
 
 NUM_LAYERS, HIDDEN, FFN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 2, 64, 128, 4, 2, 16
@@ -121,7 +123,7 @@ def tiny(tmp_path_factory):
 
 def test_tiny_gguf_round_trips_with_qk_permutation_undone(tiny):
     _, hf, model_dir = tiny
-    converted = dict(iterate_weights(model_dir, progress=False))
+    converted = {name: whole(t) for name, t in iterate_weights(model_dir, progress=False)}
     assert sorted(converted) == sorted(hf)
     for name, tensor in converted.items():
         assert tensor.dtype == torch.bfloat16, name
@@ -165,12 +167,16 @@ def test_iterate_weights_reads_every_file_and_shows_progress(tmp_path, capsys):
     save_file({"a.weight": torch.ones(2, 3)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"b.weight": torch.zeros(4), "c.bias": torch.arange(3.0)},
               tmp_path / "model-00002-of-00002.safetensors")
-    weights = iterate_weights(tmp_path)
+    counter = ReadCounter()
+    weights = iterate_weights(tmp_path, counter=counter)
     first_name, first = next(weights)  # lazily, one tensor at a time
     rest = dict(weights)
     assert (first_name, first.shape) == ("a.weight", (2, 3))
     assert sorted(rest) == ["b.weight", "c.bias"]
-    assert torch.equal(rest["c.bias"], torch.arange(3.0))
+    assert counter.num_bytes == 0  # nothing is read until a loader asks
+    assert torch.equal(whole(rest["c.bias"]), torch.arange(3.0))
+    assert torch.equal(first.narrow(1, 1, 2), torch.ones(2, 2))
+    assert counter.num_bytes == (3 + 4) * 4  # the bias and two columns of a.weight
     err = capsys.readouterr().err
     assert "Loading weights" in err and "3/3" in err
 

@@ -5,20 +5,23 @@ One implementation; the differences are three switches read from the Hugging Fac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from fleetlm.executor.attention import AttentionMetadata, PagedAttention
 from fleetlm.executor.models.ops import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
-from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
+from fleetlm.parallel.group import ParallelGroup
 from fleetlm.parallel.layers import (
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    load_replicated,
 )
+from fleetlm.parallel.pipeline import stage_layer_range
+from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,48 +91,67 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-def _copy_whole(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
-    param.data.copy_(tensor)
-
-
 class LlamaForCausalLM(nn.Module):
     """forward() returns final hidden states for every token; compute_logits() projects the
-    rows the sampler needs, so prefill tokens never pay for the vocabulary projection."""
+    rows the sampler needs, so prefill tokens never pay for the vocabulary projection.
 
-    def __init__(self, hf_config, tp: ParallelGroup = SINGLE_PROCESS,
-                 max_position: int | None = None) -> None:
+    Under pipeline parallelism a stage holds only its layers (`layers` is keyed by the global
+    layer index, so parameter names stay the checkpoint's): the first stage embeds, the last
+    normalises and projects logits, and the others take and return (hidden, residual).
+    """
+
+    def __init__(self, hf_config, groups: ProcessGroups = SINGLE_PROCESS_GROUPS,
+                 layer_partition: Sequence[int] | None = None) -> None:
         super().__init__()
         self.hf_config = hf_config
-        max_position = max_position or hf_config.max_position_embeddings
-        self.rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config), max_position)
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, tp) for _ in range(hf_config.num_hidden_layers))
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
+        tp, pp = groups.tp, groups.pp
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.layer_range = stage_layer_range(hf_config.num_hidden_layers, pp, layer_partition)
+        self.rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config),
+                                      hf_config.max_position_embeddings)
+        if self.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(
+                hf_config.vocab_size, hf_config.hidden_size, tp)
+        self.layers = nn.ModuleDict(
+            {str(i): LlamaDecoderLayer(hf_config, tp) for i in self.layer_range})
         self.is_tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.is_tied:
-            self.lm_head.weight = self.embed_tokens.weight
+        if self.is_last_stage:
+            self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
+            if self.is_tied and self.is_first_stage:
+                self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        hidden, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The first stage starts from `input_ids`, the others from `intermediate`, the
+        previous stage's (hidden, residual). The last stage returns the normalised hidden
+        states, the others their (hidden, residual)."""
+        if self.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
         cos_sin = self.rotary.cos_sin(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers.values(), kv_caches):
             hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        if not self.is_last_stage:
+            return hidden, residual
         hidden, _ = self.norm.add_and_norm(hidden, residual)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into our parameters; returns the names
-        of the parameters that were loaded, so callers can check nothing is missing."""
+        of the parameters that were loaded, so callers can check nothing is missing.
+
+        Tensors of other pipeline stages are skipped unread; each parameter's loader reads
+        only this rank's shard."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name or (self.is_tied and name == "lm_head.weight"):
+            name = self._parameter_name(name.removeprefix("model."))
+            if name is None:
                 continue
             shard_id = None
             for fragment, (fused, shard) in _STACKED_PARAMS.items():
@@ -139,9 +161,21 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
             param = params[name]
-            loader = getattr(param, "weight_loader", _copy_whole)
-            loader(param, tensor, shard_id)
+            getattr(param, "weight_loader", load_replicated)(param, tensor, shard_id)
             loaded.add(name)
-        if self.is_tied:
+        if self.is_tied and self.is_first_stage and self.is_last_stage:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _parameter_name(self, name: str) -> str | None:
+        """Where checkpoint tensor `name` goes on this stage; None if this stage lacks it."""
+        if "rotary_emb.inv_freq" in name or (self.is_tied and name == "lm_head.weight"):
+            return None
+        if name.startswith("layers."):
+            return name if int(name.split(".", 2)[1]) in self.layer_range else None
+        if name.startswith("embed_tokens."):
+            if self.is_first_stage:
+                return name
+            # A tied LM head on a later stage loads the embedding itself.
+            return "lm_head.weight" if self.is_tied and self.is_last_stage else None
+        return name if self.is_last_stage else None

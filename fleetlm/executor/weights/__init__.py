@@ -4,13 +4,21 @@ folder (converting GGUF once, cached), then stream its tensors into a model."""
 from fleetlm.executor.weights.builtin import BUILTIN_MODELS, BuiltinModel, builtin_gguf_path
 from fleetlm.executor.weights.cache import CACHE_DIR_ENV, default_cache_dir
 from fleetlm.executor.weights.convert import CONVERTER_VERSION, convert_gguf
-from fleetlm.executor.weights.loader import iterate_weights, load_hf_config, load_tokenizer
+from fleetlm.executor.weights.loader import (
+    LazyTensor,
+    ReadCounter,
+    iterate_weights,
+    load_hf_config,
+    load_tokenizer,
+)
 from fleetlm.executor.weights.resolve import resolve_model
 
 __all__ = [
     "BUILTIN_MODELS",
     "CACHE_DIR_ENV",
     "CONVERTER_VERSION",
+    "LazyTensor",
+    "ReadCounter",
     "BuiltinModel",
     "builtin_gguf_path",
     "convert_gguf",

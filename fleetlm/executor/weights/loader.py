@@ -14,16 +14,41 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 logger = logging.getLogger("fleetlm.weights")
 
 
-def iterate_weights(model_dir: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF tensor name, CPU tensor in its stored dtype) for every tensor of every
-    *.safetensors file in `model_dir`, one tensor at a time, with a progress bar.
+class LazyTensor:
+    """A checkpoint tensor not read yet: `narrow` reads only the rows or columns asked for,
+    so a tensor-parallel rank reads its own shard and never the whole tensor."""
 
-    Intended for a model's `load_weights()`; the tensors are not kept after they are yielded.
+    def __init__(self, file_slice, counter: ReadCounter) -> None:
+        self._slice = file_slice
+        self._counter = counter
+        self.shape = torch.Size(file_slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        tensor = self._slice[index]
+        self._counter.num_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+class ReadCounter:
+    """Bytes read from checkpoint files (shown by tests: a TP rank reads only its shards)."""
+
+    def __init__(self) -> None:
+        self.num_bytes = 0
+
+
+def iterate_weights(model_dir: Path, progress: bool = True,
+                    counter: ReadCounter | None = None) -> Iterator[tuple[str, LazyTensor]]:
+    """Yield (HF tensor name, `LazyTensor`) for every tensor of every *.safetensors file in
+    `model_dir`, with a progress bar. Nothing is read until a loader narrows the tensor.
+
+    Intended for a model's `load_weights()`; `counter` adds up the bytes actually read.
     Raises FileNotFoundError when the folder has no *.safetensors file.
     """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    counter = counter or ReadCounter()
     num_tensors = sum(_num_tensors(f) for f in files)
     logger.info("Loading %d tensors from %d file(s) in %s", num_tensors, len(files), model_dir)
     with tqdm(total=num_tensors, desc="Loading weights", unit="tensors",
@@ -32,7 +57,7 @@ def iterate_weights(model_dir: Path, progress: bool = True) -> Iterator[tuple[st
             with safe_open(file, framework="pt", device="cpu") as f:
                 names = f.keys()  # safe_open is not a dict: it cannot be iterated directly
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name), counter)
                     bar.update()
 
 
