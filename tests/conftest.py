@@ -1,8 +1,9 @@
-"""Session-wide test setup: marker handling shared by every test folder."""
+"""Session-wide test setup: marker handling and the one Ray cluster of a test session."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -30,3 +31,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multi_gpu" in item.keywords and num_gpus < 2:
             item.add_marker(skip_multi)
+
+
+NUM_CPUS = 2
+OBJECT_STORE_BYTES = 128 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster on 127.0.0.1 for the whole session (started on first use)."""
+    import ray
+
+    ray.init(
+        num_cpus=NUM_CPUS,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -61,7 +61,9 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
+        self._failure: BaseException | None = None  # of the workers, reported between steps
         self._is_stopped = False
+        self.engine.executor.add_failure_listener(self._on_executor_failure)
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run_loop, name="fleetlm-engine", daemon=True)
         self._thread.start()
@@ -111,12 +113,19 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and self._thread.is_alive()
+        return self._error is None and self._failure is None and self._thread.is_alive()
 
     async def shutdown(self) -> None:
         self._is_stopped = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self.engine.shutdown)
+
+    def _on_executor_failure(self, error: BaseException) -> None:
+        """Called from the executor's threads when a worker dies: unhealthy at once, and the
+        engine loop wakes to fail every stream."""
+        self._failure = error
+        self._wakeup.set()
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -127,6 +136,8 @@ class AsyncEngine:
         try:
             while not self._is_stopped:
                 self._drain_commands()
+                if self._failure is not None:
+                    raise self._failure
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait()
                     self._wakeup.clear()

@@ -40,12 +40,90 @@ class SchedulerConfig:
     max_num_waiting: int | None = None  # None: unbounded queue
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CONTROL_PLANES = ("shm", "socket", "ray")
+EXECUTOR_BACKENDS = ("auto", "local", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel sizes; world size 1 until the parallelism issues land."""
+    """How one engine replica's model is split over a worker group, and how it is driven.
+
+    World size 1 runs in-process (`LocalExecutor`) unless `executor_backend` is "ray"; larger
+    worlds run one Ray actor per rank (`RayExecutor`).
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, else gloo) | gloo | nccl
+    placement_strategy: str = "PACK"  # of the workers' placement-group bundles
+    pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage; None: even
+    max_batches_in_flight: int | None = None  # None: pipeline_parallel_size
+    control_plane: str = "shm"  # how each step reaches the workers: shm | socket | ray
+    worker_num_cpus: float = 1.0  # Ray CPUs of each worker (its torch threads: at least 1)
+    worker_num_gpus: float | None = None  # None: 1 on CUDA, 0 on CPU
+    executor_backend: str = "auto"
+    step_timeout_s: float = 600.0  # a step with no answer by then fails the worker group
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be at least 1"),
+            ("pipeline_parallel_size", self.pipeline_parallel_size >= 1, "must be at least 1"),
+            ("backend", self.backend in ("auto", "gloo", "nccl"), "must be auto, gloo or nccl"),
+            ("placement_strategy", self.placement_strategy in PLACEMENT_STRATEGIES,
+             f"must be one of {', '.join(PLACEMENT_STRATEGIES)}"),
+            ("max_batches_in_flight",
+             self.max_batches_in_flight is None or self.max_batches_in_flight >= 1,
+             "must be at least 1"),
+            ("control_plane", self.control_plane in CONTROL_PLANES,
+             f"must be one of {', '.join(CONTROL_PLANES)}"),
+            ("worker_num_cpus", self.worker_num_cpus >= 0, "must be non-negative"),
+            ("executor_backend", self.executor_backend in EXECUTOR_BACKENDS,
+             f"must be one of {', '.join(EXECUTOR_BACKENDS)}"),
+            ("step_timeout_s", self.step_timeout_s > 0, "must be positive"),
+        ]
+        for name, is_ok, message in checks:
+            if not is_ok:
+                raise ValueError(f"{name} {message}; got {getattr(self, name)!r}")
+        if self.pipeline_layer_partition is not None:
+            object.__setattr__(self, "pipeline_layer_partition",
+                               tuple(self.pipeline_layer_partition))
+            if len(self.pipeline_layer_partition) != self.pipeline_parallel_size:
+                raise ValueError(
+                    f"pipeline_layer_partition {list(self.pipeline_layer_partition)} must have "
+                    f"one entry per stage ({self.pipeline_parallel_size})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.executor_backend == "ray" or (
+            self.executor_backend == "auto" and self.world_size > 1)
+
+    @property
+    def num_batches_in_flight(self) -> int:
+        return self.max_batches_in_flight or self.pipeline_parallel_size
+
+    def check_fits(self, hf_config) -> None:
+        """Raise ValueError when the model cannot be split this way."""
+        tp = self.tensor_parallel_size
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        if num_heads % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide {num_heads} "
+                             f"attention heads")
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise ValueError(f"tensor_parallel_size {tp} and {num_kv_heads} KV heads: one "
+                             f"must divide the other (KV heads are split, or replicated)")
+        if hf_config.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide intermediate_size "
+                             f"{hf_config.intermediate_size}")
+        from fleetlm.parallel.pipeline import stage_layer_counts
+
+        stage_layer_counts(hf_config.num_hidden_layers, self.pipeline_parallel_size,
+                           self.pipeline_layer_partition)
 
 
 @dataclass(frozen=True)

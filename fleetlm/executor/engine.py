@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.engine_core import EngineCore
-from fleetlm.executor.executor import Executor, LocalExecutor
+from fleetlm.executor.executor import Executor, make_executor
 from fleetlm.executor.input_processor import InputProcessor
 from fleetlm.executor.output_processor import OutputProcessor
 from fleetlm.executor.outputs import RequestOutput
@@ -22,7 +22,7 @@ from fleetlm.executor.weights import load_tokenizer
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.executor = executor or LocalExecutor(config)
+        self.executor = executor or make_executor(config)
         self.core = EngineCore(config, self.executor)
         self.tokenizer = load_tokenizer(self.executor.model_dir)
         self.max_model_len = self.executor.max_model_len
@@ -76,6 +76,10 @@ class LLMEngine:
         if processed.reqs_to_stop:
             self.core.finish_requests(processed.reqs_to_stop, RequestStatus.FINISHED_STOPPED)
         return processed.request_outputs
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (a worker group's actors and placement group)."""
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         s = self.core.scheduler.stats()

@@ -7,7 +7,13 @@ from dataclasses import fields
 
 from tqdm.auto import tqdm
 
-from fleetlm.executor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fleetlm.executor.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.sampling_params import SamplingParams
@@ -17,7 +23,8 @@ Conversation = list[dict[str, str]]
 
 def make_engine_config(model: str, **kwargs) -> EngineConfig:
     """Spread flat keyword arguments (vLLM style) over the config sections by field name."""
-    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                "parallel": ParallelConfig}
     values: dict[str, dict] = {name: {} for name in sections}
     for key, value in kwargs.items():
         owner = next((s for s, cls in sections.items()
@@ -29,13 +36,27 @@ def make_engine_config(model: str, **kwargs) -> EngineConfig:
         model=ModelConfig(model=model, **values["model"]),
         cache=CacheConfig(**values["cache"]),
         scheduler=SchedulerConfig(**values["scheduler"]),
+        parallel=ParallelConfig(**values["parallel"]),
     )
 
 
 class LLM:
+    """`LLM(model, tensor_parallel_size=3, pipeline_parallel_size=2, ...)`: keyword arguments
+    are the fields of the engine's config sections. Use as a context manager (or call
+    `shutdown`) to stop a worker group's actors when done."""
+
     def __init__(self, model: str = "smollm2-135m-instruct", **engine_args) -> None:
         self.engine = LLMEngine(make_engine_config(model, **engine_args))
         self._counter = itertools.count()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

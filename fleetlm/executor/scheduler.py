@@ -146,8 +146,9 @@ class Scheduler:
         self.num_steps += 1
         output = batch.to_output(self.finished_req_ids, self.num_steps)
         self.finished_req_ids = set()
-        self._in_flight[output.step_id] = {
-            r: self.requests[r].num_preemptions for r in output.num_scheduled_tokens}
+        if not output.is_empty:
+            self._in_flight[output.step_id] = {
+                r: self.requests[r].num_preemptions for r in output.num_scheduled_tokens}
         return output
 
     def _schedule_running(self, batch: ScheduledBatch) -> None:

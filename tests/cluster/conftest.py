@@ -1,15 +1,13 @@
-"""One Ray cluster and one Serve HTTP proxy for the whole test session.
-
-Applications deployed by the tests share the proxy under their own route prefixes. The fake
-engine module is pickled by value, since Ray workers cannot import the tests folder.
+"""One Serve HTTP proxy for the whole test session, on the session's Ray cluster
+(tests/conftest.py). Applications deployed by the tests share the proxy under their own route
+prefixes. The fake engine module is pickled by value, since Ray workers cannot import the
+tests folder.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
-
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -18,8 +16,6 @@ import fake_engine  # noqa: E402  (a sibling module; pytest puts this folder on 
 
 from fleetlm.cluster.config import ClusterConfig  # noqa: E402
 
-NUM_CPUS = 2
-OBJECT_STORE_BYTES = 128 * 1024 * 1024
 TEST_REPLICA_CPUS = 0.1
 
 
@@ -30,22 +26,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(ray_cluster) -> None:
+    """The session's cluster, with the fake engine module pickled by value."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(fake_engine)
-    ray.init(
-        num_cpus=NUM_CPUS,
-        object_store_memory=OBJECT_STORE_BYTES,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
