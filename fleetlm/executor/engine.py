@@ -34,10 +34,13 @@ class LLMEngine:
         self.num_generation_tokens = 0
 
     def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      priority: int = 0) -> list[Request]:
-        """Validate and tokenize (raises ValueError); safe to call off the engine thread."""
+                      priority: int = 0,
+                      resume_token_ids: list[int] | None = None) -> list[Request]:
+        """Validate and tokenize (raises ValueError); safe to call off the engine thread.
+        `resume_token_ids`: go on after output already generated elsewhere (see `Request`)."""
         prompt_token_ids = self.input_processor.tokenize(prompt)
-        return self.input_processor.make_requests(request_id, prompt_token_ids, params, priority)
+        return self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
+                                                  resume_token_ids=resume_token_ids)
 
     def add_requests(self, request_id: str, prompt: str | None,
                      requests: list[Request]) -> None:
@@ -47,7 +50,7 @@ class LLMEngine:
         params = first.sampling_params if len(requests) == 1 else \
             _parent_params(first.sampling_params, len(requests))
         self.output_processor.add_request(request_id, prompt, first.prompt_token_ids, params,
-                                          first.arrival_time)
+                                          first.arrival_time, first.output_token_ids)
         try:
             for request in requests:
                 self.core.add_request(request)
@@ -57,8 +60,8 @@ class LLMEngine:
         self.num_prompt_tokens += first.num_prompt_tokens
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0) -> None:
-        requests = self.make_requests(request_id, prompt, params, priority)
+                    priority: int = 0, resume_token_ids: list[int] | None = None) -> None:
+        requests = self.make_requests(request_id, prompt, params, priority, resume_token_ids)
         self.add_requests(request_id, prompt if isinstance(prompt, str) else None, requests)
 
     def abort_request(self, request_id: str) -> None:

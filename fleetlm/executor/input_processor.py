@@ -1,4 +1,5 @@
-"""Validate and tokenize a prompt, and fan an n > 1 request out into n child requests."""
+"""Validate and tokenize a prompt, and fan an n > 1 request out into n child requests (or
+resume one whose output began elsewhere)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,17 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, priority: int = 0,
-                      arrival_time: float | None = None) -> list[Request]:
+                      arrival_time: float | None = None,
+                      resume_token_ids: list[int] | None = None) -> list[Request]:
         """One Request per completion; children of an n > 1 request are `{id}#{i}` and get
-        seed + i, so seeded completions differ from each other but repeat across runs."""
+        seed + i, so seeded completions differ from each other but repeat across runs.
+
+        `resume_token_ids`: output already generated (and sent) elsewhere; the request goes on
+        after them (see `Request`). Only for n == 1."""
         self.validate(prompt_token_ids, params)
+        resume_token_ids = list(resume_token_ids or ())
+        if resume_token_ids:
+            self._validate_resume(prompt_token_ids, params, resume_token_ids)
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -50,9 +58,25 @@ class InputProcessor:
         ]
         return [
             Request(child_id, prompt_token_ids, child_params, self.eos_token_id,
-                    arrival_time=arrival_time, priority=priority, max_tokens=max_tokens)
+                    arrival_time=arrival_time, priority=priority, max_tokens=max_tokens,
+                    output_token_ids=resume_token_ids)
             for child_id, child_params in children
         ]
+
+    def _validate_resume(self, prompt_token_ids: list[int], params: SamplingParams,
+                         resume_token_ids: list[int]) -> None:
+        if params.n != 1:
+            raise ValueError("resume_token_ids needs n == 1 (resume each completion on its own)")
+        if min(resume_token_ids) < 0 or max(resume_token_ids) >= self.vocab_size:
+            raise ValueError(f"resume_token_ids must be in [0, {self.vocab_size})")
+        num_tokens = len(prompt_token_ids) + len(resume_token_ids)
+        if num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt and resume_token_ids are {num_tokens} tokens long; the context length "
+                f"is {self.max_model_len} and leaves no room for more output")
+        if params.max_tokens is not None and len(resume_token_ids) >= params.max_tokens:
+            raise ValueError(f"resume_token_ids already hold max_tokens ({params.max_tokens}) "
+                             f"tokens: there is nothing left to generate")
 
 
 def child_request_id(request_id: str, index: int) -> str:

@@ -54,6 +54,14 @@ def _snapshot(o: CompletionOutput) -> CompletionOutput:
                             o.finish_reason, o.stop_reason)
 
 
+def _replay(completion: _Completion, token_ids: list[int]) -> None:
+    """Feed tokens generated elsewhere through the detokenizer: its held-back tail (a partial
+    character, a possible stop-string start) is then what it was there."""
+    completion.detokenizer.update(list(token_ids))
+    completion.output.token_ids.extend(token_ids)
+    completion.output.text = completion.detokenizer.output_text
+
+
 @dataclass
 class ProcessedOutputs:
     request_outputs: list[RequestOutput]
@@ -67,7 +75,12 @@ class OutputProcessor:
         self.parent_of: dict[str, str] = {}  # child request id -> request id
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float) -> None:
+                    params: SamplingParams, arrival_time: float,
+                    resume_token_ids: list[int] | None = None) -> None:
+        """`resume_token_ids` (n == 1 only): output already generated elsewhere. The completion
+        starts with them and with their text, decoded exactly as it was where they were
+        generated (so the next delta begins where that text ended); `logprobs` cover only
+        the tokens generated here."""
         child_ids = [request_id] if params.n == 1 else [
             child_request_id(request_id, i) for i in range(params.n)]
         completions = {
@@ -76,6 +89,9 @@ class OutputProcessor:
                                                    [] if params.logprobs is not None else None))
             for i, child_id in enumerate(child_ids)
         }
+        if resume_token_ids:
+            [completion] = completions.values()
+            _replay(completion, resume_token_ids)
         self.requests[request_id] = _RequestState(
             request_id, prompt, prompt_token_ids, params, completions,
             metrics={"arrival_time": arrival_time})

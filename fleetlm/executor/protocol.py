@@ -38,8 +38,13 @@ class EngineClient(Protocol):
         sampling_params: SamplingParams,
         request_id: str,
         priority: int = 0,
+        resume_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative `RequestOutput`s until one has `finished=True`.
+
+        `resume_token_ids` (n == 1): output a failed replica already sent; generation goes on
+        after them as if this engine had produced them (same seed: same continuation), and
+        the outputs' `token_ids` and `text` begin with them (`logprobs` do not).
 
         Raises `ValueError` (naming the field) before yielding anything if the request is
         invalid: empty prompt, prompt over the context length, bad sampling values. Closing

@@ -39,6 +39,11 @@ class Request:
     Progress is `num_computed_tokens` (tokens whose KV is in the cache) catching up with
     `num_tokens` (prompt + output). `block_hashes` holds the chained hash of every full block
     of `all_token_ids`; the KV cache manager extends it as tokens are appended.
+
+    `output_token_ids` given at creation resume a request generated elsewhere (a stream
+    moved off a failed replica): they count as output from the start, so max_tokens,
+    min_tokens, penalties and seeded sampling (seeded by output position) go on exactly as if
+    this engine had generated them; their KV is computed like the prompt's.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         max_tokens: int | None = None,
+        output_token_ids: list[int] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -60,7 +66,7 @@ class Request:
         self.max_tokens = sampling_params.max_tokens if max_tokens is None else max_tokens
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.all_token_ids: list[int] = self.prompt_token_ids + list(output_token_ids or ())
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 before
         self.num_preemptions = 0
