@@ -51,10 +51,15 @@ class RayWorker(Worker):
 
 
 class RayExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
+    """`collect_all_ranks`: every rank replies to every step (a KV connector needs each rank's
+    transfer reports; the replies of the sampling ranks are checked to agree); otherwise
+    only the output rank replies."""
+
+    def __init__(self, config: EngineConfig, collect_all_ranks: bool = False) -> None:
         import ray
 
         self.config = config
+        self.collect_all_ranks = collect_all_ranks
         parallel = config.parallel
         self.layout = ParallelLayout(parallel.tensor_parallel_size,
                                      parallel.pipeline_parallel_size)
@@ -162,9 +167,11 @@ class RayExecutor(Executor):
 
     @property
     def reply_ranks(self) -> list[int]:
-        """The ranks whose step results the engine reads: the output rank only, until a KV
-        connector needs every rank's transfer reports."""
-        return [self.layout.output_rank]
+        """The ranks whose step results the engine reads, the output rank first."""
+        output_rank = self.layout.output_rank
+        if not self.collect_all_ranks:
+            return [output_rank]
+        return [output_rank] + [r for r in range(self.layout.world_size) if r != output_rank]
 
     # ---- steps ---------------------------------------------------------------------------
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
@@ -216,9 +223,15 @@ class _GroupStep(StepFuture):
 
 
 def merge_rank_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
-    """One step's result from the reply ranks' results: the first rank's tokens, and the KV
-    transfers every rank has finished (a transfer is done only when all ranks have it)."""
+    """One step's result from the reply ranks' results (the output rank's first): its tokens,
+    checked against every other sampling rank's, and the KV transfers every rank has finished
+    (a transfer is done only when all ranks have it)."""
     merged = outputs[0]
+    for other in outputs[1:]:
+        if other.req_ids and other.sampled_token_ids != merged.sampled_token_ids:
+            raise WorkerGroupError("the ranks of the last pipeline stage sampled different "
+                                   f"tokens: {merged.sampled_token_ids} != "
+                                   f"{other.sampled_token_ids}")
     reports = [o.kv_connector_output for o in outputs]
     if len(outputs) > 1 and any(r is not None for r in reports):
         reports = [r or KVConnectorOutput() for r in reports]

@@ -31,6 +31,7 @@ from fleetlm.executor import wire
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.control import ERROR, LOG, OUTPUT, LinkAddress, WorkerEndpoint
 from fleetlm.executor.model_runner import ModelRunner, resolve_device
+from fleetlm.executor.outputs import ModelRunnerOutput
 from fleetlm.parallel.state import (
     SINGLE_PROCESS_GROUPS,
     ParallelLayout,
@@ -110,8 +111,10 @@ class Worker:
     def execute_step(self, message: bytes) -> bytes | None:
         """Run one encoded `SchedulerOutput`; the encoded result on a reply rank, else None."""
         output = self.runner.execute_model(wire.decode(message))
-        if not self.is_reply_rank or output is None:
+        if not self.is_reply_rank:
             return None
+        if output is None:  # an earlier pipeline stage: nothing sampled, only its reports
+            output = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         return wire.encode(output)
 
     def _serve_steps(self) -> None:

@@ -1,0 +1,195 @@
+"""The engine on a Ray worker group equals the single-process engine.
+
+Float32 greedy tokens over 32 new tokens on varied prompts, in a run that has chunked prefill
+(a 64-token budget), prefix-cache hits (a second batch shares a long prefix with the first)
+and preemption (too few KV blocks for every request at once): the built-in model at TP=3,
+PP=2 and TP=3 x PP=2, and a random-weight Llama (4 heads, 2 KV heads) at TP=2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetlm import LLM, SamplingParams
+from fleetlm.executor.control import WorkerGroupError
+from fleetlm.executor.weights import resolve_model
+
+MAX_TOKENS = 32
+LOGPROB_ATOL = 1e-3  # float32; only the summation order differs
+WORKER_CPUS = 0.25  # six workers fit the session's two CPUs
+PREFIX = ("You are a careful assistant. Answer briefly and precisely, and say so when you "
+          "do not know. ") * 4
+FIRST_BATCH = [PREFIX + "What is the capital of France?"]
+SECOND_BATCH = [
+    PREFIX + "Name three colours of the rainbow.",
+    "def fibonacci(n):\n    ",
+    "Écris une phrase sur la mer.",
+    "The quick brown fox jumps over the lazy dog. " * 6 + "Then it",
+]
+ENGINE_ARGS = dict(dtype="float32", block_size=16, num_blocks=16, max_num_batched_tokens=64,
+                   max_num_seqs=4)
+
+
+def _run(llm: LLM) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+    first = llm.generate(FIRST_BATCH, params)
+    second = llm.generate(SECOND_BATCH, params)
+    outputs = first + second
+    return {
+        "tokens": [o.outputs[0].token_ids for o in outputs],
+        "logprobs": [[p[0][1] for p in o.outputs[0].logprobs] for o in outputs],
+        "num_cached": [o.num_cached_tokens for o in outputs],
+        "stats": llm.engine.stats(),
+    }
+
+
+@pytest.fixture(scope="module")
+def builtin_dir():
+    return str(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def reference(builtin_dir):
+    with LLM(builtin_dir, **ENGINE_ARGS) as llm:
+        result = _run(llm)
+    # The run must exercise what it claims to.
+    assert result["num_cached"][1] >= 64, "the second batch's prefix should hit the cache"
+    assert result["stats"].num_preemptions > 0, "16 blocks should force preemption"
+    return result
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert got["tokens"] == expected["tokens"]
+    for got_lps, expected_lps in zip(got["logprobs"], expected["logprobs"]):
+        assert got_lps == pytest.approx(expected_lps, abs=LOGPROB_ATOL)
+    assert got["num_cached"][1] >= 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp, control_plane", [
+    (3, 1, "shm"), (1, 2, "socket"), (3, 2, "ray")])
+def test_builtin_model_parallel_equals_single_process(ray_cluster, builtin_dir, reference,
+                                                      tp, pp, control_plane):
+    with LLM(builtin_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             control_plane=control_plane, worker_num_cpus=WORKER_CPUS, **ENGINE_ARGS) as llm:
+        executor = llm.engine.executor
+        assert len(executor.workers) == tp * pp
+        assert executor.num_blocks == 16
+        got = _run(llm)
+        bytes_read = executor.collective_rpc(lambda w: w.runner.weights_read.num_bytes)
+    _assert_same(got, reference)
+    # Each rank read about its own share of the checkpoint, never all of it.
+    checkpoint_bytes = sum(p.stat().st_size for p in Path(builtin_dir).glob("*.safetensors"))
+    share = 1.0 / tp + 0.02  # norms are read whole by every rank
+    if pp == 1:
+        assert all(n < share * checkpoint_bytes for n in bytes_read), bytes_read
+
+
+# ---- a small random Llama (4 heads, 2 KV heads) saved in the Hugging Face format ----------
+
+@pytest.fixture(scope="module")
+def small_llama(builtin_dir, tmp_path_factory):
+    import torch
+    import transformers
+
+    from fleetlm.executor.weights import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, vocab_size=49152,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init, so logits are not flat
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    load_tokenizer(builtin_dir).save_pretrained(folder)
+    return str(folder)
+
+
+SMALL_ARGS = dict(dtype="float32", kv_cache_memory_bytes=4 << 20)
+SMALL_PROMPTS = ["Hello there, how are you?", "1, 2, 3, 4, 5,", "Le chat est"]
+
+
+def _drive(engine, params_list) -> list[list[int]]:
+    for i, (prompt, params) in enumerate(zip(SMALL_PROMPTS, params_list)):
+        engine.add_request(str(i), prompt, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    return [finished[str(i)] for i in range(len(SMALL_PROMPTS))]
+
+
+@pytest.mark.slow
+def test_random_llama_at_tp2_equals_single_process_on_every_rank(ray_cluster, small_llama):
+    """Greedy, seeded and unseeded sampled requests; every rank replies and the last stage's
+    ranks must agree on every sampled token (the executor checks each step)."""
+    from fleetlm.executor.engine import LLMEngine
+    from fleetlm.executor.llm import make_engine_config
+    from fleetlm.executor.ray_executor import RayExecutor
+
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=MAX_TOKENS, ignore_eos=True)]
+    reference = _drive(LLMEngine(make_engine_config(small_llama, **SMALL_ARGS)), params)
+    config = make_engine_config(small_llama, tensor_parallel_size=2, worker_num_cpus=0.5,
+                                **SMALL_ARGS)
+    engine = LLMEngine(config, RayExecutor(config, collect_all_ranks=True))
+    try:
+        assert engine.executor.reply_ranks == [0, 1]
+        got = _drive(engine, params)
+    finally:
+        engine.shutdown()
+    # Unseeded requests draw from the sampler's generator, seeded from model.seed alike on
+    # every rank and in the single process: the same batches draw the same tokens.
+    assert got == reference
+
+
+@pytest.mark.slow
+def test_cache_size_is_the_minimum_over_uneven_stages(ray_cluster, small_llama):
+    with LLM(small_llama, pipeline_parallel_size=2, pipeline_layer_partition=[2, 1],
+             worker_num_cpus=0.5, **SMALL_ARGS) as llm:
+        executor = llm.engine.executor
+        per_rank = executor.collective_rpc(lambda w: w.runner.num_available_blocks())
+        layers = executor.collective_rpc(lambda w: len(w.runner.model.layers))
+        assert layers == [2, 1]
+        assert per_rank[0] * 2 == per_rank[1]  # a stage with twice the layers fits half
+        assert executor.num_blocks == per_rank[0]
+        out = llm.generate(SMALL_PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4))
+        assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_group_at_once_and_never_hangs(ray_cluster, small_llama):
+    import threading
+
+    import ray
+
+    from fleetlm.executor.engine import LLMEngine
+    from fleetlm.executor.llm import make_engine_config
+
+    config = make_engine_config(small_llama, tensor_parallel_size=2, worker_num_cpus=0.5,
+                                **SMALL_ARGS)
+    engine = LLMEngine(config)
+    failed = threading.Event()
+    errors: list[BaseException] = []
+    engine.executor.add_failure_listener(lambda e: (errors.append(e), failed.set()))
+    try:
+        engine.add_request("r", "Once upon a time",
+                           SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        engine.step()
+        ray.kill(engine.executor.workers[1])  # idle between steps
+        assert failed.wait(timeout=5.0), "the failure listener was not called"
+        assert not engine.executor.is_healthy
+        assert "worker 1" in str(errors[0])
+        with pytest.raises(WorkerGroupError):
+            engine.step()  # a clean error, not a hang
+    finally:
+        engine.shutdown()
