@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -60,6 +61,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.endpoint: WorkerEndpoint | None = None
         self.is_reply_rank = rank == self.layout.output_rank
+        self.step_s = 0.0  # time in steps; minus the runner's handoff wait, this rank's work
         self._exit_stack = contextlib.ExitStack()
         torch.set_num_threads(num_threads)
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
@@ -110,7 +112,9 @@ class Worker:
     # ---- steps ---------------------------------------------------------------------------
     def execute_step(self, message: bytes) -> bytes | None:
         """Run one encoded `SchedulerOutput`; the encoded result on a reply rank, else None."""
+        started = time.perf_counter()
         output = self.runner.execute_model(wire.decode(message))
+        self.step_s += time.perf_counter() - started
         if not self.is_reply_rank:
             return None
         if output is None:  # an earlier pipeline stage: nothing sampled, only its reports

@@ -3,6 +3,7 @@ and residual from one stage to the next."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +46,7 @@ class StageHandoff:
     def __init__(self, pp: ParallelGroup) -> None:
         self.pp = pp
         self._in_flight: tuple[object, torch.Tensor] | None = None
+        self.recv_wait_s = 0.0  # time spent waiting for the previous stage (the bubble)
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         self.wait()
@@ -54,7 +56,9 @@ class StageHandoff:
     def recv(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         stacked = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
+        started = time.perf_counter()
         self.pp.recv(stacked, self.pp.rank - 1)
+        self.recv_wait_s += time.perf_counter() - started
         return stacked[0], stacked[1]
 
     def wait(self) -> None:

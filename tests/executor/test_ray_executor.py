@@ -193,3 +193,30 @@ def test_a_killed_worker_fails_the_group_at_once_and_never_hangs(ray_cluster, sm
             engine.step()  # a clean error, not a hang
     finally:
         engine.shutdown()
+
+
+# ---- GPUs: skipped without them (CI has none) -----------------------------------------------
+
+@pytest.mark.gpu
+def test_one_cuda_worker_through_ray_equals_the_local_cuda_engine(ray_cluster, builtin_dir):
+    """The single-GPU path of the worker: TP=1 forced through RayExecutor, NCCL-free."""
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = SECOND_BATCH
+    with LLM(builtin_dir, device="cuda", dtype="float32") as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    with LLM(builtin_dir, device="cuda", dtype="float32", executor_backend="ray",
+             worker_num_cpus=0.1) as llm:
+        assert llm.engine.executor.config.parallel.world_size == 1
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == expected
+
+
+@pytest.mark.multi_gpu
+def test_tp2_over_nccl_equals_one_gpu(ray_cluster, builtin_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(builtin_dir, device="cuda", dtype="float32") as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(SECOND_BATCH, params)]
+    with LLM(builtin_dir, device="cuda", dtype="float32", tensor_parallel_size=2,
+             backend="nccl", worker_num_cpus=0.1) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(SECOND_BATCH, params)]
+    assert got == expected

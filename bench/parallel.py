@@ -1,0 +1,164 @@
+"""Worker groups on this machine: per-step control overhead, TP/PP throughput, the PP bubble.
+
+    .venv/bin/python bench/parallel.py --out docs/results/parallel.json
+
+control     One request decoding on a one-layer random model (the model's own time is
+            small), so a step's time is mostly the control path's: the local executor, then a
+            Ray worker group of 1 and of 2 ranks through each control plane (ray, socket,
+            shm). Reported: microseconds per step.
+throughput  The built-in model, random prompts (seeded), EOS ignored, all submitted at once:
+            output tokens/s and median TTFT for TP=1 (in-process), TP=2, TP=3 and PP=2 with
+            1 and 2 batches in flight. For PP: each stage's busy share of the run (time in
+            steps minus time waiting for the previous stage), whose complement is the bubble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import transformers
+
+from fleetlm import LLM, SamplingParams
+from fleetlm.executor.weights import load_tokenizer, resolve_model
+
+BUILTIN = "smollm2-135m-instruct"
+CONTROL_PLANES = ("ray", "socket", "shm")
+
+
+def tiny_model_dir(folder: Path) -> str:
+    """A one-layer random Llama with the built-in tokenizer."""
+    transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, vocab_size=49152,
+        architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    load_tokenizer(resolve_model(BUILTIN)).save_pretrained(folder)
+    return str(folder)
+
+
+def time_steps(llm: LLM, num_steps: int) -> float:
+    """Seconds per engine step of one decoding request (after a warm-up)."""
+    params = SamplingParams(temperature=0, max_tokens=num_steps, ignore_eos=True)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    started = time.perf_counter()
+    llm.generate([[5, 6, 7, 8]], params)
+    return (time.perf_counter() - started) / num_steps
+
+
+def bench_control(num_steps: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model = tiny_model_dir(Path(folder))
+        common = dict(random_weights=True, dtype="float32", kv_cache_memory_bytes=16 << 20)
+        with LLM(model, **common) as llm:
+            local = time_steps(llm, num_steps)
+        rows.append({"executor": "local", "ranks": 1, "us_per_step": local * 1e6})
+        for tp in (1, 2):
+            for plane in CONTROL_PLANES:
+                with LLM(model, tensor_parallel_size=tp, executor_backend="ray",
+                         control_plane=plane, worker_num_cpus=0.5, **common) as llm:
+                    seconds = time_steps(llm, num_steps)
+                rows.append({"executor": f"ray/{plane}", "ranks": tp,
+                             "us_per_step": seconds * 1e6,
+                             "overhead_us": (seconds - local) * 1e6})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def random_prompts(num: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 49000) for _ in range(length)] for _ in range(num)]
+
+
+def bench_throughput(name: str, prompts, output_len: int, **engine_args) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    with LLM(BUILTIN, enable_prefix_caching=False, kv_cache_memory_bytes=512 << 20,
+             **engine_args) as llm:
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        executor = llm.engine.executor
+        before = _stage_times(executor)
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - started
+        after = _stage_times(executor)
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert num_tokens == output_len * len(prompts)
+    ttfts = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outputs]
+    row = {"setup": name, "output_tokens_per_s": num_tokens / elapsed,
+           "median_ttft_s": statistics.median(ttfts), "seconds": elapsed}
+    if before is not None:
+        row["rank_busy_share"] = [round(((a[0] - b[0]) - (a[1] - b[1])) / elapsed, 3)
+                                  for a, b in zip(after, before)]
+    print(row, flush=True)
+    return row
+
+
+def _stage_times(executor) -> list[tuple[float, float]] | None:
+    """(time in steps, time waiting for the previous stage) per rank of a worker group."""
+    if not hasattr(executor, "workers"):
+        return None
+    return executor.collective_rpc(lambda w: (w.step_s, w.runner.handoff.recv_wait_s))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="decode steps per control run")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--worker-cpus", type=float, default=1.0,
+                        help="Ray CPUs per worker (its torch threads: at least 1)")
+    parser.add_argument("--only", choices=["control", "throughput"], default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=256 << 20, logging_level="WARNING")
+    result = {"machine": {"cpu": platform.processor() or _cpu_model(), "cores": _num_cores()},
+              "args": vars(args) | {"out": str(args.out)}}
+    if args.only in (None, "control"):
+        result["control"] = bench_control(args.steps)
+    if args.only in (None, "throughput"):
+        prompts = random_prompts(args.num_prompts, args.input_len, seed=0)
+        common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048)
+        workers = dict(worker_num_cpus=args.worker_cpus, **common)
+        result["throughput"] = [
+            bench_throughput("TP=1 (in-process)", prompts, args.output_len, **common),
+            bench_throughput("TP=2", prompts, args.output_len, tensor_parallel_size=2,
+                             **workers),
+            bench_throughput("TP=3", prompts, args.output_len, tensor_parallel_size=3,
+                             **workers),
+            bench_throughput("PP=2, 1 batch in flight", prompts, args.output_len,
+                             pipeline_parallel_size=2, max_batches_in_flight=1, **workers),
+            bench_throughput("PP=2, 2 batches in flight", prompts, args.output_len,
+                             pipeline_parallel_size=2, **workers),
+        ]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _num_cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    main()
