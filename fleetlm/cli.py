@@ -110,9 +110,15 @@ _COMMANDS = {"serve": _serve, "deploy": _deploy, "status": _status, "shutdown": 
 
 
 def _load(path: str):
-    from fleetlm.cluster.config import load_config
+    """The config, checked against the model where it can be read here (fail before Ray)."""
+    from fleetlm.cluster.config import check_model_fits, load_config
 
-    return load_config(path)
+    config = load_config(path)
+    try:
+        check_model_fits(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
 
 
 def _use_saved_ray_token() -> None:

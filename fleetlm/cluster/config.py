@@ -78,6 +78,11 @@ class ReplicaSection(_Section):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests Ray Serve lets into one replica at once."
     )
+    health_check_period_s: float = Field(
+        1.0, gt=0,
+        description="How often Ray Serve asks each replica whether its engine (and every "
+        "worker) lives; after 3 failed checks in a row it replaces the replica.",
+    )
 
 
 class RouterSection(_Section):
@@ -90,6 +95,27 @@ class RouterSection(_Section):
         if self.policy == "prefix_aware":
             raise ValueError("router.policy 'prefix_aware' is not implemented yet")
         return self
+
+
+class MigrationSection(_Section):
+    """What the ingress does when the replica serving a request fails (its engine or a worker
+    died, or the replica itself): the request goes on elsewhere."""
+
+    max_migrations: int = Field(
+        3, ge=0,
+        description="Times one stream may move to another replica after its replica failed "
+        "mid-response; it goes on from the tokens already sent, with the same seed. "
+        "0 turns migration off: such streams end with an error event.",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0,
+        description="How long a request that lost its replica (or that no replica takes "
+        "yet) waits, retrying with backoff, for one that takes it (a replacement included).",
+    )
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.max_migrations > 0
 
 
 class HttpSection(_Section):
@@ -107,17 +133,65 @@ class HttpSection(_Section):
     )
 
 
+_PARALLEL = ParallelConfig()  # the engine's defaults: written once, there
+
+
 class ParallelSection(_Section):
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU ranks) per layer.")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    """How each engine replica splits its model over a worker group (one Ray actor per rank).
+
+    Values are checked by the engine's own `ParallelConfig`, so both report the same errors.
+    """
+
+    tensor_parallel_size: int = Field(
+        _PARALLEL.tensor_parallel_size, ge=1,
+        description="Ranks each layer is split over; must divide the attention heads.",
+    )
+    pipeline_parallel_size: int = Field(
+        _PARALLEL.pipeline_parallel_size, ge=1,
+        description="Pipeline stages per replica; the layers are split between them.",
+    )
     expert_parallel_size: int = Field(1, ge=1, description="Ranks the MoE experts span.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        _PARALLEL.backend,
+        description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        _PARALLEL.placement_strategy,
+        description="Ray placement strategy of a replica's bundles (itself and its workers); "
+        "SPREAD or STRICT_SPREAD lets a worker group span nodes.",
+    )
+    pipeline_layer_partition: list[int] | None = Field(
+        None,
+        description="Layers of each pipeline stage, one entry per stage; default: even.",
+    )
+    max_batches_in_flight: int | None = Field(
+        _PARALLEL.max_batches_in_flight, ge=1,
+        description="Steps a pipeline works on at once; default: pipeline_parallel_size.",
+    )
+    control_plane: Literal["shm", "socket", "ray"] = Field(
+        _PARALLEL.control_plane,
+        description="How each step reaches the workers: a shared-memory ring (workers on "
+        "other nodes use TCP), TCP only, or plain Ray calls.",
+    )
+    worker_num_cpus: float = Field(
+        _PARALLEL.worker_num_cpus, ge=0,
+        description="Ray CPUs reserved by each worker (its torch threads: the integer part, "
+        "at least 1).",
+    )
+    worker_num_gpus: float | None = Field(
+        _PARALLEL.worker_num_gpus, ge=0,
+        description="Ray GPUs reserved by each worker; default: 1 on CUDA, 0 on CPU.",
+    )
 
     @model_validator(mode="after")
-    def _check_implemented(self) -> ParallelSection:
-        for name in type(self).model_fields:
-            if getattr(self, name) > 1:
-                raise ValueError(f"parallel.{name} > 1 is not implemented yet")
+    def _check(self) -> ParallelSection:
+        if self.expert_parallel_size > 1:
+            raise ValueError("parallel.expert_parallel_size > 1 is not implemented yet")
+        self.to_parallel_config()  # raises ValueError naming the field
         return self
+
+    def to_parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(**self.model_dump(exclude={"expert_parallel_size"}))
 
 
 class PoolSection(_Section):
@@ -155,7 +229,18 @@ class ClusterConfig(_Section):
     parallel: ParallelSection = Field(
         default_factory=ParallelSection, description="Model parallelism inside a replica."
     )
+    migration: MigrationSection = Field(
+        default_factory=MigrationSection, description="Requests of failed replicas."
+    )
     pd: PDSection = Field(default_factory=PDSection, description="Prefill/decode pools.")
+
+    @model_validator(mode="after")
+    def _check_replica_bundle(self) -> ClusterConfig:
+        is_distributed = self.parallel.to_parallel_config().is_distributed
+        if is_distributed and not (self.replicas.num_cpus or self.replicas.num_gpus):
+            raise ValueError("replicas.num_cpus must be above 0 when a replica drives a worker "
+                             "group: its placement-group bundle needs some resource")
+        return self
 
 
 def load_config(path: str | Path) -> ClusterConfig:
@@ -174,10 +259,11 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         else:
-            lines.append(f"{key}: {item['msg']}" if key else item["msg"])
+            lines.append(f"{key}: {message}" if key else message)
     return "; ".join(lines)
 
 
@@ -203,8 +289,24 @@ def to_engine_config(config: ClusterConfig) -> EngineConfig:
             max_num_batched_tokens=engine.max_num_batched_tokens,
             max_num_waiting=engine.max_num_waiting,
         ),
-        parallel=ParallelConfig(
-            tensor_parallel_size=parallel.tensor_parallel_size,
-            pipeline_parallel_size=parallel.pipeline_parallel_size,
-        ),
+        parallel=parallel.to_parallel_config(),
     )
+
+
+def check_model_fits(config: ClusterConfig) -> None:
+    """Raise ValueError if the model cannot be split as `parallel` says (e.g. "parallel:
+    tensor_parallel_size 2 does not divide 9 attention heads"), where the model can be found
+    here; a model that exists only on the cluster's nodes is checked there, by each replica."""
+    from fleetlm.executor.weights import load_hf_config, resolve_model
+
+    parallel = config.parallel.to_parallel_config()
+    if not parallel.is_distributed:
+        return
+    try:
+        hf_config = load_hf_config(resolve_model(config.model.name))
+    except (OSError, ValueError):
+        return
+    try:
+        parallel.check_fits(hf_config)
+    except ValueError as e:
+        raise ValueError(f"parallel: {e}") from None

@@ -52,3 +52,14 @@ def test_bench_hands_its_arguments_to_the_bench_cli(monkeypatch):
     monkeypatch.setattr(bench_cli, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["bench", "serve", "--help-me"]) == 7
     assert seen == [["serve", "--help-me"]]
+
+
+def test_an_impossible_split_fails_before_ray(tmp_path, capsys, monkeypatch):
+    from fleetlm.cluster import launcher
+
+    monkeypatch.setattr(launcher, "connect", lambda *args, **kwargs: pytest.fail("Ray touched"))
+    path = tmp_path / "tp2.yaml"
+    path.write_text("parallel:\n  tensor_parallel_size: 2\n")
+    assert cli.main(["serve", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert f"{path}: parallel: tensor_parallel_size 2 does not divide 9 attention heads" in error

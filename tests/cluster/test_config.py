@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from fleetlm.cluster.config import ClusterConfig, load_config, to_engine_config
+from fleetlm.cluster.config import (
+    ClusterConfig,
+    check_model_fits,
+    load_config,
+    to_engine_config,
+)
+from fleetlm.executor.config import ParallelConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -22,6 +28,16 @@ def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.http.host == "127.0.0.1"
     assert config.model.name == "smollm2-135m-instruct"
+    check_model_fits(config)  # the built-in model splits as each file says
+
+
+@pytest.mark.parametrize(
+    ("name", "tp", "pp"), [("tp3.yaml", 3, 1), ("pp2.yaml", 1, 2), ("tp3-pp2.yaml", 3, 2)]
+)
+def test_parallel_examples(name, tp, pp):
+    parallel = to_engine_config(load_config(CONFIGS / name)).parallel
+    assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size) == (tp, pp)
+    assert parallel.is_distributed and parallel.worker_num_cpus < 1  # fits 2 cores
 
 
 def test_two_replica_config_has_two_replicas():
@@ -60,8 +76,6 @@ def test_non_mapping_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "section",
     [
-        {"parallel": {"tensor_parallel_size": 2}},
-        {"parallel": {"pipeline_parallel_size": 2}},
         {"parallel": {"expert_parallel_size": 4}},
         {"pd": {"enabled": True}},
         {"router": {"policy": "prefix_aware"}},
@@ -117,3 +131,87 @@ def test_served_model_name_defaults_to_the_model():
     assert ClusterConfig().model.served_name == "smollm2-135m-instruct"
     named = ClusterConfig.model_validate({"model": {"served_model_name": "smol"}})
     assert named.model.served_name == "smol"
+
+
+# ---- parallel ----------------------------------------------------------------------------
+
+
+def test_parallel_keys_round_trip_into_the_engine_config(tmp_path):
+    path = _write(tmp_path, """
+parallel:
+  tensor_parallel_size: 3
+  pipeline_parallel_size: 2
+  backend: gloo
+  placement_strategy: SPREAD
+  pipeline_layer_partition: [20, 10]
+  max_batches_in_flight: 1
+  control_plane: socket
+  worker_num_cpus: 0.25
+  worker_num_gpus: 0
+""")
+    assert to_engine_config(load_config(path)).parallel == ParallelConfig(
+        tensor_parallel_size=3, pipeline_parallel_size=2, backend="gloo",
+        placement_strategy="SPREAD", pipeline_layer_partition=(20, 10), max_batches_in_flight=1,
+        control_plane="socket", worker_num_cpus=0.25, worker_num_gpus=0.0,
+    )  # fmt: skip
+
+
+def test_parallel_defaults_are_the_engines():
+    assert to_engine_config(ClusterConfig()).parallel == ParallelConfig()
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ("tensor_parallel_size: 0", "parallel.tensor_parallel_size"),
+        ("placement_strategy: DIAGONAL", "parallel.placement_strategy"),
+        ("backend: mpi", "parallel.backend"),
+        ("control_plane: carrier_pigeon", "parallel.control_plane"),
+        ("worker_num_cpus: -1", "parallel.worker_num_cpus"),
+        ("max_batches_in_flight: 0", "parallel.max_batches_in_flight"),
+        ("tensor_parallel_siz: 2", "unknown key 'parallel.tensor_parallel_siz'"),
+        ("pipeline_parallel_size: 2, pipeline_layer_partition: [30]",
+         "parallel: pipeline_layer_partition [30] must have one entry per stage (2)"),
+    ],
+)
+def test_bad_parallel_values_name_the_key_and_file(tmp_path, values, key):
+    path = _write(tmp_path, f"parallel: {{{values}}}\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size 2 does not divide 9 attention"),
+        ({"tensor_parallel_size": 9}, "does not divide intermediate_size 1536"),
+        ({"pipeline_parallel_size": 31}, "pipeline_parallel_size"),
+        ({"pipeline_parallel_size": 2, "pipeline_layer_partition": [10, 10]}, "30"),
+    ],
+)
+def test_impossible_splits_of_the_built_in_model(parallel, message):
+    config = ClusterConfig.model_validate({"parallel": parallel})
+    with pytest.raises(ValueError, match=message) as info:
+        check_model_fits(config)
+    assert str(info.value).startswith("parallel: ")
+
+
+def test_a_model_not_found_here_is_left_to_the_replicas():
+    config = ClusterConfig.model_validate({"model": {"name": "/nowhere/model.gguf"},
+                                           "parallel": {"tensor_parallel_size": 2}})
+    check_model_fits(config)  # no error: the cluster's nodes may have it
+
+
+def test_a_worker_group_needs_a_replica_bundle():
+    with pytest.raises(ValueError, match="replicas.num_cpus"):
+        ClusterConfig.model_validate({"replicas": {"num_cpus": 0},
+                                      "parallel": {"tensor_parallel_size": 3}})
+
+
+def test_migration_section():
+    assert ClusterConfig().migration.max_migrations == 3
+    config = ClusterConfig.model_validate({"migration": {"max_migrations": 0, "timeout_s": 5}})
+    assert (config.migration.is_enabled, config.migration.timeout_s) == (False, 5.0)
+    with pytest.raises(ValueError, match="migration.timeout_s"):
+        ClusterConfig.model_validate({"migration": {"timeout_s": 0}})
