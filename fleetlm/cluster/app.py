@@ -3,7 +3,12 @@
     OpenAIIngress (FastAPI, router)  ──handle──>  LLMServer-0 … LLMServer-{count-1}
 
 Each engine replica is its own single-replica deployment, so the ingress holds a handle per
-replica and its router, not Serve's, decides where a request goes.
+replica and its router, not Serve's, decides where a request goes. A replica whose model is
+split over a worker group reserves one placement group for itself and its workers:
+
+    bundle 0: the replica (replicas.num_cpus / num_gpus)   bundles 1..N: one per rank
+
+so Serve starts it only where the whole group fits, and replaces it as a whole.
 """
 
 from __future__ import annotations
@@ -16,16 +21,23 @@ from ray.serve.config import HTTPOptions
 
 from fleetlm.cluster.config import ClusterConfig, to_engine_config
 from fleetlm.cluster.ingress import make_ingress_class
+from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 from fleetlm.cluster.server import EngineFactory, LLMServer
 
 logger = logging.getLogger(__name__)
 
 INGRESS_NAME = "OpenAIIngress"
 MS_PER_S = 1000.0
+# Serve replaces a replica after this long without a health-check answer (a wedged replica).
+HEALTH_CHECK_TIMEOUT_S = 10.0
 
 
 class LLMServerDeployment(LLMServer):
-    """`LLMServer` plus Ray Serve's shutdown hook (Serve awaits an async `__del__`)."""
+    """`LLMServer` plus Ray Serve's hooks: its log file and shutdown (an async `__del__`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        send_fleetlm_logs_to_serve()
+        super().__init__(*args, **kwargs)
 
     async def __del__(self) -> None:
         await self.shutdown()
@@ -50,6 +62,9 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
             num_replicas=1,
             ray_actor_options=_replica_actor_options(config),
             max_ongoing_requests=config.replicas.max_ongoing_requests,
+            health_check_period_s=config.replicas.health_check_period_s,
+            health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+            **_placement_options(config),
         )
         .bind(engine_config, config.model.served_name, engine_factory, interval_s, server_name(i))
         for i in range(config.replicas.count)
@@ -61,7 +76,8 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         max_ongoing_requests=config.replicas.max_ongoing_requests * config.replicas.count,
     )
     return ingress.bind(
-        config.model.served_name, servers, config.router.policy, config.http.api_keys
+        config.model.served_name, servers, config.router.policy, config.http.api_keys,
+        config.migration,
     )
 
 
@@ -72,6 +88,34 @@ def _replica_actor_options(config: ClusterConfig) -> dict:
         env = {"OMP_NUM_THREADS": str(replicas.num_threads)}
         options["runtime_env"] = {"env_vars": env}
     return options
+
+
+def _placement_options(config: ClusterConfig) -> dict:
+    """Serve options that reserve a replica's worker group with it (none in-process)."""
+    parallel = config.parallel.to_parallel_config()
+    if not parallel.is_distributed:
+        return {}
+    import torch
+
+    from fleetlm.executor.ray_executor import worker_bundles
+
+    replica_bundle = {"CPU": config.replicas.num_cpus}
+    if config.replicas.num_gpus:
+        replica_bundle["GPU"] = config.replicas.num_gpus
+    workers = worker_bundles(parallel, torch.device(_worker_device_type(config)))
+    return {
+        "placement_group_bundles": [replica_bundle, *workers],
+        "placement_group_strategy": parallel.placement_strategy,
+    }
+
+
+def _worker_device_type(config: ClusterConfig) -> str:
+    """The workers' device: as configured, or for "auto" CUDA if the cluster has GPUs."""
+    if config.model.device != "auto":
+        return config.model.device
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU") else "cpu"
 
 
 def start_http(config: ClusterConfig) -> None:

@@ -2,8 +2,10 @@
 
 `OpenAIIngress` parses and checks each request itself (so every error has OpenAI's shape and
 never reaches an engine), asks the router for a replica, and relays that replica's stream
-(see server.py for its contract). Each replica builds its FastAPI app from its own bound
-methods (`build_fastapi`), so no app lives in a module global.
+(see server.py for its contract). When the replica fails, the request goes on elsewhere
+(migration.py); a failed replica gets no requests until it answers healthy again. Each
+replica builds its FastAPI app from its own bound methods (`build_fastapi`), so no app lives
+in a module global.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -21,13 +25,23 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from fleetlm.cluster import errors
+from fleetlm.cluster.config import MigrationSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import METRICS_CONTENT_TYPE, render_metrics
+from fleetlm.cluster.migration import (
+    Resume,
+    StreamChunk,
+    is_replica_failure,
+    merge_progress,
+    retry_delays,
+    sse_error,
+)
 from fleetlm.cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,9 +49,58 @@ from fleetlm.cluster.openai_protocol import (
     ModelList,
     random_id,
 )
-from fleetlm.cluster.router import ReplicaState, RoutingRequest, build_router
+from fleetlm.cluster.router import ReplicaState, Router, RoutingRequest, build_router
+from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
+
+logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+# A replica that has not answered a health probe by then counts as unhealthy: a dead one
+# would otherwise hold /health until Serve has replaced it.
+HEALTH_PROBE_TIMEOUT_S = 1.0
+UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length, metrics)
+# What a replica's stream raises when the replica is gone (died, killed, being replaced).
+REPLICA_ERRORS = (RayActorError, ReplicaUnavailableError)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One client request, as every replica it visits is asked it."""
+
+    method: str  # "chat" | "completions"
+    body: Any
+    request_id: str
+    routing: RoutingRequest
+
+
+class _Attempt:
+    """One replica's stream of one request, counted in the router while it is open."""
+
+    def __init__(self, router: Router, replica: ReplicaState, stream) -> None:
+        self.router, self.replica, self.stream = router, replica, stream
+        self.is_open, self.is_done = True, False
+        router.on_start(replica)
+
+    async def next(self) -> Any:
+        """The next item (server.py's contract); a vanished replica gives an engine_dead
+        error, like a replica whose engine died."""
+        try:
+            item = await self.stream.__anext__()
+        except StopAsyncIteration:
+            item = errors.internal_error(RuntimeError(f"{self.replica.name} ended early"))
+        except REPLICA_ERRORS as e:
+            logger.warning("%s is gone: %s", self.replica.name, type(e).__name__)
+            item = errors.engine_dead()
+        self.is_done = not isinstance(item, StreamChunk) or item.is_last
+        return item
+
+    def close(self) -> None:
+        """Stop counting it (idempotent); cancel the replica's request unless it ended."""
+        if self.is_open:
+            self.is_open = False
+            if not self.is_done:
+                self.stream.cancel()
+            self.router.on_finish(self.replica)
 
 
 class OpenAIIngress:
@@ -47,12 +110,16 @@ class OpenAIIngress:
         servers: Sequence[DeploymentHandle],
         router_policy: str = "least_loaded",
         api_keys: Sequence[str] = (),
+        migration: MigrationSection | None = None,
     ) -> None:
+        send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
         self.servers = [server.options(stream=True) for server in servers]
         self.router = build_router(router_policy, [s.deployment_name for s in servers])
         self.api_keys = [key.encode() for key in api_keys]
+        self.migration = migration or MigrationSection()
         self._max_model_len: int | None = None
+        self._watchers: dict[int, asyncio.Task] = {}  # replica index -> its health watcher
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this in the replica
         return build_fastapi(self)
@@ -72,26 +139,32 @@ class OpenAIIngress:
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         if self._max_model_len is None:
-            self._max_model_len = await self._unary(0, "max_model_len")
+            self._max_model_len = await self._ask_any("max_model_len")
         card = ModelCard(id=self.model_name, max_model_len=self._max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     async def health(self) -> Response:
-        answers = await asyncio.gather(
-            *(self._unary(i, "is_healthy") for i in range(len(self.servers))),
-            return_exceptions=True,
-        )
-        for replica, answer in zip(self.router.replicas, answers):
-            replica.is_healthy = answer is True
-        if not all(answer is True for answer in answers):
+        """200 if every replica's engine (and each of its workers) lives, else 503 at once:
+        a replica that does not answer within HEALTH_PROBE_TIMEOUT_S counts as down."""
+        answers = await asyncio.gather(*(self._probe(i) for i in range(len(self.servers))))
+        for replica, is_healthy in zip(self.router.replicas, answers):
+            if is_healthy:
+                replica.is_healthy = True
+            else:
+                self._mark_unhealthy(replica)
+        if not all(answers):
             return _error_response(errors.engine_dead())
         return JSONResponse({"status": "ok", "num_replicas": len(answers)})
 
     async def metrics(self) -> Response:
+        """Every replica that answers in time (a dead one is left out, not waited for)."""
         snapshots = await asyncio.gather(
-            *(self._unary(i, "metrics_snapshot") for i in range(len(self.servers)))
-        )
-        return Response(render_metrics(snapshots), media_type=METRICS_CONTENT_TYPE)
+            *(self._unary(i, "metrics_snapshot", UNARY_TIMEOUT_S)
+              for i in range(len(self.servers))),
+            return_exceptions=True,
+        )  # fmt: skip
+        answered = [s for s in snapshots if not isinstance(s, BaseException)]
+        return Response(render_metrics(answered), media_type=METRICS_CONTENT_TYPE)
 
     async def index(self) -> Response:
         page = STATIC_DIR / "index.html"
@@ -133,41 +206,124 @@ class OpenAIIngress:
 
     async def _dispatch(self, method: str, body: Any, prompt_text: str) -> Response:
         request_id = random_id("chatcmpl" if method == "chat" else "cmpl")
-        replica = self.router.pick(RoutingRequest(request_id, prompt_text))
-        self.router.on_start(replica)
-        stream = getattr(self.servers[replica.index], method).remote(body, request_id)
-        try:
-            first = await stream.__anext__()
-        except BaseException:
-            stream.cancel()
-            self.router.on_finish(replica)
-            raise
-        if not isinstance(first, str):  # an error or a whole response: nothing more follows
-            self.router.on_finish(replica)
+        call = _Call(method, body, request_id, RoutingRequest(request_id, prompt_text))
+        attempt, first = await self._start(call, None)
+        if not isinstance(first, StreamChunk):  # an error or a whole response: nothing follows
+            if attempt is not None:
+                attempt.close()
             if isinstance(first, OpenAIError):
                 raise first
             return JSONResponse(first)
         return StreamingResponse(
-            self._relay(first, stream, replica), media_type="text/event-stream"
+            self._relay(call, attempt, first), media_type="text/event-stream"
         )
 
-    async def _relay(self, first: str, stream, replica: ReplicaState) -> AsyncIterator[str]:
-        """Forward SSE text; when the client goes away, cancel the replica's request."""
-        is_done = False
-        try:
-            yield first
-            async for text in stream:
-                yield text
-            is_done = True
-        finally:
-            if not is_done:
-                stream.cancel()
-            self.router.on_finish(replica)
+    async def _start(self, call: _Call, resume: Resume | None) -> tuple[_Attempt | None, Any]:
+        """Send `call` to a replica and wait for its first item. While replicas fail (and
+        migration is on), try again with backoff for up to `migration.timeout_s`: a failed
+        replica is skipped while others are healthy, else its replacement is waited for.
+        Returns (None, the last error) if none took it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.migration.timeout_s
+        for delay in retry_delays():
+            replica = self.router.pick(call.routing)
+            server = getattr(self.servers[replica.index], call.method)
+            attempt = _Attempt(self.router, replica, server.remote(call.body, call.request_id,
+                                                                   resume))  # fmt: skip
+            try:
+                first = await attempt.next()
+            except BaseException:
+                attempt.close()
+                raise
+            if not (isinstance(first, OpenAIError) and is_replica_failure(first)):
+                replica.is_healthy = True
+                return attempt, first
+            attempt.close()
+            self._mark_unhealthy(replica)
+            remaining = deadline - loop.time()
+            if not self.migration.is_enabled or remaining <= 0:
+                return None, first
+            await asyncio.sleep(min(delay, remaining))
+        raise AssertionError("retry_delays() never ends")
 
-    async def _unary(self, index: int, method: str) -> Any:
-        """Call a plain (non-streaming) method of replica `index`."""
+    async def _relay(self, call: _Call, attempt: _Attempt, first: StreamChunk
+                     ) -> AsyncIterator[str]:
+        """Forward SSE text while recording what the client has; when the replica fails,
+        go on from there on another one (up to `migration.max_migrations` times); past that,
+        end with an error event and [DONE]. When the client goes away, cancel the request."""
+        progress: dict = {}
+        item: Any = first
+        num_migrations = 0
+        try:
+            while True:
+                if isinstance(item, StreamChunk):
+                    yield item.text
+                    merge_progress(progress, item)
+                    if item.is_last:
+                        return
+                    item = await attempt.next()
+                    continue
+                attempt.close()
+                if not is_replica_failure(item) or num_migrations >= self.migration.max_migrations:
+                    yield sse_error(item)
+                    return
+                num_migrations += 1
+                self._mark_unhealthy(attempt.replica)
+                logger.warning("%s: %s failed; moving the stream (migration %d of at most %d)",
+                               call.request_id, attempt.replica.name, num_migrations,
+                               self.migration.max_migrations)
+                resumed, item = await self._start(call, Resume(progress, num_migrations))
+                if resumed is None:
+                    yield sse_error(item)
+                    return
+                attempt = resumed
+        finally:
+            attempt.close()
+
+    def _mark_unhealthy(self, replica: ReplicaState) -> None:
+        """Route around `replica` until it (or its replacement) answers healthy again."""
+        replica.is_healthy = False
+        watcher = self._watchers.get(replica.index)
+        if watcher is None or watcher.done():
+            self._watchers[replica.index] = asyncio.create_task(self._watch(replica))
+
+    async def _watch(self, replica: ReplicaState) -> None:
+        for delay in retry_delays():
+            await asyncio.sleep(delay)
+            if replica.is_healthy or await self._probe(replica.index):
+                replica.is_healthy = True
+                return
+
+    async def _probe(self, index: int) -> bool:
+        try:
+            return await self._unary(index, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
+        except Exception:  # noqa: BLE001 - dead, being replaced, or too slow: not healthy
+            return False
+
+    async def _ask_any(self, method: str) -> Any:
+        """The first answer of the replicas, healthy ones first."""
+        replicas = sorted(self.router.replicas, key=lambda r: not r.is_healthy)
+        for replica in replicas[:-1]:
+            try:
+                return await self._unary(replica.index, method, UNARY_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - ask the next one
+                continue
+        return await self._unary(replicas[-1].index, method, UNARY_TIMEOUT_S)
+
+    async def _unary(self, index: int, method: str, timeout_s: float) -> Any:
+        """Call a plain (non-streaming) method of replica `index`; TimeoutError after
+        `timeout_s` (the call is then cancelled)."""
         handle = self.servers[index].options(stream=False)
-        return await getattr(handle, method).remote()
+        response = getattr(handle, method).remote()
+        try:
+            return await asyncio.wait_for(_result(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
+
+
+async def _result(response) -> Any:
+    return await response
 
 
 # ---- FastAPI wiring ----------------------------------------------------------------------
@@ -199,7 +355,7 @@ async def _on_validation_error(request: Request, error: RequestValidationError) 
 
 
 async def _on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    if isinstance(error, RayActorError):  # the replica died; Serve is replacing it
+    if isinstance(error, REPLICA_ERRORS):  # the replica died; Serve is replacing it
         return _error_response(errors.engine_dead())
     return _error_response(errors.internal_error(error))
 

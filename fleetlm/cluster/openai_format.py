@@ -2,12 +2,14 @@
 
 A formatter serves one HTTP request whose choices are separate engine requests (one per
 prompt and `n`), indexed `prompt_index * n + j`. It remembers how much of each choice it
-has sent, so `chunks()` can be given any later cumulative snapshot and emits only the rest.
+has sent (`ChoiceProgress`), so `chunks()` can be given any later cumulative snapshot and
+emits only the rest. That record also lets another replica take a stream over: the ingress
+collects it (`take_progress`) and hands it to the next formatter (`resume`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from fleetlm.cluster.openai_protocol import (
     ChatChoice,
@@ -28,23 +30,75 @@ from fleetlm.executor.outputs import PositionLogprobs, RequestOutput
 
 
 @dataclass
-class _Sent:
-    """How much of one choice the client has already received."""
+class ChoiceProgress:
+    """How much of one choice the client has received: what another replica needs to go on
+    with it exactly (the tokens, for the engine; the rest, for its formatter)."""
 
-    num_chars: int = 0
-    num_tokens: int = 0
-    text_offset: int = 0
-    is_started: bool = False
-    is_finished: bool = False
+    token_ids: list[int] = field(default_factory=list)  # completion tokens sent
+    num_chars: int = 0  # of the completion's text sent
+    text_offset: int = 0  # completions' logprobs: where the next token's text starts
+    num_prompt_tokens: int = 0
+    is_started: bool = False  # the first chunk (chat: the role) went out
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def merge(self, update: ChoiceProgress) -> None:
+        """Fold in a later update whose `token_ids` are only the tokens sent since."""
+        self.token_ids.extend(update.token_ids)
+        self.num_chars, self.text_offset = update.num_chars, update.text_offset
+        self.num_prompt_tokens, self.is_started = update.num_prompt_tokens, update.is_started
+        self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
 
 
 class _Formatter:
-    def __init__(self, request_id: str, model: str, tokenizer, num_choices: int) -> None:
+    def __init__(self, request_id: str, model: str, tokenizer, num_choices: int, n: int) -> None:
         self.request_id = request_id
         self.model = model
         self.tokenizer = tokenizer
-        self._sent = [_Sent() for _ in range(num_choices)]
+        self.n = n
+        self._sent = [ChoiceProgress() for _ in range(num_choices)]
+        self._num_reported = [0] * num_choices  # tokens of each choice `take_progress` gave
         self._token_text: dict[int, str] = {}
+
+    def resume(self, progress: dict[int, ChoiceProgress]) -> None:
+        """Go on from what another replica sent; its finished choices still count in usage."""
+        for index, choice in progress.items():
+            self._sent[index] = replace(choice, token_ids=list(choice.token_ids))
+            self._num_reported[index] = choice.num_tokens
+
+    def take_progress(self, indices) -> dict[int, ChoiceProgress]:
+        """The progress of choices `indices` since the last call: their tokens sent since,
+        and where they now stand (for `ChoiceProgress.merge`)."""
+        updates = {}
+        for index in indices:
+            sent = self._sent[index]
+            updates[index] = replace(sent, token_ids=sent.token_ids[self._num_reported[index]:])
+            self._num_reported[index] = sent.num_tokens
+        return updates
+
+    def usage(self, outputs: dict[int, RequestOutput]) -> UsageInfo:
+        """Prompt tokens count once per prompt, not once per choice; a choice without output
+        here counts what another replica sent of it (none, unless this one resumed it)."""
+        num_prompt: dict[int, int] = {}
+        num_completion = 0
+        for index, sent in enumerate(self._sent):
+            if index not in outputs and sent.num_prompt_tokens:
+                num_prompt[index // self.n] = sent.num_prompt_tokens
+                num_completion += sent.num_tokens
+        for index, output in outputs.items():
+            num_prompt[index // self.n] = len(output.prompt_token_ids)
+            num_completion += len(output.outputs[0].token_ids)
+        prompt = sum(num_prompt.values())
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=num_completion,
+                         total_tokens=prompt + num_completion)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -53,29 +107,27 @@ class _Formatter:
         return text
 
     def _new_text(self, index: int, output: RequestOutput) -> tuple[str, list[PositionLogprobs]]:
-        """The text and logprob positions of choice `index` not yet sent; marks them sent."""
+        """The text and logprob positions of choice `index` not yet sent; marks them sent.
+
+        A resumed engine request's logprobs cover only the tokens it generated itself, so
+        the new positions are the last ones."""
         sent = self._sent[index]
         completion = output.outputs[0]
         text = completion.text[sent.num_chars:]
-        logprobs = (completion.logprobs or [])[sent.num_tokens:]
+        new_token_ids = completion.token_ids[sent.num_tokens:]
+        logprobs = completion.logprobs or []
+        new_logprobs = logprobs[max(0, len(logprobs) - len(new_token_ids)):] if new_token_ids \
+            else []
         sent.num_chars = max(sent.num_chars, len(completion.text))
-        sent.num_tokens = max(sent.num_tokens, len(completion.token_ids))
-        sent.is_finished = completion.finish_reason is not None
-        return text, logprobs
-
-
-def usage_of(outputs: dict[int, RequestOutput], n: int) -> UsageInfo:
-    """Prompt tokens count once per prompt, not once per choice."""
-    prompt = sum(len(out.prompt_token_ids) for i, out in outputs.items() if i % n == 0)
-    completion = sum(len(out.outputs[0].token_ids) for out in outputs.values())
-    return UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+        sent.token_ids.extend(new_token_ids)
+        sent.num_prompt_tokens = len(output.prompt_token_ids)
+        sent.finish_reason, sent.stop_reason = completion.finish_reason, completion.stop_reason
+        return text, new_logprobs
 
 
 class ChatFormatter(_Formatter):
     def __init__(self, request: ChatCompletionRequest, request_id: str, model: str, tokenizer):
-        super().__init__(request_id, model, tokenizer, request.n)
+        super().__init__(request_id, model, tokenizer, request.n, request.n)
         self.request = request
 
     def response(self, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
@@ -90,7 +142,7 @@ class ChatFormatter(_Formatter):
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
             ))
-        usage = usage_of(outputs, self.request.n)
+        usage = self.usage(outputs)
         return ChatCompletionResponse(
             id=self.request_id, model=self.model, choices=choices, usage=usage
         )
@@ -99,7 +151,7 @@ class ChatFormatter(_Formatter):
         return [self._chunk(index, snapshot[index]) for index in sorted(snapshot)]
 
     def usage_chunk(self, outputs: dict[int, RequestOutput]) -> ChatCompletionChunk:
-        usage = usage_of(outputs, self.request.n)
+        usage = self.usage(outputs)
         return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[], usage=usage)
 
     def _chunk(self, index: int, output: RequestOutput) -> ChatCompletionChunk:
@@ -139,12 +191,12 @@ class ChatFormatter(_Formatter):
 class CompletionFormatter(_Formatter):
     def __init__(self, request: CompletionRequest, request_id: str, model: str, tokenizer):
         num_choices = len(request.prompts()) * request.n
-        super().__init__(request_id, model, tokenizer, num_choices)
+        super().__init__(request_id, model, tokenizer, num_choices, request.n)
         self.request = request
 
     def response(self, outputs: dict[int, RequestOutput]) -> CompletionResponse:
         choices = [self._choice(index, outputs[index]) for index in sorted(outputs)]
-        usage = usage_of(outputs, self.request.n)
+        usage = self.usage(outputs)
         return CompletionResponse(
             id=self.request_id, model=self.model, choices=choices, usage=usage
         )
@@ -158,7 +210,7 @@ class CompletionFormatter(_Formatter):
         ]
 
     def usage_chunk(self, outputs: dict[int, RequestOutput]) -> CompletionResponse:
-        usage = usage_of(outputs, self.request.n)
+        usage = self.usage(outputs)
         return CompletionResponse(id=self.request_id, model=self.model, choices=[], usage=usage)
 
     def _choice(self, index: int, output: RequestOutput) -> CompletionChoice:
@@ -200,7 +252,8 @@ class CompletionFormatter(_Formatter):
             offset += len(text)
         return logprobs
 
-    def _append(self, logprobs: CompletionLogprobs, position: PositionLogprobs, sent: _Sent):
+    def _append(self, logprobs: CompletionLogprobs, position: PositionLogprobs,
+                sent: ChoiceProgress) -> None:
         token_id, logprob = position[0]
         text = self.token_text(token_id)
         logprobs.tokens.append(text)

@@ -17,18 +17,22 @@ ABORT_REASON = "abort"
 
 
 class RequestTimer:
+    """Times the choices one replica runs of one request: `num_resumed` maps each to the
+    tokens another replica already generated (0 for a new choice), which count neither as
+    this replica's first token nor as its output."""
+
     def __init__(
         self,
         recorder: MetricsRecorder,
-        num_choices: int,
+        num_resumed: dict[int, int],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.recorder = recorder
         self.clock = clock
         self.start = clock()
-        self.num_choices = num_choices
-        self._num_tokens = [0] * num_choices
-        self._last_time = [self.start] * num_choices
+        self._num_resumed = dict(num_resumed)
+        self._num_tokens = dict(num_resumed)
+        self._last_time = {index: self.start for index in num_resumed}
 
     def on_snapshot(self, snapshot: dict[int, RequestOutput]) -> None:
         now = self.clock()
@@ -49,7 +53,7 @@ class RequestTimer:
     def on_end(self, outputs: dict[int, RequestOutput]) -> None:
         """Every choice ends here, finished or not (a choice cut short counts as aborted)."""
         e2e = self.clock() - self.start
-        for index in range(self.num_choices):
+        for index, num_resumed in self._num_resumed.items():
             output = outputs.get(index)
             if output is None:
                 self.recorder.on_finish(e2e, 0, 0, ABORT_REASON)
@@ -58,6 +62,6 @@ class RequestTimer:
             self.recorder.on_finish(
                 e2e,
                 len(output.prompt_token_ids),
-                len(completion.token_ids),
+                len(completion.token_ids) - num_resumed,
                 completion.finish_reason or ABORT_REASON,
             )

@@ -6,15 +6,18 @@ real Serve deployments around a fake engine.
 
 Stream contract of `chat` / `completions` (what the ingress relays):
   first item: an `OpenAIError` (nothing was generated), or, without `stream`, the whole
-              response as a dict, or, with `stream`, a str of SSE events;
-  later items (stream only): str of one or more SSE events; the last ends with `[DONE]`.
+              response as a dict, or, with `stream`, a `StreamChunk` (migration.py);
+  later items (stream only): a `StreamChunk` of one or more SSE events and the progress of
+              the choices in them; the last has `is_last` and its text ends with `[DONE]`.
+              Or an `OpenAIError`, after which nothing follows: the request failed midway
+              (code "engine_dead": the ingress moves it to another replica).
+Given `resume`, a request goes on from where another replica left it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -24,7 +27,8 @@ import jinja2
 from fleetlm.cluster import errors
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import MetricsRecorder
-from fleetlm.cluster.openai_format import ChatFormatter, CompletionFormatter, usage_of
+from fleetlm.cluster.migration import DONE_EVENT, Resume, StreamChunk
+from fleetlm.cluster.openai_format import ChatFormatter, ChoiceProgress, CompletionFormatter
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
 from fleetlm.cluster.request_timing import RequestTimer
 from fleetlm.cluster.streams import merge_streams
@@ -38,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[EngineConfig], EngineClient]
 Formatter = ChatFormatter | CompletionFormatter
-
-_DONE_EVENT = "data: [DONE]\n\n"
 
 
 def default_engine_factory(config: EngineConfig) -> EngineClient:
@@ -74,7 +76,10 @@ class LLMServer:
     # ---- OpenAI endpoints ----------------------------------------------------------------
 
     async def chat(
-        self, request: ChatCompletionRequest, request_id: str | None = None
+        self,
+        request: ChatCompletionRequest,
+        request_id: str | None = None,
+        resume: Resume | None = None,
     ) -> AsyncIterator[Any]:
         request_id = request_id or random_id("chatcmpl")
         tokenizer = self.engine.tokenizer
@@ -85,11 +90,15 @@ class LLMServer:
             yield errors.bad_request(str(e))
             return
         formatter = ChatFormatter(request, request_id, self.model_name, tokenizer)
-        async for item in self._generate(formatter, request_id, [prompt], params, request):
+        async for item in self._generate(formatter, request_id, [prompt], params, request,
+                                         resume):  # fmt: skip
             yield item
 
     async def completions(
-        self, request: CompletionRequest, request_id: str | None = None
+        self,
+        request: CompletionRequest,
+        request_id: str | None = None,
+        resume: Resume | None = None,
     ) -> AsyncIterator[Any]:
         request_id = request_id or random_id("cmpl")
         try:
@@ -99,7 +108,7 @@ class LLMServer:
             return
         formatter = CompletionFormatter(request, request_id, self.model_name, self.engine.tokenizer)
         prompts = request.prompts()
-        async for item in self._generate(formatter, request_id, prompts, params, request):
+        async for item in self._generate(formatter, request_id, prompts, params, request, resume):
             yield item
 
     # ---- state for the ingress, the router and Ray Serve ---------------------------------
@@ -163,41 +172,48 @@ class LLMServer:
         prompts: list[str | list[int]],
         params: SamplingParams,
         request: ChatCompletionRequest | CompletionRequest,
+        resume: Resume | None,
     ) -> AsyncIterator[Any]:
         if not self.engine.is_healthy:
             yield errors.engine_dead()
             return
-        child_ids = [f"{request_id}-{i}" for i in range(len(prompts) * params.n)]
-        rejection = self._admission_error(len(child_ids))
+        progress = resume.progress if resume is not None else {}
+        formatter.resume(progress)
+        choices = [i for i in range(len(prompts) * params.n)
+                   if i not in progress or not progress[i].is_finished]  # fmt: skip
+        rejection = self._admission_error(len(choices))
         if rejection is not None:
             yield rejection
             return
-        self.num_pending += len(child_ids)
-        pending = set(range(len(child_ids)))
+        engine_ids = _engine_request_ids(request_id, choices, resume)
+        self.num_pending += len(choices)
+        pending = set(choices)
         latest: dict[int, RequestOutput] = {}
-        timer = RequestTimer(self.metrics, len(child_ids))
+        timer = RequestTimer(self.metrics, {i: _num_resumed(progress, i) for i in choices})
         merged = merge_streams(
             [
-                self._stream(prompts[i // params.n], _child_params(params, i % params.n), rid)
-                for i, rid in enumerate(child_ids)
+                self._stream(prompts[i // params.n], _child_params(params, i % params.n),
+                             engine_ids[i], progress.get(i))
+                for i in choices
             ],
             self.stream_interval_s,
         )
         try:
-            async for snapshot in merged:
+            async for by_stream in merged:
+                snapshot = {choices[k]: output for k, output in by_stream.items()}
                 latest.update(snapshot)
                 timer.on_snapshot(snapshot)
                 self._release(pending, snapshot)
                 if request.stream:
-                    yield sse(self._chunks(formatter, snapshot, latest, request))
+                    text = sse(self._chunks(formatter, snapshot, latest, request))
+                    yield StreamChunk(text, formatter.take_progress(snapshot))
             yield self._final(formatter, latest, request)
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
-            error = _as_openai_error(e, request_id, self.engine.is_healthy)
-            yield _sse_error(error) if latest and request.stream else error
+            yield _as_openai_error(e, request_id, self.engine.is_healthy)
         finally:
             await merged.aclose()
             self._release(pending, pending.copy())
-            await self._abort_unfinished(child_ids, latest)
+            await self._abort_unfinished(engine_ids, latest)
             timer.on_end(latest)
 
     def _release(self, pending: set[int], indices) -> None:
@@ -208,10 +224,19 @@ class LLMServer:
                 self.num_pending -= 1
 
     async def _stream(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        progress: ChoiceProgress | None,
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's stream, started lazily so eager validation errors surface in it too."""
-        async for output in self.engine.generate(prompt, params, request_id):
+        """The engine's stream, started lazily so eager validation errors surface in it too;
+        a resumed choice goes on after the tokens its client has."""
+        resume = {}
+        if progress is not None and progress.token_ids:
+            resume = {"resume_token_ids": list(progress.token_ids)}
+            params = dataclasses.replace(params, prompt_logprobs=None)  # already sent
+        async for output in self.engine.generate(prompt, params, request_id, **resume):
             yield output
 
     @staticmethod
@@ -223,7 +248,7 @@ class LLMServer:
     ) -> list:
         chunks = formatter.chunks(snapshot)
         if request.is_usage_continuous:
-            usage = usage_of(latest, request.n)
+            usage = formatter.usage(latest)
             for chunk in chunks:
                 chunk.usage = usage
         return chunks
@@ -237,10 +262,11 @@ class LLMServer:
         if not request.stream:
             return formatter.response(outputs).model_dump()
         usage = sse([formatter.usage_chunk(outputs)]) if request.include_usage else ""
-        return usage + _DONE_EVENT
+        return StreamChunk(usage + DONE_EVENT, is_last=True)
 
-    async def _abort_unfinished(self, child_ids: list[str], latest: dict[int, RequestOutput]):
-        for index, rid in enumerate(child_ids):
+    async def _abort_unfinished(self, engine_ids: dict[int, str],
+                                latest: dict[int, RequestOutput]) -> None:
+        for index, rid in engine_ids.items():
             if index not in latest or not latest[index].finished:
                 await self.engine.abort(rid)
 
@@ -251,15 +277,25 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, n=1, seed=seed)
 
 
+def _engine_request_ids(request_id: str, choices: list[int],
+                        resume: Resume | None) -> dict[int, str]:
+    """One engine request per choice; a resumed one gets new ids, in case the replica that
+    ran it before is this one and has not forgotten them yet."""
+    suffix = "" if resume is None else f"-m{resume.num_migrations}"
+    return {i: f"{request_id}-{i}{suffix}" for i in choices}
+
+
+def _num_resumed(progress: dict[int, ChoiceProgress], index: int) -> int:
+    return progress[index].num_tokens if index in progress else 0
+
+
 def _as_openai_error(error: Exception, request_id: str, is_healthy: bool) -> OpenAIError:
     if isinstance(error, ValueError):
         return errors.bad_request(str(error))
     if isinstance(error, SchedulerQueueFullError):
         return errors.queue_full_message(str(error))
+    if not is_healthy:
+        logger.warning("request %s failed: the engine died (%s)", request_id, error)
+        return errors.engine_dead()
     logger.error("request %s failed", request_id, exc_info=error)
-    return errors.internal_error(error) if is_healthy else errors.engine_dead()
-
-
-def _sse_error(error: OpenAIError) -> str:
-    """An error after the stream started: an error event, then the end of the stream."""
-    return f"data: {json.dumps(error.to_dict())}\n\n{_DONE_EVENT}"
+    return errors.internal_error(error)

@@ -5,7 +5,9 @@ Tokens are UTF-8 bytes (ids 0-255) plus EOS (256). Each request generates the le
 the sampled token's logprob is -0.5, alternatives follow with -1, -2, ... It honours
 `max_num_seqs` (the rest wait), max_tokens, the context length and stop strings, and keeps
 "KV blocks" (`ceil(num_tokens / block_size)` per running request) so tests can watch them
-being freed. A prompt containing `CRASH_MARKER` kills the engine.
+being freed. A prompt containing `CRASH_MARKER` kills the engine; one containing
+`DIE_MARKER` kills it after `DIE_AFTER_TOKENS` tokens of its own (unless the request resumes
+another replica's output: `resume_token_ids`, which it checks), failing every stream it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fleetlm.executor.sampling_params import SamplingParams
 EOS_ID = 256
 VOCAB_SIZE = 257
 CRASH_MARKER = "__crash_the_engine__"
+DIE_MARKER = "__die_mid_stream__"
+DIE_AFTER_TOKENS = 4
 ROLES = ("system", "user", "assistant")
 
 
@@ -81,15 +85,22 @@ class FakeEngine:
         self.is_healthy = False
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0):
+                       priority: int = 0, resume_token_ids: list[int] | None = None):
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, sampling_params)
+        resume = list(resume_token_ids or ())
+        if resume and resume != [ord(c) for c in expected_text(len(token_ids), len(resume))]:
+            raise ValueError("resume_token_ids are not what this prompt generates")
+        if not self.is_healthy:
+            raise RuntimeError("the fake engine is dead")
         if isinstance(prompt, str) and CRASH_MARKER in prompt:
             self.is_healthy = False
             raise RuntimeError("the fake engine crashed on purpose")
-        await self._admit(request_id, len(token_ids))
+        dies = isinstance(prompt, str) and DIE_MARKER in prompt and not resume
+        await self._admit(request_id, len(token_ids) + len(resume))
         try:
-            async for output in self._run(prompt, token_ids, sampling_params, request_id):
+            async for output in self._run(prompt, token_ids, sampling_params, request_id,
+                                          resume, dies):  # fmt: skip
                 yield output
         finally:
             await self._release(request_id)
@@ -118,15 +129,21 @@ class FakeEngine:
             async with self._slot_freed:
                 self._slot_freed.notify_all()
 
-    async def _run(self, prompt, token_ids, params: SamplingParams, request_id: str):
+    async def _run(self, prompt, token_ids, params: SamplingParams, request_id: str,
+                   resume: list[int], dies: bool):
         limit = self.max_model_len - len(token_ids)
         max_tokens = min(params.max_tokens or limit, limit)
         text = expected_text(len(token_ids), max_tokens)
-        out = CompletionOutput(index=0, text="", token_ids=[], logprobs=None)
+        out = CompletionOutput(index=0, text=text[: len(resume)], token_ids=resume,
+                               logprobs=None)  # fmt: skip
         if params.logprobs is not None:
             out.logprobs = []
-        for i in range(max_tokens):
+        for i in range(len(resume), max_tokens):
             await asyncio.sleep(self.step_s)
+            if dies and i == DIE_AFTER_TOKENS:
+                self.is_healthy = False
+            if not self.is_healthy:
+                raise RuntimeError("the fake engine died mid-stream")
             token = ord(text[i])
             out.token_ids = out.token_ids + [token]
             out.text = text[: i + 1]

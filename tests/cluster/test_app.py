@@ -1,7 +1,8 @@
 """The real Ray Serve application over HTTP, with the fake engine in each replica.
 
-Two apps share the session's proxy: `two` is configs/two-replicas.yaml (round-robin, plus an
-API key), `tight` has one replica that runs one request at a time and queues at most one.
+Apps share the session's proxy: `two` is configs/two-replicas.yaml (round-robin, plus an
+API key), `tight` has one replica that runs one request at a time and queues at most one;
+`moving` (two replicas) and `stranded` (one, migration off) lose engines mid-stream.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import json
+
+import actors
 import openai
 import pytest
 import requests
 from conftest import small_config
-from fake_engine import CRASH_MARKER, FakeEngine, expected_text
+from fake_engine import CRASH_MARKER, DIE_AFTER_TOKENS, DIE_MARKER, FakeEngine, expected_text
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlm.cluster.app import build_app, server_name
@@ -55,9 +59,28 @@ def tight(http_port):
     from ray import serve
 
     _deploy("tight", small_config(engine={"max_num_seqs": 1, "max_num_waiting": 1},
-                                  model={"max_model_len": HUGE_CONTEXT}))  # fmt: skip
+                                  model={"max_model_len": HUGE_CONTEXT},
+                                  migration={"max_migrations": 0}))  # fmt: skip
     yield f"http://127.0.0.1:{http_port}/tight"
     serve.delete("tight")
+
+
+@pytest.fixture(scope="module")
+def moving(http_port):
+    from ray import serve
+
+    _deploy("moving", small_config(replicas={"count": 2}, migration={"timeout_s": TIMEOUT_S}))
+    yield f"http://127.0.0.1:{http_port}/moving"
+    serve.delete("moving")
+
+
+@pytest.fixture(scope="module")
+def stranded(http_port):
+    from ray import serve
+
+    _deploy("stranded", small_config(migration={"max_migrations": 0}))
+    yield f"http://127.0.0.1:{http_port}/stranded"
+    serve.delete("stranded")
 
 
 def _client(base_url: str, key: str = API_KEY) -> openai.OpenAI:
@@ -243,3 +266,64 @@ def test_health_turns_503_when_the_engine_dies(tight):
     health = requests.get(f"{tight}/health", timeout=TIMEOUT_S)
     assert health.status_code == 503
     assert health.json()["error"]["code"] == "engine_dead"
+
+
+# ---- replicas failing mid-stream ----------------------------------------------------------
+
+
+def _wait_healthy(base_url: str) -> None:
+    """Replicas killed by an earlier test have been replaced."""
+    _wait_until(lambda: requests.get(f"{base_url}/health", timeout=TIMEOUT_S).status_code == 200,
+                "every replica to be healthy")  # fmt: skip
+
+
+def _sse_events(base_url: str, body: dict) -> list:
+    """Every event of a raw SSE stream, [DONE] as the string."""
+    with requests.post(f"{base_url}/v1/completions", json=body, stream=True,
+                       timeout=TIMEOUT_S) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    payloads = [line.decode().removeprefix("data: ") for line in lines]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+def test_a_stream_whose_engine_dies_goes_on_on_the_other_replica(moving):
+    _wait_healthy(moving)
+    prompt = DIE_MARKER + " go on"
+    stream = _client(moving).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3 * DIE_AFTER_TOKENS, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == (
+        expected_text(len(prompt), 3 * DIE_AFTER_TOKENS))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 3 * DIE_AFTER_TOKENS
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_without_migration_a_dying_stream_ends_with_an_error_event(stranded):
+    _wait_healthy(stranded)
+    prompt = DIE_MARKER + " stop"
+    events = _sse_events(stranded, {"prompt": prompt, "max_tokens": 50, "stream": True})
+    *chunks, error, done = events
+    assert done == "[DONE]"
+    assert set(error["error"]) == ERROR_FIELDS and error["error"]["code"] == "engine_dead"
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == expected_text(len(prompt), len(text)) and len(text) <= DIE_AFTER_TOKENS
+
+
+def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
+    _wait_healthy(stranded)
+    actors.kill(actors.replica_actor("stranded", server_name(0)))
+    start = time.monotonic()
+    health = requests.get(f"{stranded}/health", timeout=TIMEOUT_S)
+    assert health.status_code == 503 and time.monotonic() - start < 2.0
+    _wait_healthy(stranded)  # Serve replaced it
+    _assert_ok_without_key(stranded)
+
+
+def _assert_ok_without_key(base_url: str) -> None:
+    reply = _client(base_url, key="unused").completions.create(model=MODEL, prompt="ok",
+                                                               max_tokens=2)  # fmt: skip
+    assert reply.choices[0].text == expected_text(2, 2)

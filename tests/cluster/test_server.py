@@ -7,10 +7,11 @@ import json
 
 import pytest
 from conftest import small_config
-from fake_engine import CRASH_MARKER, FakeEngine, expected_text
+from fake_engine import CRASH_MARKER, DIE_AFTER_TOKENS, DIE_MARKER, FakeEngine, expected_text
 
 from fleetlm.cluster.config import to_engine_config
 from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.migration import Resume, StreamChunk, merge_progress
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
 from fleetlm.cluster.server import LLMServer
 
@@ -38,8 +39,10 @@ def _run(stream) -> list:
     return asyncio.run(_collect(stream))
 
 
-def _events(items: list[str]) -> list:
-    text = "".join(items)
+def _events(items: list[StreamChunk]) -> list:
+    assert all(isinstance(item, StreamChunk) for item in items)
+    assert [item.is_last for item in items] == [False] * (len(items) - 1) + [True]
+    text = "".join(item.text for item in items)
     assert text.endswith("data: [DONE]\n\n")
     parts = [p.removeprefix("data: ") for p in text.split("\n\n") if p]
     return [json.loads(p) for p in parts[:-1]]
@@ -223,3 +226,81 @@ def test_requests_arriving_together_cannot_overfill_the_queue():
     # Conservative: a request counts as waiting until its first output, so two get in.
     assert (rejected, served) == ([429] * 3, ["length"] * 2)
     assert server.num_pending == 0
+
+
+# ---- what a replica reports for migration, and resuming from it ---------------------------
+
+
+def test_chunks_carry_the_token_ids_behind_their_text():
+    request = CompletionRequest(prompt="abc", max_tokens=6, stream=True)
+    items = _run(_server().completions(request))
+    progress = {}
+    for item in items:
+        merge_progress(progress, item)
+    [choice] = progress.values()
+    assert bytes(choice.token_ids).decode() == expected_text(3, 6)
+    assert (choice.num_chars, choice.num_prompt_tokens, choice.finish_reason) == (6, 3, "length")
+
+
+def _interrupted(server: LLMServer, request, stop_when) -> tuple[list, dict]:
+    """The items a client got before `stop_when(progress)` held, and that progress."""
+
+    async def scenario():
+        stream = getattr(server, "chat" if isinstance(request, ChatCompletionRequest)
+                         else "completions")(request, "req-1")  # fmt: skip
+        items, progress = [], {}
+        async for item in stream:
+            items.append(item)
+            merge_progress(progress, item)
+            if stop_when(progress):
+                break
+        await stream.aclose()
+        return items, progress
+
+    return asyncio.run(scenario())
+
+
+def test_a_resumed_chat_stream_continues_the_interrupted_one():
+    request = _chat(max_tokens=12, stream=True, stream_options={"include_usage": True})
+    before, progress = _interrupted(_server(), request, lambda p: p[0].num_tokens >= 5)
+    after = _run(_server().chat(request, "req-1", Resume(progress, 1)))
+    *chunks, usage = _events(before + after)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == (
+        expected_text(CHAT_PROMPT_LEN, 12))
+    assert ["role" in c["choices"][0]["delta"] for c in chunks].count(True) == 1
+    assert {c["id"] for c in chunks} == {"req-1"}
+    assert usage["usage"]["completion_tokens"] == 12
+    assert usage["usage"]["prompt_tokens"] == CHAT_PROMPT_LEN
+
+
+def test_resume_skips_finished_choices_and_counts_them_in_usage():
+    text_a, text_b = expected_text(2, 6), expected_text(4, 6)
+    stop = "g"  # choice 0 ("cdefg...") stops after 4 characters, choice 1 ("efg...") after 2
+    request = CompletionRequest(prompt=["ab", "abcd"], max_tokens=6, stop=[stop], stream=True,
+                                stream_options={"include_usage": True})  # fmt: skip
+    before, progress = _interrupted(
+        _server(), request, lambda p: 1 in p and p[1].is_finished and 0 in p)
+    assert not progress[0].is_finished
+    server = _server()
+    after = _run(server.completions(request, "req-1", Resume(progress, 1)))
+    *chunks, usage = _events(before + after)
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == {0: text_a[: text_a.index(stop)], 1: text_b[: text_b.index(stop)]}
+    assert usage["usage"]["prompt_tokens"] == 6
+    assert usage["usage"]["completion_tokens"] == 5 + 3  # the stop tokens count too
+    assert server.stats().num_generation_tokens == 5 - progress[0].num_tokens
+
+
+def test_an_engine_dying_mid_stream_ends_the_stream_with_an_engine_dead_item():
+    request = CompletionRequest(prompt=DIE_MARKER, max_tokens=10, stream=True)
+    items = _run(_server().completions(request))
+    *chunks, error = items
+    assert all(isinstance(c, StreamChunk) and not c.is_last for c in chunks)
+    assert isinstance(error, OpenAIError) and error.code == "engine_dead"
+    progress = {}
+    for chunk in chunks:
+        merge_progress(progress, chunk)
+    assert progress[0].num_tokens <= DIE_AFTER_TOKENS

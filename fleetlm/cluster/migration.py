@@ -1,0 +1,73 @@
+"""What lets a request outlive the replica serving it.
+
+    replica ──StreamChunk(SSE text, progress of the choices in it)──> ingress ──text──> client
+    replica fails (engine or worker died, replica died)
+    ingress ──chat/completions(body, request id, Resume(progress so far))──> another replica
+
+A replica reports with every chunk how far each choice has got (`ChoiceProgress`: the token
+ids behind the text, how much text, whether it finished); the ingress folds that into what
+its client has received. When the replica fails, the ingress starts the request on another
+replica (the replacement, if there is no other) with that record: the engine goes on after
+those tokens with the same seed, and the formatter after that text, so the client sees one
+uninterrupted stream. Choices that had finished are not run again.
+
+A failure is an `OpenAIError` with code "engine_dead": the replica says so as an item of
+its stream, or the ingress makes one when the replica's actor is gone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from fleetlm.cluster import errors
+from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.openai_format import ChoiceProgress
+
+DONE_EVENT = "data: [DONE]\n\n"
+# Retries of a request no replica takes yet (a dead one, a replacement starting) wait this
+# long first, then twice as long each time, at most RETRY_MAX_DELAY_S.
+RETRY_FIRST_DELAY_S = 0.1
+RETRY_MAX_DELAY_S = 2.0
+
+
+@dataclass
+class StreamChunk:
+    """One item of a replica's stream: SSE events for the client, and the progress of the
+    choices they carry (token ids: only those new in this chunk)."""
+
+    text: str
+    progress: dict[int, ChoiceProgress] = field(default_factory=dict)
+    is_last: bool = False  # the text ends the stream ([DONE])
+
+
+@dataclass
+class Resume:
+    """What another replica had sent of a request before it failed."""
+
+    progress: dict[int, ChoiceProgress]  # choice index -> all the client has of it
+    num_migrations: int  # replicas the request has left so far (1 on its first resume)
+
+
+def merge_progress(progress: dict[int, ChoiceProgress], chunk: StreamChunk) -> None:
+    """Fold a chunk's updates into the record of what the client has received."""
+    for index, update in chunk.progress.items():
+        progress.setdefault(index, ChoiceProgress()).merge(update)
+
+
+def is_replica_failure(error: OpenAIError) -> bool:
+    """Whether another replica could serve what this one could not."""
+    return error.code == errors.engine_dead().code
+
+
+def sse_error(error: OpenAIError) -> str:
+    """An error after the stream started: an error event in OpenAI's shape, then [DONE]."""
+    return f"data: {json.dumps(error.to_dict())}\n\n{DONE_EVENT}"
+
+
+def retry_delays():
+    """RETRY_FIRST_DELAY_S, doubling up to RETRY_MAX_DELAY_S, forever."""
+    delay = RETRY_FIRST_DELAY_S
+    while True:
+        yield delay
+        delay = min(2 * delay, RETRY_MAX_DELAY_S)
