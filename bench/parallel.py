@@ -6,10 +6,14 @@ control     One request decoding on a one-layer random model (the model's own ti
             small), so a step's time is mostly the control path's: the local executor, then a
             Ray worker group of 1 and of 2 ranks through each control plane (ray, socket,
             shm). Reported: microseconds per step.
-throughput  The built-in model, random prompts (seeded), EOS ignored, all submitted at once:
-            output tokens/s and median TTFT for TP=1 (in-process), TP=2, TP=3 and PP=2 with
-            1 and 2 batches in flight. For PP: each stage's busy share of the run (time in
-            steps minus time waiting for the previous stage), whose complement is the bubble.
+throughput  A model of the built-in one's size and shapes (30 layers, hidden 576, MLP 1536,
+            vocabulary 49,152) with random weights and 12 heads of 48 with 6 KV heads instead
+            of 9 of 64 with 3, so that both 2 and 3 divide its heads (the built-in model
+            itself runs at TP=3, not at TP=2). Random prompts (seeded), EOS ignored, all
+            submitted at once: output tokens/s and median TTFT for TP=1 (in-process), TP=2,
+            TP=3 and PP=2 with 1 and 2 batches in flight. For workers: each rank's busy share
+            of the run (time in steps minus time waiting for the previous stage); for PP its
+            complement is the bubble.
 """
 
 from __future__ import annotations
@@ -33,14 +37,22 @@ BUILTIN = "smollm2-135m-instruct"
 CONTROL_PLANES = ("ray", "socket", "shm")
 
 
-def tiny_model_dir(folder: Path) -> str:
-    """A one-layer random Llama with the built-in tokenizer."""
-    transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, vocab_size=49152,
-        architectures=["LlamaForCausalLM"]).save_pretrained(folder)
-    load_tokenizer(resolve_model(BUILTIN)).save_pretrained(folder)
+def random_model_dir(folder: Path, **shape) -> str:
+    """A random-weight Llama with the built-in tokenizer; `shape` overrides the built-in
+    model's config."""
+    builtin = resolve_model(BUILTIN)
+    config = transformers.AutoConfig.from_pretrained(builtin)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    load_tokenizer(builtin).save_pretrained(folder)
     return str(folder)
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=32)
+TP_FRIENDLY = dict(num_attention_heads=12, num_key_value_heads=6, head_dim=48)
 
 
 def time_steps(llm: LLM, num_steps: int) -> float:
@@ -55,7 +67,7 @@ def time_steps(llm: LLM, num_steps: int) -> float:
 def bench_control(num_steps: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        model = tiny_model_dir(Path(folder))
+        model = random_model_dir(Path(folder), **TINY)
         common = dict(random_weights=True, dtype="float32", kv_cache_memory_bytes=16 << 20)
         with LLM(model, **common) as llm:
             local = time_steps(llm, num_steps)
@@ -77,10 +89,10 @@ def random_prompts(num: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, 49000) for _ in range(length)] for _ in range(num)]
 
 
-def bench_throughput(name: str, prompts, output_len: int, **engine_args) -> dict:
+def bench_throughput(name: str, model: str, prompts, output_len: int, **engine_args) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    with LLM(BUILTIN, enable_prefix_caching=False, kv_cache_memory_bytes=512 << 20,
-             **engine_args) as llm:
+    with LLM(model, random_weights=True, enable_prefix_caching=False,
+             kv_cache_memory_bytes=512 << 20, **engine_args) as llm:
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         executor = llm.engine.executor
         before = _stage_times(executor)
@@ -98,6 +110,24 @@ def bench_throughput(name: str, prompts, output_len: int, **engine_args) -> dict
                                   for a, b in zip(after, before)]
     print(row, flush=True)
     return row
+
+
+def run_throughput(args) -> list[dict]:
+    prompts = random_prompts(args.num_prompts, args.input_len, seed=0)
+    common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048)
+    workers = dict(worker_num_cpus=args.worker_cpus, **common)
+    setups = [
+        ("TP=1 (in-process)", common),
+        ("TP=2", dict(tensor_parallel_size=2, **workers)),
+        ("TP=3", dict(tensor_parallel_size=3, **workers)),
+        ("PP=2, 1 batch in flight",
+         dict(pipeline_parallel_size=2, max_batches_in_flight=1, **workers)),
+        ("PP=2, 2 batches in flight", dict(pipeline_parallel_size=2, **workers)),
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        model = random_model_dir(Path(folder), **TP_FRIENDLY)
+        return [bench_throughput(name, model, prompts, args.output_len, **engine_args)
+                for name, engine_args in setups]
 
 
 def _stage_times(executor) -> list[tuple[float, float]] | None:
@@ -126,20 +156,7 @@ def main() -> None:
     if args.only in (None, "control"):
         result["control"] = bench_control(args.steps)
     if args.only in (None, "throughput"):
-        prompts = random_prompts(args.num_prompts, args.input_len, seed=0)
-        common = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048)
-        workers = dict(worker_num_cpus=args.worker_cpus, **common)
-        result["throughput"] = [
-            bench_throughput("TP=1 (in-process)", prompts, args.output_len, **common),
-            bench_throughput("TP=2", prompts, args.output_len, tensor_parallel_size=2,
-                             **workers),
-            bench_throughput("TP=3", prompts, args.output_len, tensor_parallel_size=3,
-                             **workers),
-            bench_throughput("PP=2, 1 batch in flight", prompts, args.output_len,
-                             pipeline_parallel_size=2, max_batches_in_flight=1, **workers),
-            bench_throughput("PP=2, 2 batches in flight", prompts, args.output_len,
-                             pipeline_parallel_size=2, **workers),
-        ]
+        result["throughput"] = run_throughput(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

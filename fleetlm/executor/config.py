@@ -38,6 +38,9 @@ class SchedulerConfig:
     max_model_len: int = 8192  # set from the model by the engine
     policy: Literal["fcfs", "priority"] = "fcfs"
     max_num_waiting: int | None = None  # None: unbounded queue
+    # Steps in flight at once (pipeline stages): each step takes at most its share of the
+    # requests, so that consecutive steps hold different requests. Set by the engine.
+    num_micro_batches: int = 1
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -27,7 +27,8 @@ class EngineCore:
             enable_caching=config.cache.enable_prefix_caching,
             hash_seed=config.cache.hash_seed,
         )
-        scheduler_config = replace(config.scheduler, max_model_len=executor.max_model_len)
+        scheduler_config = replace(config.scheduler, max_model_len=executor.max_model_len,
+                                   num_micro_batches=executor.max_concurrent_batches)
         self.scheduler = Scheduler(scheduler_config, kv_cache_manager)
         self.in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
 

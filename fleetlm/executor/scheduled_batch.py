@@ -18,9 +18,15 @@ class ScheduledBatch:
     """
 
     token_budget: int
+    max_num_reqs: int | None = None  # None: as many as the token budget allows
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_room(self) -> bool:
+        return self.token_budget > 0 and (
+            self.max_num_reqs is None or len(self.num_scheduled_tokens) < self.max_num_reqs)
 
     def add_new(self, request: Request, block_ids: list[int], num_tokens: int) -> None:
         """A request the workers do not hold: sent in full, with its whole block table."""

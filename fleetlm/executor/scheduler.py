@@ -136,7 +136,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """The next step: running requests first, then admissions unless one was preempted."""
-        batch = ScheduledBatch(self.config.max_num_batched_tokens)
+        batch = ScheduledBatch(self.config.max_num_batched_tokens, self._max_num_reqs_per_step())
         num_preemptions_before = self.num_preemptions
         self.waiting.order_running(self.running)
         self._schedule_running(batch)
@@ -151,9 +151,14 @@ class Scheduler:
                 r: self.requests[r].num_preemptions for r in output.num_scheduled_tokens}
         return output
 
+    def _max_num_reqs_per_step(self) -> int:
+        """A step's share of the requests when several steps are in flight at once."""
+        num_reqs = min(len(self.running) + self.num_waiting, self.config.max_num_seqs)
+        return max(1, -(-num_reqs // self.config.num_micro_batches))
+
     def _schedule_running(self, batch: ScheduledBatch) -> None:
         index = 0
-        while index < len(self.running) and batch.token_budget > 0:
+        while index < len(self.running) and batch.has_room:
             request = self.running[index]
             num_new_tokens = _num_new_tokens(request, batch.token_budget)
             if num_new_tokens > 0:
@@ -185,7 +190,7 @@ class Scheduler:
         self.finished_req_ids.add(request.request_id)  # the workers drop its state
 
     def _can_admit(self, batch: ScheduledBatch) -> bool:
-        return batch.token_budget > 0 and len(self.running) < self.config.max_num_seqs
+        return batch.has_room and len(self.running) < self.config.max_num_seqs
 
     def _schedule_loaded(self, batch: ScheduledBatch) -> None:
         while self.loaded and self._can_admit(batch):
