@@ -132,7 +132,10 @@ class LLMServer:
         return self.engine.max_model_len
 
     async def shutdown(self) -> None:
-        result = self.engine.shutdown()
+        engine = getattr(self, "engine", None)  # None: the engine failed to start
+        if engine is None:
+            return
+        result = engine.shutdown()
         if inspect.isawaitable(result):
             await result
 

@@ -8,12 +8,16 @@ the sampled token's logprob is -0.5, alternatives follow with -1, -2, ... It hon
 being freed. A prompt containing `CRASH_MARKER` kills the engine; one containing
 `DIE_MARKER` kills it after `DIE_AFTER_TOKENS` tokens of its own (unless the request resumes
 another replica's output: `resume_token_ids`, which it checks), failing every stream it runs.
+`DIE_ONCE_MARKER` followed by a file path does the same only if the file does not exist yet
+(and creates it): the first engine to run the request dies, the next serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
+from pathlib import Path
 
 import jinja2
 
@@ -26,6 +30,7 @@ EOS_ID = 256
 VOCAB_SIZE = 257
 CRASH_MARKER = "__crash_the_engine__"
 DIE_MARKER = "__die_mid_stream__"
+DIE_ONCE_MARKER = "__die_once_at__"
 DIE_AFTER_TOKENS = 4
 ROLES = ("system", "user", "assistant")
 
@@ -96,7 +101,8 @@ class FakeEngine:
         if isinstance(prompt, str) and CRASH_MARKER in prompt:
             self.is_healthy = False
             raise RuntimeError("the fake engine crashed on purpose")
-        dies = isinstance(prompt, str) and DIE_MARKER in prompt and not resume
+        dies = isinstance(prompt, str) and not resume and (
+            DIE_MARKER in prompt or _is_first_to_die(prompt))
         await self._admit(request_id, len(token_ids) + len(resume))
         try:
             async for output in self._run(prompt, token_ids, sampling_params, request_id,
@@ -171,6 +177,17 @@ class FakeEngine:
                 out.stop_reason = stop
                 return "stop"
         return "length" if is_last else None
+
+
+def _is_first_to_die(prompt: str) -> bool:
+    match = re.search(re.escape(DIE_ONCE_MARKER) + r"(\S+)", prompt)
+    if match is None:
+        return False
+    try:
+        Path(match.group(1)).touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _position(token: int, num_top: int) -> list[tuple[int, float]]:

@@ -1,0 +1,245 @@
+"""Tensor-parallel engine replicas behind Ray Serve, over HTTP with the OpenAI SDK.
+
+Served: a TP=3 replica answers with the same greedy text as a TP=1 one. Killed: under 8
+concurrent greedy streams, one worker actor of a TP=3 replica (and, separately, the replica's
+own process) is SIGKILLed (the built-in model's 9 heads rule TP=2 out); /health turns 503 at once, every stream still completes with the
+text of an undisturbed run (migrated to the other replica), Serve replaces the replica, and no
+KV blocks stay in use. With migration off the streams end with an error event and [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import actors
+import aiohttp
+import openai
+import pytest
+from conftest import small_config
+
+from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.openai_protocol import CompletionRequest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+ENGINE = {"kv_cache_memory_bytes": 32 << 20, "max_num_seqs": 16, "max_num_batched_tokens": 256}
+WORKER_CPUS = 0.1  # two TP=3 replicas and a replacement in 2 CPUs
+TP = 3
+MAX_MODEL_LEN = 256
+NUM_TOKENS = 32
+NUM_STREAMS = 8
+TIMEOUT_S = 600.0
+HEALTH_DEADLINE_S = 1.0
+PROMPTS = [f"Here is fact number {i} about the ocean:" for i in range(NUM_STREAMS)]
+GREEDY = {"max_tokens": NUM_TOKENS, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+def _config(tensor_parallel_size: int, count: int = 1, **sections):
+    return small_config(
+        model={"dtype": "float32", "max_model_len": MAX_MODEL_LEN},
+        engine=ENGINE,
+        replicas={"count": count},
+        parallel={"tensor_parallel_size": tensor_parallel_size, "worker_num_cpus": WORKER_CPUS},
+        **sections,
+    )
+
+
+def _deploy(http_port: int, name: str, config) -> str:
+    from ray import serve
+
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return f"http://127.0.0.1:{http_port}/{name}"
+
+
+def _client(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=TIMEOUT_S)
+
+
+async def _greedy_texts(base_url: str, prompts: list[str]) -> list[str]:
+    async with _client(base_url) as client:
+        replies = await asyncio.gather(*(
+            client.completions.create(model=MODEL, prompt=p, **GREEDY) for p in prompts))
+    return [reply.choices[0].text for reply in replies]
+
+
+# ---- served -------------------------------------------------------------------------------
+
+
+def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
+    from ray import serve
+
+    prompts = PROMPTS[:3]
+    try:
+        tp1 = _deploy(http_port, "tp1", _config(1))
+        expected = asyncio.run(_greedy_texts(tp1, prompts))
+        serve.delete("tp1")
+        tp3 = _deploy(http_port, "tp3", _config(3))
+        assert asyncio.run(_greedy_texts(tp3, prompts)) == expected
+        [replica] = [actors.replica_actor("tp3", server_name(0))]
+        assert len(actors.worker_actors(replica)) == 3
+    finally:
+        serve.delete("tp1")
+        serve.delete("tp3")
+
+
+# ---- killed -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp3x2(http_port):
+    """Two TP=3 replicas: a stream whose replica fails moves to the other one at once."""
+    from ray import serve
+
+    yield _deploy(http_port, "tp3x2", _config(TP, count=2, migration={"timeout_s": TIMEOUT_S}))
+    serve.delete("tp3x2")
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tp3x2) -> list[str]:
+    return asyncio.run(_greedy_texts(tp3x2, PROMPTS))
+
+
+def _http() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
+
+
+async def _health(http: aiohttp.ClientSession, base_url: str) -> int:
+    async with http.get(f"{base_url}/health") as reply:
+        return reply.status
+
+
+async def _wait_healthy(base_url: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    async with _http() as http:
+        while await _health(http, base_url) != 200:
+            assert time.monotonic() < deadline, "the app did not become healthy"
+            await asyncio.sleep(0.2)
+
+
+class _Streams:
+    """NUM_STREAMS greedy streams; `started` is set once every one has received text."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.texts = [""] * NUM_STREAMS
+        self.started = asyncio.Event()
+
+    async def run(self) -> list[str]:
+        async with _client(self.base_url) as client:
+            await asyncio.gather(*(self._one(client, i) for i in range(NUM_STREAMS)))
+        return self.texts
+
+    async def _one(self, client: openai.AsyncOpenAI, index: int) -> None:
+        stream = await client.completions.create(model=MODEL, prompt=PROMPTS[index],
+                                                 stream=True, **GREEDY)  # fmt: skip
+        async for chunk in stream:
+            self.texts[index] += chunk.choices[0].text
+            if all(self.texts):
+                self.started.set()
+
+
+async def _kill_under_streams(base_url: str, victim: dict) -> tuple[list[str], float]:
+    """Kill `victim` once all streams are mid-response; their texts, and how long /health
+    took to answer 503."""
+    streams = _Streams(base_url)
+    running = asyncio.ensure_future(streams.run())
+    await asyncio.wait_for(streams.started.wait(), TIMEOUT_S)
+    assert not running.done() and all(len(t) < NUM_TOKENS for t in streams.texts)
+    async with _http() as http:
+        actors.kill(victim)
+        killed_at = time.monotonic()
+        while await _health(http, base_url) == 200:
+            pass
+        time_to_503 = time.monotonic() - killed_at
+    return await running, time_to_503
+
+
+def _stats(app: str, index: int):
+    from ray import serve
+
+    return serve.get_deployment_handle(server_name(index), app).stats.remote().result()
+
+
+def _assert_no_blocks_in_use(app: str, index: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while (stats := _stats(app, index)).num_running or stats.num_waiting:
+        assert time.monotonic() < deadline, f"requests still running on replica {index}"
+        time.sleep(0.1)
+    assert stats.kv_cache_usage == 0.0
+
+
+def _assert_replaced(app: str, old: dict) -> None:
+    """A new replica process (with its own workers) serves requests sent straight to it."""
+    from ray import serve
+
+    new = actors.replica_actor(app, server_name(0))
+    assert new["ActorID"] != old["ActorID"] and len(actors.worker_actors(new)) == TP
+    handle = serve.get_deployment_handle(server_name(0), app).options(stream=True)
+    [reply] = list(handle.completions.remote(CompletionRequest(prompt="Hi", max_tokens=2)))
+    assert reply["usage"]["completion_tokens"] == 2
+    _assert_no_blocks_in_use(app, 0)
+
+
+def test_killing_a_worker_migrates_every_stream(tp3x2, undisturbed):
+    asyncio.run(_wait_healthy(tp3x2))
+    replica = actors.replica_actor("tp3x2", server_name(0))
+    victim, *_ = actors.worker_actors(replica)
+    texts, time_to_503 = asyncio.run(_kill_under_streams(tp3x2, victim))
+    assert time_to_503 < HEALTH_DEADLINE_S
+    assert texts == undisturbed
+    _assert_no_blocks_in_use("tp3x2", 1)
+    asyncio.run(_wait_healthy(tp3x2))
+    _assert_replaced("tp3x2", replica)
+
+
+def test_killing_the_replica_process_migrates_every_stream(tp3x2, undisturbed):
+    asyncio.run(_wait_healthy(tp3x2))
+    replica = actors.replica_actor("tp3x2", server_name(0))
+    texts, time_to_503 = asyncio.run(_kill_under_streams(tp3x2, replica))
+    assert time_to_503 < HEALTH_DEADLINE_S
+    assert texts == undisturbed
+    _assert_no_blocks_in_use("tp3x2", 1)
+    asyncio.run(_wait_healthy(tp3x2))
+    _assert_replaced("tp3x2", replica)
+
+
+def test_without_migration_killed_streams_end_with_an_error_event(http_port):
+    from ray import serve
+
+    base_url = _deploy(http_port, "stranded", _config(TP, migration={"max_migrations": 0}))
+    try:
+        replica = actors.replica_actor("stranded", server_name(0))
+        events = asyncio.run(_raw_streams_killed(base_url, actors.worker_actors(replica)[0]))
+    finally:
+        serve.delete("stranded")
+    for stream in events:
+        *chunks, error, done = stream
+        assert chunks and done == "[DONE]"
+        assert set(error["error"]) == ERROR_FIELDS and error["error"]["code"] == "engine_dead"
+
+
+async def _raw_streams_killed(base_url: str, victim: dict) -> list[list]:
+    """Every event of NUM_STREAMS raw SSE streams, `victim` killed once all have text."""
+    started = [asyncio.Event() for _ in range(NUM_STREAMS)]
+
+    async def one(http: aiohttp.ClientSession, index: int) -> list:
+        body = {"prompt": PROMPTS[index], "stream": True, "max_tokens": NUM_TOKENS,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        events = []
+        async with http.post(f"{base_url}/v1/completions", json=body) as reply:
+            async for raw in reply.content:
+                if line := raw.decode().strip():
+                    payload = line.removeprefix("data: ")
+                    events.append(payload if payload == "[DONE]" else json.loads(payload))
+                    started[index].set()
+        return events
+
+    async with _http() as http:
+        running = asyncio.gather(*(one(http, i) for i in range(NUM_STREAMS)))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), TIMEOUT_S)
+        actors.kill(victim)
+        return await running
