@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -83,15 +83,17 @@ class _Attempt:
         router.on_start(replica)
 
     async def next(self) -> Any:
-        """The next item (server.py's contract); a vanished replica gives an engine_dead
-        error, like a replica whose engine died."""
+        """The next item (server.py's contract). A replica that vanished, or was stopped
+        (Serve cancels what a replica it shuts down still runs), gives an engine_dead error,
+        like a replica whose engine died; anything else unexpected, an internal error."""
         try:
             item = await self.stream.__anext__()
-        except StopAsyncIteration:
-            item = errors.internal_error(RuntimeError(f"{self.replica.name} ended early"))
-        except REPLICA_ERRORS as e:
+        except (*REPLICA_ERRORS, RequestCancelledError, StopAsyncIteration) as e:
             logger.warning("%s is gone: %s", self.replica.name, type(e).__name__)
             item = errors.engine_dead()
+        except Exception as e:  # noqa: BLE001 - the client gets an error, never a broken body
+            logger.error("%s failed", self.replica.name, exc_info=e)
+            item = errors.internal_error(e)
         self.is_done = not isinstance(item, StreamChunk) or item.is_last
         return item
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import actors
 import aiohttp
@@ -79,11 +80,23 @@ def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
         serve.delete("tp1")
         tp3 = _deploy(http_port, "tp3", _config(3))
         assert asyncio.run(_greedy_texts(tp3, prompts)) == expected
-        [replica] = [actors.replica_actor("tp3", server_name(0))]
-        assert len(actors.worker_actors(replica)) == 3
+        assert len(actors.worker_actors(actors.replica_actor("tp3", server_name(0)))) == 3
+        log = _replica_log("tp3", server_name(0))
+        assert "worker group of 3 ready" in log
+        assert all(f"[rank {rank}] fleetlm.worker: rank {rank}: tp {rank}/3" in log
+                   for rank in range(3))  # fmt: skip
     finally:
         serve.delete("tp1")
         serve.delete("tp3")
+
+
+def _replica_log(app: str, deployment: str) -> str:
+    """The Serve log file of a deployment's replica in this session."""
+    import ray
+
+    serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    [path] = serve_logs.glob(f"replica_{app}_{deployment}_*.log")
+    return path.read_text()
 
 
 # ---- killed -------------------------------------------------------------------------------
