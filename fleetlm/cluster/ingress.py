@@ -24,8 +24,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -35,6 +33,8 @@ from fleetlm.cluster.config import MigrationSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import METRICS_CONTENT_TYPE, render_metrics
 from fleetlm.cluster.migration import (
+    REPLICA_ERRORS,
+    ReplicaStream,
     Resume,
     StreamChunk,
     is_replica_failure,
@@ -49,7 +49,7 @@ from fleetlm.cluster.openai_protocol import (
     ModelList,
     random_id,
 )
-from fleetlm.cluster.router import ReplicaState, Router, RoutingRequest, build_router
+from fleetlm.cluster.router import ReplicaState, RoutingRequest, build_router
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 # milliseconds (its engine runs in another thread), even on a loaded 2-core machine.
 HEALTH_PROBE_TIMEOUT_S = 0.5
 UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length, metrics)
-# What a replica's stream raises when the replica is gone (died, killed, being replaced).
-REPLICA_ERRORS = (RayActorError, ReplicaUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -72,38 +70,6 @@ class _Call:
     body: Any
     request_id: str
     routing: RoutingRequest
-
-
-class _Attempt:
-    """One replica's stream of one request, counted in the router while it is open."""
-
-    def __init__(self, router: Router, replica: ReplicaState, stream) -> None:
-        self.router, self.replica, self.stream = router, replica, stream
-        self.is_open, self.is_done = True, False
-        router.on_start(replica)
-
-    async def next(self) -> Any:
-        """The next item (server.py's contract). A replica that vanished, or was stopped
-        (Serve cancels what a replica it shuts down still runs), gives an engine_dead error,
-        like a replica whose engine died; anything else unexpected, an internal error."""
-        try:
-            item = await self.stream.__anext__()
-        except (*REPLICA_ERRORS, RequestCancelledError, StopAsyncIteration) as e:
-            logger.warning("%s is gone: %s", self.replica.name, type(e).__name__)
-            item = errors.engine_dead()
-        except Exception as e:  # noqa: BLE001 - the client gets an error, never a broken body
-            logger.error("%s failed", self.replica.name, exc_info=e)
-            item = errors.internal_error(e)
-        self.is_done = not isinstance(item, StreamChunk) or item.is_last
-        return item
-
-    def close(self) -> None:
-        """Stop counting it (idempotent); cancel the replica's request unless it ended."""
-        if self.is_open:
-            self.is_open = False
-            if not self.is_done:
-                self.stream.cancel()
-            self.router.on_finish(self.replica)
 
 
 class OpenAIIngress:
@@ -221,7 +187,7 @@ class OpenAIIngress:
             self._relay(call, attempt, first), media_type="text/event-stream"
         )
 
-    async def _start(self, call: _Call, resume: Resume | None) -> tuple[_Attempt | None, Any]:
+    async def _start(self, call: _Call, resume: Resume | None) -> tuple[ReplicaStream | None, Any]:
         """Send `call` to a replica and wait for its first item. While replicas fail (and
         migration is on), try again with backoff for up to `migration.timeout_s`: a failed
         replica is skipped while others are healthy, else its replacement is waited for.
@@ -231,8 +197,8 @@ class OpenAIIngress:
         for delay in retry_delays():
             replica = self.router.pick(call.routing)
             server = getattr(self.servers[replica.index], call.method)
-            attempt = _Attempt(self.router, replica, server.remote(call.body, call.request_id,
-                                                                   resume))  # fmt: skip
+            stream = server.remote(call.body, call.request_id, resume)
+            attempt = ReplicaStream(self.router, replica, stream)
             try:
                 first = await attempt.next()
             except BaseException:
@@ -249,7 +215,7 @@ class OpenAIIngress:
             await asyncio.sleep(min(delay, remaining))
         raise AssertionError("retry_delays() never ends")
 
-    async def _relay(self, call: _Call, attempt: _Attempt, first: StreamChunk
+    async def _relay(self, call: _Call, attempt: ReplicaStream, first: StreamChunk
                      ) -> AsyncIterator[str]:
         """Forward SSE text while recording what the client has; when the replica fails,
         go on from there on another one (up to `migration.max_migrations` times); past that,

@@ -18,17 +18,27 @@ its stream, or the ingress makes one when the replica's actor is gone.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
 from fleetlm.cluster import errors
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.openai_format import ChoiceProgress
+from fleetlm.cluster.router import ReplicaState, Router
+
+logger = logging.getLogger(__name__)
 
 DONE_EVENT = "data: [DONE]\n\n"
 # Retries of a request no replica takes yet (a dead one, a replacement starting) wait this
 # long first, then twice as long each time, at most RETRY_MAX_DELAY_S.
 RETRY_FIRST_DELAY_S = 0.1
 RETRY_MAX_DELAY_S = 2.0
+# What a replica's stream raises when the replica is gone (died, killed, being replaced).
+REPLICA_ERRORS = (RayActorError, ReplicaUnavailableError)
 
 
 @dataclass
@@ -71,3 +81,35 @@ def retry_delays():
     while True:
         yield delay
         delay = min(2 * delay, RETRY_MAX_DELAY_S)
+
+
+class ReplicaStream:
+    """One replica's stream of one request, counted in the router while it is open."""
+
+    def __init__(self, router: Router, replica: ReplicaState, stream) -> None:
+        self.router, self.replica, self.stream = router, replica, stream
+        self.is_open, self.is_done = True, False
+        router.on_start(replica)
+
+    async def next(self) -> Any:
+        """The next item (server.py's contract). A replica that vanished, or was stopped
+        (Serve cancels what a replica it shuts down still runs), gives an engine_dead error,
+        like a replica whose engine died; anything else unexpected, an internal error."""
+        try:
+            item = await self.stream.__anext__()
+        except (*REPLICA_ERRORS, RequestCancelledError, StopAsyncIteration) as e:
+            logger.warning("%s is gone: %s", self.replica.name, type(e).__name__)
+            item = errors.engine_dead()
+        except Exception as e:  # noqa: BLE001 - the client gets an error, never a broken body
+            logger.error("%s failed", self.replica.name, exc_info=e)
+            item = errors.internal_error(e)
+        self.is_done = not isinstance(item, StreamChunk) or item.is_last
+        return item
+
+    def close(self) -> None:
+        """Stop counting it (idempotent); cancel the replica's request unless it ended."""
+        if self.is_open:
+            self.is_open = False
+            if not self.is_done:
+                self.stream.cancel()
+            self.router.on_finish(self.replica)
