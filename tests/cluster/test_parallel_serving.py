@@ -81,6 +81,8 @@ def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
         tp3 = _deploy(http_port, "tp3", _config(3))
         assert asyncio.run(_greedy_texts(tp3, prompts)) == expected
         assert len(actors.worker_actors(actors.replica_actor("tp3", server_name(0)))) == 3
+        sizes = _live_group_sizes()  # the workers use the replica's group, not one of their own
+        assert 1 + 3 in sizes and 3 not in sizes
         log = _replica_log("tp3", server_name(0))
         assert "worker group of 3 ready" in log
         assert all(f"[rank {rank}] fleetlm.worker: rank {rank}: tp {rank}/3" in log
@@ -88,6 +90,14 @@ def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
     finally:
         serve.delete("tp1")
         serve.delete("tp3")
+
+
+def _live_group_sizes() -> list[int]:
+    """The number of bundles of each placement group that holds resources now."""
+    from ray.util import placement_group_table
+
+    return [len(group["bundles"]) for group in placement_group_table().values()
+            if group["state"] == "CREATED"]  # fmt: skip
 
 
 def _replica_log(app: str, deployment: str) -> str:
