@@ -23,9 +23,9 @@ def _live(class_name: str) -> list[dict]:
 
 
 def replica_actor(app: str, deployment: str) -> dict:
-    """The live Serve replica actor of a single-replica deployment."""
-    [replica] = _live(f"ServeReplica:{app}:{deployment}")
-    return replica
+    """The newest live Serve replica actor of a single-replica deployment (a replaced one may
+    still be shutting down)."""
+    return max(_live(f"ServeReplica:{app}:{deployment}"), key=lambda a: a["StartTime"])
 
 
 def worker_actors(replica: dict) -> list[dict]:
