@@ -2,9 +2,10 @@
 
 Served: a TP=3 replica answers with the same greedy text as a TP=1 one. Killed: under 8
 concurrent greedy streams, one worker actor of a TP=3 replica (and, separately, the replica's
-own process) is SIGKILLed (the built-in model's 9 heads rule TP=2 out); /health turns 503 at once, every stream still completes with the
-text of an undisturbed run (migrated to the other replica), Serve replaces the replica, and no
-KV blocks stay in use. With migration off the streams end with an error event and [DONE].
+own process) is SIGKILLed (the built-in model's 9 heads rule TP=2 out); /health turns 503 at
+once, every stream still completes with the text of an undisturbed run (migrated to the other
+replica), Serve replaces the replica, and no KV blocks stay in use. With migration off the
+streams end with an error event and [DONE].
 """
 
 from __future__ import annotations
