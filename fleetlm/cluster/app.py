@@ -95,51 +95,13 @@ def _placement_options(config: ClusterConfig) -> dict:
     parallel = config.parallel.to_parallel_config()
     if not parallel.is_distributed:
         return {}
-    import torch
-
-    from fleetlm.executor.ray_executor import worker_bundles
+    from fleetlm.executor.ray_executor import worker_bundles, worker_device
 
     replica_bundle = {"CPU": config.replicas.num_cpus}
     if config.replicas.num_gpus:
         replica_bundle["GPU"] = config.replicas.num_gpus
-    workers = worker_bundles(parallel, torch.device(_worker_device_type(config)))
+    workers = worker_bundles(parallel, worker_device(config.model.device))
     return {
         "placement_group_bundles": [replica_bundle, *workers],
         "placement_group_strategy": parallel.placement_strategy,
     }
-
-
-def _worker_device_type(config: ClusterConfig) -> str:
-    """The workers' device: as configured, or for "auto" CUDA if the cluster has GPUs."""
-    if config.model.device != "auto":
-        return config.model.device
-    import ray
-
-    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU") else "cpu"
-
-
-def start_http(config: ClusterConfig) -> None:
-    """Start Serve's HTTP proxy where the config says (no-op if Serve already runs)."""
-    serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port))
-
-
-def deploy(
-    config: ClusterConfig,
-    engine_factory: EngineFactory | None = None,
-    is_blocking: bool = True,
-    route_prefix: str = "/",
-) -> None:
-    """Deploy (or update) the application on the connected Ray cluster.
-
-    With `is_blocking`, return once every replica is running; otherwise return at once.
-    """
-    start_http(config)
-    logger.info(
-        "Deploying %s: %d replica(s) of %s", config.name, config.replicas.count, config.model.name
-    )
-    app = build_app(config, engine_factory)
-    serve._run(app, name=config.name, route_prefix=route_prefix, _blocking=is_blocking)
-
-
-def url_of(config: ClusterConfig) -> str:
-    return f"http://{config.http.host}:{config.http.port}"

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +30,6 @@ from fleetlm.executor.control import (
     WorkerLinks,
 )
 from fleetlm.executor.executor import Executor, FailureListener, StepFuture
-from fleetlm.executor.model_runner import resolve_device
 from fleetlm.executor.outputs import KVConnectorOutput, ModelRunnerOutput, SchedulerOutput
 from fleetlm.executor.weights import load_hf_config, resolve_model
 from fleetlm.executor.worker import Worker, worker_info
@@ -58,8 +59,8 @@ class RayExecutor(Executor):
     def __init__(self, config: EngineConfig, collect_all_ranks: bool = False) -> None:
         import ray
 
-        self.config = config
         self.collect_all_ranks = collect_all_ranks
+        self.group_id = secrets.token_hex(4)  # names the worker actors: fleetlm-<id>-rank<r>
         parallel = config.parallel
         self.layout = ParallelLayout(parallel.tensor_parallel_size,
                                      parallel.pipeline_parallel_size)
@@ -70,8 +71,11 @@ class RayExecutor(Executor):
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                      logging_level=logging.WARNING)
         self.driver = worker_info()
+        # Every worker runs on the device its bundle reserved (the driver may have none).
+        self.device = worker_device(config.model.device)
+        self.config = replace(config, model=replace(config.model, device=self.device.type))
         self.placement_group, self._first_bundle, self._owns_group = _reserve_bundles(
-            parallel, self.layout.world_size, resolve_device(config.model.device))
+            parallel, self.layout.world_size, self.device)
         self.workers: list[Any] = []
         self.ring: ShmRing | None = None
         try:
@@ -109,8 +113,9 @@ class RayExecutor(Executor):
             strategy = PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=self._first_bundle + rank)
             self.workers.append(actor_class.options(
+                name=f"fleetlm-{self.group_id}-rank{rank}",
                 num_cpus=parallel.worker_num_cpus,
-                num_gpus=_worker_num_gpus(parallel, resolve_device(self.config.model.device)),
+                num_gpus=_worker_num_gpus(parallel, self.device),
                 scheduling_strategy=strategy,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(num_threads)}},
             ).remote(rank, self.config, num_threads))
@@ -240,6 +245,18 @@ def merge_rank_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
             finished_recving=set.intersection(*(r.finished_recving for r in reports)),
         )
     return merged
+
+
+def worker_device(device: str):
+    """The workers' device: as configured, or for "auto" CUDA when the Ray cluster has GPUs
+    (the driver's own view may lack them: a Serve replica without GPUs of its own)."""
+    import ray
+    import torch
+
+    if device != "auto":
+        return torch.device(device)
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return torch.device("cuda" if has_gpus else "cpu")
 
 
 def _worker_num_gpus(parallel: ParallelConfig, device) -> float:
