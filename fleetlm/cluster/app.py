@@ -105,3 +105,30 @@ def _placement_options(config: ClusterConfig) -> dict:
         "placement_group_bundles": [replica_bundle, *workers],
         "placement_group_strategy": parallel.placement_strategy,
     }
+
+
+def start_http(config: ClusterConfig) -> None:
+    """Start Serve's HTTP proxy where the config says (no-op if Serve already runs)."""
+    serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port))
+
+
+def deploy(
+    config: ClusterConfig,
+    engine_factory: EngineFactory | None = None,
+    is_blocking: bool = True,
+    route_prefix: str = "/",
+) -> None:
+    """Deploy (or update) the application on the connected Ray cluster.
+
+    With `is_blocking`, return once every replica is running; otherwise return at once.
+    """
+    start_http(config)
+    logger.info(
+        "Deploying %s: %d replica(s) of %s", config.name, config.replicas.count, config.model.name
+    )
+    app = build_app(config, engine_factory)
+    serve._run(app, name=config.name, route_prefix=route_prefix, _blocking=is_blocking)
+
+
+def url_of(config: ClusterConfig) -> str:
+    return f"http://{config.http.host}:{config.http.port}"
