@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/parallel.py --out docs/results/parallel.json
 
-control     One request decoding on a one-layer random model (the model's own time is
-            small), so a step's time is mostly the control path's: the local executor, then a
-            Ray worker group of 1 and of 2 ranks through each control plane (ray, socket,
-            shm). Reported: microseconds per step.
+control     The local executor, then a Ray worker group of 1 and of 2 ranks through each
+            control plane (ray, socket, shm), repeated and interleaved; medians of
+            microseconds per step of (a) an empty step: the control path's round trip alone,
+            and (b) one request decoding on a one-layer random model, one torch thread per
+            rank and in the local run. At 2 ranks (b) also holds the model's gloo collectives,
+            the same for every plane.
 throughput  A model of the built-in one's size and shapes (30 layers, hidden 576, MLP 1536,
             vocabulary 49,152) with random weights and 12 heads of 48 with 6 KV heads instead
             of 9 of 64 with 3, so that both 2 and 3 divide its heads (the built-in model
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -28,9 +31,11 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 import transformers
 
 from fleetlm import LLM, SamplingParams
+from fleetlm.executor.outputs import CachedRequestData, SchedulerOutput
 from fleetlm.executor.weights import load_tokenizer, resolve_model
 
 BUILTIN = "smollm2-135m-instruct"
@@ -55,6 +60,18 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_atte
 TP_FRIENDLY = dict(num_attention_heads=12, num_key_value_heads=6, head_dim=48)
 
 
+def time_empty_steps(llm: LLM, num_steps: int) -> float:
+    """Seconds per round trip of a step with nothing to compute: the control path alone
+    (encode, carry to every rank, decode, reply)."""
+    executor = llm.engine.executor
+    empty = SchedulerOutput([], CachedRequestData(), {}, 0, set())
+    executor.execute(empty)
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        executor.execute(empty)
+    return (time.perf_counter() - started) / num_steps
+
+
 def time_steps(llm: LLM, num_steps: int) -> float:
     """Seconds per engine step of one decoding request (after a warm-up)."""
     params = SamplingParams(temperature=0, max_tokens=num_steps, ignore_eos=True)
@@ -64,24 +81,34 @@ def time_steps(llm: LLM, num_steps: int) -> float:
     return (time.perf_counter() - started) / num_steps
 
 
-def bench_control(num_steps: int) -> list[dict]:
-    rows = []
+def bench_control(num_steps: int, repeats: int) -> list[dict]:
+    """Each setup `repeats` times, interleaved (a slow moment of the machine hits all
+    setups alike); medians of microseconds per step."""
+    setups = [("local", 1, None)] + [(f"ray/{plane}", tp, plane)
+                                     for tp in (1, 2) for plane in CONTROL_PLANES]
+    samples: dict[tuple[str, int], list[float]] = {(name, tp): [] for name, tp, _ in setups}
+    empty: dict[tuple[str, int], list[float]] = {(name, tp): [] for name, tp, _ in setups}
+    torch.set_num_threads(1)  # as each worker (one CPU each): the same compute per step
     with tempfile.TemporaryDirectory() as folder:
         model = random_model_dir(Path(folder), **TINY)
         common = dict(random_weights=True, dtype="float32", kv_cache_memory_bytes=16 << 20)
-        with LLM(model, **common) as llm:
-            local = time_steps(llm, num_steps)
-        rows.append({"executor": "local", "ranks": 1, "us_per_step": local * 1e6})
-        for tp in (1, 2):
-            for plane in CONTROL_PLANES:
-                with LLM(model, tensor_parallel_size=tp, executor_backend="ray",
-                         control_plane=plane, worker_num_cpus=0.5, **common) as llm:
-                    seconds = time_steps(llm, num_steps)
-                rows.append({"executor": f"ray/{plane}", "ranks": tp,
-                             "us_per_step": seconds * 1e6,
-                             "overhead_us": (seconds - local) * 1e6})
-                print(rows[-1], flush=True)
-    return rows
+        for _ in range(repeats):
+            for name, tp, plane in setups:
+                group = {} if plane is None else dict(
+                    tensor_parallel_size=tp, executor_backend="ray", control_plane=plane,
+                    worker_num_cpus=1.0)
+                with LLM(model, **common, **group) as llm:
+                    empty[(name, tp)].append(time_empty_steps(llm, num_steps) * 1e6)
+                    samples[(name, tp)].append(time_steps(llm, num_steps) * 1e6)
+                print(name, tp, round(empty[(name, tp)][-1]), round(samples[(name, tp)][-1]),
+                      flush=True)
+    local = statistics.median(samples[("local", 1)])
+    return [{"executor": name, "ranks": tp,
+             "empty_step_us": statistics.median(empty[(name, tp)]),
+             "decode_step_us": statistics.median(values),
+             "decode_overhead_us": statistics.median(values) - local,
+             "samples_us": {"empty": empty[(name, tp)], "decode": values}}
+            for (name, tp), values in samples.items()]
 
 
 def random_prompts(num: int, length: int, seed: int) -> list[list[int]]:
@@ -140,6 +167,7 @@ def _stage_times(executor) -> list[tuple[float, float]] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="decode steps per control run")
+    parser.add_argument("--repeats", type=int, default=3, help="control runs per setup")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
@@ -149,12 +177,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["control", "throughput"], default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    # As `fleetlm serve` starts local clusters: Ray's default worker niceness (15) makes every
+    # worker lose the CPU to Ray's daemons and the driver.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=256 << 20, logging_level="WARNING")
     result = {"machine": {"cpu": platform.processor() or _cpu_model(), "cores": _num_cores()},
               "args": vars(args) | {"out": str(args.out)}}
     if args.only in (None, "control"):
-        result["control"] = bench_control(args.steps)
+        result["control"] = bench_control(args.steps, args.repeats)
     if args.only in (None, "throughput"):
         result["throughput"] = run_throughput(args)
     text = json.dumps(result, indent=2)
@@ -172,8 +203,6 @@ def _cpu_model() -> str:
 
 
 def _num_cores() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 

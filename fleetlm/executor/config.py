@@ -62,7 +62,7 @@ class ParallelConfig:
     placement_strategy: str = "PACK"  # of the workers' placement-group bundles
     pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage; None: even
     max_batches_in_flight: int | None = None  # None: pipeline_parallel_size
-    control_plane: str = "shm"  # how each step reaches the workers: shm | socket | ray
+    control_plane: str = "socket"  # how each step reaches the workers: socket | shm | ray
     worker_num_cpus: float = 1.0  # Ray CPUs of each worker (its torch threads: at least 1)
     worker_num_gpus: float | None = None  # None: 1 on CUDA, 0 on CPU
     executor_backend: str = "auto"

@@ -145,14 +145,14 @@ parallel:
   placement_strategy: SPREAD
   pipeline_layer_partition: [20, 10]
   max_batches_in_flight: 1
-  control_plane: socket
+  control_plane: shm
   worker_num_cpus: 0.25
   worker_num_gpus: 0
 """)
     assert to_engine_config(load_config(path)).parallel == ParallelConfig(
         tensor_parallel_size=3, pipeline_parallel_size=2, backend="gloo",
         placement_strategy="SPREAD", pipeline_layer_partition=(20, 10), max_batches_in_flight=1,
-        control_plane="socket", worker_num_cpus=0.25, worker_num_gpus=0.0,
+        control_plane="shm", worker_num_cpus=0.25, worker_num_gpus=0.0,
     )  # fmt: skip
 
 
