@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 
@@ -129,9 +129,67 @@ class ParallelConfig:
                            self.pipeline_layer_partition)
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer suggests draft tokens that the target model verifies
+    in one forward pass. Keys as vLLM's `speculative_config`."""
+
+    method: str = "ngram"  # ngram (prompt lookup) | draft_model
+    num_speculative_tokens: int = 4  # drafts per step at most (k)
+    prompt_lookup_max: int = 4  # ngram: longest suffix looked up in the request's tokens
+    prompt_lookup_min: int = 2  # ngram: shortest
+    model: str | None = None  # draft_model: a smaller model with the target's tokenizer
+    random_weights: bool = False  # draft_model: random weights from its config (benchmarks)
+    # Adaptivity: a request whose drafts are accepted less often than this stops speculating
+    # (an exponential average over its steps), tries again every `probe_interval` steps, and
+    # no request speculates while `disable_by_batch_size` or more run.
+    min_acceptance_rate: float = 0.25
+    probe_interval: int = 16
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", self.method in SPEC_METHODS, f"must be one of {', '.join(SPEC_METHODS)}"),
+            ("num_speculative_tokens", self.num_speculative_tokens >= 1, "must be at least 1"),
+            ("prompt_lookup_min", 1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+             "must be at least 1 and at most prompt_lookup_max"),
+            ("model", (self.model is not None) == (self.method == "draft_model"),
+             "names the draft model, and only for method draft_model"),
+            ("min_acceptance_rate", 0.0 <= self.min_acceptance_rate <= 1.0, "must be in [0, 1]"),
+            ("probe_interval", self.probe_interval >= 1, "must be at least 1"),
+            ("disable_by_batch_size",
+             self.disable_by_batch_size is None or self.disable_by_batch_size >= 1,
+             "must be at least 1"),
+        ]
+        for name, is_ok, message in checks:
+            if not is_ok:
+                raise ValueError(f"speculative {name} {message}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SpeculativeConfig:
+        """vLLM's `speculative_config` dict: a "model" without a "method" is a draft model."""
+        values = dict(values)
+        if "model" in values and "method" not in values:
+            values["method"] = "draft_model"
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.speculative is not None and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding with pipeline_parallel_size > 1 is not "
+                             "supported; use tensor parallelism")

@@ -92,7 +92,17 @@ class LLMEngine:
             prefix_cache_queries=s["prefix_cache_queries"],
             prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
             num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens)
+            num_generation_tokens=self.num_generation_tokens,
+            **_spec_stats(s.get("spec_decode")))
+
+
+def _spec_stats(stats) -> dict:
+    if stats is None:
+        return {}
+    return {"spec_num_drafts": stats.num_drafts,
+            "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_accepted_per_position": tuple(stats.accepted_per_position)}
 
 
 def _parent_params(child: SamplingParams, n: int) -> SamplingParams:

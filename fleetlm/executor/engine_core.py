@@ -16,6 +16,7 @@ from fleetlm.executor.kv_cache_manager import KVCacheManager
 from fleetlm.executor.outputs import EngineCoreOutput, SchedulerOutput
 from fleetlm.executor.request import Request, RequestStatus
 from fleetlm.executor.scheduler import Scheduler
+from fleetlm.executor.spec.controller import SpecDecodeController
 
 
 class EngineCore:
@@ -29,7 +30,8 @@ class EngineCore:
         )
         scheduler_config = replace(config.scheduler, max_model_len=executor.max_model_len,
                                    num_micro_batches=executor.max_concurrent_batches)
-        self.scheduler = Scheduler(scheduler_config, kv_cache_manager)
+        spec = None if config.speculative is None else SpecDecodeController(config.speculative)
+        self.scheduler = Scheduler(scheduler_config, kv_cache_manager, spec=spec)
         self.in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
 
     def add_request(self, request: Request) -> None:

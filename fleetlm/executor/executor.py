@@ -72,7 +72,7 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(config.model, config.cache)
+        self.runner = ModelRunner(config.model, config.cache, speculative=config.speculative)
         self.runner.allocate_kv_cache(self.runner.num_available_blocks())
         self.num_blocks = self.runner.num_blocks
         self.max_model_len = self.runner.max_model_len

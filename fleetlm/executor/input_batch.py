@@ -39,8 +39,11 @@ class PreparedBatch:
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
     sampling_req_ids: list[str]  # requests whose prompt is complete after this step
-    logits_indices: torch.Tensor  # row of each sampling request's last token
+    # Rows whose logits are sampled: each sampling request's last token, preceded by its
+    # draft tokens' rows when it verifies drafts (len(drafts) + 1 rows, in position order).
+    logits_indices: torch.Tensor
     prompt_logprob_rows: dict[str, tuple[int, int, int]]  # req -> (first row, count, first pos)
+    sampling_drafts: list[list[int]]  # per sampling request: the drafts it verifies
 
 
 def order_for_batch(num_scheduled_tokens: dict[str, int]) -> list[str]:
@@ -57,25 +60,32 @@ def _block_table(rows: list[list[int]]) -> np.ndarray:
 
 
 def prepare_batch(states: dict[str, CachedRequestState], num_scheduled_tokens: dict[str, int],
-                  block_size: int, device: torch.device) -> PreparedBatch:
+                  block_size: int, device: torch.device,
+                  spec_tokens: dict[str, list[int]] | None = None) -> PreparedBatch:
+    """`spec_tokens`: each verifying request's drafts, its last scheduled tokens."""
+    spec_tokens = spec_tokens or {}
     req_ids = order_for_batch(num_scheduled_tokens)
     num_decodes = sum(1 for r in req_ids if num_scheduled_tokens[r] == 1)
     input_ids, positions, slots, seq_lens = [], [], [], []
-    sampling_req_ids, logits_rows = [], []
+    sampling_req_ids, logits_rows, sampling_drafts = [], [], []
     prompt_rows: dict[str, tuple[int, int, int]] = {}
     num_rows = 0
     for req_id in req_ids:
         state, n = states[req_id], num_scheduled_tokens[req_id]
+        drafts = spec_tokens.get(req_id, [])
         start, end = state.num_computed_tokens, state.num_computed_tokens + n
+        known_end = end - len(drafts)
         pos = np.arange(start, end)
         blocks = np.asarray(state.block_ids, dtype=np.int64)
-        input_ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
+        input_ids.append(np.asarray(state.token_ids[start:known_end] + drafts, dtype=np.int64))
         positions.append(pos)
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         seq_lens.append(end)
-        if end == len(state.token_ids):
+        if known_end == len(state.token_ids):
             sampling_req_ids.append(req_id)
-            logits_rows.append(num_rows + n - 1)
+            sampling_drafts.append(drafts)
+            last = num_rows + n - 1
+            logits_rows.extend(range(last - len(drafts), last + 1))
         if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
             count = min(end, state.num_prompt_tokens - 1) - start
             prompt_rows[req_id] = (num_rows, count, start)
@@ -107,4 +117,5 @@ def prepare_batch(states: dict[str, CachedRequestState], num_scheduled_tokens: d
         sampling_req_ids=sampling_req_ids,
         logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
         prompt_logprob_rows=prompt_rows,
+        sampling_drafts=sampling_drafts,
     )

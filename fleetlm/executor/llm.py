@@ -13,6 +13,7 @@ from fleetlm.executor.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.outputs import RequestOutput
@@ -21,8 +22,11 @@ from fleetlm.executor.sampling_params import SamplingParams
 Conversation = list[dict[str, str]]
 
 
-def make_engine_config(model: str, **kwargs) -> EngineConfig:
-    """Spread flat keyword arguments (vLLM style) over the config sections by field name."""
+def make_engine_config(model: str, speculative_config: dict | None = None,
+                       **kwargs) -> EngineConfig:
+    """Spread flat keyword arguments (vLLM style) over the config sections by field name;
+    `speculative_config` is vLLM's dict (e.g. {"method": "ngram", "num_speculative_tokens":
+    4, "prompt_lookup_max": 4} or {"model": DRAFT, "num_speculative_tokens": 4})."""
     sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                 "parallel": ParallelConfig}
     values: dict[str, dict] = {name: {} for name in sections}
@@ -37,6 +41,8 @@ def make_engine_config(model: str, **kwargs) -> EngineConfig:
         cache=CacheConfig(**values["cache"]),
         scheduler=SchedulerConfig(**values["scheduler"]),
         parallel=ParallelConfig(**values["parallel"]),
+        speculative=None if speculative_config is None else
+        SpeculativeConfig.from_dict(speculative_config),
     )
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from fleetlm.executor.config import CacheConfig, ModelConfig
+from fleetlm.executor.config import CacheConfig, ModelConfig, SpeculativeConfig
 from fleetlm.executor.input_batch import CachedRequestState, PreparedBatch, prepare_batch
 from fleetlm.executor.models import get_model_class
 from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
 from fleetlm.executor.sampler import Sampler, compute_prompt_logprobs
 from fleetlm.executor.sampling_metadata import SamplingMetadata
+from fleetlm.executor.spec.proposers import DraftRequest, make_proposer
+from fleetlm.executor.spec.verify import VerifiedTokens, verify_drafts
 from fleetlm.executor.weights import ReadCounter, iterate_weights, load_hf_config, resolve_model
 from fleetlm.parallel.pipeline import StageHandoff
 from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
@@ -68,7 +70,8 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  groups: ProcessGroups = SINGLE_PROCESS_GROUPS,
-                 layer_partition: Sequence[int] | None = None) -> None:
+                 layer_partition: Sequence[int] | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
@@ -83,6 +86,11 @@ class ModelRunner:
         self.handoff = StageHandoff(groups.pp)
         self.weights_read = ReadCounter()
         self._load_model()
+        # Speculative decoding: only the output rank's drafts are read, so only it proposes.
+        self.proposer = make_proposer(
+            speculative, model_config=model_config, block_size=self.block_size,
+            device=self.device, dtype=self.dtype, target_vocab_size=self.vocab_size,
+        ) if groups.is_output_rank else None
 
     # ---- setup -------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -125,8 +133,9 @@ class ModelRunner:
     def num_available_blocks(self) -> int:
         """Blocks this rank could hold: `num_blocks` if configured, else what
         `kv_cache_memory_bytes` (per rank) buys with this rank's share of the model."""
+        draft_bytes = self.proposer.kv_bytes_per_block if self.proposer is not None else 0
         return self.cache_config.num_blocks or (
-            self.cache_config.kv_cache_memory_bytes // self.kv_bytes_per_block)
+            self.cache_config.kv_cache_memory_bytes // (self.kv_bytes_per_block + draft_bytes))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -138,6 +147,8 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in self.model.layers
         ]
+        if self.proposer is not None:
+            self.proposer.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size,
                     num_blocks * self.kv_bytes_per_block / 2**20)
 
@@ -154,7 +165,8 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = prepare_batch(self.requests, scheduler_output.num_scheduled_tokens,
-                              self.block_size, self.device)
+                              self.block_size, self.device,
+                              scheduler_output.scheduled_spec_decode_tokens)
         intermediate = None
         if not self.model.is_first_stage:
             intermediate = self.handoff.recv(len(batch.positions), self.hf_config.hidden_size,
@@ -165,11 +177,16 @@ class ModelRunner:
             self.handoff.send(*hidden)
             return None
         sampled = self._sample(batch, hidden)
-        return self._make_output(batch, sampled, hidden)
+        output = self._make_output(batch, sampled, hidden)
+        if self.proposer is not None and scheduler_output.num_draft_tokens:
+            output.draft_token_ids = self._propose(scheduler_output.num_draft_tokens, output)
+        return output
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
+        if self.proposer is not None and out.finished_req_ids:
+            self.proposer.forget(out.finished_req_ids)
         for new in out.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
@@ -181,39 +198,59 @@ class ModelRunner:
             state = self.requests[req_id]
             state.block_ids.extend(block_ids)
             state.num_computed_tokens = num_computed
-            first = max(num_computed, state.num_prompt_tokens)
-            state.token_ids[first:first + len(token_ids)] = token_ids
+            state.token_ids.extend(token_ids)
 
-    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor):
+    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor) -> VerifiedTokens | None:
+        """The new tokens of each sampling request: one sampled token, or its accepted drafts
+        and one more when it verifies drafts."""
         if not batch.sampling_req_ids:
             return None
         states = [self.requests[r] for r in batch.sampling_req_ids]
+        # One row per position: a request verifying k drafts has k + 1, row j seeing its
+        # first j drafts as outputs (penalties, min_tokens and seeds of that position).
+        rows = [(s, drafts[:j]) for s, drafts in zip(states, batch.sampling_drafts)
+                for j in range(len(drafts) + 1)]
         metadata = SamplingMetadata.build(
-            params=[s.sampling_params for s in states],
-            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states],
-            output_token_ids=[s.output_token_ids for s in states],
-            eos_token_ids=[s.eos_token_id for s in states],
+            params=[s.sampling_params for s, _ in rows],
+            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s, _ in rows],
+            output_token_ids=[s.output_token_ids + drafts for s, drafts in rows],
+            eos_token_ids=[s.eos_token_id for s, _ in rows],
             vocab_size=self.vocab_size,
             device=self.device,
         )
         logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
-        return self.sampler(logits, metadata)
+        if len(rows) > len(states):
+            return verify_drafts(self.sampler, logits, metadata, batch.sampling_drafts)
+        sampled = self.sampler(logits, metadata)
+        token_ids = sampled.sampled_token_ids.tolist()
+        logprobs = [None] * len(token_ids) if sampled.logprobs is None else \
+            [None if lp is None else [lp] for lp in sampled.logprobs]
+        return VerifiedTokens([[t] for t in token_ids], logprobs)
 
-    def _make_output(self, batch: PreparedBatch, sampled, hidden) -> ModelRunnerOutput:
+    def _make_output(self, batch: PreparedBatch, sampled: VerifiedTokens | None,
+                     hidden) -> ModelRunnerOutput:
         sampled_ids: dict[str, list[int]] = {}
         logprobs = {}
-        if sampled is not None:
-            token_ids = sampled.sampled_token_ids.tolist()
+        if sampled is not None:  # the tokens come back in the next step's diffs
             for i, req_id in enumerate(batch.sampling_req_ids):
-                sampled_ids[req_id] = [token_ids[i]]  # comes back in the next step's diffs
-                if sampled.logprobs is not None and sampled.logprobs[i] is not None:
-                    logprobs[req_id] = [sampled.logprobs[i]]
+                sampled_ids[req_id] = sampled.token_ids[i]
+                if sampled.logprobs[i] is not None:
+                    logprobs[req_id] = sampled.logprobs[i]
         return ModelRunnerOutput(
             req_ids=batch.req_ids,
             sampled_token_ids=[sampled_ids.get(r, []) for r in batch.req_ids],
             logprobs=logprobs,
             prompt_logprobs=self._prompt_logprobs(batch, hidden),
         )
+
+    def _propose(self, num_drafts: dict[str, int], output: ModelRunnerOutput):
+        requests = [
+            DraftRequest(req_id, self.requests[req_id].token_ids + token_ids, num_drafts[req_id],
+                         self.requests[req_id].block_ids)
+            for req_id, token_ids in zip(output.req_ids, output.sampled_token_ids)
+            if token_ids and num_drafts.get(req_id)
+        ]
+        return self.proposer.propose(requests) if requests else {}
 
     def _prompt_logprobs(self, batch: PreparedBatch, hidden: torch.Tensor):
         result = {}

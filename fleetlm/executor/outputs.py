@@ -36,8 +36,8 @@ class CachedRequestData:
     req_ids: list[str] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # appended to the table
     num_computed_tokens: list[int] = field(default_factory=list)
-    # Output tokens at positions [max(num_computed_tokens, num_prompt_tokens), ...) of this
-    # step's tokens: sampled since the workers last heard of the request.
+    # Tokens appended since the workers last heard of the request (its samples, accepted
+    # drafts): the workers append them to what they hold.
     new_token_ids: list[list[int]] = field(default_factory=list)
 
 
@@ -49,6 +49,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # workers drop their state for these (finished or preempted)
     step_id: int = 0  # counts schedule() calls: matches outputs to steps when several are in flight
+    # Speculative decoding: draft tokens verified this step, after each request's last token
+    # (they count in num_scheduled_tokens), and how many drafts to propose for each request
+    # after this step (absent: none).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -57,7 +62,9 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """What the workers computed: one sampled token per request whose prompt is complete.
+    """What the workers computed: the new tokens of each request whose prompt is complete
+    (one, or with speculative decoding the accepted drafts plus one), and draft tokens
+    proposed for the next step.
 
     Requests in the middle of a chunked prefill get an empty list in `sampled_token_ids`.
     """
@@ -68,6 +75,7 @@ class ModelRunnerOutput:
     # Prompt logprobs of the positions computed this step (None for the first prompt token).
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
     kv_connector_output: KVConnectorOutput | None = None
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,6 +25,12 @@ class EngineStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    # Speculative decoding (all 0 when it is off): verified steps with drafts, drafts
+    # verified, drafts accepted, and accepted drafts by position (index i: the (i+1)-th).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 class EngineClient(Protocol):

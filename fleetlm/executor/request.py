@@ -71,6 +71,10 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 before
         self.num_preemptions = 0
         self.block_hashes: list[int] = []
+        self.num_tokens_sent = 0  # leading tokens of all_token_ids the workers hold
+        # Draft tokens to verify in the next step (speculative decoding); never part of
+        # all_token_ids until the target model accepts them.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -45,28 +45,46 @@ class Sampler:
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """`logits`: [num_reqs, vocab] fp32, one row per request; modified in place."""
         assert logits.dim() == 2 and logits.shape[0] == metadata.num_reqs
-        raw_logprobs = None
-        if metadata.num_logprobs is not None:
-            raw_logprobs = _rows(logits, metadata.logprob_rows).log_softmax(dim=-1)
+        raw_logprobs = self.raw_logprobs(logits, metadata)
+        logits = self.preprocess(logits, metadata)
+        sampled = self._sample(logits, metadata)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled)
+        return SamplerOutput(sampled, logprobs_per_row(raw_logprobs, sampled, metadata))
+
+    @staticmethod
+    def raw_logprobs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor | None:
+        """Step 1: the asking rows' log-softmax of the raw logits (None when no row asks)."""
+        if metadata.num_logprobs is None:
+            return None
+        return _rows(logits, metadata.logprob_rows).log_softmax(dim=-1)
+
+    @staticmethod
+    def preprocess(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Steps 2 and 3: min_tokens and penalties, in place."""
         if metadata.min_tokens_mask is not None:
             logits[metadata.min_tokens_mask] = float("-inf")
         if metadata.penalties is not None:
             logits = apply_penalties(logits, metadata.penalties)
-        sampled = self._sample(logits, metadata)
-        if raw_logprobs is None:
-            return SamplerOutput(sampled)
-        return SamplerOutput(sampled, _logprobs_per_row(raw_logprobs, sampled, metadata))
+        return logits
 
-    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        greedy = None if metadata.is_all_random else logits.argmax(dim=-1)
-        if metadata.is_all_greedy:
-            return greedy
+    @staticmethod
+    def random_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """Step 5 up to the draw: each row's distribution after temperature, min_p, top-k and
+        top-p (greedy rows get temperature 1). Modifies `logits`."""
         logits = logits.div_(metadata.temperature)
         if metadata.min_p is not None:
             logits = apply_min_p(logits, metadata.min_p)
         if metadata.top_k is not None or metadata.top_p is not None:
             logits = _truncate(logits, metadata)
-        random = exponential_race(logits.softmax(dim=-1), metadata.generators, self.generator)
+        return logits.softmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        greedy = None if metadata.is_all_random else logits.argmax(dim=-1)
+        if metadata.is_all_greedy:
+            return greedy
+        probs = self.random_probs(logits, metadata)
+        random = exponential_race(probs, metadata.generators, self.generator)
         return random if greedy is None else torch.where(metadata.is_greedy, greedy, random)
 
 
@@ -85,7 +103,7 @@ def _truncate(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     return logits
 
 
-def _logprobs_per_row(
+def logprobs_per_row(
     raw_logprobs: torch.Tensor, sampled: torch.Tensor, metadata: SamplingMetadata
 ) -> list[PositionLogprobs | None]:
     """Logprobs of the asking rows (`raw_logprobs` holds only those), None for the others."""

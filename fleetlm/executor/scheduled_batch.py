@@ -22,6 +22,8 @@ class ScheduledBatch:
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_room(self) -> bool:
@@ -30,6 +32,7 @@ class ScheduledBatch:
 
     def add_new(self, request: Request, block_ids: list[int], num_tokens: int) -> None:
         """A request the workers do not hold: sent in full, with its whole block table."""
+        request.num_tokens_sent = request.num_tokens
         self.new_reqs.append(NewRequestData(
             req_id=request.request_id,
             token_ids=list(request.all_token_ids),
@@ -41,14 +44,18 @@ class ScheduledBatch:
         ))
         self._spend(request, num_tokens)
 
-    def add_cached(self, request: Request, new_block_ids: list[int], num_tokens: int) -> None:
-        """A request the workers hold: only the blocks appended to its table this step."""
+    def add_cached(self, request: Request, new_block_ids: list[int], num_tokens: int,
+                   spec_token_ids: list[int] = ()) -> None:
+        """A request the workers hold: only the blocks appended to its table this step and
+        the tokens appended since they last heard of it. `num_tokens` includes the draft
+        tokens `spec_token_ids` verified after the request's last token."""
         self.cached_reqs.req_ids.append(request.request_id)
         self.cached_reqs.new_block_ids.append(new_block_ids)
         self.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
-        first = max(request.num_computed_tokens, request.num_prompt_tokens)
-        end = request.num_computed_tokens + num_tokens
-        self.cached_reqs.new_token_ids.append(request.all_token_ids[first:end])
+        self.cached_reqs.new_token_ids.append(request.all_token_ids[request.num_tokens_sent:])
+        request.num_tokens_sent = request.num_tokens
+        if spec_token_ids:
+            self.spec_decode_tokens[request.request_id] = list(spec_token_ids)
         self._spend(request, num_tokens)
 
     def _spend(self, request: Request, num_tokens: int) -> None:
@@ -65,4 +72,6 @@ class ScheduledBatch:
             total_num_scheduled_tokens=sum(self.num_scheduled_tokens.values()),
             finished_req_ids=finished_req_ids,
             step_id=step_id,
+            scheduled_spec_decode_tokens=self.spec_decode_tokens,
+            num_draft_tokens=self.num_draft_tokens,
         )

@@ -25,6 +25,7 @@ from fleetlm.executor.outputs import EngineCoreOutput, ModelRunnerOutput, Schedu
 from fleetlm.executor.request import Request, RequestStatus, check_stop
 from fleetlm.executor.request_queue import create_request_queue
 from fleetlm.executor.scheduled_batch import ScheduledBatch
+from fleetlm.executor.spec.controller import SpecDecodeController
 from fleetlm.kvtransfer.base import KVConnectorScheduler, NoKVConnectorScheduler
 
 
@@ -63,10 +64,12 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache_manager: KVCacheManager,
         connector: KVConnectorScheduler | None = None,
+        spec: SpecDecodeController | None = None,
     ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.connector = connector if connector is not None else NoKVConnectorScheduler()
+        self.spec = spec  # speculative decoding; None: off
         num_cache_tokens = kv_cache_manager.num_blocks * kv_cache_manager.block_size
         self.max_model_len = min(config.max_model_len, num_cache_tokens)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -162,11 +165,36 @@ class Scheduler:
             request = self.running[index]
             num_new_tokens = _num_new_tokens(request, batch.token_budget)
             if num_new_tokens > 0:
-                new_block_ids = self._allocate_or_preempt(request, num_new_tokens)
+                drafts = self._drafts_to_verify(request, num_new_tokens, batch.token_budget)
+                num_drafts = self._plan_drafts(request, batch)
+                num_lookahead = self.spec.num_lookahead_slots if num_drafts else 0
+                num_slots = min(num_new_tokens + len(drafts) + num_lookahead,
+                                self.max_model_len - request.num_computed_tokens)
+                new_block_ids = self._allocate_or_preempt(request, num_slots)
                 if new_block_ids is None:
                     return
-                batch.add_cached(request, new_block_ids, num_new_tokens)
+                batch.add_cached(request, new_block_ids, num_new_tokens + len(drafts), drafts)
             index += 1
+
+    def _drafts_to_verify(self, request: Request, num_new_tokens: int,
+                          token_budget: int) -> list[int]:
+        """The request's drafts that fit: it is decoding, and they fit the step's budget, the
+        context and its max_tokens (the target adds one token of its own)."""
+        if not request.spec_token_ids or num_new_tokens != 1:
+            return []
+        room = min(token_budget - 1, self.max_model_len - request.num_tokens - 1)
+        if request.max_tokens is not None:
+            room = min(room, request.max_tokens - request.num_output_tokens - 1)
+        return request.spec_token_ids[:max(room, 0)]
+
+    def _plan_drafts(self, request: Request, batch: ScheduledBatch) -> int:
+        """How many drafts the runner proposes for the request after this step."""
+        if self.spec is None:
+            return 0
+        num_drafts = self.spec.num_drafts(request.request_id, len(self.running))
+        if num_drafts:
+            batch.num_draft_tokens[request.request_id] = num_drafts
+        return num_drafts
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int) -> list[int] | None:
         """Blocks for `request`, preempting from the back of `running` until they fit;
@@ -182,6 +210,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -259,6 +288,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        self._plan_drafts(request, batch)
         batch.add_new(request, block_ids, num_new_tokens)
 
     # ---- the workers' results ----
@@ -280,10 +310,23 @@ class Scheduler:
                 continue
             if preemptions.get(request_id, request.num_preemptions) != request.num_preemptions:
                 continue  # preempted while this step ran, and running again since
-            output = self._update_request(request, sampled.get(request_id, []), model_runner_output)
+            token_ids = sampled.get(request_id, [])
+            drafts = scheduler_output.scheduled_spec_decode_tokens.get(request_id)
+            if drafts:
+                self._settle_drafts(request, drafts, len(token_ids))
+            request.spec_token_ids = model_runner_output.draft_token_ids.get(request_id, [])
+            output = self._update_request(request, token_ids, model_runner_output)
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def _settle_drafts(self, request: Request, drafts: list[int], num_sampled: int) -> None:
+        """`num_sampled` - 1 drafts were accepted: the rejected ones' positions are not
+        computed after all (their slots are reused by the next tokens; a block holding a
+        draft is never cached, since only known tokens are)."""
+        num_accepted = num_sampled - 1
+        request.num_computed_tokens -= len(drafts) - num_accepted
+        self.spec.record(request.request_id, len(drafts), num_accepted)
 
     def _update_request(
         self, request: Request, token_ids: list[int], runner_output: ModelRunnerOutput
@@ -333,6 +376,8 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Forget a finished request; free its blocks unless the connector still sends them."""
         del self.requests[request.request_id]
+        if self.spec is not None:
+            self.spec.forget(request.request_id)
         self.finished_req_ids.add(request.request_id)
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
         if self.connector.request_finished(request, block_ids) and block_ids:
@@ -353,7 +398,7 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.loading) + len(self.loaded)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict:
         kv = self.kv_cache_manager
         return {
             "num_running": self.num_running,
@@ -362,6 +407,7 @@ class Scheduler:
             "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "num_preemptions": self.num_preemptions,
+            **({} if self.spec is None else {"spec_decode": self.spec.stats}),
         }
 
     def check_invariants(self) -> None:

@@ -13,10 +13,11 @@ BLOCK_SIZE = 4
 EOS = 2
 
 
-def make_scheduler(num_blocks=32, enable_caching=True, connector=None, **config) -> Scheduler:
+def make_scheduler(num_blocks=32, enable_caching=True, connector=None, spec=None,
+                   **config) -> Scheduler:
     config.setdefault("max_model_len", 1024)
     manager = KVCacheManager(num_blocks, BLOCK_SIZE, enable_caching=enable_caching)
-    return Scheduler(SchedulerConfig(**config), manager, connector)
+    return Scheduler(SchedulerConfig(**config), manager, connector, spec)
 
 
 def make_request(request_id, prompt, arrival_time=0.0, priority=0, **params) -> Request:

@@ -1,8 +1,5 @@
-"""The engine on a Ray worker group equals the single-process engine.
-
-Float32 greedy tokens over 32 new tokens on varied prompts, in a run that has chunked prefill
-(a 64-token budget), prefix-cache hits (a second batch shares a long prefix with the first)
-and preemption (too few KV blocks for every request at once): the built-in model at TP=3,
+"""The engine on a Ray worker group equals the single-process engine: the greedy scenario
+(greedy_scenario.py: chunked prefill, prefix hits, preemption) on the built-in model at TP=3,
 PP=2 and TP=3 x PP=2, and a random-weight Llama (4 heads, 2 KV heads) at TP=2.
 """
 
@@ -12,37 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from greedy_scenario import (
+    ENGINE_ARGS,
+    MAX_TOKENS,
+    SECOND_BATCH,
+    assert_same,
+    check_exercised,
+    run,
+)
+
 from fleetlm import LLM, SamplingParams
 from fleetlm.executor.control import WorkerGroupError
 from fleetlm.executor.weights import resolve_model
 
-MAX_TOKENS = 32
-LOGPROB_ATOL = 1e-3  # float32; only the summation order differs
 WORKER_CPUS = 0.25  # six workers fit the session's two CPUs
-PREFIX = ("You are a careful assistant. Answer briefly and precisely, and say so when you "
-          "do not know. ") * 4
-FIRST_BATCH = [PREFIX + "What is the capital of France?"]
-SECOND_BATCH = [
-    PREFIX + "Name three colours of the rainbow.",
-    "def fibonacci(n):\n    ",
-    "Écris une phrase sur la mer.",
-    "The quick brown fox jumps over the lazy dog. " * 6 + "Then it",
-]
-ENGINE_ARGS = dict(dtype="float32", block_size=16, num_blocks=16, max_num_batched_tokens=64,
-                   max_num_seqs=4)
-
-
-def _run(llm: LLM) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-    first = llm.generate(FIRST_BATCH, params)
-    second = llm.generate(SECOND_BATCH, params)
-    outputs = first + second
-    return {
-        "tokens": [o.outputs[0].token_ids for o in outputs],
-        "logprobs": [[p[0][1] for p in o.outputs[0].logprobs] for o in outputs],
-        "num_cached": [o.num_cached_tokens for o in outputs],
-        "stats": llm.engine.stats(),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +33,9 @@ def builtin_dir():
 @pytest.fixture(scope="module")
 def reference(builtin_dir):
     with LLM(builtin_dir, **ENGINE_ARGS) as llm:
-        result = _run(llm)
-    # The run must exercise what it claims to.
-    assert result["num_cached"][1] >= 64, "the second batch's prefix should hit the cache"
-    assert result["stats"].num_preemptions > 0, "16 blocks should force preemption"
+        result = run(llm)
+    check_exercised(result)
     return result
-
-
-def _assert_same(got: dict, expected: dict) -> None:
-    assert got["tokens"] == expected["tokens"]
-    for got_lps, expected_lps in zip(got["logprobs"], expected["logprobs"]):
-        assert got_lps == pytest.approx(expected_lps, abs=LOGPROB_ATOL)
-    assert got["num_cached"][1] >= 64
 
 
 @pytest.mark.slow
@@ -77,9 +48,9 @@ def test_builtin_model_parallel_equals_single_process(ray_cluster, builtin_dir, 
         executor = llm.engine.executor
         assert len(executor.workers) == tp * pp
         assert executor.num_blocks == 16
-        got = _run(llm)
+        got = run(llm)
         bytes_read = executor.collective_rpc(lambda w: w.runner.weights_read.num_bytes)
-    _assert_same(got, reference)
+    assert_same(got, reference)
     # Each rank read about its own share of the checkpoint, never all of it.
     checkpoint_bytes = sum(p.stat().st_size for p in Path(builtin_dir).glob("*.safetensors"))
     share = 1.0 / tp + 0.02  # norms are read whole by every rank

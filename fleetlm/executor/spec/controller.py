@@ -1,0 +1,77 @@
+"""How many draft tokens each request verifies, and the acceptance statistics (no torch).
+
+The scheduler asks `num_drafts` for every request it schedules: the runner then proposes that
+many drafts after the step, and the scheduler verifies them in the request's next step. A
+request whose drafts are mostly rejected costs verification work for nothing, so:
+
+    acceptance(r)  exponential average of accepted / proposed over r's verified steps
+    num_drafts(r)  k while acceptance(r) >= min_acceptance_rate; else 0, except one probe of
+                   k drafts every probe_interval steps (so a request that starts copying its
+                   input again gets speculation back); 0 for all while the batch is at least
+                   disable_by_batch_size (verification is no longer nearly free there)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetlm.executor.config import SpeculativeConfig
+
+_SMOOTHING = 0.5  # weight of the newest step in a request's acceptance average
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters, as vLLM names them."""
+
+    num_drafts: int = 0  # verified steps that carried drafts
+    num_draft_tokens: int = 0  # drafts verified
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # index i: drafts i+1 taken
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verified step: the accepted drafts plus the target's own."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class SpecDecodeController:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.num_lookahead_slots = config.num_speculative_tokens \
+            if config.method == "draft_model" else 0
+        self.stats = SpecDecodeStats(
+            accepted_per_position=[0] * config.num_speculative_tokens)
+        self._acceptance: dict[str, float] = {}
+        self._steps_off: dict[str, int] = {}
+
+    def num_drafts(self, request_id: str, num_running: int) -> int:
+        """Drafts the runner should propose for this request after the coming step."""
+        config = self.config
+        if config.disable_by_batch_size is not None and num_running >= config.disable_by_batch_size:
+            return 0
+        if self._acceptance.get(request_id, 1.0) >= config.min_acceptance_rate:
+            return config.num_speculative_tokens
+        steps_off = self._steps_off.get(request_id, 0) + 1
+        self._steps_off[request_id] = steps_off % config.probe_interval
+        return config.num_speculative_tokens if steps_off == config.probe_interval else 0
+
+    def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        """A verified step: `num_accepted` of `num_proposed` drafts were taken."""
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_proposed
+        stats.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            stats.accepted_per_position[position] += 1
+        previous = self._acceptance.get(request_id, 1.0)
+        rate = num_accepted / num_proposed
+        self._acceptance[request_id] = (1 - _SMOOTHING) * previous + _SMOOTHING * rate
+
+    def forget(self, request_id: str) -> None:
+        self._acceptance.pop(request_id, None)
+        self._steps_off.pop(request_id, None)
