@@ -18,6 +18,7 @@ from fleetlm.executor.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 
 
@@ -203,6 +204,56 @@ class PoolSection(_Section):
     )
 
 
+_SPECULATIVE = SpeculativeConfig()  # the engine's defaults: written once, there
+
+
+class SpeculativeSection(_Section):
+    """Speculative decoding (vLLM's `speculative_config` keys); absent or null: off.
+
+    Values are checked by the engine's own `SpeculativeConfig`."""
+
+    method: Literal["ngram", "draft_model"] = Field(
+        _SPECULATIVE.method,
+        description="ngram: prompt lookup in the request's own tokens; draft_model: a smaller "
+        "model with the same tokenizer (`model`). A `model` alone means draft_model.",
+    )
+    num_speculative_tokens: int = Field(
+        _SPECULATIVE.num_speculative_tokens, ge=1, description="Draft tokens per step, at most.")
+    prompt_lookup_max: int = Field(
+        _SPECULATIVE.prompt_lookup_max, ge=1,
+        description="ngram: the longest suffix looked up in the request's tokens.")
+    prompt_lookup_min: int = Field(
+        _SPECULATIVE.prompt_lookup_min, ge=1, description="ngram: the shortest suffix.")
+    model: str | None = Field(
+        None, description="draft_model: built-in name, Hugging Face directory or .gguf file.")
+    random_weights: bool = Field(
+        False, description="draft_model: random weights from its config (benchmarks only).")
+    min_acceptance_rate: float = Field(
+        _SPECULATIVE.min_acceptance_rate, ge=0, le=1,
+        description="A request whose drafts are accepted less often stops speculating "
+        "(averaged over its steps), trying again every `probe_interval` steps.")
+    probe_interval: int = Field(_SPECULATIVE.probe_interval, ge=1,
+                                description="Steps between two tries of a stopped request.")
+    disable_by_batch_size: int | None = Field(
+        _SPECULATIVE.disable_by_batch_size, ge=1,
+        description="No request speculates while this many or more run; null: no limit.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_means_draft(cls, values):
+        if isinstance(values, dict) and "model" in values and "method" not in values:
+            values = {**values, "method": "draft_model"}
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeSection:
+        self.to_speculative_config()  # raises ValueError naming the field
+        return self
+
+    def to_speculative_config(self) -> SpeculativeConfig:
+        return SpeculativeConfig(**self.model_dump())
+
+
 class PDSection(_Section):
     enabled: bool = Field(False, description="Split prefill and decode into separate pools.")
     prefill: PoolSection = Field(default_factory=PoolSection, description="The prefill pool.")
@@ -233,6 +284,15 @@ class ClusterConfig(_Section):
         default_factory=MigrationSection, description="Requests of failed replicas."
     )
     pd: PDSection = Field(default_factory=PDSection, description="Prefill/decode pools.")
+    speculative: SpeculativeSection | None = Field(
+        None, description="Speculative decoding; null: off.")
+
+    @model_validator(mode="after")
+    def _check_speculative(self) -> ClusterConfig:
+        if self.speculative is not None and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding with parallel.pipeline_parallel_size > 1 "
+                             "is not supported; use tensor parallelism")
+        return self
 
     @model_validator(mode="after")
     def _check_replica_bundle(self) -> ClusterConfig:
@@ -290,6 +350,8 @@ def to_engine_config(config: ClusterConfig) -> EngineConfig:
             max_num_waiting=engine.max_num_waiting,
         ),
         parallel=parallel.to_parallel_config(),
+        speculative=None if config.speculative is None else
+        config.speculative.to_speculative_config(),
     )
 
 

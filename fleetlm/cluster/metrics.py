@@ -62,7 +62,11 @@ COUNTERS = (
     ("num_preemptions", "Cumulative number of preemption from the engine."),
     ("prompt_tokens", "Number of prefill tokens processed."),
     ("generation_tokens", "Number of generation tokens processed."),
+    ("spec_decode_num_drafts", "Number of spec decoding drafts (steps that verified drafts)."),
+    ("spec_decode_num_draft_tokens", "Number of draft tokens."),
+    ("spec_decode_num_accepted_tokens", "Number of accepted tokens."),
 )
+ACCEPTED_PER_POSITION_HELP = "Accepted tokens per draft position."
 HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
     ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
@@ -158,7 +162,11 @@ class MetricsRecorder:
                 "num_preemptions": engine_stats.num_preemptions,
                 "prompt_tokens": engine_stats.num_prompt_tokens,
                 "generation_tokens": engine_stats.num_generation_tokens,
+                "spec_decode_num_drafts": engine_stats.spec_num_drafts,
+                "spec_decode_num_draft_tokens": engine_stats.spec_num_draft_tokens,
+                "spec_decode_num_accepted_tokens": engine_stats.spec_num_accepted_tokens,
             },
+            "accepted_per_position": list(engine_stats.spec_accepted_per_position),
             "request_success": dict(self.num_finished_by_reason),
             "histograms": {name: h.to_dict() for name, h in self.histograms.items()},
         }
@@ -187,6 +195,7 @@ class _SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._gauges()
         yield from self._counters()
+        yield self._accepted_per_position()
         yield self._request_success()
         yield from self._histograms()
 
@@ -204,6 +213,20 @@ class _SnapshotCollector:
             for model, snaps in self.by_model.items():
                 family.add_metric([model], sum(snap["counters"][name] for snap in snaps))
             yield family
+
+    def _accepted_per_position(self) -> Metric:
+        name = PREFIX + "spec_decode_num_accepted_tokens_per_pos"
+        family = CounterMetricFamily(name, ACCEPTED_PER_POSITION_HELP,
+                                     labels=["model_name", "position"])
+        for model, snaps in self.by_model.items():
+            totals: list[int] = []
+            for snap in snaps:
+                for position, num in enumerate(snap.get("accepted_per_position", ())):
+                    totals.extend([0] * (position + 1 - len(totals)))
+                    totals[position] += num
+            for position, num in enumerate(totals):
+                family.add_metric([model, str(position)], num)
+        return family
 
     def _request_success(self) -> Metric:
         name, labels = PREFIX + "request_success", ["model_name", "finished_reason"]

@@ -215,3 +215,26 @@ def test_migration_section():
     assert (config.migration.is_enabled, config.migration.timeout_s) == (False, 5.0)
     with pytest.raises(ValueError, match="migration.timeout_s"):
         ClusterConfig.model_validate({"migration": {"timeout_s": 0}})
+
+
+def test_speculative_section(tmp_path):
+    path = _write(tmp_path, """
+speculative:
+  model: /models/draft
+  num_speculative_tokens: 3
+""")
+    speculative = to_engine_config(load_config(path)).speculative
+    assert (speculative.method, speculative.model, speculative.num_speculative_tokens) == (
+        "draft_model", "/models/draft", 3)
+    assert to_engine_config(ClusterConfig()).speculative is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("speculative: {method: ngram, prompt_lookup_min: 9}", "prompt_lookup_min must be"),
+    ("speculative: {method: ngram, lookahead: 2}", "unknown key 'speculative.lookahead'"),
+    ("speculative: {method: ngram}\nparallel: {pipeline_parallel_size: 2}",
+     "pipeline_parallel_size > 1 is not supported"),
+])
+def test_bad_speculative_sections(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, text))

@@ -46,6 +46,8 @@ def _replica_a() -> dict:
     stats = _stats(
         num_running=2, num_waiting=1, kv_cache_usage=0.25, prefix_cache_queries=40,
         prefix_cache_hits=16, num_preemptions=1, num_prompt_tokens=107, num_generation_tokens=4,
+        spec_num_drafts=3, spec_num_draft_tokens=9, spec_num_accepted_tokens=4,
+        spec_accepted_per_position=(3, 1, 0),
     )  # fmt: skip
     return recorder.snapshot(stats, MODEL)
 
@@ -88,12 +90,24 @@ def test_gauges_are_per_replica(families):
         ("num_preemptions", 3.0),
         ("prompt_tokens", 117.0),
         ("generation_tokens", 6.0),
+        ("spec_decode_num_drafts", 3.0),
+        ("spec_decode_num_draft_tokens", 9.0),
+        ("spec_decode_num_accepted_tokens", 4.0),
     ],
 )
 def test_counters_are_summed_over_replicas(families, name, total):
     family = families[f"fleetlm:{name}"]
     assert family["type"] == "counter"
     assert family["samples"] == {(f"fleetlm:{name}_total", (("model_name", MODEL),)): total}
+
+
+def test_accepted_drafts_per_position(families):
+    # replica b runs without speculation: it adds nothing
+    name = "fleetlm:spec_decode_num_accepted_tokens_per_pos"
+    assert families[name]["samples"] == {
+        (f"{name}_total", (("model_name", MODEL), ("position", str(i)))): float(n)
+        for i, n in enumerate((3, 1, 0))
+    }
 
 
 def test_request_success_by_finished_reason(families):
