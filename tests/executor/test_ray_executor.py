@@ -191,3 +191,24 @@ def test_tp2_over_nccl_equals_one_gpu(ray_cluster, builtin_dir):
              backend="nccl", worker_num_cpus=0.1) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(SECOND_BATCH, params)]
     assert got == expected
+
+
+@pytest.mark.slow
+def test_speculative_decoding_on_a_worker_group(ray_cluster, small_llama):
+    """Drafts proposed by the output rank and verified by every rank: greedy output equals
+    the single process without speculation."""
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)] * 3
+    from fleetlm.executor.engine import LLMEngine
+    from fleetlm.executor.llm import make_engine_config
+
+    reference = _drive(LLMEngine(make_engine_config(small_llama, **SMALL_ARGS)), params)
+    config = make_engine_config(
+        small_llama, tensor_parallel_size=2, worker_num_cpus=0.5, **SMALL_ARGS,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                            "prompt_lookup_min": 1, "min_acceptance_rate": 0.0})
+    engine = LLMEngine(config)
+    try:
+        assert _drive(engine, params) == reference
+        assert engine.stats().spec_num_draft_tokens > 0
+    finally:
+        engine.shutdown()

@@ -68,6 +68,17 @@ def test_drafts_never_go_past_max_tokens_or_the_budget():
     assert scheduler.schedule().scheduled_spec_decode_tokens == {"r": [1]}
 
 
+def test_fewer_drafts_as_acceptance_falls():
+    controller = SpecDecodeController(SpeculativeConfig(num_speculative_tokens=4,
+                                                        min_acceptance_rate=0.1))
+    controller.record("r", 4, 1)  # average 1 -> 0.625: still all 4
+    assert controller.num_drafts("r", 1) == 4
+    controller.record("r", 4, 0)  # -> 0.3125: ceil(2 * 4 * 0.3125) = 3
+    assert controller.num_drafts("r", 1) == 3
+    controller.record("r", 3, 0)  # -> 0.156: 2
+    assert controller.num_drafts("r", 1) == 2
+
+
 def test_a_request_that_stops_paying_stops_speculating_then_probes():
     config = SpeculativeConfig(num_speculative_tokens=2, min_acceptance_rate=0.3,
                                probe_interval=3, disable_by_batch_size=8)

@@ -5,14 +5,18 @@ many drafts after the step, and the scheduler verifies them in the request's nex
 request whose drafts are mostly rejected costs verification work for nothing, so:
 
     acceptance(r)  exponential average of accepted / proposed over r's verified steps
-    num_drafts(r)  k while acceptance(r) >= min_acceptance_rate; else 0, except one probe of
-                   k drafts every probe_interval steps (so a request that starts copying its
-                   input again gets speculation back); 0 for all while the batch is at least
-                   disable_by_batch_size (verification is no longer nearly free there)
+    num_drafts(r)  while acceptance(r) >= min_acceptance_rate: k at acceptance 1/2 and above,
+                   fewer below (ceil(2 k acceptance): with per-draft acceptance a the j-th
+                   draft is used with probability a^j, so long runs only pay when a is high);
+                   below it 0, except one probe of k drafts every probe_interval steps (so a
+                   request that starts copying its input again gets speculation back); 0 for
+                   all while the batch is at least disable_by_batch_size (verification is no
+                   longer nearly free there)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fleetlm.executor.config import SpeculativeConfig
@@ -54,8 +58,10 @@ class SpecDecodeController:
         config = self.config
         if config.disable_by_batch_size is not None and num_running >= config.disable_by_batch_size:
             return 0
-        if self._acceptance.get(request_id, 1.0) >= config.min_acceptance_rate:
-            return config.num_speculative_tokens
+        acceptance = self._acceptance.get(request_id, 1.0)
+        if acceptance >= config.min_acceptance_rate:
+            k = config.num_speculative_tokens
+            return max(1, min(k, math.ceil(2 * k * acceptance)))
         steps_off = self._steps_off.get(request_id, 0) + 1
         self._steps_off[request_id] = steps_off % config.probe_interval
         return config.num_speculative_tokens if steps_off == config.probe_interval else 0
