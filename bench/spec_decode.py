@@ -54,7 +54,7 @@ COPYING = [
     f"Rewrite this paragraph, replacing 'Ray' with 'Dask' and changing nothing else:\n\n"
     f"{PARAGRAPH}",
     f"Here is a Python file:\n\n{CODE}\nRepeat the file above, then complete save_config.",
-    f"Copy this list, one item per line:\n" + "\n".join(
+    "Copy this list, one item per line:\n" + "\n".join(
         f"- item {i}: {w}" for i, w in enumerate(PARAGRAPH.split()[:12])),
 ]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}

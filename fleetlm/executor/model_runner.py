@@ -89,7 +89,7 @@ class ModelRunner:
         # Speculative decoding: only the output rank's drafts are read, so only it proposes.
         self.proposer = make_proposer(
             speculative, model_config=model_config, block_size=self.block_size,
-            device=self.device, dtype=self.dtype, target_vocab_size=self.vocab_size,
+            device=self.device, target_vocab_size=self.vocab_size,
         ) if groups.is_output_rank else None
 
     # ---- setup -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ _PARAMS = SamplingParams(temperature=0.0)  # drafts are greedy
 
 class DraftModelProposer(Proposer):
     def __init__(self, config: SpeculativeConfig, model_config: ModelConfig, block_size: int,
-                 device: torch.device, dtype: torch.dtype, target_vocab_size: int) -> None:
+                 device: torch.device, target_vocab_size: int) -> None:
         from fleetlm.executor.model_runner import ModelRunner
 
         draft_config = ModelConfig(model=config.model, dtype=model_config.dtype,
