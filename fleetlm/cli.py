@@ -19,6 +19,8 @@ DEFAULT_CONFIG = "configs/default.yaml"
 BENCH_MODULE = "fleetlm.bench.cli"
 RAY_AUTH_MODE_VAR = "RAY_AUTH_MODE"
 RAY_SAVED_TOKEN = Path.home() / ".ray" / "auth_token"  # where a local `ray.init` saves it
+# How long serve/deploy wait for every replica to run (model loading included) before giving up.
+DEFAULT_DEPLOY_TIMEOUT_S = 900.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start (or join) a cluster, deploy, run until ^C")
     serve.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="deployment YAML")
     serve.add_argument("--address", **address)
+    _add_deploy_limits(serve)
 
     deploy = commands.add_parser("deploy", help="deploy onto a running cluster and return")
     deploy.add_argument("config", help="deployment YAML")
     deploy.add_argument("--address", **address)
+    _add_deploy_limits(deploy)
 
     status = commands.add_parser("status", help="applications, deployments and replicas")
     status.add_argument("--address", **address)
@@ -44,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", help="benchmark a running server (fleetlm bench serve -h)",
                         add_help=False)  # fmt: skip
     return parser
+
+
+def _add_deploy_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_DEPLOY_TIMEOUT_S, metavar="SECONDS",
+        help="give up when not every replica runs by then (default: %(default)g); the "
+        "application stays deployed")
+    parser.add_argument(
+        "--wait-for-resources", action="store_true",
+        help="when the cluster's nodes cannot hold the config yet, wait (within --timeout) for "
+        "more nodes to join instead of failing at once")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     is_cluster_owned = launcher.connect(args.address, is_local_allowed=True)
     try:
-        launcher.deploy_and_wait(config)
+        launcher.deploy_and_wait(config, args.timeout, args.wait_for_resources)
         print(launcher.ready_message(config), flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -84,7 +99,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     launcher.connect(args.address, is_local_allowed=False)
-    launcher.deploy_and_wait(config)
+    launcher.deploy_and_wait(config, args.timeout, args.wait_for_resources)
     print(launcher.ready_message(config))
     return 0
 

@@ -84,6 +84,8 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
 def _replica_actor_options(config: ClusterConfig) -> dict:
     replicas = config.replicas
     options: dict = {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus}
+    if replicas.resources:
+        options["resources"] = dict(replicas.resources)
     if replicas.num_threads is not None:
         env = {"OMP_NUM_THREADS": str(replicas.num_threads)}
         options["runtime_env"] = {"env_vars": env}
@@ -92,19 +94,30 @@ def _replica_actor_options(config: ClusterConfig) -> dict:
 
 def _placement_options(config: ClusterConfig) -> dict:
     """Serve options that reserve a replica's worker group with it (none in-process)."""
+    bundles = replica_bundles(config)
+    if len(bundles) == 1:
+        return {}
+    return {
+        "placement_group_bundles": bundles,
+        "placement_group_strategy": config.parallel.placement_strategy,
+    }
+
+
+def replica_bundles(config: ClusterConfig) -> list[dict[str, float]]:
+    """What one engine replica reserves: its own bundle, then one bundle per worker rank (just
+    its own when the model runs in-process). The deploy command checks these against the
+    cluster's nodes before deploying."""
+    replicas = config.replicas
+    replica_bundle = {"CPU": replicas.num_cpus, **replicas.resources}
+    if replicas.num_gpus:
+        replica_bundle["GPU"] = replicas.num_gpus
     parallel = config.parallel.to_parallel_config()
     if not parallel.is_distributed:
-        return {}
+        return [replica_bundle]
     from fleetlm.executor.ray_executor import worker_bundles, worker_device
 
-    replica_bundle = {"CPU": config.replicas.num_cpus}
-    if config.replicas.num_gpus:
-        replica_bundle["GPU"] = config.replicas.num_gpus
     workers = worker_bundles(parallel, worker_device(config.model.device))
-    return {
-        "placement_group_bundles": [replica_bundle, *workers],
-        "placement_group_strategy": parallel.placement_strategy,
-    }
+    return [replica_bundle, *({**b, **config.parallel.worker_resources} for b in workers)]
 
 
 def start_http(config: ClusterConfig) -> None:

@@ -31,6 +31,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Ray's own resources have their own keys (num_cpus, num_gpus, ...); custom ones must differ.
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_custom_resources(key: str, resources: dict[str, float]) -> None:
+    for name, amount in resources.items():
+        if name in _RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{key}: {name!r} is one of Ray's own resources; use the "
+                             f"num_cpus / num_gpus keys for CPU and GPU")
+        if amount <= 0:
+            raise ValueError(f"{key}: {name} must be above 0; got {amount:g}")
+
+
 class ModelSection(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
@@ -84,6 +97,17 @@ class ReplicaSection(_Section):
         description="How often Ray Serve asks each replica whether its engine (and every "
         "worker) lives; after 3 failed checks in a row it replaces the replica.",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica reserves besides CPUs and GPUs, e.g. "
+        "{pool-decode: 1} or {'accelerator_type:H100': 0.001}: replicas then run only on "
+        "nodes started with them (`ray start --resources`; Ray adds accelerator_type:<GPU>).",
+    )
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> ReplicaSection:
+        _check_custom_resources("replicas.resources", self.resources)
+        return self
 
 
 class RouterSection(_Section):
@@ -184,15 +208,25 @@ class ParallelSection(_Section):
         description="Ray GPUs reserved by each worker; default: 1 on CUDA, 0 on CPU.",
     )
 
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker's bundle reserves besides CPUs and "
+        "GPUs (e.g. {'accelerator_type:H100': 0.001}), so the worker group runs only on "
+        "nodes that have them.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> ParallelSection:
         if self.expert_parallel_size > 1:
             raise ValueError("parallel.expert_parallel_size > 1 is not implemented yet")
+        _check_custom_resources("parallel.worker_resources", self.worker_resources)
         self.to_parallel_config()  # raises ValueError naming the field
         return self
 
     def to_parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(**self.model_dump(exclude={"expert_parallel_size"}))
+        # worker_resources is a placement matter: the Serve app adds it to the worker bundles.
+        return ParallelConfig(
+            **self.model_dump(exclude={"expert_parallel_size", "worker_resources"}))
 
 
 class PoolSection(_Section):

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
+from fleetlm.cluster import resources
 from fleetlm.cluster.app import deploy, url_of
 from fleetlm.cluster.config import ClusterConfig
 
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_HOST = "127.0.0.1"
 POLL_INTERVAL_S = 0.5
+NODE_POLL_INTERVAL_S = 2.0
 RUNNING = "RUNNING"
 FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
 
@@ -55,8 +58,13 @@ def connect(address: str | None, is_local_allowed: bool) -> bool:
     return True
 
 
-def deploy_and_wait(config: ClusterConfig) -> None:
-    """Deploy, then show replicas coming up until all run; `RuntimeError` if Serve gives up."""
+def deploy_and_wait(config: ClusterConfig, timeout_s: float,
+                    is_waiting_for_resources: bool = False) -> None:
+    """Check that the cluster can hold `config`, deploy it, and show replicas coming up until
+    all run. Raises `ResourceShortfall` (at once, or after `timeout_s` when waiting for nodes to
+    join), `RuntimeError` if Serve gives up, `DeployTimeout` after `timeout_s` in all."""
+    deadline = time.monotonic() + timeout_s
+    _wait_until_it_fits(config, deadline if is_waiting_for_resources else time.monotonic())
     deploy(config, is_blocking=False)
     num_replicas = config.replicas.count + 1  # the engine replicas and the ingress
     with tqdm(total=num_replicas, desc=f"Starting {config.model.name}", unit="replica") as bar:
@@ -66,6 +74,33 @@ def deploy_and_wait(config: ClusterConfig) -> None:
                 raise RuntimeError(f"deploying {config.name} failed: {message}")
             if status == RUNNING:
                 return
+            if time.monotonic() > deadline:
+                raise DeployTimeout(_timeout_message(config, timeout_s, message))
+
+
+class DeployTimeout(RuntimeError):
+    """The replicas did not all run in time; the application stays deployed."""
+
+
+def _wait_until_it_fits(config: ClusterConfig, deadline: float) -> None:
+    """Return once the cluster's nodes can hold `config`; past `deadline` raise why not."""
+    while True:
+        try:
+            return resources.check_fits(config, resources.cluster_nodes())
+        except resources.ResourceShortfall:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(NODE_POLL_INTERVAL_S)
+
+
+def _timeout_message(config: ClusterConfig, timeout_s: float, message: str) -> str:
+    lines = [f"gave up after {timeout_s:g} s: not every replica of {config.name} is running"]
+    lines += status_lines()
+    if message:
+        lines.append(f"Ray Serve says: {message}")
+    lines.append(f"{config.name} stays deployed and Serve keeps trying; "
+                 f"`fleetlm shutdown --app {config.name}` removes it.")
+    return "\n".join(lines)
 
 
 def _poll_app(name: str) -> Iterator[tuple[int, str, str]]:
@@ -73,7 +108,9 @@ def _poll_app(name: str) -> Iterator[tuple[int, str, str]]:
 
     while True:
         app = serve.status().applications.get(name)
-        if app is not None:
+        if app is None:  # not registered yet
+            yield 0, "", ""
+        else:
             num_running = sum(
                 d.replica_states.get(RUNNING, 0) for d in app.deployments.values()
             )
@@ -102,18 +139,36 @@ def ready_message(config: ClusterConfig) -> str:
 
 
 def status_lines() -> list[str]:
-    """One line per application and per deployment, with replica states."""
-    from ray import serve
+    """Each application and deployment with its replica states, then each node with the
+    replicas it runs."""
+    from ray.serve.context import _get_global_client
 
-    status = serve.status()
-    if not status.applications:
+    return format_status(_get_global_client().get_serve_details(), resources.cluster_nodes())
+
+
+def format_status(details: dict, nodes: list[resources.Node]) -> list[str]:
+    """`details`: Serve's instance details (the dict behind its REST API)."""
+    applications = details.get("applications") or {}
+    if not applications:
         return ["No fleetlm applications are running."]
     lines = []
-    for name, app in status.applications.items():
-        lines.append(f"{name}: {_name(app.status)}" + (f" ({app.message})" if app.message else ""))
-        for deployment_name, deployment in app.deployments.items():
-            states = ", ".join(f"{n} {s}" for s, n in sorted(deployment.replica_states.items()))
-            lines.append(f"  {deployment_name}: {_name(deployment.status)} [{states}]")
+    on_node: dict[str, list[str]] = {node.address: [] for node in nodes}
+    for app_name, app in applications.items():
+        message = app.get("message")
+        lines.append(f"{app_name}: {app['status']}" + (f" ({message})" if message else ""))
+        for deployment_name, deployment in app["deployments"].items():
+            replicas = deployment.get("replicas") or []
+            states = Counter(replica["state"] for replica in replicas)
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            lines.append(f"  {deployment_name}: {deployment['status']} [{counts}]")
+            for replica in replicas:
+                where = replica.get("node_ip") or "(not placed yet)"
+                on_node.setdefault(where, []).append(f"{deployment_name} {replica['state']}")
+    lines.append("Replicas by node:")
+    for address, names in on_node.items():
+        node = next((n for n in nodes if n.address == address), None)
+        capacity = f" ({resources.format_resources(node.resources)})" if node else ""
+        lines.append(f"  {address}{capacity}: {', '.join(names) or 'no replicas'}")
     return lines
 
 
