@@ -269,4 +269,4 @@ def _init_random(model: torch.nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         values = torch.ones(param.shape) if "norm" in name else \
             torch.randn(param.shape, generator=generator) * 0.02
-        param.data.copy_(values)
+        param.detach().copy_(values)

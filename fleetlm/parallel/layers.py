@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fleetlm.kernels.cpu_linear import PackedLinear
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
 
 
@@ -27,9 +28,10 @@ def whole(loaded) -> torch.Tensor:
 
 
 def _copy_checked(param: nn.Parameter, loaded) -> None:
+    """Copy through `param` (never `.data`), so its version counter tells `PackedLinear`."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != parameter {tuple(param.shape)}")
-    param.data.copy_(whole(loaded))
+    param.detach().copy_(whole(loaded))
 
 
 def load_replicated(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -47,6 +49,7 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = _divide(out_features, tp.world_size, "output features")
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.linear = PackedLinear()
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
@@ -57,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_checked(param, loaded.narrow(0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -73,7 +76,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
-        _copy_checked(param.data.narrow(0, offset, size),
+        _copy_checked(param.detach().narrow(0, offset, size),
                       loaded.narrow(0, self.tp.rank * size, size))
 
 
@@ -101,7 +104,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+        _copy_checked(param.detach().narrow(0, offset, size), loaded.narrow(0, rank * size, size))
 
 
 class RowParallelLinear(nn.Module):
@@ -114,6 +117,7 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = _divide(in_features, tp.world_size, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.linear = PackedLinear()
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
@@ -124,7 +128,7 @@ class RowParallelLinear(nn.Module):
         _copy_checked(param, loaded.narrow(1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -142,9 +146,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         num_rows = max(0, min(self.rows_per_rank, loaded.shape[0] - self.vocab_start))
-        param.data.zero_()
+        param.detach().zero_()
         if num_rows:
-            param.data[:num_rows].copy_(loaded.narrow(0, self.vocab_start, num_rows))
+            param.detach()[:num_rows].copy_(loaded.narrow(0, self.vocab_start, num_rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
@@ -158,6 +162,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary; may share its weight with the input embedding."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup = SINGLE_PROCESS):
+        super().__init__(vocab_size, hidden_size, tp)
+        self.linear = PackedLinear()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = self.tp.all_gather(self.linear(hidden, self.weight), dim=-1)
         return logits[..., : self.vocab_size]

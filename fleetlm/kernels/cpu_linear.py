@@ -1,0 +1,63 @@
+"""fp32 linear layers on CPU through oneDNN with prepacked weights (torch's own ops).
+
+`F.linear` on CPU goes to MKL, which re-reads the weight for every few input rows: on the
+2-core EPYC of docs/benchmarks.md the lm_head of the built-in model (49152 x 576) takes
+18 ms for one row and 47 ms for five, so a verify pass of speculative decoding or a batch of
+eight costs nearly what eight single steps do. oneDNN with the weight reordered once into its
+blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, as vLLM's CPU build and IPEX do)
+takes 9-12 ms for 1-8 rows there (bench/gemm_backends.py).
+
+`PackedLinear` holds one weight's packed copy, made on first use and remade whenever the
+weight changes (its storage or its version counter: weight loaders write through the
+parameter, never through `.data`). Anything else (autograd, other dtypes, other devices,
+`FLEETLM_ONEDNN_LINEAR=0`, a torch without oneDNN) takes `F.linear`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+# oneDNN chooses the packed layout for an expected number of input rows; 8 is within a few
+# per cent of the best layout from 1 to 256 rows on the shapes of the built-in model.
+PACK_ROWS_HINT = 8
+
+
+@functools.cache
+def is_available() -> bool:
+    """oneDNN is built into this torch and not switched off by FLEETLM_ONEDNN_LINEAR=0."""
+    if os.environ.get("FLEETLM_ONEDNN_LINEAR", "1") == "0":
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and x.numel() > 0 and not torch.is_grad_enabled()
+            and is_available())
+
+
+class PackedLinear:
+    """`y = x W^T + b` with W packed for oneDNN once per weight version."""
+
+    __slots__ = ("_key", "_packed")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not supports(x, weight):
+            return F.linear(x, weight, bias)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+            self._key = key
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, bias, "none",
+                                                  [], "")

@@ -1,0 +1,51 @@
+"""oneDNN prepacked linear against `F.linear`, and its packed copy following the weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fleetlm.kernels import cpu_linear
+from fleetlm.kernels.cpu_linear import PackedLinear
+from fleetlm.parallel.layers import ColumnParallelLinear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.is_available(), reason="torch without oneDNN")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(rows, bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator)
+    b = torch.randn(96, generator=generator) if bias else None
+    x = torch.randn(rows, 64, generator=generator)
+    with torch.inference_mode():
+        got = PackedLinear()(x, weight, b)
+    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_repacks_when_the_loader_writes_the_weight():
+    layer = ColumnParallelLinear(32, 48)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        for seed in (0, 1):  # load, use, load other weights, use again
+            new = torch.randn(48, 32, generator=torch.Generator().manual_seed(seed))
+            layer.weight.weight_loader(layer.weight, new)
+            torch.testing.assert_close(layer(x), F.linear(x, new), rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_where_onednn_is_not_used():
+    linear = PackedLinear()
+    weight = torch.randn(16, 8)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        assert not cpu_linear.supports(x.bfloat16(), weight.bfloat16())
+        torch.testing.assert_close(linear(x.bfloat16(), weight.bfloat16()),
+                                   F.linear(x.bfloat16(), weight.bfloat16()))
+        assert not cpu_linear.supports(x[:0], weight)
+        assert linear(x[:0], weight).shape == (0, 16)
+    assert not cpu_linear.supports(x, weight)  # autograd on: torch's op keeps the graph
+    w = weight.clone().requires_grad_()
+    linear(x, w).sum().backward()
+    assert w.grad is not None
