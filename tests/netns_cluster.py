@@ -105,6 +105,16 @@ class TwoNodeNetwork:
             _ip("-n", ns.name, "link", "set", ns.interface, "up")
             _ip("-n", ns.name, "link", "set", "lo", "up")
 
+    def add_default_routes(self) -> None:
+        """Route everything through the veth, as a LAN machine routes through its gateway.
+
+        Ray finds a node's own address by asking the kernel which source address a UDP
+        socket "connected" to 8.8.8.8 would use (no packet is sent); without a default route
+        that fails and `ray start` falls back to the hostname's address. The namespaces have
+        no link to anything but each other, so nothing can leave them either way."""
+        for ns in (self.head, self.worker):
+            _ip("-n", ns.name, "route", "add", "default", "dev", ns.interface)
+
     def remove(self) -> None:
         """Stop whatever still runs in the namespaces, then delete them (the veth pair goes
         with them). Safe to call twice and after a half-made set-up."""

@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import HTTPOptions
 
-from fleetlm.cluster.config import ClusterConfig, to_engine_config
+from fleetlm.cluster.config import ClusterConfig, parse_config, to_engine_config
 from fleetlm.cluster.ingress import make_ingress_class
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 from fleetlm.cluster.server import EngineFactory, LLMServer
@@ -79,6 +79,14 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         config.model.served_name, servers, config.router.policy, config.http.api_keys,
         config.migration,
     )
+
+
+def app_builder(args: dict) -> Application:
+    """Ray Serve's entry for Serve config files and KubeRay's `serveConfigV2`:
+    `import_path: fleetlm.cluster.app:app_builder` with the fleetlm deployment YAML as `args`.
+    There Serve's own `http_options` place the HTTP proxy; the config's http host and port are
+    for `fleetlm serve/deploy` only."""
+    return build_app(parse_config(args, "serve config args"))
 
 
 def _replica_actor_options(config: ClusterConfig) -> dict:

@@ -340,13 +340,18 @@ class ClusterConfig(_Section):
 def load_config(path: str | Path) -> ClusterConfig:
     """Read a deployment YAML; raise `ValueError` naming the file and every bad key."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    return parse_config(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def parse_config(data: object, source: str) -> ClusterConfig:
+    """A deployment config from its YAML's mapping; `ValueError` names `source` and every bad
+    key."""
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ValueError(f"{source}: expected a mapping at the top level")
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"{path}: {_describe(e)}") from None
+        raise ValueError(f"{source}: {_describe(e)}") from None
 
 
 def _describe(error: ValidationError) -> str:

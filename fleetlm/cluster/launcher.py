@@ -155,15 +155,16 @@ def format_status(details: dict, nodes: list[resources.Node]) -> list[str]:
     on_node: dict[str, list[str]] = {node.address: [] for node in nodes}
     for app_name, app in applications.items():
         message = app.get("message")
-        lines.append(f"{app_name}: {app['status']}" + (f" ({message})" if message else ""))
+        lines.append(f"{app_name}: {_name(app['status'])}" + (f" ({message})" if message else ""))
         for deployment_name, deployment in app["deployments"].items():
             replicas = deployment.get("replicas") or []
-            states = Counter(replica["state"] for replica in replicas)
+            states = Counter(_name(replica["state"]) for replica in replicas)
             counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-            lines.append(f"  {deployment_name}: {deployment['status']} [{counts}]")
+            lines.append(f"  {deployment_name}: {_name(deployment['status'])} [{counts}]")
             for replica in replicas:
                 where = replica.get("node_ip") or "(not placed yet)"
-                on_node.setdefault(where, []).append(f"{deployment_name} {replica['state']}")
+                on_node.setdefault(where, []).append(
+                    f"{deployment_name} {_name(replica['state'])}")
     lines.append("Replicas by node:")
     for address, names in on_node.items():
         node = next((n for n in nodes if n.address == address), None)
