@@ -265,9 +265,10 @@ class SpeculativeSection(_Section):
     min_acceptance_rate: float = Field(
         _SPECULATIVE.min_acceptance_rate, ge=0, le=1,
         description="A request whose drafts are accepted less often stops speculating "
-        "(averaged over its steps), trying again every `probe_interval` steps.")
+        "(averaged over its steps), trying one draft again after `probe_interval` steps.")
     probe_interval: int = Field(_SPECULATIVE.probe_interval, ge=1,
-                                description="Steps between two tries of a stopped request.")
+                                description="Steps before a stopped request tries one draft; "
+                                "doubled after each rejected try, up to 8 times this.")
     disable_by_batch_size: int | None = Field(
         _SPECULATIVE.disable_by_batch_size, ge=1,
         description="No request speculates while this many or more run; null: no limit.")

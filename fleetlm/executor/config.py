@@ -144,8 +144,9 @@ class SpeculativeConfig:
     model: str | None = None  # draft_model: a smaller model with the target's tokenizer
     random_weights: bool = False  # draft_model: random weights from its config (benchmarks)
     # Adaptivity: a request whose drafts are accepted less often than this stops speculating
-    # (an exponential average over its steps), tries again every `probe_interval` steps, and
-    # no request speculates while `disable_by_batch_size` or more run.
+    # (an exponential average over its steps), tries one draft again every `probe_interval`
+    # steps (twice as long after each rejected try, up to 8x), and no request speculates
+    # while `disable_by_batch_size` or more run.
     min_acceptance_rate: float = 0.25
     probe_interval: int = 16
     disable_by_batch_size: int | None = None

@@ -86,11 +86,36 @@ def test_a_request_that_stops_paying_stops_speculating_then_probes():
     assert controller.num_drafts("r", num_running=1) == 2
     controller.record("r", 2, 0)
     controller.record("r", 2, 0)  # average acceptance 1 -> 0.5 -> 0.25
-    assert [controller.num_drafts("r", 1) for _ in range(6)] == [0, 0, 2, 0, 0, 2]
-    controller.record("r", 2, 2)  # a probe pays: speculation is back
+    assert [controller.num_drafts("r", 1) for _ in range(6)] == [0, 0, 1, 0, 0, 1]  # probes
+    controller.record("r", 1, 1)  # a probe pays: speculation is back
     assert controller.num_drafts("r", 1) == 2
     assert controller.num_drafts("r", num_running=8) == 0  # a large batch: nobody
-    assert controller.stats.mean_accepted_length == 1 + 2 / 3
+    assert controller.stats.mean_accepted_length == 1 + 1 / 3
+
+
+def test_rejected_probes_come_less_often_and_an_accepted_one_restores_the_interval():
+    controller = SpecDecodeController(SpeculativeConfig(
+        num_speculative_tokens=4, min_acceptance_rate=0.3, probe_interval=2))
+    for _ in range(3):
+        controller.record("r", 4, 0)  # acceptance 1 -> 0.125: off
+
+    def steps_to_next_probe() -> int:
+        steps = 1
+        while controller.num_drafts("r", 1) == 0:
+            steps += 1
+        return steps
+
+    gaps = []
+    for _ in range(5):
+        gaps.append(steps_to_next_probe())
+        controller.record("r", 1, 0)
+    assert gaps == [2, 4, 8, 16, 16]  # doubling up to MAX_PROBE_BACKOFF x probe_interval
+    assert steps_to_next_probe() == 16
+    controller.record("r", 1, 1)  # accepted: the average jumps to about 0.5, on again
+    assert controller.num_drafts("r", 1) == 4
+    for _ in range(2):
+        controller.record("r", 4, 0)  # off again: probing starts from probe_interval
+    assert steps_to_next_probe() == 2
 
 
 def test_ngram_lookup_takes_the_latest_longest_match():
