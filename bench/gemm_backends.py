@@ -1,8 +1,8 @@
 """The GEMM chain of SmolLM2-135M (every linear layer plus the lm_head, random fp32 weights)
-through MKL (`F.linear`, what fleetlm uses today) and through oneDNN with prepacked weights
-(what vLLM's CPU build uses), median of 7 timings per batch size:
+through MKL (`F.linear`) and through fleetlm's `PackedLinear` (oneDNN with weights prepacked
+once for PACK_ROWS_HINT rows, as vLLM's CPU build does), median of 7 timings per row count:
 
-    .venv/bin/python bench/gemm_backends.py 1 8 32
+    .venv/bin/python bench/gemm_backends.py 1 5 8 32 256
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 import time
 
 import torch
+
+from fleetlm.kernels.cpu_linear import PackedLinear
 
 F = torch.nn.functional
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
@@ -38,19 +40,19 @@ def main(batch_sizes: list[int]) -> None:
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
 
+    linears = [PackedLinear() for _ in weights]
+
+    def onednn(inputs):
+        for w, linear in zip(weights, linears):
+            linear(inputs[w.shape[1]], w)
+
     for rows in batch_sizes:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
-
-        def onednn(inputs):
-            for w, p in zip(weights, packed):
-                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
-
         x = torch.randn(rows, HIDDEN)
-        diff = (torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], "")
-                - F.linear(x, weights[0])).abs().max().item()
-        print(f"rows={rows}: MKL {median_ms(mkl, rows):.1f} ms, oneDNN prepacked "
-              f"{median_ms(onednn, rows):.1f} ms (max abs diff {diff:.1e})", flush=True)
+        with torch.inference_mode():
+            diff = (linears[0](x, weights[0]) - F.linear(x, weights[0])).abs().max().item()
+            print(f"rows={rows}: MKL {median_ms(mkl, rows):.1f} ms, oneDNN prepacked "
+                  f"{median_ms(onednn, rows):.1f} ms (max abs diff {diff:.1e})", flush=True)
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [1, 8, 32])
+    main([int(a) for a in sys.argv[1:]] or [1, 5, 8, 32, 256])
