@@ -26,7 +26,12 @@ def pytest_collection_modifyitems(config, items):
         num_gpus = torch.cuda.device_count()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    run_release = "release" in (config.getoption("markexpr") or "")
+    skip_release = pytest.mark.skip(
+        reason="a release check (minutes, outside CI's time budget): scripts/test -m release")
     for item in items:
+        if "release" in item.keywords and not run_release:
+            item.add_marker(skip_release)
         if "gpu" in item.keywords and num_gpus < 1:
             item.add_marker(skip_gpu)
         if "multi_gpu" in item.keywords and num_gpus < 2:

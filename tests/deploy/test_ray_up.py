@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,9 @@ from netns_cluster import MultihostSetupError, TwoNodeNetwork
 from ssh_machines import SshMachines
 
 # One `ray up` (~20 s), the worker joining (~30 s), two replicas loading (~1 min on 2 busy
-# cores), `ray down` and the worker's Ray ending by itself (~1-2 min).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# cores), `ray down` and the worker's Ray ending by itself (~1-2 min): more than CI's time
+# budget leaves, so it is a release check (`scripts/test -m release`, deploy/README.md).
+pytestmark = [pytest.mark.slow, pytest.mark.release, pytest.mark.timeout(1500)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO_ROOT / "deploy" / "ray-cluster-local.yaml"
@@ -44,9 +46,8 @@ HTTP_PORT = 8000
 DEPLOY_TIMEOUT_S = 600
 STEP_TIMEOUT_S = 900.0
 RAY_GONE_TIMEOUT_S = 240.0  # a worker's raylet waits 60 s for a lost GCS, then stops
-# Ray 2.60's `ray up` defaults to autoscaler v2, which never starts the local provider's
-# workers (deploy/README.md); v1 does.
-LAPTOP_ENV = {"RAY_UP_enable_autoscaler_v2": "0"}
+# Nothing beyond a login shell's: the cluster YAML itself keeps the head on autoscaler v1.
+LAPTOP_ENV: dict[str, str] = {}
 
 
 class StepFailed(AssertionError):
@@ -179,5 +180,7 @@ def test_ray_down_leaves_no_ray_process(ray_up_run):
 
 
 def test_ray_stop_never_reaches_outside_the_machines(ray_up_run, sentinel):
-    assert "Stopped all" in ray_up_run["ray down"]  # `ray stop` did run on the head
+    # `ray stop` did run on the head ("Stopped all ..." or, when one process outlived the
+    # grace period and was killed, "Stopped only 5 out of 6 ...")
+    assert re.search(r"Stopped (all|only \d+ out of \d+) Ray processes", ray_up_run["ray down"])
     assert sentinel.poll() is None, "ray stop killed a process outside the test machines"
