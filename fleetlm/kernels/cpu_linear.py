@@ -9,7 +9,8 @@ takes 9-12 ms for 1-8 rows there (bench/gemm_backends.py).
 
 `PackedLinear` holds one weight's packed copy, made on first use and remade whenever the
 weight changes (its storage or its version counter: weight loaders write through the
-parameter, never through `.data`). Anything else (autograd, other dtypes, other devices,
+parameter, never through `.data`; a weight made under `torch.inference_mode` has no counter
+and is keyed by its storage alone). Anything else (autograd, other dtypes, other devices,
 `FLEETLM_ONEDNN_LINEAR=0`, a torch without oneDNN) takes `F.linear`.
 """
 
@@ -55,7 +56,10 @@ class PackedLinear:
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         if not supports(x, weight):
             return F.linear(x, weight, bias)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        # An inference tensor (made under torch.inference_mode) has no version counter: it is
+        # keyed by its storage alone (fleetlm loads weights once, before the first step).
+        version = None if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, tuple(weight.shape))
         if key != self._key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
             self._key = key

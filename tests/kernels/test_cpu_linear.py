@@ -49,3 +49,11 @@ def test_falls_back_where_onednn_is_not_used():
     w = weight.clone().requires_grad_()
     linear(x, w).sum().backward()
     assert w.grad is not None
+
+
+def test_weights_made_in_inference_mode_work():
+    with torch.inference_mode():
+        weight = torch.randn(24, 16)  # an inference tensor: no version counter
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(PackedLinear()(x, weight), F.linear(x, weight),
+                                   rtol=1e-5, atol=1e-5)
