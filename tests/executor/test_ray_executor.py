@@ -14,28 +14,13 @@ from greedy_scenario import (
     MAX_TOKENS,
     SECOND_BATCH,
     assert_same,
-    check_exercised,
     run,
 )
 
 from fleetlm import LLM, SamplingParams
 from fleetlm.executor.control import WorkerGroupError
-from fleetlm.executor.weights import resolve_model
 
 WORKER_CPUS = 0.25  # six workers fit the session's two CPUs
-
-
-@pytest.fixture(scope="module")
-def builtin_dir():
-    return str(resolve_model("smollm2-135m-instruct"))
-
-
-@pytest.fixture(scope="module")
-def reference(builtin_dir):
-    with LLM(builtin_dir, **ENGINE_ARGS) as llm:
-        result = run(llm)
-    check_exercised(result)
-    return result
 
 
 @pytest.mark.slow

@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from greedy_scenario import ENGINE_ARGS, assert_same, check_exercised, run
+from greedy_scenario import ENGINE_ARGS, assert_same, run
 
 from fleetlm import LLM, SamplingParams
-from fleetlm.executor.weights import load_tokenizer, resolve_model
+from fleetlm.executor.weights import load_tokenizer
 
 COPYING_PROMPT = ("Copy this list exactly.\nalpha beta gamma delta epsilon zeta eta theta iota "
                   "kappa lambda mu\nCopy:\nalpha beta gamma delta epsilon zeta eta theta")
-
-
-@pytest.fixture(scope="module")
-def builtin_dir():
-    return str(resolve_model("smollm2-135m-instruct"))
-
-
-@pytest.fixture(scope="module")
-def reference(builtin_dir):
-    with LLM(builtin_dir, **ENGINE_ARGS) as llm:
-        result = run(llm)
-    check_exercised(result)
-    return result
 
 
 @pytest.fixture(scope="module")
