@@ -175,7 +175,6 @@ class ParallelSection(_Section):
         _PARALLEL.pipeline_parallel_size, ge=1,
         description="Pipeline stages per replica; the layers are split between them.",
     )
-    expert_parallel_size: int = Field(1, ge=1, description="Ranks the MoE experts span.")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         _PARALLEL.backend,
         description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU.",
@@ -208,6 +207,21 @@ class ParallelSection(_Section):
         description="Ray GPUs reserved by each worker; default: 1 on CUDA, 0 on CPU.",
     )
 
+    enable_expert_parallel: bool = Field(
+        _PARALLEL.enable_expert_parallel,
+        description="MoE models: spread whole experts over the tensor-parallel ranks "
+        "(expert parallelism) instead of splitting every expert over them.",
+    )
+    expert_placement_strategy: Literal["linear", "round_robin"] = Field(
+        _PARALLEL.expert_placement_strategy,
+        description="Which experts each EP rank holds: contiguous ranges (linear) or every "
+        "EP-size-th expert (round_robin).",
+    )
+    all2all_backend: Literal["allgather_reducescatter", "all_to_all"] = Field(
+        _PARALLEL.all2all_backend,
+        description="How expert parallelism moves tokens to their experts' ranks and back: "
+        "all-gather + reduce-scatter, or all-to-all of only the routed tokens.",
+    )
     worker_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each worker's bundle reserves besides CPUs and "
@@ -215,10 +229,16 @@ class ParallelSection(_Section):
         "nodes that have them.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, values):
+        if isinstance(values, dict) and "expert_parallel_size" in values:
+            raise ValueError("parallel.expert_parallel_size is gone: set "
+                             "enable_expert_parallel: true (the EP group is the TP ranks)")
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> ParallelSection:
-        if self.expert_parallel_size > 1:
-            raise ValueError("parallel.expert_parallel_size > 1 is not implemented yet")
         _check_custom_resources("parallel.worker_resources", self.worker_resources)
         self.to_parallel_config()  # raises ValueError naming the field
         return self
@@ -226,7 +246,7 @@ class ParallelSection(_Section):
     def to_parallel_config(self) -> ParallelConfig:
         # worker_resources is a placement matter: the Serve app adds it to the worker bundles.
         return ParallelConfig(
-            **self.model_dump(exclude={"expert_parallel_size", "worker_resources"}))
+            **self.model_dump(exclude={"worker_resources"}))
 
 
 class PoolSection(_Section):

@@ -46,6 +46,8 @@ class SchedulerConfig:
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CONTROL_PLANES = ("shm", "socket", "ray")
 EXECUTOR_BACKENDS = ("auto", "local", "ray")
+EXPERT_PLACEMENTS = ("linear", "round_robin")
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "all_to_all")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class ParallelConfig:
     worker_num_gpus: float | None = None  # None: 1 on CUDA, 0 on CPU
     executor_backend: str = "auto"
     step_timeout_s: float = 600.0  # a step with no answer by then fails the worker group
+    # Mixture-of-experts layers: with expert parallelism each rank of the EP group (the TP
+    # ranks of a stage: TP x DP with DP = 1) holds whole experts instead of a slice of each.
+    enable_expert_parallel: bool = False
+    expert_placement_strategy: str = "linear"  # linear: contiguous ranges | round_robin
+    all2all_backend: str = "allgather_reducescatter"  # EP token dispatch | all_to_all
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +91,10 @@ class ParallelConfig:
             ("executor_backend", self.executor_backend in EXECUTOR_BACKENDS,
              f"must be one of {', '.join(EXECUTOR_BACKENDS)}"),
             ("step_timeout_s", self.step_timeout_s > 0, "must be positive"),
+            ("expert_placement_strategy", self.expert_placement_strategy in EXPERT_PLACEMENTS,
+             f"must be one of {', '.join(EXPERT_PLACEMENTS)}"),
+            ("all2all_backend", self.all2all_backend in ALL2ALL_BACKENDS,
+             f"must be one of {', '.join(ALL2ALL_BACKENDS)}"),
         ]
         for name, is_ok, message in checks:
             if not is_ok:

@@ -76,7 +76,6 @@ def test_non_mapping_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "section",
     [
-        {"parallel": {"expert_parallel_size": 4}},
         {"pd": {"enabled": True}},
         {"router": {"policy": "prefix_aware"}},
     ],
@@ -84,6 +83,21 @@ def test_non_mapping_is_rejected(tmp_path):
 def test_later_features_are_rejected_clearly(section):
     with pytest.raises(ValueError, match="not implemented yet"):
         ClusterConfig.model_validate(section)
+
+
+def test_old_expert_parallel_size_key_names_its_replacement():
+    with pytest.raises(ValueError, match="enable_expert_parallel"):
+        ClusterConfig.model_validate({"parallel": {"expert_parallel_size": 4}})
+
+
+def test_expert_parallel_keys_reach_the_engine():
+    section = {"enable_expert_parallel": True, "expert_placement_strategy": "round_robin",
+               "all2all_backend": "all_to_all"}
+    parallel = ClusterConfig.model_validate({"parallel": section}).parallel.to_parallel_config()
+    assert (parallel.enable_expert_parallel, parallel.expert_placement_strategy,
+            parallel.all2all_backend) == (True, "round_robin", "all_to_all")
+    with pytest.raises(ValueError, match="all2all_backend"):
+        ClusterConfig.model_validate({"parallel": {"all2all_backend": "pplx"}})
 
 
 def test_pd_pools_parse_while_disabled():
