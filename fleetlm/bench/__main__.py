@@ -2,6 +2,6 @@
 
 import sys
 
-from fleetlm.bench.cli import main
+from fleetlm.bench import run
 
-sys.exit(main())
+sys.exit(run())

@@ -100,3 +100,13 @@ def test_python_dash_m_shows_the_documented_options():
     for option in ("--max-concurrency", "--request-rate", "--goodput", "--tokenizer",
                    "--workload", "--result-dir", "--endpoint"):
         assert option in completed.stdout
+
+
+@pytest.mark.parametrize("absent", ["aiohttp", "matplotlib"])
+def test_without_the_bench_extra_it_names_what_to_install(absent, monkeypatch, capsys):
+    from fleetlm import cli
+
+    monkeypatch.setitem(sys.modules, absent, None)  # what Python does for an absent package
+    assert cli.main(["bench", "serve", "--base-url", "http://127.0.0.1:9"]) == 1
+    error = capsys.readouterr().err
+    assert absent in error and "pip install 'fleetlm[bench]'" in error

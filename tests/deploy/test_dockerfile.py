@@ -112,7 +112,7 @@ def test_every_copy_source_is_in_the_build_context(spec):
 
 def test_dockerignore_keeps_local_state_out():
     ignore = dockerfile_reader.read_dockerignore(REPO / ".dockerignore")
-    for path in (".venv/bin/python", ".git/HEAD", "bench/results/run.json",
+    for path in (".venv/bin/python", ".git/HEAD", "benchmarks/results/run.json",
                  "fleetlm/__pycache__/cli.cpython-311.pyc", "fleetlm.egg-info/PKG-INFO"):
         assert dockerfile_reader.is_ignored(path, ignore), path
     for path in ("fleetlm/cli.py", "fleetlm/kernels/csrc/paged_attention.c", "configs"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from bench.compare.summary import METRICS, METRICS_BY_NAME, median_or_none, point_label
-from bench.compare.targets import evaluate_all
+from benchmarks.compare.summary import METRICS, METRICS_BY_NAME, median_or_none, point_label
+from benchmarks.compare.targets import evaluate_all
 
 _MIB = 1024 * 1024
 RESULT_COLUMNS = ("output_throughput", "request_throughput", "ttft_median_ms", "ttft_p99_ms",

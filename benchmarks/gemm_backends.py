@@ -2,7 +2,7 @@
 through MKL (`F.linear`) and through fleetlm's `PackedLinear` (oneDNN with weights prepacked
 once for PACK_ROWS_HINT rows, as vLLM's CPU build does), median of 7 timings per row count:
 
-    .venv/bin/python bench/gemm_backends.py 1 5 8 32 256
+    .venv/bin/python benchmarks/gemm_backends.py 1 5 8 32 256
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.compare.install import command_output
-from bench.compare.systems import Launch, System
+from benchmarks.compare.install import command_output
+from benchmarks.compare.systems import Launch, System
 
 CONFIG = "configs/bench-cpu.yaml"
 SERVE_SCRIPT = "scripts/serve"

@@ -1,6 +1,6 @@
 """Speculative decoding on this machine: output tokens/s with and without it.
 
-    .venv/bin/python bench/spec_decode.py --out docs/results/spec_decode.json
+    .venv/bin/python benchmarks/spec_decode.py --out docs/results/spec_decode.json
 
 Workloads, on the built-in model (greedy, chat template):
   copying   the answer copies the input: repeat a paragraph, fix one word in a paragraph,

@@ -2,7 +2,7 @@
 engine replica, per part of fleetlm (py-spy samples of its Python threads).
 
     fleetlm serve configs/bench-cpu.yaml &          # any running `fleetlm serve` on this host
-    python bench/profile_serve.py --out bench/results/profile-c32 -- \\
+    python benchmarks/profile_serve.py --out benchmarks/results/profile-c32 -- \\
         --base-url http://127.0.0.1:8000 --workload random --input-len 256 --output-len 128 \\
         --num-prompts 64 --max-concurrency 32 --continuous-usage \\
         --tokenizer smollm2-135m-instruct

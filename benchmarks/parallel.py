@@ -1,6 +1,6 @@
 """Worker groups on this machine: per-step control overhead, TP/PP throughput, the PP bubble.
 
-    .venv/bin/python bench/parallel.py --out docs/results/parallel.json
+    .venv/bin/python benchmarks/parallel.py --out docs/results/parallel.json
 
 control     The local executor, then a Ray worker group of 1 and of 2 ranks through each
             control plane (ray, socket, shm), repeated and interleaved; medians of

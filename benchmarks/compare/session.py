@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.compare.plan import (
+from benchmarks.compare.plan import (
     ClientTarget,
     PlanConfig,
     Point,
@@ -27,8 +27,8 @@ from bench.compare.plan import (
     warmup_point,
     warmup_seed,
 )
-from bench.compare.server import MemorySample, ServerProcess, free_port
-from bench.compare.systems import Launch, System
+from benchmarks.compare.server import MemorySample, ServerProcess, free_port
+from benchmarks.compare.systems import Launch, System
 
 CLIENT_TIMEOUT_S = 3600.0
 RESULTS_FILE = "results.json"

@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 . "$root/scripts/setup.sh"
 cd "$root"
-exec python bench/compare/compare.py "$@"
+exec python -m benchmarks.compare.compare "$@"

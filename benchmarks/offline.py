@@ -1,7 +1,7 @@
 """Offline throughput and prefix-cache TTFT: fleetlm against transformers generate(), same run.
 
-    .venv/bin/python bench/offline.py --batch-sizes 1,8,32 --num-prompts 64 \
-        --input-len 256 --output-len 128 --out bench/results/offline.json
+    .venv/bin/python benchmarks/offline.py --batch-sizes 1,8,32 --num-prompts 64 \
+        --input-len 256 --output-len 128 --out benchmarks/results/offline.json
 
 Workload: random token ids (seeded) as prompts, every request generates exactly output-len
 tokens (EOS ignored). fleetlm gets all prompts at once with max_num_seqs = batch size
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=2000)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/offline.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"))
     args = parser.parse_args()
 
     from fleetlm.executor.weights import load_hf_config, resolve_model

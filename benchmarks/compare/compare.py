@@ -1,9 +1,9 @@
 """Side-by-side serving benchmark: fleetlm, vLLM's CPU build and llama.cpp's server.
 
-    bench/compare/run.sh                 # the issue's run: 3 repeats, random 256/128 at C=1,8,32
+    benchmarks/compare/run.sh                 # the issue's run: 3 repeats, random 256/128 at C=1,8,32
                                          # and shared-prefix, all three systems (1.5-2 h here)
-    bench/compare/run.sh --quick         # smoke test: 4 prompts, 16 tokens out, C=1,2, 1 repeat
-    bench/compare/run.sh --table-only    # rebuild compare.md / compare.json from raw results
+    benchmarks/compare/run.sh --quick         # smoke test: 4 prompts, 16 tokens out, C=1,2, 1 repeat
+    benchmarks/compare/run.sh --table-only    # rebuild compare.md / compare.json from raw results
 
 Each system is installed into the work dir on first use (skipped later), then for each repeat,
 in an order rotated per repeat, started alone, warmed up, benchmarked with
@@ -20,26 +20,23 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench.compare` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.compare.plan import QUICK, WORKLOADS, PlanConfig, Point, points, system_order
-from bench.compare.plots import write_plot
-from bench.compare.report import render
-from bench.compare.session import SessionRecord, SessionRunner, result_path, save_record
-from bench.compare.summary import build_summary
-from bench.compare.system_fleetlm import FleetlmSystem
-from bench.compare.system_llamacpp import LlamaCppSystem
-from bench.compare.system_vllm import DTYPES, VllmSystem
-from bench.compare.systems import Context, System
-from bench.compare.targets import evaluate_all
+from benchmarks.compare.plan import QUICK, WORKLOADS, PlanConfig, Point, points, system_order
+from benchmarks.compare.plots import write_plot
+from benchmarks.compare.report import render
+from benchmarks.compare.session import SessionRecord, SessionRunner, result_path, save_record
+from benchmarks.compare.summary import build_summary
+from benchmarks.compare.system_fleetlm import FleetlmSystem
+from benchmarks.compare.system_llamacpp import LlamaCppSystem
+from benchmarks.compare.system_vllm import DTYPES, VllmSystem
+from benchmarks.compare.systems import Context, System
+from benchmarks.compare.targets import evaluate_all
 
 SYSTEMS: dict[str, Callable[[Context], System]] = {
     "fleetlm": FleetlmSystem, "vllm": VllmSystem, "llamacpp": LlamaCppSystem}
 MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "fleetlm" / "compare"
-DEFAULT_OUT_DIR = Path("bench/results/compare")
+DEFAULT_OUT_DIR = Path("benchmarks/results/compare")
 END_OF_GENERATION_TOKENS = ("<|endoftext|>", "<|im_end|>")
 INSTALL_TIMES_FILE = "install-times.json"
 MIN_RECORDED_INSTALL_S = 5.0  # shorter means the install was skipped: keep the earlier time
@@ -68,7 +65,7 @@ def _name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench/compare/run.sh", description=__doc__,
+        prog="benchmarks/compare/run.sh", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--systems", type=_name_list(tuple(SYSTEMS)), default=tuple(SYSTEMS),

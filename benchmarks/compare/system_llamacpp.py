@@ -17,13 +17,13 @@ import tarfile
 from collections.abc import Collection
 from pathlib import Path
 
-from bench.compare.install import (
+from benchmarks.compare.install import (
     command_output,
     run_logged,
     stamp_matches,
     write_stamp,
 )
-from bench.compare.systems import Launch, System
+from benchmarks.compare.systems import Launch, System
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 COMMON_CMAKE_FLAGS = (

@@ -1,18 +1,13 @@
-"""bench/profile_serve.py: grouping processes, attributing py-spy samples to parts of the code,
+"""benchmarks/profile_serve.py: grouping processes, attributing py-spy samples to parts of the code,
 and reading CPU time from /proc (the run itself needs a live server and is done by hand)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # bench/ is not a package of the distribution
-
-from bench import profile_serve as ps  # noqa: E402
+from benchmarks import profile_serve as ps
 
 ROOT = "/work/x/fleetlm"
 

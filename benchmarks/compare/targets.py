@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bench.compare.summary import METRICS_BY_NAME, OURS, ratio_to_best
+from benchmarks.compare.summary import METRICS_BY_NAME, OURS, ratio_to_best
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""bench/compare: the plan (points, seeds, order, client argv), the table (medians, ratios,
+"""benchmarks/compare: the plan (points, seeds, order, client argv), the table (medians, ratios,
 token checks, Markdown), option parsing, and the process handling against a tiny real server.
 Nothing here installs or starts a reference system."""
 
@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # bench/ is not a package of the distribution
+from benchmarks.compare import compare, plan, report, server, session, summary
+from benchmarks.compare.system_fleetlm import config_with_port
+from benchmarks.compare.system_llamacpp import LlamaCppSystem, cmake_flags, cpu_flags
+from benchmarks.compare.system_vllm import VllmSystem
+from benchmarks.compare.systems import Context
 
-from bench.compare import compare, plan, report, server, session, summary
-from bench.compare.system_fleetlm import config_with_port
-from bench.compare.system_llamacpp import LlamaCppSystem, cmake_flags, cpu_flags
-from bench.compare.system_vllm import VllmSystem
-from bench.compare.systems import Context
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # --- plan --------------------------------------------------------------------------------------
 
@@ -370,7 +369,7 @@ def _summary_for_targets(fleetlm_c32: float) -> dict:
 
 
 def test_targets_compare_against_the_named_or_best_other_system():
-    from bench.compare.targets import evaluate_all
+    from benchmarks.compare.targets import evaluate_all
 
     rows = {row["target"]: row for row in evaluate_all(_summary_for_targets(999.0))}
     c32 = rows["random-c32: out tok/s >= 2x vllm"]
@@ -388,7 +387,7 @@ def test_targets_compare_against_the_named_or_best_other_system():
 
 
 def test_targets_and_plot_are_written_with_the_table(tmp_path):
-    from bench.compare.plots import PLOT_FILE, write_plot
+    from benchmarks.compare.plots import PLOT_FILE, write_plot
 
     text = report.targets_table(_summary_for_targets(990.0))
     assert "| random-c32: out tok/s >= 2x vllm | 990.0 | vllm 500.0 | 1.98x | no |" in text

@@ -1,0 +1,1 @@
+"""fleetlm beside vLLM's CPU build and llama.cpp: `benchmarks/compare/run.sh` (see README.md)."""
