@@ -59,7 +59,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 # would otherwise hold /health until Serve has replaced it. A live one answers in
 # milliseconds (its engine runs in another thread), even on a loaded 2-core machine.
 HEALTH_PROBE_TIMEOUT_S = 0.5
-UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length, metrics)
+UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length)
+# A live replica answers /metrics in milliseconds; Prometheus gives a whole scrape 10 s.
+METRICS_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,21 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok", "num_replicas": len(answers)})
 
     async def metrics(self) -> Response:
-        """Every replica that answers in time (a dead one is left out, not waited for)."""
+        """Every replica that answers within METRICS_TIMEOUT_S; one that does not (dead, being
+        replaced) is left out and shows as `fleetlm:replica_up 0`, so one dead replica never
+        holds the scrape past Prometheus's own timeout."""
         snapshots = await asyncio.gather(
-            *(self._unary(i, "metrics_snapshot", UNARY_TIMEOUT_S)
+            *(self._unary(i, "metrics_snapshot", METRICS_TIMEOUT_S)
               for i in range(len(self.servers))),
             return_exceptions=True,
         )  # fmt: skip
-        answered = [s for s in snapshots if not isinstance(s, BaseException)]
-        return Response(render_metrics(answered), media_type=METRICS_CONTENT_TYPE)
+        answered, missing = [], []
+        for replica, snapshot in zip(self.router.replicas, snapshots):
+            if isinstance(snapshot, BaseException):
+                missing.append((self.model_name, replica.name))
+            else:
+                answered.append({**snapshot, "replica_id": snapshot["replica_id"] or replica.name})
+        return Response(render_metrics(answered, missing), media_type=METRICS_CONTENT_TYPE)
 
     async def index(self) -> Response:
         page = STATIC_DIR / "index.html"

@@ -11,6 +11,9 @@ Aggregation over replicas, per `model_name`:
 - gauges (`num_requests_running`, `num_requests_waiting`, `kv_cache_usage_perc`) stay one
   series per replica, labelled `replica`, since a sum of cache fractions means nothing; use
   `sum by (model_name)` for totals.
+
+A replica that does not answer (dead, being replaced, too slow) is left out of the sums, and
+`fleetlm:replica_up` says so: 1 per replica that answered this scrape, 0 per one that did not.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ HISTOGRAMS = (
     ("request_generation_tokens", "Number of generation tokens processed, per finished request."),
 )
 REQUEST_SUCCESS_HELP = "Count of successfully processed requests."
+REPLICA_UP_HELP = ("1 if the replica answered this scrape, 0 if not (dead, being replaced or "
+                   "too slow: its series are left out of this scrape).")
 
 
 def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
@@ -172,32 +177,47 @@ class MetricsRecorder:
         }
 
 
-def render_metrics(snapshots: Sequence[dict[str, Any]]) -> str:
+def render_metrics(snapshots: Sequence[dict[str, Any]],
+                   missing: Sequence[tuple[str, str]] = ()) -> str:
     """Prometheus text (`METRICS_CONTENT_TYPE`) for the replicas' snapshots.
 
-    Raises `ValueError` if two snapshots carry the same replica id or if replicas of one model
-    disagree on a histogram's buckets.
+    `missing`: (model name, replica) of each replica that did not answer; it shows only as
+    `fleetlm:replica_up 0`. Raises `ValueError` if two replicas carry the same id or if
+    replicas of one model disagree on a histogram's buckets.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshots))
+    registry.register(_SnapshotCollector(snapshots, missing))
     return generate_latest(registry).decode("utf-8")
 
 
 class _SnapshotCollector:
     """A custom collector over fixed snapshots, registered in a fresh registry per render."""
 
-    def __init__(self, snapshots: Sequence[dict[str, Any]]):
-        self.replica_ids = _replica_ids(snapshots)
+    def __init__(self, snapshots: Sequence[dict[str, Any]],
+                 missing: Sequence[tuple[str, str]] = ()):
+        self.replica_ids = _replica_ids(snapshots, [replica for _, replica in missing])
+        self.missing = missing
         self.by_model: dict[str, list[dict[str, Any]]] = {}
         for snap in snapshots:
             self.by_model.setdefault(snap["model_name"], []).append(snap)
 
     def collect(self) -> Iterator[Metric]:
+        yield self._replica_up()
         yield from self._gauges()
         yield from self._counters()
         yield self._accepted_per_position()
         yield self._request_success()
         yield from self._histograms()
+
+    def _replica_up(self) -> Metric:
+        family = GaugeMetricFamily(PREFIX + "replica_up", REPLICA_UP_HELP,
+                                   labels=["model_name", "replica"])
+        for model, snaps in self.by_model.items():
+            for snap in snaps:
+                family.add_metric([model, self.replica_ids[id(snap)]], 1)
+        for model, replica in self.missing:
+            family.add_metric([model, replica], 0)
+        return family
 
     def _gauges(self) -> Iterator[Metric]:
         for name, doc in GAUGES:
@@ -249,11 +269,12 @@ class _SnapshotCollector:
             yield family
 
 
-def _replica_ids(snapshots: Sequence[dict[str, Any]]) -> dict[int, str]:
+def _replica_ids(snapshots: Sequence[dict[str, Any]], missing: Sequence[str]) -> dict[int, str]:
     """id(snapshot) -> replica label; an empty replica id becomes the list position."""
     labels = {id(snap): snap["replica_id"] or str(i) for i, snap in enumerate(snapshots)}
-    if len(set(labels.values())) != len(snapshots):
-        raise ValueError(f"metrics snapshots repeat a replica id: {sorted(labels.values())}")
+    every = [*labels.values(), *missing]
+    if len(set(every)) != len(every):
+        raise ValueError(f"metrics snapshots repeat a replica id: {sorted(every)}")
     return labels
 
 

@@ -3,7 +3,8 @@
 Apps share the session's proxy: `two` is configs/two-replicas.yaml (round-robin, plus an
 API key), `tight` has one replica that runs one request at a time and queues at most one;
 `moving` (two replicas), `lonely` (one) and `stranded` (one, migration off) lose engines
-mid-stream.
+mid-stream, and wait until Serve has replaced them before each test; `doomed` is one test's
+own app, whose engine it crashes for good.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fake_engine import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlm.cluster.app import build_app, server_name
-from fleetlm.cluster.ingress import HEALTH_PROBE_TIMEOUT_S
+from fleetlm.cluster.ingress import HEALTH_PROBE_TIMEOUT_S, METRICS_TIMEOUT_S
 from fleetlm.cluster.config import load_config
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two Serve apps: tens of seconds on 2 cores
@@ -277,11 +278,22 @@ def test_index_page_is_served(two):
     assert reply.status_code == 200 and "text/html" in reply.headers["content-type"]
 
 
-def test_health_turns_503_when_the_engine_dies(tight):
-    assert requests.get(f"{tight}/health", timeout=TIMEOUT_S).status_code == 200
-    crashed = _post(f"{tight}/v1/completions", {"prompt": CRASH_MARKER})
+@pytest.fixture
+def doomed(http_port):
+    """A one-replica app of this test's own: crashing its engine leaves no other test without
+    one."""
+    from ray import serve
+
+    _deploy("doomed", small_config(migration={"max_migrations": 0}))
+    yield f"http://127.0.0.1:{http_port}/doomed"
+    serve.delete("doomed")
+
+
+def test_health_turns_503_when_the_engine_dies(doomed):
+    assert requests.get(f"{doomed}/health", timeout=TIMEOUT_S).status_code == 200
+    crashed = _post(f"{doomed}/v1/completions", {"prompt": CRASH_MARKER})
     assert crashed.status_code == 503
-    health = requests.get(f"{tight}/health", timeout=TIMEOUT_S)
+    health = requests.get(f"{doomed}/health", timeout=TIMEOUT_S)
     assert health.status_code == 503
     assert health.json()["error"]["code"] == "engine_dead"
 
@@ -359,6 +371,20 @@ def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
     assert health.status_code == 503 and time.monotonic() - start < HEALTH_PROBE_TIMEOUT_S + 1
     _wait_healthy(stranded)  # Serve replaced it
     _assert_ok_without_key(stranded)
+
+
+def test_metrics_leave_out_a_dead_replica_and_say_so(moving):
+    _wait_healthy(moving)
+    actors.kill(actors.replica_actor("moving", server_name(0)))
+    start = time.monotonic()
+    reply = requests.get(f"{moving}/metrics", timeout=TIMEOUT_S)
+    assert reply.status_code == 200 and time.monotonic() - start < METRICS_TIMEOUT_S + 1
+    families = {f.name: f for f in text_string_to_metric_families(reply.text)}
+    up = {s.labels["replica"]: s.value for s in families["fleetlm:replica_up"].samples}
+    assert up == {server_name(0): 0.0, server_name(1): 1.0}
+    running = families["fleetlm:num_requests_running"].samples
+    assert [s.labels["replica"] for s in running] == [server_name(1)]
+    _wait_healthy(moving)  # Serve replaced it
 
 
 def _assert_ok_without_key(base_url: str) -> None:

@@ -201,6 +201,24 @@ def test_no_replicas_renders_parsable_empty_families():
     assert all(not family["samples"] for family in families.values())
 
 
+def test_a_replica_that_did_not_answer_shows_only_as_down():
+    families = _families(render_metrics([_replica_b()], missing=[(MODEL, "a")]))
+    assert families["fleetlm:replica_up"]["samples"] == {
+        ("fleetlm:replica_up", (("model_name", MODEL), ("replica", "a"))): 0.0,
+        ("fleetlm:replica_up", (("model_name", MODEL), ("replica", "b"))): 1.0,
+    }
+    running = families["fleetlm:num_requests_running"]["samples"]
+    assert [dict(labels)["replica"] for _, labels in running] == ["b"]
+    assert families["fleetlm:prompt_tokens"]["samples"] == {
+        ("fleetlm:prompt_tokens_total", (("model_name", MODEL),)): 10.0}
+
+
+def test_with_every_replica_down_the_scrape_still_parses():
+    families = _families(render_metrics([], missing=[(MODEL, "a"), (MODEL, "b")]))
+    assert set(families["fleetlm:replica_up"]["samples"].values()) == {0.0}
+    assert not families["fleetlm:prompt_tokens"]["samples"]
+
+
 def test_duplicate_replica_ids_are_rejected():
     snap = MetricsRecorder(replica_id="x").snapshot(_stats(), MODEL)
     with pytest.raises(ValueError, match="repeat a replica id"):
