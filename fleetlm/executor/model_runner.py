@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from fleetlm.executor.config import CacheConfig, ModelConfig, SpeculativeConfig
+from fleetlm.executor.config import CacheConfig, ModelConfig, ParallelConfig, SpeculativeConfig
 from fleetlm.executor.input_batch import CachedRequestState, PreparedBatch, prepare_batch
 from fleetlm.executor.models import get_model_class
 from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
@@ -18,7 +17,14 @@ from fleetlm.executor.sampler import Sampler, compute_prompt_logprobs
 from fleetlm.executor.sampling_metadata import SamplingMetadata
 from fleetlm.executor.spec.proposers import DraftRequest, make_proposer
 from fleetlm.executor.spec.verify import VerifiedTokens, verify_drafts
-from fleetlm.executor.weights import ReadCounter, iterate_weights, load_hf_config, resolve_model
+from fleetlm.executor.structured.request_grammars import MaskRequest, RequestGrammars
+from fleetlm.executor.weights import (
+    ReadCounter,
+    iterate_weights,
+    load_hf_config,
+    load_tokenizer,
+    resolve_model,
+)
 from fleetlm.parallel.pipeline import StageHandoff
 from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
 
@@ -70,7 +76,7 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  groups: ProcessGroups = SINGLE_PROCESS_GROUPS,
-                 layer_partition: Sequence[int] | None = None,
+                 parallel: ParallelConfig | None = None,
                  speculative: SpeculativeConfig | None = None) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
@@ -78,7 +84,7 @@ class ModelRunner:
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.groups = groups
-        self.layer_partition = layer_partition
+        self.parallel = parallel or ParallelConfig()
         self.requests: dict[str, CachedRequestState] = {}
         # Unseeded requests draw from this generator: seeded alike on every rank, so every
         # rank of a worker group samples the same tokens.
@@ -91,6 +97,8 @@ class ModelRunner:
             speculative, model_config=model_config, block_size=self.block_size,
             device=self.device, target_vocab_size=self.vocab_size,
         ) if groups.is_output_rank else None
+        # Structured outputs: grammar state of the constrained requests (ranks that sample).
+        self.grammars = RequestGrammars(self._make_grammar_backend, self.vocab_size)
 
     # ---- setup -------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -103,7 +111,7 @@ class ModelRunner:
                                  self.hf_config.max_position_embeddings)
         model_class = get_model_class(self.hf_config)
         with _default_dtype(self.dtype), self.device:
-            self.model = model_class(self.hf_config, self.groups, self.layer_partition).eval()
+            self.model = model_class(self.hf_config, self.groups, self.parallel).eval()
         if cfg.random_weights:
             _init_random(self.model, cfg.seed)
         else:
@@ -156,6 +164,11 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.hf_config.vocab_size
 
+    def _make_grammar_backend(self):
+        from fleetlm.executor.structured.backend import GrammarBackend
+
+        return GrammarBackend(load_tokenizer(self.model_dir), self.vocab_size)
+
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -167,6 +180,7 @@ class ModelRunner:
         batch = prepare_batch(self.requests, scheduler_output.num_scheduled_tokens,
                               self.block_size, self.device,
                               scheduler_output.scheduled_spec_decode_tokens)
+        grammar_bitmask = self._start_grammar_bitmask(batch)  # filled while the model runs
         intermediate = None
         if not self.model.is_first_stage:
             intermediate = self.handoff.recv(len(batch.positions), self.hf_config.hidden_size,
@@ -176,7 +190,7 @@ class ModelRunner:
         if not self.model.is_last_stage:
             self.handoff.send(*hidden)
             return None
-        sampled = self._sample(batch, hidden)
+        sampled = self._sample(batch, hidden, grammar_bitmask)
         output = self._make_output(batch, sampled, hidden)
         if self.proposer is not None and scheduler_output.num_draft_tokens:
             output.draft_token_ids = self._propose(scheduler_output.num_draft_tokens, output)
@@ -185,12 +199,17 @@ class ModelRunner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.grammars.remove(req_id)
         if self.proposer is not None and out.finished_req_ids:
             self.proposer.forget(out.finished_req_ids)
         for new in out.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                 new.eos_token_id, list(new.block_ids), new.num_computed_tokens)
+            constraint = new.sampling_params.structured_outputs
+            if constraint is not None and self.model.is_last_stage:
+                # A fresh matcher replays the output so far (after preemption: all of it).
+                self.grammars.add(new.req_id, constraint)
         cached = out.scheduled_cached_reqs
         for req_id, block_ids, num_computed, token_ids in zip(
                 cached.req_ids, cached.new_block_ids, cached.num_computed_tokens,
@@ -200,7 +219,21 @@ class ModelRunner:
             state.num_computed_tokens = num_computed
             state.token_ids.extend(token_ids)
 
-    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor) -> VerifiedTokens | None:
+    def _start_grammar_bitmask(self, batch: PreparedBatch):
+        """The constrained sampling requests' token masks, filled on the grammar thread."""
+        if not self.model.is_last_stage or not batch.sampling_req_ids:
+            return None
+        requests = []
+        for req_id, drafts in zip(batch.sampling_req_ids, batch.sampling_drafts):
+            num_accepted = self.grammars.num_accepted(req_id)
+            state = self.requests[req_id]
+            new_ids = [] if num_accepted is None else \
+                state.token_ids[state.num_prompt_tokens + num_accepted:]
+            requests.append(MaskRequest(req_id, new_ids, drafts))
+        return self.grammars.start_bitmask(requests, [len(d) + 1 for d in batch.sampling_drafts])
+
+    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor,
+                grammar_bitmask=None) -> VerifiedTokens | None:
         """The new tokens of each sampling request: one sampled token, or its accepted drafts
         and one more when it verifies drafts."""
         if not batch.sampling_req_ids:
@@ -219,6 +252,9 @@ class ModelRunner:
             device=self.device,
         )
         logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
+        grammar = grammar_bitmask.result() if grammar_bitmask is not None else None
+        if grammar is not None:
+            metadata.grammar_bitmask, metadata.grammar_rows = grammar.bitmask, grammar.rows
         if len(rows) > len(states):
             return verify_drafts(self.sampler, logits, metadata, batch.sampling_drafts)
         sampled = self.sampler(logits, metadata)

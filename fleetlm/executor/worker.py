@@ -103,8 +103,7 @@ class Worker:
     def load_model(self) -> int:
         """Load this rank's share of the model; the KV blocks this rank could hold."""
         self.runner = ModelRunner(self.config.model, self.config.cache, self.groups,
-                                  self.config.parallel.pipeline_layer_partition,
-                                  self.config.speculative)
+                                  self.config.parallel, self.config.speculative)
         return self.runner.num_available_blocks()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -85,3 +85,32 @@ def test_write_kv_cache_takes_strided_token_rows():
     triton_attention.write_kv_cache(key, value, k_cache, v_cache, torch.tensor([2, 0, 1]))
     assert torch.equal(k_cache[0, :3], key[[1, 2, 0]])
     assert torch.equal(v_cache[0, :3], value[[1, 2, 0]])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 40])
+@DTYPES
+def test_fused_moe_matches_reference(num_tokens, dtype):
+    from moe_cases import moe_inputs
+
+    from fleetlm.kernels import moe, triton_moe
+
+    inputs = moe_inputs(num_tokens, num_experts=5, top_k=2, dtype=dtype)
+    expected = moe.fused_experts_reference(*moe_inputs(num_tokens, num_experts=5).args())
+    out = triton_moe.fused_experts(*inputs.args())
+    tolerance = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {
+        "atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+def test_fused_moe_skips_other_ranks_experts():
+    from moe_cases import moe_inputs
+
+    from fleetlm.kernels import moe, triton_moe
+    from fleetlm.parallel.experts import ExpertPlacement
+
+    inputs = moe_inputs(9, num_experts=5, top_k=2, only_expert=4)
+    placement = ExpertPlacement(5, 2, "round_robin")
+    mine, expert_map = placement.local_experts(1), placement.expert_map(1)
+    args = (inputs.x, inputs.w13[mine], inputs.w2[mine], inputs.topk_weights, inputs.topk_ids,
+            expert_map)
+    torch.testing.assert_close(triton_moe.fused_experts(*args), moe.fused_experts_reference(*args))

@@ -5,12 +5,13 @@ One implementation; the differences are three switches read from the Hugging Fac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from fleetlm.executor.attention import AttentionMetadata, PagedAttention
+from fleetlm.executor.config import ParallelConfig
 from fleetlm.executor.models.ops import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 from fleetlm.parallel.group import ParallelGroup
 from fleetlm.parallel.layers import (
@@ -33,6 +34,14 @@ _STACKED_PARAMS = {
     ".gate_proj.": (".gate_up_proj.", 0),
     ".up_proj.": (".gate_up_proj.", 1),
 }
+
+
+def _stacked_target(name: str) -> tuple[str, object]:
+    """q/k/v into qkv_proj, gate/up into gate_up_proj, with the shard id; others as they are."""
+    for fragment, (fused, shard) in _STACKED_PARAMS.items():
+        if fragment in name:
+            return name.replace(fragment, fused), shard
+    return name, None
 
 
 def head_dim_of(hf_config) -> int:
@@ -74,10 +83,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config, tp: ParallelGroup) -> None:
+    """Pre-norm attention and MLP; the MLP is the model's choice (dense, or mixture of
+    experts: `LlamaForCausalLM.make_mlp`)."""
+
+    def __init__(self, hf_config, tp: ParallelGroup, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, tp)
-        self.mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, tp)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -101,25 +113,33 @@ class LlamaForCausalLM(nn.Module):
     """
 
     def __init__(self, hf_config, groups: ProcessGroups = SINGLE_PROCESS_GROUPS,
-                 layer_partition: Sequence[int] | None = None) -> None:
+                 parallel: ParallelConfig | None = None) -> None:
         super().__init__()
         self.hf_config = hf_config
+        parallel = parallel or ParallelConfig()
         tp, pp = groups.tp, groups.pp
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.layer_range = stage_layer_range(hf_config.num_hidden_layers, pp, layer_partition)
+        self.layer_range = stage_layer_range(hf_config.num_hidden_layers, pp,
+                                             parallel.pipeline_layer_partition)
         self.rotary = RotaryEmbedding(hf_config, head_dim_of(hf_config),
                                       hf_config.max_position_embeddings)
         if self.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(
                 hf_config.vocab_size, hf_config.hidden_size, tp)
-        self.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(hf_config, tp) for i in self.layer_range})
+        self.layers = nn.ModuleDict({
+            str(i): LlamaDecoderLayer(hf_config, tp, self.make_mlp(hf_config, i, groups, parallel))
+            for i in self.layer_range})
         self.is_tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.is_last_stage:
             self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
             self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
             if self.is_tied and self.is_first_stage:
                 self.lm_head.weight = self.embed_tokens.weight
+
+    def make_mlp(self, hf_config, layer_index: int, groups: ProcessGroups,
+                 parallel: ParallelConfig) -> nn.Module:
+        """The MLP of layer `layer_index` (subclasses swap in other kinds)."""
+        return GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, groups.tp)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
                 intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -153,11 +173,7 @@ class LlamaForCausalLM(nn.Module):
             name = self._parameter_name(name.removeprefix("model."))
             if name is None:
                 continue
-            shard_id = None
-            for fragment, (fused, shard) in _STACKED_PARAMS.items():
-                if fragment in name:
-                    name, shard_id = name.replace(fragment, fused), shard
-                    break
+            name, shard_id = self.checkpoint_target(name) or _stacked_target(name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
             param = params[name]
@@ -166,6 +182,10 @@ class LlamaForCausalLM(nn.Module):
         if self.is_tied and self.is_first_stage and self.is_last_stage:
             loaded.add("lm_head.weight")
         return loaded
+
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        """(parameter, shard id) for checkpoint tensors a subclass stacks its own way."""
+        return None
 
     def _parameter_name(self, name: str) -> str | None:
         """Where checkpoint tensor `name` goes on this stage; None if this stage lacks it."""
