@@ -1,6 +1,8 @@
 """The deployment YAML: one pydantic schema, loaded once, turned into the engine's own config.
 
-Every section rejects unknown keys; `load_config` reports them with the file name, so a typo
+The model, engine, parallel and speculative sections are the engine's settings
+(`fleetlm.executor.settings`, shared with `LLM(...)` and the CLI flags); this module adds the
+deployment's own: replicas, router, HTTP, migration. Every section rejects unknown keys; `load_config` reports them with the file name, so a typo
 never silently falls back to a default.
 """
 
@@ -10,25 +12,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from fleetlm.executor.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-    SpeculativeConfig,
+from fleetlm.executor.config import EngineConfig, ParallelConfig
+from fleetlm.executor.settings import (
+    EngineArgs,
+    ParallelSection,
+    Section,
+    describe,
+    dotted_key,
 )
-
 
 # Each streamed message costs about a millisecond of CPU across the proxy, ingress and replica
 # hops; 50 ms (Ray Serve LLM's choice too) caps that at 20 messages/s per request.
 DEFAULT_STREAM_INTERVAL_MS = 50.0
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # Ray's own resources have their own keys (num_cpus, num_gpus, ...); custom ones must differ.
@@ -44,45 +41,7 @@ def _check_custom_resources(key: str, resources: dict[str, float]) -> None:
             raise ValueError(f"{key}: {name} must be above 0; got {amount:g}")
 
 
-class ModelSection(_Section):
-    name: str = Field(
-        "smollm2-135m-instruct",
-        description="Built-in model name, Hugging Face model directory or .gguf file.",
-    )
-    served_model_name: str | None = Field(
-        None, description="The `model` id clients send and /v1/models lists; default: `name`."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight and activation dtype; auto picks the device's fast one."
-    )
-    max_model_len: int | None = Field(
-        None, ge=1, description="Context length (prompt + output); default: the model's own."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each replica runs.")
-    seed: int = Field(0, description="Seed for random weights and unseeded sampling.")
-
-    @property
-    def served_name(self) -> str:
-        return self.served_model_name or self.name
-
-
-class EngineSection(_Section):
-    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
-    kv_cache_memory_bytes: ByteSize = Field(
-        ByteSize(1 << 30), description="KV-cache memory per replica; accepts e.g. '512MiB'."
-    )
-    num_blocks: int | None = Field(
-        None, ge=1, description="Exact number of KV blocks; overrides kv_cache_memory_bytes."
-    )
-    max_num_seqs: int = Field(64, ge=1, description="Most requests running in one step.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step.")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
-    max_num_waiting: int | None = Field(
-        None, ge=0, description="Waiting-queue limit per replica; beyond it requests get 429."
-    )
-
-
-class ReplicaSection(_Section):
+class ReplicaSection(Section):
     count: int = Field(1, ge=1, description="Engine replicas (data parallelism).")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by each replica.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved by each replica.")
@@ -110,7 +69,7 @@ class ReplicaSection(_Section):
         return self
 
 
-class RouterSection(_Section):
+class RouterSection(Section):
     policy: Literal["round_robin", "least_loaded", "prefix_aware"] = Field(
         "least_loaded", description="How the ingress picks a replica for each request."
     )
@@ -122,7 +81,7 @@ class RouterSection(_Section):
         return self
 
 
-class MigrationSection(_Section):
+class MigrationSection(Section):
     """What the ingress does when the replica serving a request fails (its engine or a worker
     died, or the replica itself): the request goes on elsewhere."""
 
@@ -143,7 +102,7 @@ class MigrationSection(_Section):
         return self.max_migrations > 0
 
 
-class HttpSection(_Section):
+class HttpSection(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP proxy.")
     api_keys: list[str] = Field(
@@ -158,70 +117,9 @@ class HttpSection(_Section):
     )
 
 
-_PARALLEL = ParallelConfig()  # the engine's defaults: written once, there
+class ClusterParallelSection(ParallelSection):
+    """The engine's parallel settings plus where a replica's workers may be placed."""
 
-
-class ParallelSection(_Section):
-    """How each engine replica splits its model over a worker group (one Ray actor per rank).
-
-    Values are checked by the engine's own `ParallelConfig`, so both report the same errors.
-    """
-
-    tensor_parallel_size: int = Field(
-        _PARALLEL.tensor_parallel_size, ge=1,
-        description="Ranks each layer is split over; must divide the attention heads.",
-    )
-    pipeline_parallel_size: int = Field(
-        _PARALLEL.pipeline_parallel_size, ge=1,
-        description="Pipeline stages per replica; the layers are split between them.",
-    )
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        _PARALLEL.backend,
-        description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU.",
-    )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        _PARALLEL.placement_strategy,
-        description="Ray placement strategy of a replica's bundles (itself and its workers); "
-        "SPREAD or STRICT_SPREAD lets a worker group span nodes.",
-    )
-    pipeline_layer_partition: list[int] | None = Field(
-        None,
-        description="Layers of each pipeline stage, one entry per stage; default: even.",
-    )
-    max_batches_in_flight: int | None = Field(
-        _PARALLEL.max_batches_in_flight, ge=1,
-        description="Steps a pipeline works on at once; default: pipeline_parallel_size.",
-    )
-    control_plane: Literal["shm", "socket", "ray"] = Field(
-        _PARALLEL.control_plane,
-        description="How each step reaches the workers: a shared-memory ring (workers on "
-        "other nodes use TCP), TCP only, or plain Ray calls.",
-    )
-    worker_num_cpus: float = Field(
-        _PARALLEL.worker_num_cpus, ge=0,
-        description="Ray CPUs reserved by each worker (its torch threads: the integer part, "
-        "at least 1).",
-    )
-    worker_num_gpus: float | None = Field(
-        _PARALLEL.worker_num_gpus, ge=0,
-        description="Ray GPUs reserved by each worker; default: 1 on CUDA, 0 on CPU.",
-    )
-
-    enable_expert_parallel: bool = Field(
-        _PARALLEL.enable_expert_parallel,
-        description="MoE models: spread whole experts over the tensor-parallel ranks "
-        "(expert parallelism) instead of splitting every expert over them.",
-    )
-    expert_placement_strategy: Literal["linear", "round_robin"] = Field(
-        _PARALLEL.expert_placement_strategy,
-        description="Which experts each EP rank holds: contiguous ranges (linear) or every "
-        "EP-size-th expert (round_robin).",
-    )
-    all2all_backend: Literal["allgather_reducescatter", "all_to_all"] = Field(
-        _PARALLEL.all2all_backend,
-        description="How expert parallelism moves tokens to their experts' ranks and back: "
-        "all-gather + reduce-scatter, or all-to-all of only the routed tokens.",
-    )
     worker_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each worker's bundle reserves besides CPUs and "
@@ -229,87 +127,26 @@ class ParallelSection(_Section):
         "nodes that have them.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, values):
-        if isinstance(values, dict) and "expert_parallel_size" in values:
-            raise ValueError("parallel.expert_parallel_size is gone: set "
-                             "enable_expert_parallel: true (the EP group is the TP ranks)")
-        return values
-
     @model_validator(mode="after")
-    def _check(self) -> ParallelSection:
+    def _check_resources(self) -> ClusterParallelSection:
         _check_custom_resources("parallel.worker_resources", self.worker_resources)
-        self.to_parallel_config()  # raises ValueError naming the field
         return self
 
     def to_parallel_config(self) -> ParallelConfig:
         # worker_resources is a placement matter: the Serve app adds it to the worker bundles.
-        return ParallelConfig(
-            **self.model_dump(exclude={"worker_resources"}))
+        return ParallelConfig.from_section(self)
 
 
-class PoolSection(_Section):
+class PoolSection(Section):
     count: int = Field(1, ge=1, description="Replicas in this pool.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by each replica.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved by each replica.")
-    parallel: ParallelSection = Field(
-        default_factory=ParallelSection, description="Parallel sizes of each replica."
+    parallel: ClusterParallelSection = Field(
+        default_factory=ClusterParallelSection, description="Parallel sizes of each replica."
     )
 
 
-_SPECULATIVE = SpeculativeConfig()  # the engine's defaults: written once, there
-
-
-class SpeculativeSection(_Section):
-    """Speculative decoding (vLLM's `speculative_config` keys); absent or null: off.
-
-    Values are checked by the engine's own `SpeculativeConfig`."""
-
-    method: Literal["ngram", "draft_model"] = Field(
-        _SPECULATIVE.method,
-        description="ngram: prompt lookup in the request's own tokens; draft_model: a smaller "
-        "model with the same tokenizer (`model`). A `model` alone means draft_model.",
-    )
-    num_speculative_tokens: int = Field(
-        _SPECULATIVE.num_speculative_tokens, ge=1, description="Draft tokens per step, at most.")
-    prompt_lookup_max: int = Field(
-        _SPECULATIVE.prompt_lookup_max, ge=1,
-        description="ngram: the longest suffix looked up in the request's tokens.")
-    prompt_lookup_min: int = Field(
-        _SPECULATIVE.prompt_lookup_min, ge=1, description="ngram: the shortest suffix.")
-    model: str | None = Field(
-        None, description="draft_model: built-in name, Hugging Face directory or .gguf file.")
-    random_weights: bool = Field(
-        False, description="draft_model: random weights from its config (benchmarks only).")
-    min_acceptance_rate: float = Field(
-        _SPECULATIVE.min_acceptance_rate, ge=0, le=1,
-        description="A request whose drafts are accepted less often stops speculating "
-        "(averaged over its steps), trying one draft again after `probe_interval` steps.")
-    probe_interval: int = Field(_SPECULATIVE.probe_interval, ge=1,
-                                description="Steps before a stopped request tries one draft; "
-                                "doubled after each rejected try, up to 8 times this.")
-    disable_by_batch_size: int | None = Field(
-        _SPECULATIVE.disable_by_batch_size, ge=1,
-        description="No request speculates while this many or more run; null: no limit.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_means_draft(cls, values):
-        if isinstance(values, dict) and "model" in values and "method" not in values:
-            values = {**values, "method": "draft_model"}
-        return values
-
-    @model_validator(mode="after")
-    def _check(self) -> SpeculativeSection:
-        self.to_speculative_config()  # raises ValueError naming the field
-        return self
-
-    def to_speculative_config(self) -> SpeculativeConfig:
-        return SpeculativeConfig(**self.model_dump())
-
-
-class PDSection(_Section):
+class PDSection(Section):
     enabled: bool = Field(False, description="Split prefill and decode into separate pools.")
     prefill: PoolSection = Field(default_factory=PoolSection, description="The prefill pool.")
     decode: PoolSection = Field(default_factory=PoolSection, description="The decode pool.")
@@ -321,38 +158,27 @@ class PDSection(_Section):
         return self
 
 
-class ClusterConfig(_Section):
-    """A whole deployment: what `fleetlm serve FILE` brings up."""
+class ClusterConfig(EngineArgs):
+    """A whole deployment: what `fleetlm serve FILE` brings up. The model, engine, parallel
+    and speculative sections are the engine's own settings (`EngineArgs`)."""
 
     name: str = Field("fleetlm", description="Ray Serve application name.")
-    model: ModelSection = Field(default_factory=ModelSection, description="Weights to serve.")
-    engine: EngineSection = Field(default_factory=EngineSection, description="Engine limits.")
     replicas: ReplicaSection = Field(
         default_factory=ReplicaSection, description="Data parallelism and resources."
     )
     router: RouterSection = Field(default_factory=RouterSection, description="Replica choice.")
     http: HttpSection = Field(default_factory=HttpSection, description="HTTP endpoint.")
-    parallel: ParallelSection = Field(
-        default_factory=ParallelSection, description="Model parallelism inside a replica."
+    parallel: ClusterParallelSection = Field(
+        default_factory=ClusterParallelSection, description="Model parallelism inside a replica."
     )
     migration: MigrationSection = Field(
         default_factory=MigrationSection, description="Requests of failed replicas."
     )
     pd: PDSection = Field(default_factory=PDSection, description="Prefill/decode pools.")
-    speculative: SpeculativeSection | None = Field(
-        None, description="Speculative decoding; null: off.")
-
-    @model_validator(mode="after")
-    def _check_speculative(self) -> ClusterConfig:
-        if self.speculative is not None and self.parallel.pipeline_parallel_size > 1:
-            raise ValueError("speculative decoding with parallel.pipeline_parallel_size > 1 "
-                             "is not supported; use tensor parallelism")
-        return self
 
     @model_validator(mode="after")
     def _check_replica_bundle(self) -> ClusterConfig:
-        is_distributed = self.parallel.to_parallel_config().is_distributed
-        if is_distributed and not (self.replicas.num_cpus or self.replicas.num_gpus):
+        if self.parallel.is_distributed and not (self.replicas.num_cpus or self.replicas.num_gpus):
             raise ValueError("replicas.num_cpus must be above 0 when a replica drives a worker "
                              "group: its placement-group bundle needs some resource")
         return self
@@ -360,59 +186,32 @@ class ClusterConfig(_Section):
 
 def load_config(path: str | Path) -> ClusterConfig:
     """Read a deployment YAML; raise `ValueError` naming the file and every bad key."""
-    path = Path(path)
-    return parse_config(yaml.safe_load(path.read_text()) or {}, str(path))
+    return parse_config(read_yaml(path), str(path))
 
 
-def parse_config(data: object, source: str) -> ClusterConfig:
+def read_yaml(path: str | Path) -> object:
+    """A YAML file's data (an empty file: an empty mapping); OSError if it cannot be read."""
+    text = Path(path).read_text()
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+
+
+def parse_config(data: object, source: str, key_of=dotted_key) -> ClusterConfig:
     """A deployment config from its YAML's mapping; `ValueError` names `source` and every bad
-    key."""
+    key (as `key_of` spells a pydantic error location)."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping at the top level")
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"{source}: {_describe(e)}") from None
-
-
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"{key}: {message}" if key else message)
-    return "; ".join(lines)
+        raise ValueError(f"{source}: {describe(e, key_of)}") from None
 
 
 def to_engine_config(config: ClusterConfig) -> EngineConfig:
     """The engine's view of a deployment: its model, cache, scheduler and parallel sections."""
-    model, engine, parallel = config.model, config.engine, config.parallel
-    return EngineConfig(
-        model=ModelConfig(
-            model=model.name,
-            dtype=model.dtype,
-            max_model_len=model.max_model_len,
-            device=model.device,
-            seed=model.seed,
-        ),
-        cache=CacheConfig(
-            block_size=engine.block_size,
-            kv_cache_memory_bytes=int(engine.kv_cache_memory_bytes),
-            num_blocks=engine.num_blocks,
-            enable_prefix_caching=engine.enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=engine.max_num_seqs,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_num_waiting=engine.max_num_waiting,
-        ),
-        parallel=parallel.to_parallel_config(),
-        speculative=None if config.speculative is None else
-        config.speculative.to_speculative_config(),
-    )
+    return EngineConfig.from_args(config)
 
 
 def check_model_fits(config: ClusterConfig) -> None:

@@ -1,53 +1,80 @@
-"""Engine configuration: small frozen dataclasses, each handed only to the parts that need it."""
+"""The engine's view of its settings: small frozen dataclasses, each handed only to the parts
+that need it, built from the validated settings (`fleetlm.executor.settings`), whose defaults
+they share: a default is written once, there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
+
+from fleetlm.executor.settings import (
+    EngineArgs,
+    EngineSection,
+    ModelSection,
+    ParallelSection,
+    SpeculativeSection,
+)
+
+# Each setting's default, read from its definition.
+_MODEL, _ENGINE, _PARALLEL, _SPECULATIVE = (
+    ModelSection(), EngineSection(), ParallelSection(), SpeculativeSection())
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which weights to run and in which precision."""
 
-    model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
-    dtype: str = "auto"  # auto | bfloat16 | float32 | float16
-    max_model_len: int | None = None  # None: the model's own context length
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    random_weights: bool = False  # random init from the config: large shapes in tests/benchmarks
+    model: str = _MODEL.name  # built-in name, HF directory or .gguf file
+    dtype: str = _MODEL.dtype
+    max_model_len: int | None = _MODEL.max_model_len  # None: the model's
+    device: str = _MODEL.device
+    seed: int = _MODEL.seed
+    random_weights: bool = _MODEL.random_weights
+
+    @classmethod
+    def from_section(cls, section: ModelSection) -> ModelConfig:
+        return cls(model=section.name, dtype=section.dtype, max_model_len=section.max_model_len,
+                   device=section.device, seed=section.seed,
+                   random_weights=section.random_weights)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache and prefix caching."""
 
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 1 << 30
-    num_blocks: int | None = None  # overrides kv_cache_memory_bytes when set
-    enable_prefix_caching: bool = True
+    block_size: int = _ENGINE.block_size
+    kv_cache_memory_bytes: int = int(_ENGINE.kv_cache_memory_bytes)
+    num_blocks: int | None = _ENGINE.num_blocks  # overrides the bytes
+    enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     hash_seed: int = 0  # separate pools with the same seed compute the same block hashes
+
+    @classmethod
+    def from_section(cls, section: EngineSection) -> CacheConfig:
+        return cls(block_size=section.block_size,
+                   kv_cache_memory_bytes=int(section.kv_cache_memory_bytes),
+                   num_blocks=section.num_blocks,
+                   enable_prefix_caching=section.enable_prefix_caching)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The token-budget rule's limits."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = _ENGINE.max_num_seqs
+    max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
     max_model_len: int = 8192  # set from the model by the engine
     policy: Literal["fcfs", "priority"] = "fcfs"
-    max_num_waiting: int | None = None  # None: unbounded queue
+    max_num_waiting: int | None = _ENGINE.max_num_waiting  # None: unbounded
     # Steps in flight at once (pipeline stages): each step takes at most its share of the
     # requests, so that consecutive steps hold different requests. Set by the engine.
     num_micro_batches: int = 1
 
+    @classmethod
+    def from_section(cls, section: EngineSection) -> SchedulerConfig:
+        return cls(max_num_seqs=section.max_num_seqs,
+                   max_num_batched_tokens=section.max_num_batched_tokens,
+                   max_num_waiting=section.max_num_waiting)
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-CONTROL_PLANES = ("shm", "socket", "ray")
-EXECUTOR_BACKENDS = ("auto", "local", "ray")
-EXPERT_PLACEMENTS = ("linear", "round_robin")
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "all_to_all")
 
 
 @dataclass(frozen=True)
@@ -55,58 +82,32 @@ class ParallelConfig:
     """How one engine replica's model is split over a worker group, and how it is driven.
 
     World size 1 runs in-process (`LocalExecutor`) unless `executor_backend` is "ray"; larger
-    worlds run one Ray actor per rank (`RayExecutor`).
+    worlds run one Ray actor per rank (`RayExecutor`). Field meanings: `ParallelSection`.
     """
 
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, else gloo) | gloo | nccl
-    placement_strategy: str = "PACK"  # of the workers' placement-group bundles
+    tensor_parallel_size: int = _PARALLEL.tensor_parallel_size
+    pipeline_parallel_size: int = _PARALLEL.pipeline_parallel_size
+    backend: str = _PARALLEL.backend
+    placement_strategy: str = _PARALLEL.placement_strategy
     pipeline_layer_partition: tuple[int, ...] | None = None  # layers per stage; None: even
-    max_batches_in_flight: int | None = None  # None: pipeline_parallel_size
-    control_plane: str = "socket"  # how each step reaches the workers: socket | shm | ray
-    worker_num_cpus: float = 1.0  # Ray CPUs of each worker (its torch threads: at least 1)
-    worker_num_gpus: float | None = None  # None: 1 on CUDA, 0 on CPU
-    executor_backend: str = "auto"
-    step_timeout_s: float = 600.0  # a step with no answer by then fails the worker group
+    max_batches_in_flight: int | None = _PARALLEL.max_batches_in_flight
+    control_plane: str = _PARALLEL.control_plane
+    worker_num_cpus: float = _PARALLEL.worker_num_cpus
+    worker_num_gpus: float | None = _PARALLEL.worker_num_gpus
+    executor_backend: str = _PARALLEL.executor_backend
+    step_timeout_s: float = _PARALLEL.step_timeout_s
     # Mixture-of-experts layers: with expert parallelism each rank of the EP group (the TP
     # ranks of a stage: TP x DP with DP = 1) holds whole experts instead of a slice of each.
-    enable_expert_parallel: bool = False
-    expert_placement_strategy: str = "linear"  # linear: contiguous ranges | round_robin
-    all2all_backend: str = "allgather_reducescatter"  # EP token dispatch | all_to_all
+    enable_expert_parallel: bool = _PARALLEL.enable_expert_parallel
+    expert_placement_strategy: str = _PARALLEL.expert_placement_strategy
+    all2all_backend: str = _PARALLEL.all2all_backend
 
-    def __post_init__(self) -> None:
-        checks = [
-            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be at least 1"),
-            ("pipeline_parallel_size", self.pipeline_parallel_size >= 1, "must be at least 1"),
-            ("backend", self.backend in ("auto", "gloo", "nccl"), "must be auto, gloo or nccl"),
-            ("placement_strategy", self.placement_strategy in PLACEMENT_STRATEGIES,
-             f"must be one of {', '.join(PLACEMENT_STRATEGIES)}"),
-            ("max_batches_in_flight",
-             self.max_batches_in_flight is None or self.max_batches_in_flight >= 1,
-             "must be at least 1"),
-            ("control_plane", self.control_plane in CONTROL_PLANES,
-             f"must be one of {', '.join(CONTROL_PLANES)}"),
-            ("worker_num_cpus", self.worker_num_cpus >= 0, "must be non-negative"),
-            ("executor_backend", self.executor_backend in EXECUTOR_BACKENDS,
-             f"must be one of {', '.join(EXECUTOR_BACKENDS)}"),
-            ("step_timeout_s", self.step_timeout_s > 0, "must be positive"),
-            ("expert_placement_strategy", self.expert_placement_strategy in EXPERT_PLACEMENTS,
-             f"must be one of {', '.join(EXPERT_PLACEMENTS)}"),
-            ("all2all_backend", self.all2all_backend in ALL2ALL_BACKENDS,
-             f"must be one of {', '.join(ALL2ALL_BACKENDS)}"),
-        ]
-        for name, is_ok, message in checks:
-            if not is_ok:
-                raise ValueError(f"{name} {message}; got {getattr(self, name)!r}")
-        if self.pipeline_layer_partition is not None:
-            object.__setattr__(self, "pipeline_layer_partition",
-                               tuple(self.pipeline_layer_partition))
-            if len(self.pipeline_layer_partition) != self.pipeline_parallel_size:
-                raise ValueError(
-                    f"pipeline_layer_partition {list(self.pipeline_layer_partition)} must have "
-                    f"one entry per stage ({self.pipeline_parallel_size})")
-
+    @classmethod
+    def from_section(cls, section: ParallelSection) -> ParallelConfig:
+        values = section.model_dump(include=set(ParallelSection.model_fields))
+        partition = values.pop("pipeline_layer_partition")
+        return cls(**values,
+                   pipeline_layer_partition=None if partition is None else tuple(partition))
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
@@ -131,66 +132,59 @@ class ParallelConfig:
         if num_kv_heads % tp and tp % num_kv_heads:
             raise ValueError(f"tensor_parallel_size {tp} and {num_kv_heads} KV heads: one "
                              f"must divide the other (KV heads are split, or replicated)")
-        if hf_config.intermediate_size % tp:
-            raise ValueError(f"tensor_parallel_size {tp} does not divide intermediate_size "
-                             f"{hf_config.intermediate_size}")
+        self._check_mlp_fits(hf_config)
         from fleetlm.parallel.pipeline import stage_layer_counts
 
         stage_layer_counts(hf_config.num_hidden_layers, self.pipeline_parallel_size,
                            self.pipeline_layer_partition)
 
 
-SPEC_METHODS = ("ngram", "draft_model")
+    def _check_mlp_fits(self, hf_config) -> None:
+        tp = self.tensor_parallel_size
+        num_experts = (getattr(hf_config, "num_experts", None)
+                       or getattr(hf_config, "num_local_experts", None))
+        if self.enable_expert_parallel and not num_experts:
+            raise ValueError("enable_expert_parallel needs a mixture-of-experts model; "
+                             f"{(hf_config.architectures or ['this model'])[0]} has no experts")
+        # Mixtral's experts are intermediate_size wide; the Qwen MoE models' dense layers are.
+        sizes = {"intermediate_size": hf_config.intermediate_size}
+        if num_experts:
+            expert_size = getattr(hf_config, "moe_intermediate_size", None)
+            if expert_size is None:
+                sizes = {}  # every layer is an MoE layer of intermediate_size experts
+            if self.enable_expert_parallel and tp > num_experts:
+                raise ValueError(f"expert parallelism over tensor_parallel_size {tp} ranks "
+                                 f"needs at least {tp} experts; the model has {num_experts}")
+            if not self.enable_expert_parallel:
+                sizes["moe_intermediate_size"] = expert_size or hf_config.intermediate_size
+        for key, size in sizes.items():
+            if size % tp:
+                raise ValueError(f"tensor_parallel_size {tp} does not divide {key} {size}"
+                                 + (" (or set enable_expert_parallel)"
+                                    if key == "moe_intermediate_size" else ""))
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding: a proposer suggests draft tokens that the target model verifies
-    in one forward pass. Keys as vLLM's `speculative_config`."""
+    """Speculative decoding. Field meanings: `SpeculativeSection`."""
 
-    method: str = "ngram"  # ngram (prompt lookup) | draft_model
-    num_speculative_tokens: int = 4  # drafts per step at most (k)
-    prompt_lookup_max: int = 4  # ngram: longest suffix looked up in the request's tokens
-    prompt_lookup_min: int = 2  # ngram: shortest
-    model: str | None = None  # draft_model: a smaller model with the target's tokenizer
-    random_weights: bool = False  # draft_model: random weights from its config (benchmarks)
+    method: str = _SPECULATIVE.method  # ngram (prompt lookup) | draft_model
+    num_speculative_tokens: int = _SPECULATIVE.num_speculative_tokens  # drafts per step (k)
+    prompt_lookup_max: int = _SPECULATIVE.prompt_lookup_max
+    prompt_lookup_min: int = _SPECULATIVE.prompt_lookup_min
+    model: str | None = _SPECULATIVE.model
+    random_weights: bool = _SPECULATIVE.random_weights
     # Adaptivity: a request whose drafts are accepted less often than this stops speculating
     # (an exponential average over its steps), tries one draft again every `probe_interval`
     # steps (twice as long after each rejected try, up to 8x), and no request speculates
     # while `disable_by_batch_size` or more run.
-    min_acceptance_rate: float = 0.25
-    probe_interval: int = 16
-    disable_by_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("method", self.method in SPEC_METHODS, f"must be one of {', '.join(SPEC_METHODS)}"),
-            ("num_speculative_tokens", self.num_speculative_tokens >= 1, "must be at least 1"),
-            ("prompt_lookup_min", 1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
-             "must be at least 1 and at most prompt_lookup_max"),
-            ("model", (self.model is not None) == (self.method == "draft_model"),
-             "names the draft model, and only for method draft_model"),
-            ("min_acceptance_rate", 0.0 <= self.min_acceptance_rate <= 1.0, "must be in [0, 1]"),
-            ("probe_interval", self.probe_interval >= 1, "must be at least 1"),
-            ("disable_by_batch_size",
-             self.disable_by_batch_size is None or self.disable_by_batch_size >= 1,
-             "must be at least 1"),
-        ]
-        for name, is_ok, message in checks:
-            if not is_ok:
-                raise ValueError(f"speculative {name} {message}; got {getattr(self, name)!r}")
+    min_acceptance_rate: float = _SPECULATIVE.min_acceptance_rate
+    probe_interval: int = _SPECULATIVE.probe_interval
+    disable_by_batch_size: int | None = _SPECULATIVE.disable_by_batch_size
 
     @classmethod
-    def from_dict(cls, values: dict) -> SpeculativeConfig:
-        """vLLM's `speculative_config` dict: a "model" without a "method" is a draft model."""
-        values = dict(values)
-        if "model" in values and "method" not in values:
-            values["method"] = "draft_model"
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+    def from_section(cls, section: SpeculativeSection) -> SpeculativeConfig:
+        return cls(**section.model_dump())
 
 
 @dataclass(frozen=True)
@@ -201,7 +195,14 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = None
 
-    def __post_init__(self) -> None:
-        if self.speculative is not None and self.parallel.pipeline_parallel_size > 1:
-            raise ValueError("speculative decoding with pipeline_parallel_size > 1 is not "
-                             "supported; use tensor parallelism")
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> EngineConfig:
+        """The engine's view of validated settings (a deployment's or `LLM(...)`'s)."""
+        return cls(
+            model=ModelConfig.from_section(args.model),
+            cache=CacheConfig.from_section(args.engine),
+            scheduler=SchedulerConfig.from_section(args.engine),
+            parallel=ParallelConfig.from_section(args.parallel),
+            speculative=None if args.speculative is None else
+            SpeculativeConfig.from_section(args.speculative),
+        )

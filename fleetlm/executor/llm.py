@@ -3,55 +3,34 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
 
 from tqdm.auto import tqdm
 
-from fleetlm.executor.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-    SpeculativeConfig,
-)
+from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.settings import BUILTIN_MODEL, EngineArgs
 
 Conversation = list[dict[str, str]]
 
 
-def make_engine_config(model: str, speculative_config: dict | None = None,
+def make_engine_config(model: str = BUILTIN_MODEL, speculative_config: dict | None = None,
                        **kwargs) -> EngineConfig:
-    """Spread flat keyword arguments (vLLM style) over the config sections by field name;
+    """The engine config of vLLM-style flat keywords, validated by the same settings as the
+    deployment YAML and `fleetlm serve`'s flags (`EngineArgs.from_kwargs`);
     `speculative_config` is vLLM's dict (e.g. {"method": "ngram", "num_speculative_tokens":
-    4, "prompt_lookup_max": 4} or {"model": DRAFT, "num_speculative_tokens": 4})."""
-    sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                "parallel": ParallelConfig}
-    values: dict[str, dict] = {name: {} for name in sections}
-    for key, value in kwargs.items():
-        owner = next((s for s, cls in sections.items()
-                      if key in {f.name for f in fields(cls)}), None)
-        if owner is None:
-            raise TypeError(f"unknown engine argument {key!r}")
-        values[owner][key] = value
-    return EngineConfig(
-        model=ModelConfig(model=model, **values["model"]),
-        cache=CacheConfig(**values["cache"]),
-        scheduler=SchedulerConfig(**values["scheduler"]),
-        parallel=ParallelConfig(**values["parallel"]),
-        speculative=None if speculative_config is None else
-        SpeculativeConfig.from_dict(speculative_config),
-    )
+    4} or {"model": DRAFT, "num_speculative_tokens": 4})."""
+    return EngineConfig.from_args(EngineArgs.from_kwargs(model, speculative_config, **kwargs))
 
 
 class LLM:
     """`LLM(model, tensor_parallel_size=3, pipeline_parallel_size=2, ...)`: keyword arguments
-    are the fields of the engine's config sections. Use as a context manager (or call
-    `shutdown`) to stop a worker group's actors when done."""
+    are the fields of the model, engine and parallel sections of the deployment YAML
+    (`fleetlm.executor.settings`), with the same defaults and checks. Use as a context
+    manager (or call `shutdown`) to stop a worker group's actors when done."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", **engine_args) -> None:
+    def __init__(self, model: str = BUILTIN_MODEL, **engine_args) -> None:
         self.engine = LLMEngine(make_engine_config(model, **engine_args))
         self._counter = itertools.count()
 

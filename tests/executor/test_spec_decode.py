@@ -82,9 +82,9 @@ def test_steps_emit_several_tokens_and_seeds_repeat(builtin_dir):
 
 
 def test_bad_speculative_configs_are_refused(builtin_dir):
-    with pytest.raises(ValueError, match="unknown speculative_config keys"):
+    with pytest.raises(ValueError, match="unknown key 'speculative_config.lookahead'"):
         LLM(builtin_dir, speculative_config={"method": "ngram", "lookahead": 3})
-    with pytest.raises(ValueError, match="speculative model names the draft model"):
+    with pytest.raises(ValueError, match="speculative_config: model names the draft model"):
         LLM(builtin_dir, speculative_config={"method": "draft_model"})
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1"):
         LLM(builtin_dir, pipeline_parallel_size=2, speculative_config={"method": "ngram"})
