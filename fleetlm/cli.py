@@ -1,6 +1,7 @@
-"""`fleetlm`: serve, deploy, status, shutdown (and `bench`, when installed).
+"""`fleetlm`: serve, deploy, status, shutdown, config show (and `bench`, when installed).
 
-A thin argparse dispatcher; the work happens in fleetlm.cluster.launcher.
+A thin argparse dispatcher; the work happens in fleetlm.cluster.launcher, and the settings'
+flags come from the deployment schema (fleetlm.cluster.flags).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/default.yaml"
+from fleetlm.cluster import flags
+
 RAY_AUTH_MODE_VAR = "RAY_AUTH_MODE"
 RAY_SAVED_TOKEN = Path.home() / ".ray" / "auth_token"  # where a local `ray.init` saves it
 # How long serve/deploy wait for every replica to run (model loading included) before giving up.
@@ -26,15 +28,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     address = {"help": "Ray cluster to join (default: $RAY_ADDRESS)", "default": None}
 
-    serve = commands.add_parser("serve", help="start (or join) a cluster, deploy, run until ^C")
-    serve.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="deployment YAML")
+    serve = commands.add_parser(
+        "serve", help="start (or join) a cluster, deploy, run until ^C",
+        description="Serve a model (or a deployment YAML) until ^C; flags override the file.")
     serve.add_argument("--address", **address)
     _add_deploy_limits(serve)
+    flags.add_config_arguments(serve)
 
-    deploy = commands.add_parser("deploy", help="deploy onto a running cluster and return")
-    deploy.add_argument("config", help="deployment YAML")
+    deploy = commands.add_parser(
+        "deploy", help="deploy onto a running cluster and return",
+        description="Deploy a model (or a deployment YAML) onto a running cluster.")
     deploy.add_argument("--address", **address)
     _add_deploy_limits(deploy)
+    flags.add_config_arguments(deploy, is_required=True)
+
+    config = commands.add_parser("config", help="show the effective deployment config")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show", help="print the YAML that serve would deploy with these arguments",
+        description="Print the effective deployment YAML: defaults < file < flags.")
+    flags.add_config_arguments(show)
 
     status = commands.add_parser("status", help="applications, deployments and replicas")
     status.add_argument("--address", **address)
@@ -77,9 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from fleetlm.cluster import launcher
 
-    config = _load(args.config)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    config = _load(args)
     is_cluster_owned = launcher.connect(args.address, is_local_allowed=True)
+    # After connecting: ray.init installs a crash handler on SIGTERM that aborts the process
+    # 3 s later (mid-teardown, leaving Ray's agents behind); ours replaces it. `kill` then
+    # stops serve as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launcher.deploy_and_wait(config, args.timeout, args.wait_for_resources)
         print(launcher.ready_message(config), flush=True)
@@ -95,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from fleetlm.cluster import launcher
 
-    config = _load(args.config)
+    config = _load(args)
     launcher.connect(args.address, is_local_allowed=False)
     launcher.deploy_and_wait(config, args.timeout, args.wait_for_resources)
     print(launcher.ready_message(config))
@@ -119,18 +135,25 @@ def _shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "deploy": _deploy, "status": _status, "shutdown": _shutdown}
+def _config(args: argparse.Namespace) -> int:
+    print(flags.to_yaml(_load(args)), end="")
+    return 0
 
 
-def _load(path: str):
-    """The config, checked against the model where it can be read here (fail before Ray)."""
-    from fleetlm.cluster.config import check_model_fits, load_config
+_COMMANDS = {"serve": _serve, "deploy": _deploy, "status": _status, "shutdown": _shutdown,
+             "config": _config}
 
-    config = load_config(path)
+
+def _load(args: argparse.Namespace):
+    """The effective config, checked against the model where it can be read here (fail
+    before Ray)."""
+    from fleetlm.cluster.config import check_model_fits
+
+    config = flags.effective_config(args.model_or_config, flags.overrides(args))
     try:
         check_model_fits(config)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{args.model_or_config or 'the defaults'}: {e}") from None
     return config
 
 

@@ -1,14 +1,17 @@
-"""The `fleetlm` command line: argument parsing, config errors, the bench hand-off.
+"""The `fleetlm` command line: argument parsing, flags over YAML over defaults, `config
+show`, config errors, the bench hand-off.
 
-Commands that need a Ray cluster are exercised by hand and through the app tests; these
-tests stop before Ray is touched.
+These tests stop before Ray is touched; test_serve_cli.py starts real servers.
 """
 
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from fleetlm import cli
+from fleetlm.cluster.config import ClusterConfig, parse_config
+from fleetlm.cluster.flags import FLAT_SECTIONS, PREFIXED_SECTIONS, flag_name
 
 
 @pytest.fixture(autouse=True)
@@ -17,9 +20,81 @@ def _keep_environment(monkeypatch):
     monkeypatch.setattr(cli, "_use_saved_ray_token", lambda: None)
 
 
-def test_serve_defaults_to_the_default_config():
-    args = cli.build_parser().parse_args(["serve"])
-    assert (args.command, args.config, args.address) == ("serve", cli.DEFAULT_CONFIG, None)
+def _config(*argv: str) -> ClusterConfig:
+    """The config `fleetlm serve ARGV` would deploy."""
+    return cli._load(cli.build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_without_arguments_is_the_built_in_model_on_localhost():
+    config = _config()
+    assert config == ClusterConfig()
+    assert (config.model.name, config.http.host, config.http.port) == (
+        "smollm2-135m-instruct", "127.0.0.1", 8000)
+
+
+def test_a_model_argument_is_served_under_its_own_name(tmp_path):
+    config = _config(str(tmp_path / "m.gguf"), "--port", "8123")
+    assert (config.model.name, config.model.served_name) == ((str(tmp_path / "m.gguf"),) * 2)
+    assert config.http.port == 8123
+
+
+def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("engine: {max_num_seqs: 8, block_size: 32}\nhttp: {port: 9000}\n")
+    config = _config(str(path), "--port", "9100", "--block-size", "8", "--api-key", "k1",
+                     "--api-key", "k2", "--no-enable-prefix-caching", "--enable-expert-parallel",
+                     "--kv-cache-memory-bytes", "64MiB", "--data-parallel-size", "2")
+    assert (config.http.port, config.engine.block_size) == (9100, 8)  # flag > file
+    assert config.engine.max_num_seqs == 8  # file > default
+    assert config.engine.max_num_batched_tokens == ClusterConfig().engine.max_num_batched_tokens
+    assert config.http.api_keys == ["k1", "k2"]
+    assert (config.engine.enable_prefix_caching, config.parallel.enable_expert_parallel) == (
+        False, True)
+    assert (config.engine.kv_cache_memory_bytes, config.replicas.count) == (64 << 20, 2)
+
+
+def test_every_setting_has_a_flag_with_its_description(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")  # no line breaks inside descriptions
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    fields = ClusterConfig.model_fields
+    for section in FLAT_SECTIONS + PREFIXED_SECTIONS:
+        for key, field in fields[section].annotation.model_fields.items():
+            if (section, key) != ("model", "name"):
+                assert flag_name((section, key)) in help_text
+                assert field.description in help_text
+    for flag in ("--tensor-parallel-size", "--max-model-len", "--served-model-name",
+                 "--enable-prefix-caching", "--no-enable-prefix-caching", "--api-key",
+                 "--quantization", "--speculative-config"):  # vllm serve's names
+        assert flag in help_text
+
+
+def test_config_show_prints_yaml_that_loads_back(tmp_path, capsys):
+    argv = ["--max-model-len", "512", "--speculative-config", '{"method": "ngram"}',
+            "--pipeline-layer-partition", "30"]
+    assert cli.main(["config", "show", *argv]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert next(iter(shown)) == "name"
+    assert shown["model"]["max_model_len"] == 512
+    assert parse_config(shown, "shown") == _config(*argv)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--port", "99999"], "http.port (--port): Input should be less than or equal to 65535"),
+    (["--max-num-seqs", "0"], "engine.max_num_seqs (--max-num-seqs)"),
+    (["--quantization", "awq"], "model.quantization (--quantization): 'awq' is not supported"),
+    (["/models/folder", "--quantization", "gguf"], "quantization gguf needs a .gguf model"),
+    (["--speculative-config", '{"lookahead": 2}'],
+     "unknown key 'speculative.lookahead (--speculative-config)'"),
+])
+def test_bad_flags_name_the_key_and_the_flag(argv, message, capsys):
+    assert cli.main(["config", "show", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_gguf_quantization_is_accepted_for_a_gguf_file():
+    assert _config("/models/x.gguf", "--quantization", "gguf").model.quantization == "gguf"
 
 
 def test_deploy_needs_a_config():
