@@ -24,10 +24,12 @@ async def merge_streams(
     An exception in any stream is raised here; closing this iterator early cancels the
     streams (each engine stream then aborts its request). With `interval_s > 0`, items are
     at least that far apart: the first goes out at once (time to first token is untouched),
-    later outputs that come sooner wait and share the next item.
+    later outputs that come sooner wait and share the next item, unless the last stream
+    finishes or one fails meanwhile (nothing more is coming: no reason to wait).
     """
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
+    ended = _Countdown(len(streams))
+    tasks = [asyncio.create_task(_pump(i, s, queue, ended)) for i, s in enumerate(streams)]
     num_open = len(tasks)
     loop = asyncio.get_running_loop()
     next_time = loop.time()
@@ -35,7 +37,7 @@ async def merge_streams(
         while num_open:
             items = [await queue.get()]
             if loop.time() < next_time:
-                await asyncio.sleep(next_time - loop.time())
+                await ended.wait(next_time - loop.time())
             while not queue.empty():
                 items.append(queue.get_nowait())
             latest, num_done = _collect(items)
@@ -47,6 +49,26 @@ async def merge_streams(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Countdown:
+    """Set once every stream has ended, or at once when one fails."""
+
+    def __init__(self, num_streams: int):
+        self.num_left = num_streams
+        self.event = asyncio.Event()
+
+    def on_end(self, is_failure: bool) -> None:
+        self.num_left -= 1
+        if is_failure or self.num_left == 0:
+            self.event.set()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until set, or `timeout_s` at most."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout_s)
+        except TimeoutError:
+            pass
 
 
 def _collect(items: list[tuple[int, object]]) -> tuple[dict[int, RequestOutput], int]:
@@ -62,15 +84,18 @@ def _collect(items: list[tuple[int, object]]) -> tuple[dict[int, RequestOutput],
     return latest, num_done
 
 
-async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue,
+                ended: _Countdown) -> None:
     try:
         async for output in stream:
             queue.put_nowait((index, output))
         queue.put_nowait((index, _DONE))
+        ended.on_end(is_failure=False)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # handed to the consumer, which raises it
         queue.put_nowait((index, e))
+        ended.on_end(is_failure=True)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:

@@ -81,21 +81,39 @@ def test_closing_early_closes_every_stream():
     assert sorted(closed) == ["a", "b"]
 
 
-def test_interval_sends_the_first_output_at_once_and_batches_the_rest():
-    async def stream(released: asyncio.Event):
+def _first_then_nine_more(released: asyncio.Event, fail_at_end: bool = False):
+    async def stream():
         yield _output("a", 1)
         await released.wait()
         for i in range(2, 11):
-            await asyncio.sleep(0)  # many loop turns, far less than the interval
+            await asyncio.sleep(0)  # many loop turns, none of them an hour
             yield _output("a", i, finished=i == 10)
+        if fail_at_end:
+            raise ValueError("boom")
 
-    async def run(interval_s: float) -> list[int]:
-        released = asyncio.Event()
-        counts = []
-        async for snapshot in merge_streams([stream(released)], interval_s):
-            counts.append(len(snapshot[0].outputs[0].token_ids))
-            released.set()
-        return counts
+    return stream()
 
-    assert asyncio.run(run(0.05)) == [1, 10]
-    assert len(asyncio.run(run(0.0))) > 2
+
+async def _token_counts(interval_s: float, fail_at_end: bool = False) -> list[int]:
+    released = asyncio.Event()
+    counts = []
+    merged = merge_streams([_first_then_nine_more(released, fail_at_end)], interval_s)
+    async for snapshot in merged:
+        counts.append(len(snapshot[0].outputs[0].token_ids))
+        released.set()
+    return counts
+
+
+def test_interval_sends_the_first_output_at_once_and_batches_the_rest():
+    # An hour's interval: everything after the first output waits for the stream's end,
+    # which ends the wait (the test would otherwise take an hour).
+    assert asyncio.run(_token_counts(3600.0)) == [1, 10]
+
+
+def test_without_an_interval_outputs_go_out_as_they_come():
+    assert asyncio.run(_token_counts(0.0)) == list(range(1, 11))
+
+
+def test_a_failure_during_the_interval_is_raised_at_once():
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(_token_counts(3600.0, fail_at_end=True))
