@@ -33,6 +33,7 @@ from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionReq
 from fleetlm.cluster.request_timing import RequestTimer
 from fleetlm.cluster.streams import merge_streams
 from fleetlm.executor.config import EngineConfig
+from fleetlm.executor.input_processor import child_params, child_request_id
 from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.protocol import EngineClient, EngineStats
 from fleetlm.executor.sampling_params import SamplingParams
@@ -195,7 +196,7 @@ class LLMServer:
         timer = RequestTimer(self.metrics, {i: _num_resumed(progress, i) for i in choices})
         merged = merge_streams(
             [
-                self._stream(prompts[i // params.n], _child_params(params, i % params.n),
+                self._stream(prompts[i // params.n], child_params(params, i % params.n),
                              engine_ids[i], progress.get(i))
                 for i in choices
             ],
@@ -274,18 +275,13 @@ class LLMServer:
                 await self.engine.abort(rid)
 
 
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice `index` of an `n` > 1 request: its own engine request, seed + index like vLLM."""
-    seed = None if params.seed is None else params.seed + index
-    return dataclasses.replace(params, n=1, seed=seed)
-
-
 def _engine_request_ids(request_id: str, choices: list[int],
                         resume: Resume | None) -> dict[int, str]:
-    """One engine request per choice; a resumed one gets new ids, in case the replica that
-    ran it before is this one and has not forgotten them yet."""
+    """One engine request per choice, named as the engine names the children of an n > 1
+    request (`child_request_id`); a resumed one gets new ids, in case the replica that ran it
+    before is this one and has not forgotten them yet."""
     suffix = "" if resume is None else f"-m{resume.num_migrations}"
-    return {i: f"{request_id}-{i}{suffix}" for i in choices}
+    return {i: child_request_id(request_id, i) + suffix for i in choices}
 
 
 def _num_resumed(progress: dict[int, ChoiceProgress], index: int) -> int:

@@ -39,8 +39,7 @@ class InputProcessor:
                       params: SamplingParams, priority: int = 0,
                       arrival_time: float | None = None,
                       resume_token_ids: list[int] | None = None) -> list[Request]:
-        """One Request per completion; children of an n > 1 request are `{id}#{i}` and get
-        seed + i, so seeded completions differ from each other but repeat across runs.
+        """One Request per completion (`fan_out`).
 
         `resume_token_ids`: output already generated (and sent) elsewhere; the request goes on
         after them (see `Request`). Only for n == 1."""
@@ -51,16 +50,11 @@ class InputProcessor:
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
-        children = [(request_id, params)] if params.n == 1 else [
-            (child_request_id(request_id, i),
-             replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-            for i in range(params.n)
-        ]
         return [
-            Request(child_id, prompt_token_ids, child_params, self.eos_token_id,
+            Request(child_id, prompt_token_ids, child, self.eos_token_id,
                     arrival_time=arrival_time, priority=priority, max_tokens=max_tokens,
                     output_token_ids=resume_token_ids)
-            for child_id, child_params in children
+            for child_id, child in fan_out(request_id, params)
         ]
 
     def _validate_resume(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -79,5 +73,21 @@ class InputProcessor:
                              f"tokens: there is nothing left to generate")
 
 
+def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """The completions of a request as n == 1 requests: itself when n == 1, else child `i`
+    is `child_request_id(request_id, i)` with `child_params(params, i)`. The one rule for the
+    engine (`make_requests`) and the serving layer (which runs each choice on its own)."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [(child_request_id(request_id, i), child_params(params, i)) for i in range(params.n)]
+
+
 def child_request_id(request_id: str, index: int) -> str:
     return f"{request_id}#{index}"
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Completion `index` of an n > 1 request: n == 1 and seed + index (vLLM's rule), so
+    seeded completions differ from each other but repeat across runs."""
+    seed = None if params.seed is None else params.seed + index
+    return replace(params, n=1, seed=seed)

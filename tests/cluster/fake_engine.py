@@ -72,6 +72,7 @@ class FakeEngine:
         self._slot_freed = asyncio.Condition()
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self.requests: list[tuple[str, SamplingParams]] = []  # (request id, params) as sent
 
     def stats(self) -> EngineStats:
         used = sum(math.ceil(n / self.block_size) for n in self._num_tokens.values())
@@ -91,6 +92,7 @@ class FakeEngine:
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str,
                        priority: int = 0, resume_token_ids: list[int] | None = None):
+        self.requests.append((request_id, sampling_params))
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, sampling_params)
         resume = list(resume_token_ids or ())

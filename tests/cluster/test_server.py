@@ -14,6 +14,7 @@ from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.migration import Resume, StreamChunk, merge_progress
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
 from fleetlm.cluster.server import LLMServer
+from fleetlm.executor.input_processor import fan_out
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT_PROMPT_LEN = len("<user>hi\n<assistant>")
@@ -105,6 +106,17 @@ def test_completion_batched_prompts_with_n():
     texts = [c["text"] for c in body["choices"]]
     assert texts == [expected_text(2, 2)] * 2 + [expected_text(4, 2)] * 2
     assert body["usage"]["prompt_tokens"] == 6  # each prompt once, not once per choice
+
+
+def test_n_choices_follow_the_engines_own_fan_out_rule():
+    """The serving layer runs each choice as its own engine request, with the ids and seeds
+    the engine gives the children of an n > 1 request."""
+    server = _server()
+    request = CompletionRequest(prompt="abc", max_tokens=2, n=3, seed=7)
+    _run(server.completions(request, "cmpl-x"))
+    expected = fan_out("cmpl-x", request.to_sampling_params())
+    assert sorted(server.engine.requests) == expected
+    assert [params.seed for _, params in expected] == [7, 8, 9]
 
 
 def test_completion_stop_string():
