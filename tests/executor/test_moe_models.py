@@ -96,3 +96,21 @@ def test_worker_group_equals_one_process(ray_cluster, qwen3_moe, tp, parallel):
         assert per_rank == [len(placement.local_experts(r)) * per_expert for r in range(tp)]
     else:  # each rank holds half of every expert
         assert per_rank == [whole // 2] * 2
+
+
+def test_impossible_parallel_layouts_are_named():
+    from fleetlm.executor.config import ParallelConfig
+
+    qwen3_moe, mixtral = MOE_MODELS["qwen3-moe"], MOE_MODELS["mixtral"]
+    dense = transformers.LlamaConfig(**{**ATTENTION, "intermediate_size": 96},
+                                     architectures=["LlamaForCausalLM"])
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True).check_fits(dense)
+    two_experts = mixtral.__class__(**{**mixtral.to_dict(), "num_local_experts": 2})
+    with pytest.raises(ValueError, match="at least 3 experts; the model has 2"):
+        ParallelConfig(tensor_parallel_size=3, enable_expert_parallel=True).check_fits(two_experts)
+    with pytest.raises(ValueError, match="moe_intermediate_size 50 .*enable_expert_parallel"):
+        ParallelConfig(tensor_parallel_size=6).check_fits(qwen3_moe.__class__(
+            **{**qwen3_moe.to_dict(), "moe_intermediate_size": 50}))
+    # Expert parallelism does not split the experts: any expert width fits.
+    ParallelConfig(tensor_parallel_size=3, enable_expert_parallel=True).check_fits(mixtral)
