@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +25,9 @@ POLL_INTERVAL_S = 0.5
 NODE_POLL_INTERVAL_S = 2.0
 RUNNING = "RUNNING"
 FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
+# What Serve puts in a deployment's message when replicas have waited for resources longer
+# than RAY_SERVE_SLOW_STARTUP_WARNING_S (30 s by default): the cluster has no room for them now.
+UNSCHEDULABLE_PATTERN = re.compile(r"taken more than \S+ to be scheduled")
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
@@ -62,7 +66,8 @@ def deploy_and_wait(config: ClusterConfig, timeout_s: float,
                     is_waiting_for_resources: bool = False) -> None:
     """Check that the cluster can hold `config`, deploy it, and show replicas coming up until
     all run. Raises `ResourceShortfall` (at once, or after `timeout_s` when waiting for nodes to
-    join), `RuntimeError` if Serve gives up, `DeployTimeout` after `timeout_s` in all."""
+    join), `RuntimeError` if Serve gives up, `Unschedulable` when Serve reports replicas it
+    cannot place (unless waiting for resources), `DeployTimeout` after `timeout_s` in all."""
     deadline = time.monotonic() + timeout_s
     _wait_until_it_fits(config, deadline if is_waiting_for_resources else time.monotonic())
     deploy(config, is_blocking=False)
@@ -74,12 +79,19 @@ def deploy_and_wait(config: ClusterConfig, timeout_s: float,
                 raise RuntimeError(f"deploying {config.name} failed: {message}")
             if status == RUNNING:
                 return
+            if not is_waiting_for_resources and UNSCHEDULABLE_PATTERN.search(message):
+                raise Unschedulable(_unschedulable_message(config, message))
             if time.monotonic() > deadline:
                 raise DeployTimeout(_timeout_message(config, timeout_s, message))
 
 
 class DeployTimeout(RuntimeError):
     """The replicas did not all run in time; the application stays deployed."""
+
+
+class Unschedulable(RuntimeError):
+    """The cluster's free resources cannot hold a replica (others hold the rest, though the
+    nodes' totals would fit); the application stays deployed."""
 
 
 def _wait_until_it_fits(config: ClusterConfig, deadline: float) -> None:
@@ -91,6 +103,18 @@ def _wait_until_it_fits(config: ClusterConfig, deadline: float) -> None:
             if time.monotonic() > deadline:
                 raise
         time.sleep(NODE_POLL_INTERVAL_S)
+
+
+def _unschedulable_message(config: ClusterConfig, message: str) -> str:
+    lines = [f"cannot place every replica of {config.name}: the cluster's nodes could hold "
+             "it, but other applications or actors hold the resources it needs",
+             f"Ray Serve says: {message}"]
+    lines += status_lines()
+    lines.append("Free resources (`fleetlm shutdown --app NAME` removes an application), or "
+                 "pass --wait-for-resources to wait for them within --timeout. "
+                 f"{config.name} stays deployed and Serve keeps trying; "
+                 f"`fleetlm shutdown --app {config.name}` removes it.")
+    return "\n".join(lines)
 
 
 def _timeout_message(config: ClusterConfig, timeout_s: float, message: str) -> str:
@@ -114,7 +138,8 @@ def _poll_app(name: str) -> Iterator[tuple[int, str, str]]:
             num_running = sum(
                 d.replica_states.get(RUNNING, 0) for d in app.deployments.values()
             )
-            yield num_running, _name(app.status), app.message
+            messages = [app.message, *(d.message for d in app.deployments.values())]
+            yield num_running, _name(app.status), " ".join(m for m in messages if m)
         time.sleep(POLL_INTERVAL_S)
 
 

@@ -160,6 +160,36 @@ def test_deploy_gives_up_after_the_timeout_and_says_what_is_left(offline_cluster
     assert "`fleetlm shutdown --app fleetlm` removes it" in message
 
 
+# Serve's message (ray/serve/_private/deployment_state.py) once a replica has waited 30 s for
+# resources that the nodes have but others hold: seen from a real cluster whose CPUs an actor
+# held (fleetlm deploy then failed after 30.5 s instead of waiting out --timeout).
+NOT_SCHEDULED = (
+    "Deployment 'LLMServer-0' in application 'fleetlm' has 1 replicas that have taken more "
+    "than 30s to be scheduled. This may be due to waiting for the cluster to auto-scale or for "
+    "a runtime environment to be installed. Resources required for each replica: "
+    '{"CPU": 1.0}, total resources available: {"CPU": 0.4}. Use `ray status` for more details.')
+
+
+def test_deploy_fails_when_serve_cannot_place_a_replica(offline_cluster):
+    offline_cluster["nodes"] = TWO_CPU_NODES
+    offline_cluster["states"] = [(1, "DEPLOYING", ""), (1, "DEPLOYING", NOT_SCHEDULED),
+                                 (3, "RUNNING", "")]  # fmt: skip
+    with pytest.raises(launcher.Unschedulable) as info:
+        launcher.deploy_and_wait(make_config(replicas={"count": 2, "num_cpus": 1.5}), 600)
+    message = str(info.value)
+    assert message.startswith("cannot place every replica of fleetlm")
+    assert 'Resources required for each replica: {"CPU": 1.0}' in message
+    assert "--wait-for-resources" in message
+
+
+def test_waiting_for_resources_outlasts_serves_placement_message(offline_cluster):
+    offline_cluster["nodes"] = TWO_CPU_NODES
+    offline_cluster["states"] = [(1, "DEPLOYING", NOT_SCHEDULED), (3, "RUNNING", "")]
+    config = make_config(replicas={"count": 2, "num_cpus": 1.5})
+    launcher.deploy_and_wait(config, 600, is_waiting_for_resources=True)
+    assert offline_cluster["deployed"] == [config]
+
+
 def test_status_lists_replicas_by_node():
     details = {"applications": {"fleetlm": {
         "status": "RUNNING", "message": "",
