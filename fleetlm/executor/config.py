@@ -30,12 +30,13 @@ class ModelConfig:
     device: str = _MODEL.device
     seed: int = _MODEL.seed
     random_weights: bool = _MODEL.random_weights
+    tokenizer: str | None = _MODEL.tokenizer  # None: the model folder's
 
     @classmethod
     def from_section(cls, section: ModelSection) -> ModelConfig:
         return cls(model=section.name, dtype=section.dtype, max_model_len=section.max_model_len,
                    device=section.device, seed=section.seed,
-                   random_weights=section.random_weights)
+                   random_weights=section.random_weights, tokenizer=section.tokenizer)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.protocol import EngineStats
 from fleetlm.executor.request import Request, RequestStatus
 from fleetlm.executor.sampling_params import SamplingParams
-from fleetlm.executor.weights import load_tokenizer
+from fleetlm.executor.weights import load_tokenizer, resolve_tokenizer
 
 
 class LLMEngine:
@@ -24,7 +24,8 @@ class LLMEngine:
         self.config = config
         self.executor = executor or make_executor(config)
         self.core = EngineCore(config, self.executor)
-        self.tokenizer = load_tokenizer(self.executor.model_dir)
+        self.tokenizer = load_tokenizer(
+            resolve_tokenizer(config.model.tokenizer, self.executor.model_dir))
         self.max_model_len = self.executor.max_model_len
         self.input_processor = InputProcessor(
             self.tokenizer, self.max_model_len, self.executor.vocab_size,

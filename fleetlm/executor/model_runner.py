@@ -24,6 +24,7 @@ from fleetlm.executor.weights import (
     load_hf_config,
     load_tokenizer,
     resolve_model,
+    resolve_tokenizer,
 )
 from fleetlm.parallel.pipeline import StageHandoff
 from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
@@ -167,7 +168,8 @@ class ModelRunner:
     def _make_grammar_backend(self):
         from fleetlm.executor.structured.backend import GrammarBackend
 
-        return GrammarBackend(load_tokenizer(self.model_dir), self.vocab_size)
+        return GrammarBackend(load_tokenizer(
+            resolve_tokenizer(self.model_config.tokenizer, self.model_dir)), self.vocab_size)
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()

@@ -37,10 +37,22 @@ class ModelSection(Section):
         "when loaded: the same as leaving this unset) is supported.")
     random_weights: bool = Field(
         False, description="Random weights from the model's config (tests and benchmarks).")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer: a built-in model name, a folder or a .gguf file; default: "
+        "the model's own (a random-weight config folder may name one instead of holding it).")
 
     @property
     def served_name(self) -> str:
         return self.served_model_name or self.name
+
+    @field_validator("name", "tokenizer")
+    @classmethod
+    def _absolute_if_local(cls, value: str | None) -> str | None:
+        """A relative path that exists here becomes absolute: replicas and workers may run in
+        another directory (built-in names are left alone)."""
+        if value is None or os.path.isabs(value) or not os.path.exists(value):
+            return value
+        return os.path.abspath(value)
 
     @field_validator("quantization")
     @classmethod

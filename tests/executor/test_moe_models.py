@@ -56,6 +56,20 @@ def test_moe_models_match_transformers(name, builtin_dir, tmp_path):
         assert_matches_hf(llm, hf_model, prompts_ids, 12)
 
 
+def test_random_weight_config_folder_with_a_named_tokenizer():
+    """configs/models/qwen3-moe-tiny holds only config.json; the tokenizer is the built-in's."""
+    from pathlib import Path
+
+    folder = Path(__file__).parents[2] / "configs" / "models" / "qwen3-moe-tiny"
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    with LLM(str(folder), random_weights=True, tokenizer="smollm2-135m-instruct",
+             **ENGINE) as llm:
+        out = llm.chat([{"role": "user", "content": "Hi"}],
+                       SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 5
+        assert llm.get_tokenizer().chat_template  # the built-in model's
+
+
 @pytest.fixture(scope="module")
 def qwen3_moe(builtin_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3-moe")

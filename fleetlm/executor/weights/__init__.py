@@ -11,7 +11,7 @@ from fleetlm.executor.weights.loader import (
     load_hf_config,
     load_tokenizer,
 )
-from fleetlm.executor.weights.resolve import resolve_model
+from fleetlm.executor.weights.resolve import resolve_model, resolve_tokenizer
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -27,4 +27,5 @@ __all__ = [
     "load_hf_config",
     "load_tokenizer",
     "resolve_model",
+    "resolve_tokenizer",
 ]

@@ -45,6 +45,15 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
         f"{path.resolve()}; models are never downloaded, pass a local folder or .gguf file")
 
 
+def resolve_tokenizer(name_or_path: str | None, model_dir: Path) -> Path:
+    """The folder to load the tokenizer from: the model's own folder when `name_or_path` is
+    None, else a built-in model's or a .gguf file's (converted), or the folder named."""
+    if name_or_path is None:
+        return model_dir
+    path = Path(name_or_path).expanduser()
+    return path.resolve() if path.is_dir() else resolve_model(name_or_path)
+
+
 def _converted(gguf_path: Path, name: str, cache_dir: Path | None) -> Path:
     root = cache_dir if cache_dir is not None else default_cache_dir()
     entry = root / f"{name}-{cache_key(gguf_path, CONVERTER_VERSION)}"
