@@ -362,23 +362,27 @@ def test_without_migration_a_dying_stream_ends_with_an_error_event(stranded):
     assert text == expected_text(len(prompt), len(text)) and len(text) <= DIE_AFTER_TOKENS
 
 
-def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
-    _wait_healthy(stranded)
-    actors.kill(actors.replica_actor("stranded", server_name(0)))
+def _get_right_after_killing_replica_0(app: str, base_url: str,
+                                       path: str) -> tuple[requests.Response, float]:
+    """GET `path` at once after SIGKILLing the app's first replica: (reply, seconds taken)."""
+    _wait_healthy(base_url)
+    actors.kill(actors.replica_actor(app, server_name(0)))
     start = time.monotonic()
-    health = requests.get(f"{stranded}/health", timeout=TIMEOUT_S)
+    reply = requests.get(f"{base_url}{path}", timeout=TIMEOUT_S)
+    return reply, time.monotonic() - start
+
+
+def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
+    health, seconds = _get_right_after_killing_replica_0("stranded", stranded, "/health")
     # The ingress gives a replica's probe HEALTH_PROBE_TIMEOUT_S; the rest is HTTP.
-    assert health.status_code == 503 and time.monotonic() - start < HEALTH_PROBE_TIMEOUT_S + 1
+    assert health.status_code == 503 and seconds < HEALTH_PROBE_TIMEOUT_S + 1
     _wait_healthy(stranded)  # Serve replaced it
     _assert_ok_without_key(stranded)
 
 
 def test_metrics_leave_out_a_dead_replica_and_say_so(moving):
-    _wait_healthy(moving)
-    actors.kill(actors.replica_actor("moving", server_name(0)))
-    start = time.monotonic()
-    reply = requests.get(f"{moving}/metrics", timeout=TIMEOUT_S)
-    assert reply.status_code == 200 and time.monotonic() - start < METRICS_TIMEOUT_S + 1
+    reply, seconds = _get_right_after_killing_replica_0("moving", moving, "/metrics")
+    assert reply.status_code == 200 and seconds < METRICS_TIMEOUT_S + 1
     families = {f.name: f for f in text_string_to_metric_families(reply.text)}
     up = {s.labels["replica"]: s.value for s in families["fleetlm:replica_up"].samples}
     assert up == {server_name(0): 0.0, server_name(1): 1.0}
