@@ -149,7 +149,7 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scal
         HEAD_DIM=head_dim, BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group)),
         BLOCK_D=max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=DECODE_BLOCK_N,
-        DOT_PRECISION=_dot_precision(k_cache.dtype))
+        DOT_PRECISION=dot_precision(k_cache.dtype))
     return out
 
 
@@ -170,11 +170,11 @@ def paged_prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, blo
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
-        DOT_PRECISION=_dot_precision(k_cache.dtype))
+        DOT_PRECISION=dot_precision(k_cache.dtype))
     return out
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """Exact products for fp32 caches; TF32 would round their inputs to 10 mantissa bits."""
     return "ieee" if dtype == torch.float32 else "tf32"
 

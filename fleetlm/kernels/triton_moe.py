@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fleetlm.kernels.moe import group_by_expert
+from fleetlm.kernels.triton_attention import dot_precision
 
 BLOCK_M = 16
 BLOCK_N = 32
@@ -27,7 +28,7 @@ def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, pair_ids_ptr, block_experts_ptr,
     N, K, num_pairs,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[pair] = A[pair // PAIRS_PER_A_ROW] @ B[expert]^T (x weight[pair]) for the BLOCK_M
@@ -49,7 +50,7 @@ def _grouped_gemm_kernel(
         k_ok = offs_k < K - k_start
         a = tl.load(a_ptrs, mask=is_pair[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if MUL_WEIGHT:
@@ -90,6 +91,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, weights: 
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), out.stride(1),
         PAIRS_PER_A_ROW=pairs_per_a_row, MUL_WEIGHT=mul_weight,
+        DOT_PRECISION=dot_precision(b.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
 
