@@ -16,6 +16,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
+        self._grammar_backend = None  # built on the first constrained request
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -34,6 +35,22 @@ class InputProcessor:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         params.validate_for_model(self.vocab_size)
+        if params.max_tokens is not None and num + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {num + params.max_tokens} tokens ({num} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the "
+                f"messages or completion.")
+        if params.structured_outputs is not None:
+            self.grammar_backend.compile(params.structured_outputs)  # cached; ValueError if bad
+
+    @property
+    def grammar_backend(self):
+        if self._grammar_backend is None:
+            from fleetlm.executor.structured.backend import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size)
+        return self._grammar_backend
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, priority: int = 0,
@@ -47,9 +64,7 @@ class InputProcessor:
         resume_token_ids = list(resume_token_ids or ())
         if resume_token_ids:
             self._validate_resume(prompt_token_ids, params, resume_token_ids)
-        max_tokens = self.max_model_len - len(prompt_token_ids)
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         return [
             Request(child_id, prompt_token_ids, child, self.eos_token_id,
                     arrival_time=arrival_time, priority=priority, max_tokens=max_tokens,

@@ -1,9 +1,11 @@
 """The sampler: one next token per row of fp32 logits, plus the logprobs requests asked for.
 
 Order of operations (vLLM v1's):
-  1. logprobs, when any row asks: from the *raw* logits' log_softmax, before min_tokens,
-     penalties and temperature (vLLM's default "raw_logprobs": the model's own distribution);
-  2. min_tokens: EOS (unless ignore_eos) and stop_token_ids get -inf below min_tokens;
+  1. logprobs, when any row asks: from the *raw* logits' log_softmax, before the grammar,
+     min_tokens, penalties and temperature (vLLM's default "raw_logprobs": the model's own
+     distribution);
+  2. structured outputs: tokens the row's grammar does not allow get -inf;
+     min_tokens: EOS (unless ignore_eos) and stop_token_ids get -inf below min_tokens;
   3. penalties: repetition (HF), then frequency and presence (OpenAI);
   4. greedy rows: argmax of the penalised logits;
   5. random rows: temperature, min_p, top-k / top-p, then the exponential race
@@ -61,7 +63,12 @@ class Sampler:
 
     @staticmethod
     def preprocess(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """Steps 2 and 3: min_tokens and penalties, in place."""
+        """Steps 2 and 3: grammar masks, min_tokens and penalties, in place."""
+        if metadata.grammar_bitmask is not None:
+            # Imported here: xgrammar takes a second to import; unconstrained serving skips it.
+            from fleetlm.executor.structured.backend import apply_token_bitmask
+
+            apply_token_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_rows)
         if metadata.min_tokens_mask is not None:
             logits[metadata.min_tokens_mask] = float("-inf")
         if metadata.penalties is not None:

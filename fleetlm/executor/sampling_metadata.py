@@ -80,6 +80,10 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids)
     num_logprobs: list[int | None] | None = None  # per row top-N; None when no row asks
     logprob_rows: torch.Tensor | None = None  # [num_asking] int64, the rows with an N
+    # Structured outputs: a token bitmask per row (bit 1: allowed), applied to `grammar_rows`
+    # only. Filled by the runner's grammar thread (`fleetlm.executor.structured`).
+    grammar_bitmask: torch.Tensor | None = None  # [num_reqs, ceil(vocab / 32)] int32
+    grammar_rows: list[int] | None = None
 
     @classmethod
     def build(

@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on a request's output (vLLM's `StructuredOutputsParams` names): exactly
+    one field is set. The grammar engine (`fleetlm.executor.structured`) compiles it into a
+    token mask; it checks the content, this class only the shape."""
+
+    json: str | None = None  # a JSON schema, as JSON text (a dict is dumped on construction)
+    regex: str | None = None
+    choice: list[str] | None = None  # one of these strings exactly
+    grammar: str | None = None  # EBNF (GBNF style, "root ::= ...") or Lark
+    json_object: bool = False  # any JSON object
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            self.json = json.dumps(self.json)
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                f"json_object, structural_tag; got {given or 'none'}")
+        if self.choice is not None and (
+                not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    @property
+    def spec(self) -> Any:
+        """The set field's value: with `kind`, what the grammar engine compiles."""
+        return getattr(self, self.kind)
 
 
 @dataclass
@@ -33,6 +74,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: only the token)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # None: unconstrained
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

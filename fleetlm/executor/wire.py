@@ -18,7 +18,7 @@ from fleetlm.executor.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
-from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
 
 _SET_CODE = 1
 _CLASSES: dict[int, type] = {
@@ -28,6 +28,7 @@ _CLASSES: dict[int, type] = {
     5: SamplingParams,
     6: ModelRunnerOutput,
     7: KVConnectorOutput,
+    8: StructuredOutputsParams,
 }
 _CODES = {cls: code for code, cls in _CLASSES.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES.values()}
