@@ -11,6 +11,7 @@ since its blocks were all replaced.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetlm.executor.sampling_params import SamplingParams
 
@@ -54,10 +55,18 @@ class SchedulerOutput:
     # after this step (absent: none).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    # The KV connector's instructions to the workers for this step (loads to start); None:
+    # none. A step may carry them with no tokens scheduled.
+    kv_connector_metadata: Any = None
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing for the workers to compute, drop or start."""
+        return self.is_empty and not self.finished_req_ids and self.kv_connector_metadata is None
 
 
 @dataclass
@@ -81,10 +90,13 @@ class ModelRunnerOutput:
 @dataclass
 class KVConnectorOutput:
     """One rank's KV-transfer news for one step; the executor merges every rank's, since a
-    transfer is done only when all ranks have done their part."""
+    transfer is done only when all ranks have done their part, and failed if any rank's
+    part failed. A failed load is in `failed_recving` (request id -> reason), never in
+    `finished_recving`."""
 
     finished_sending: set[str] = field(default_factory=set)
     finished_recving: set[str] = field(default_factory=set)
+    failed_recving: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,9 +107,10 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: list[PositionLogprobs] | None = None
     new_prompt_logprobs: list[PositionLogprobs | None] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # for "error": what went wrong
     num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill engine's, when finished
 
     @property
     def finished(self) -> bool:
@@ -130,3 +143,5 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished
+    # A prefill engine's finished request: where a decode engine reads its KV from.
+    kv_transfer_params: dict[str, Any] | None = None

@@ -230,7 +230,7 @@ class _GroupStep(StepFuture):
 def merge_rank_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
     """One step's result from the reply ranks' results (the output rank's first): its tokens,
     checked against every other sampling rank's, and the KV transfers every rank has finished
-    (a transfer is done only when all ranks have it)."""
+    (a transfer is done only when all ranks have it, and failed if any rank's part failed)."""
     merged = outputs[0]
     for other in outputs[1:]:
         if other.req_ids and other.sampled_token_ids != merged.sampled_token_ids:
@@ -240,9 +240,11 @@ def merge_rank_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
     reports = [o.kv_connector_output for o in outputs]
     if len(outputs) > 1 and any(r is not None for r in reports):
         reports = [r or KVConnectorOutput() for r in reports]
+        failed = {req_id: reason for r in reports for req_id, reason in r.failed_recving.items()}
         merged.kv_connector_output = KVConnectorOutput(
             finished_sending=set.intersection(*(r.finished_sending for r in reports)),
-            finished_recving=set.intersection(*(r.finished_recving for r in reports)),
+            finished_recving=set.intersection(*(r.finished_recving for r in reports)) - set(failed),
+            failed_recving=failed,
         )
     return merged
 

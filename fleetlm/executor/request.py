@@ -16,6 +16,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # the engine could not serve it (a KV load failed)
 
     @property
     def is_finished(self) -> bool:
@@ -30,6 +31,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -75,6 +77,10 @@ class Request:
         # Draft tokens to verify in the next step (speculative decoding); never part of
         # all_token_ids until the target model accepts them.
         self.spec_token_ids: list[int] = []
+        # Disaggregated prefill/decode (`fleetlm.kvtransfer`): {"do_remote_decode": True} asks
+        # a prefill engine to keep the KV for a decode engine; a decode engine's request
+        # carries the prefill engine's transfer params to read it from.
+        self.kv_transfer_params: dict | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -9,14 +9,16 @@ Where an unfinished request is (a finished one whose blocks a connector still se
 `sending`):
     waiting   queued for admission, holding no blocks (new or preempted)
     loading   admitted, blocks held for its whole prompt, remote KV arriving asynchronously
-    loaded    remote KV arrived; admitted ahead of `waiting`, needing no new blocks
+    loaded    remote KV arrived (or failed to, and its tokens after the local prefix hits
+              are computed here); admitted ahead of `waiting`, needing no new blocks
     running   gets tokens each step
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from fleetlm.executor.block_pool import KVCacheBlock
 from fleetlm.executor.config import SchedulerConfig
@@ -37,11 +39,18 @@ def _num_new_tokens(request: Request, token_budget: int) -> int:
     return min(request.num_tokens - request.num_computed_tokens, token_budget)
 
 
+class _Loading(NamedTuple):
+    request: Request
+    num_computed_tokens: int  # once loaded
+    num_local_tokens: int  # local prefix hits: what is valid if the load fails
+
+
 @dataclass
 class _Admission:
     """How a waiting request would start: prefix hits, remote tokens, blocks and first chunk."""
 
     computed_blocks: list[KVCacheBlock]  # local prefix hits
+    num_local_tokens: int
     num_computed_tokens: int  # local hits + remote tokens
     num_external_tokens: int
     num_slot_tokens: int  # tokens after the hits that get blocks now
@@ -74,7 +83,7 @@ class Scheduler:
         self.max_model_len = min(config.max_model_len, num_cache_tokens)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting = create_request_queue(config.policy)
-        self.loading: dict[str, tuple[Request, int]] = {}  # -> tokens computed once loaded
+        self.loading: dict[str, _Loading] = {}
         self.loaded: list[Request] = []
         self.running: list[Request] = []
         self.sending: dict[str, Request] = {}
@@ -129,11 +138,34 @@ class Scheduler:
     def finish_receiving(self, request_ids: Iterable[str]) -> None:
         """Asynchronously loaded KV has arrived: the requests may run from the next step."""
         for request_id in request_ids:
-            request, num_computed_tokens = self.loading.pop(request_id, (None, 0))
-            if request is not None:
-                request.num_computed_tokens = num_computed_tokens
-                self.kv_cache_manager.cache_blocks(request, num_computed_tokens)
+            loading = self.loading.pop(request_id, None)
+            if loading is not None:
+                request = loading.request
+                request.num_computed_tokens = loading.num_computed_tokens
+                self.kv_cache_manager.cache_blocks(request, loading.num_computed_tokens)
                 self.loaded.append(request)
+
+    def fail_receiving(self, failures: Mapping[str, str]) -> list[EngineCoreOutput]:
+        """Asynchronous loads that failed (request id -> reason). Their blocks may hold
+        anything, so nothing they hold counts as computed beyond the local prefix hits (the
+        blocks after the hits were never offered to the prefix cache). By the connector's
+        `failure_policy`, `recompute` computes the rest here; `fail` finishes the request
+        with finish_reason "error" (returned, for the caller). Unknown ids are ignored."""
+        outputs = []
+        for request_id, reason in failures.items():
+            loading = self.loading.pop(request_id, None)
+            if loading is None:
+                continue
+            request = loading.request
+            if self.connector.failure_policy == "fail":
+                request.status = RequestStatus.FINISHED_ERROR
+                request.stop_reason = f"KV transfer failed: {reason}"
+                outputs.append(self._finished_output(request, self._release(request)))
+            else:
+                request.num_computed_tokens = loading.num_local_tokens
+                request.num_cached_tokens = loading.num_local_tokens
+                self.loaded.append(request)
+        return outputs
 
     # ---- one step ----
 
@@ -148,6 +180,7 @@ class Scheduler:
             self._schedule_waiting(batch)
         self.num_steps += 1
         output = batch.to_output(self.finished_req_ids, self.num_steps)
+        output.kv_connector_metadata = self.connector.build_connector_meta()
         self.finished_req_ids = set()
         if not output.is_empty:
             self._in_flight[output.step_id] = {
@@ -241,7 +274,8 @@ class Scheduler:
                 break  # head-of-line: later requests wait for blocks too
             self.waiting.pop()
             if admission.is_loading_async:
-                self.loading[request.request_id] = (request, admission.num_computed_tokens)
+                self.loading[request.request_id] = _Loading(
+                    request, admission.num_computed_tokens, admission.num_local_tokens)
             else:
                 request.num_computed_tokens = admission.num_computed_tokens
                 self._start_running(request, admission.num_new_tokens, batch)
@@ -262,12 +296,12 @@ class Scheduler:
         if is_async and num_external_tokens > 0:
             # Blocks for the whole prompt now, so it never waits for blocks while holding some.
             num_slot_tokens = request.num_tokens - num_local_tokens
-            return _Admission(blocks, num_computed_tokens, num_external_tokens, num_slot_tokens, 0)
+            return _Admission(blocks, num_local_tokens, num_computed_tokens, num_external_tokens,
+                              num_slot_tokens, 0)
         num_new_tokens = min(request.num_tokens - num_computed_tokens, token_budget)
         num_slot_tokens = num_external_tokens + num_new_tokens
-        return _Admission(
-            blocks, num_computed_tokens, num_external_tokens, num_slot_tokens, num_new_tokens
-        )
+        return _Admission(blocks, num_local_tokens, num_computed_tokens, num_external_tokens,
+                          num_slot_tokens, num_new_tokens)
 
     def _allocate_admission(self, request: Request, admission: _Admission) -> bool:
         new_block_ids = self.kv_cache_manager.allocate_slots(
@@ -318,6 +352,11 @@ class Scheduler:
             output = self._update_request(request, token_ids, model_runner_output)
             if output is not None:
                 outputs.append(output)
+        transfers = model_runner_output.kv_connector_output
+        if transfers is not None:
+            self.finish_sending(transfers.finished_sending)
+            self.finish_receiving(transfers.finished_recving)
+            outputs.extend(self.fail_receiving(transfers.failed_recving))
         return outputs
 
     def _settle_drafts(self, request: Request, drafts: list[int], num_sampled: int) -> None:
@@ -337,19 +376,29 @@ class Scheduler:
         if not new_token_ids and prompt_logprobs is None:
             return None  # a prompt chunk in the middle of a chunked prefill
         logprobs = runner_output.logprobs.get(request_id)
+        transfer_params = None
         if request.is_finished:
             self.running.remove(request)
-            self._release(request)
+            transfer_params = self._release(request)
         else:
             self.kv_cache_manager.update_block_hashes(request)
+        output = self._finished_output(request, transfer_params)
+        output.new_token_ids = new_token_ids
+        output.new_logprobs = None if logprobs is None else logprobs[:len(new_token_ids)]
+        output.new_prompt_logprobs = prompt_logprobs
+        return output
+
+    @staticmethod
+    def _finished_output(request: Request,
+                         transfer_params: dict[str, Any] | None) -> EngineCoreOutput:
+        """The request's output without tokens: its finish (if any) and cache hits."""
         return EngineCoreOutput(
-            req_id=request_id,
-            new_token_ids=new_token_ids,
-            new_logprobs=None if logprobs is None else logprobs[:len(new_token_ids)],
-            new_prompt_logprobs=prompt_logprobs,
+            req_id=request.request_id,
+            new_token_ids=[],
             finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason,
             num_cached_tokens=max(request.num_cached_tokens, 0),
+            kv_transfer_params=transfer_params,
         )
 
     def _append_tokens(self, request: Request, token_ids: list[int]) -> list[int]:
@@ -373,22 +422,30 @@ class Scheduler:
         else:
             self.waiting.remove(request)
 
-    def _release(self, request: Request) -> None:
-        """Forget a finished request; free its blocks unless the connector still sends them."""
+    def _release(self, request: Request) -> dict[str, Any] | None:
+        """Forget a finished request; free its blocks unless the connector still sends them.
+        Returns the connector's transfer params for the caller."""
         del self.requests[request.request_id]
         if self.spec is not None:
             self.spec.forget(request.request_id)
         self.finished_req_ids.add(request.request_id)
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
-        if self.connector.request_finished(request, block_ids) and block_ids:
+        keep_blocks, transfer_params = self.connector.request_finished(request, block_ids)
+        if keep_blocks and block_ids:
             self.sending[request.request_id] = request
         else:
             self.kv_cache_manager.free(request)
+        return transfer_params
 
     # ---- introspection ----
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_loading(self) -> int:
+        """Requests waiting for their KV to arrive from elsewhere."""
+        return len(self.loading)
 
     @property
     def num_running(self) -> int:
@@ -414,7 +471,7 @@ class Scheduler:
         """The KV cache's invariants; exactly the loading, loaded, running and sending
         requests hold blocks, each enough for its computed tokens."""
         self.kv_cache_manager.check_invariants()
-        loading = [request for request, _ in self.loading.values()]
+        loading = [loading.request for loading in self.loading.values()]
         holders = [*loading, *self.loaded, *self.running, *self.sending.values()]
         assert set(self.kv_cache_manager.req_to_blocks) == {r.request_id for r in holders}, (
             "block holders differ from the loading, loaded, running and sending requests"

@@ -2,35 +2,45 @@
 
 A connector moves KV blocks between engines (disaggregated prefill/decode) or to and from
 another store. The scheduler-side half decides *which* tokens come from elsewhere and keeps
-blocks alive while they are sent; the worker-side half moves the bytes. The scheduler
+blocks alive while they are read; the worker-side half moves the bytes. The scheduler
 knows nothing about transports, and nothing here imports torch.
 
 Life of a request on a receiving (decode) engine:
     get_num_new_matched_tokens -> (n, load_async)    n tokens of KV exist elsewhere
     update_state_after_alloc(request, block_ids, n)  blocks are ready for them
-    worker: start_load_kv ... get_finished() -> finished_recving has the request
-    scheduler.finish_receiving([...])                (async loads only) now it may run
+    build_connector_meta() -> SchedulerOutput.kv_connector_metadata
+    worker: start_load_kv(metadata) ... get_finished() -> KVConnectorOutput:
+        finished_recving has the request  -> Scheduler.finish_receiving: it may run
+        failed_recving has the request    -> Scheduler.fail_receiving: `failure_policy`
 On a sending (prefill) engine:
-    request finishes -> request_finished(request, block_ids) -> True: blocks kept alive
-    worker: save_kv_layer ... get_finished() -> finished_sending has the request
-    scheduler.finish_sending([...])                  the blocks are freed
+    request finishes -> request_finished(request, block_ids) -> (True, transfer params):
+        the blocks are kept alive, the params go back to the caller with the last output
+    worker: get_finished() -> finished_sending has the request (read, or its lease ended)
+    Scheduler.finish_sending([...])                  the blocks are freed
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
+from fleetlm.executor.outputs import KVConnectorOutput
 from fleetlm.executor.request import Request
+
+# What the scheduler does with a request whose asynchronous load failed: compute the tokens
+# itself after its valid (local) prefix, or finish it with finish_reason "error".
+FailurePolicy = Literal["recompute", "fail"]
 
 
 class KVConnectorMetadata:
     """What the scheduler-side half tells the worker-side half for one step (a marker base:
-    each connector subclasses it)."""
+    each connector subclasses it; it crosses to the workers in `SchedulerOutput`)."""
 
 
 class KVConnectorScheduler(ABC):
     """The scheduler's half. Called only from the scheduler's thread."""
+
+    failure_policy: FailurePolicy = "recompute"
 
     @abstractmethod
     def get_num_new_matched_tokens(
@@ -58,36 +68,44 @@ class KVConnectorScheduler(ABC):
         request (again after a preemption), with 0 when nothing is to be loaded."""
 
     @abstractmethod
-    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
-        """The request finished (or was aborted). Return True to keep its blocks alive while
-        they are sent elsewhere; the scheduler then frees them only when
-        `Scheduler.finish_sending` names the request. False frees them now. Also called
-        for requests that hold no blocks (aborted while waiting), with `block_ids` empty."""
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """The request finished (or was aborted, or failed). Returns `(keep_blocks,
+        transfer_params)`: with `keep_blocks` True the scheduler frees the blocks only when
+        `Scheduler.finish_sending` names the request (False frees them now);
+        `transfer_params` (msgpack-serialisable, or None) go back to the caller with the
+        request's last output. Also called for requests that hold no blocks (aborted while
+        waiting), with `block_ids` empty. A request whose asynchronous load is still running
+        must have it cancelled before this returns: its blocks are freed next."""
+
+    def build_connector_meta(self) -> KVConnectorMetadata | None:
+        """This step's instructions for the workers (called at the end of each schedule);
+        None when there are none."""
+        return None
 
 
 class KVConnectorWorker(ABC):
     """The workers' half: moves the bytes of the blocks the scheduler-side half picked."""
 
     @abstractmethod
-    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        """Called once at start-up with each attention layer's KV tensor, by layer name."""
+    def register_kv_caches(self, kv_caches: list[tuple[Any, Any]]) -> None:
+        """Called once at start-up with each attention layer's (K, V) tensors, in layer
+        order, each shaped (num_blocks, block_size, num_kv_heads, head_dim)."""
 
     @abstractmethod
-    def start_load_kv(self, metadata: KVConnectorMetadata) -> None:
-        """Start loading this step's incoming blocks, before the forward pass.
+    def start_load_kv(self, metadata: KVConnectorMetadata | None) -> None:
+        """Start this step's loads, before the forward pass (every step, metadata or not).
 
         Synchronous loads must be complete when the layer that reads them runs;
         asynchronous ones are reported through `get_finished`.
         """
 
     @abstractmethod
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, metadata: KVConnectorMetadata) -> None:
-        """Called after each attention layer wrote its KV: start sending what must leave."""
-
-    @abstractmethod
-    def get_finished(self) -> tuple[set[str], set[str]]:
-        """`(finished_sending, finished_recving)`: request ids whose transfers completed (or
-        failed, and will not complete) since the last call. Never blocks."""
+    def get_finished(self) -> KVConnectorOutput:
+        """Transfers that ended since the last call: sends whose blocks may be freed, loads
+        that completed, and loads that failed (by request id, with the reason). A failed
+        load is never reported as finished: its blocks may hold anything. Never blocks."""
 
 
 class NoKVConnectorScheduler(KVConnectorScheduler):
@@ -103,5 +121,7 @@ class NoKVConnectorScheduler(KVConnectorScheduler):
     ) -> None:
         pass
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> bool:
-        return False
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return False, None

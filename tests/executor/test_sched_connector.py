@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from sched_helpers import make_request, make_scheduler, step
 
+from fleetlm.executor.outputs import KVConnectorOutput, ModelRunnerOutput
 from fleetlm.executor.request import Request, RequestStatus
-from fleetlm.kvtransfer.base import KVConnectorScheduler
+from fleetlm.kvtransfer.base import KVConnectorMetadata, KVConnectorScheduler
+
+
+class FakeMetadata(KVConnectorMetadata):
+    def __init__(self, loads) -> None:
+        self.loads = loads
 
 
 class FakeConnector(KVConnectorScheduler):
     """Offers `matches[req_id]` remote tokens and keeps the blocks of `keep_blocks` alive;
-    records every call."""
+    records every call; tells the workers which requests load in the step they were
+    admitted."""
 
-    def __init__(self, matches=None, keep_blocks=()) -> None:
+    def __init__(self, matches=None, keep_blocks=(), failure_policy="recompute") -> None:
         self.matches: dict[str, tuple[int | None, bool]] = dict(matches or {})
         self.keep_blocks = set(keep_blocks)
+        self.failure_policy = failure_policy
         self.asked: list[tuple[str, int]] = []
         self.allocs: list[tuple[str, list[int], int]] = []
         self.finished: list[tuple[str, list[int]]] = []
+        self.new_loads: list[str] = []
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
         self.asked.append((request.request_id, num_computed_tokens))
@@ -25,10 +34,26 @@ class FakeConnector(KVConnectorScheduler):
 
     def update_state_after_alloc(self, request: Request, block_ids, num_external_tokens) -> None:
         self.allocs.append((request.request_id, list(block_ids), num_external_tokens))
+        if num_external_tokens:
+            self.new_loads.append(request.request_id)
 
-    def request_finished(self, request: Request, block_ids) -> bool:
+    def request_finished(self, request: Request, block_ids):
         self.finished.append((request.request_id, list(block_ids)))
-        return request.request_id in self.keep_blocks
+        is_kept = request.request_id in self.keep_blocks
+        return is_kept, {"transfer_id": f"t-{request.request_id}"} if is_kept else None
+
+    def build_connector_meta(self):
+        loads, self.new_loads = self.new_loads, []
+        return FakeMetadata(loads) if loads else None
+
+
+def transfer_news(scheduler, **news):
+    """Step with the workers reporting only `news` (a KVConnectorOutput's fields)."""
+    output = scheduler.schedule()
+    runner_output = ModelRunnerOutput([], [], kv_connector_output=KVConnectorOutput(**news))
+    results = scheduler.update_from_output(output, runner_output)
+    scheduler.check_invariants()
+    return output, {o.req_id: o for o in results}
 
 
 def test_synchronous_remote_tokens_count_as_computed():
@@ -103,6 +128,7 @@ def test_blocks_stay_alive_until_sent():
     scheduler.add_request(make_request("r", 5, max_tokens=1))
     _, results = step(scheduler)
     assert results["r"].finish_reason == "length"
+    assert results["r"].kv_transfer_params == {"transfer_id": "t-r"}  # for the caller
     assert connector.finished == [("r", [0, 1])]
     assert scheduler.kv_cache_manager.num_free_blocks == 6
     assert not scheduler.has_unfinished_requests()
@@ -122,3 +148,70 @@ def test_aborting_a_loading_request_frees_its_blocks():
     assert scheduler.num_waiting == 0
     scheduler.finish_receiving(["r"])  # a late report is ignored
     scheduler.check_invariants()
+
+
+def test_loads_reach_the_workers_in_the_step_that_admits_them():
+    connector = FakeConnector({"r": (8, True), "s": (0, False)})
+    scheduler = make_scheduler(connector=connector)
+    scheduler.add_request(make_request("r", 10))
+    scheduler.add_request(make_request("s", 3))
+    out, _ = step(scheduler)
+    assert out.num_scheduled_tokens == {"s": 3}
+    assert out.kv_connector_metadata.loads == ["r"]
+    out, _ = step(scheduler)
+    assert out.kv_connector_metadata is None
+
+
+def test_the_workers_news_frees_sent_blocks_and_releases_loaded_requests():
+    connector = FakeConnector({"r": (8, True)}, keep_blocks={"p"})
+    scheduler = make_scheduler(num_blocks=8, connector=connector)
+    scheduler.add_request(make_request("p", 5, max_tokens=1))
+    scheduler.add_request(make_request("r", 10))
+    step(scheduler)
+    assert scheduler.kv_cache_manager.num_free_blocks == 8 - 2 - 3
+    out, _ = transfer_news(scheduler, finished_sending={"p"}, finished_recving={"r"})
+    assert out.is_empty
+    assert scheduler.kv_cache_manager.num_free_blocks == 8 - 3
+    out, results = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 2}
+    assert results["r"].new_token_ids == [500]
+
+
+def test_a_failed_load_is_recomputed_after_the_local_prefix_never_served():
+    """A failed load must not mark the tokens computed: their blocks hold garbage."""
+    connector = FakeConnector({"r": (8, True)})
+    scheduler = make_scheduler(connector=connector, max_num_batched_tokens=6)
+    prompt = list(range(100, 114))
+    scheduler.add_request(make_request("a", prompt[:5], max_tokens=1))
+    step(scheduler)  # "a" leaves its first block (4 tokens) in the prefix cache
+    scheduler.add_request(make_request("r", prompt))
+    step(scheduler)
+    assert connector.asked[-1] == ("r", 4)
+    assert scheduler.kv_cache_manager.get_block_ids("r") == [0, 2, 3, 4]
+    _, results = transfer_news(scheduler, failed_recving={"r": "timeout"})
+    assert results == {}
+    assert len(scheduler.kv_cache_manager.block_pool.cached_blocks) == 1  # only the hit
+    out, results = step(scheduler)  # tokens 4..9, then 10..13: computed here
+    assert out.num_scheduled_tokens == {"r": 6}
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 4
+    assert results == {}
+    out, results = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 4}
+    assert results["r"].new_token_ids == [500]
+    assert results["r"].num_cached_tokens == 4
+    scheduler.finish_receiving(["r"])  # a late success report changes nothing
+    scheduler.check_invariants()
+
+
+def test_a_failed_load_finishes_the_request_with_an_error_under_the_fail_policy():
+    connector = FakeConnector({"r": (8, True)}, failure_policy="fail")
+    scheduler = make_scheduler(num_blocks=8, connector=connector)
+    scheduler.add_request(make_request("r", 10))
+    step(scheduler)
+    _, results = transfer_news(scheduler, failed_recving={"r": "lease expired", "x": "?"})
+    assert results["r"].finish_reason == "error"
+    assert results["r"].stop_reason == "KV transfer failed: lease expired"
+    assert results["r"].new_token_ids == []
+    assert connector.finished == [("r", [0, 1, 2])]
+    assert scheduler.kv_cache_manager.num_free_blocks == 8
+    assert not scheduler.has_unfinished_requests()

@@ -45,8 +45,8 @@ class RandomConnector(KVConnectorScheduler):
         assert num_external_tokens < request.num_tokens  # the last token is computed locally
         assert len(block_ids) * BLOCK_SIZE > num_external_tokens
 
-    def request_finished(self, request, block_ids) -> bool:
-        return self.rng.random() < 0.5
+    def request_finished(self, request, block_ids):
+        return self.rng.random() < 0.5, None
 
 
 def random_request(rng: random.Random, index: int, prefixes: list[list[int]]) -> Request:
