@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from fleetlm.cluster import errors
+from fleetlm.cluster import errors, openapi
 from fleetlm.cluster.config import MigrationSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import METRICS_CONTENT_TYPE, render_metrics
@@ -314,6 +315,9 @@ _ROUTES = [
     ("GET", "/metrics", "metrics"),
     ("GET", "/", "index"),
 ]
+# The routes parse these themselves (see `_parse`); the OpenAPI schema declares them.
+_REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest,
+                   "/v1/completions": CompletionRequest}
 
 
 def _error_response(error: OpenAIError) -> JSONResponse:
@@ -340,13 +344,15 @@ async def _on_unexpected_error(request: Request, error: Exception) -> JSONRespon
 
 def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
     """A FastAPI app whose routes call `ingress`'s bound methods."""
-    app = FastAPI(title="fleetlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="fleetlm", version=version("fleetlm"), redoc_url=None)
     app.add_exception_handler(OpenAIError, _on_openai_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
     for http_method, path, name in _ROUTES:
-        app.add_api_route(path, getattr(ingress, name), methods=[http_method])
+        app.add_api_route(path, getattr(ingress, name), methods=[http_method],
+                          include_in_schema=path != "/")
+    openapi.publish(app, _REQUEST_BODIES, is_authenticated=bool(ingress.api_keys))
     return app
 
 

@@ -17,6 +17,7 @@ from fleetlm.executor.sampling_params import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+MAX_N = 128  # OpenAI's limit for n; beyond it one request could hold a replica for minutes
 
 
 def random_id(prefix: str) -> str:
@@ -36,7 +37,7 @@ class SamplingFields(_Request):
     """Fields shared by chat and completions, named as in OpenAI's and vLLM's APIs."""
 
     model: str | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = None
     top_k: int | None = None
