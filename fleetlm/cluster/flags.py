@@ -25,12 +25,9 @@ from fleetlm.executor.settings import dotted_key
 FLAT_SECTIONS = ("model", "engine", "parallel", "http")
 PREFIXED_SECTIONS = ("replicas", "router", "migration")
 # vLLM's spelling where it differs from the key and means the same.
-FLAG_NAMES = {
-    ("http", "api_keys"): "--api-key",
-    ("replicas", "count"): "--data-parallel-size",
-    ("speculative",): "--speculative-config",
-}
-NOT_FLAGS = {("model", "name")}  # the MODEL_OR_CONFIG argument
+FLAG_NAMES = {("http", "api_keys"): "--api-key", ("replicas", "count"): "--data-parallel-size"}
+# The MODEL_OR_CONFIG argument, and prefill/decode pools (not implemented yet).
+NOT_FLAGS = {("model", "name"), ("pd",)}
 YAML_SUFFIXES = (".yaml", ".yml")
 _DEST_PREFIX = "set:"  # argparse destinations of config flags: "set:http.port"
 
@@ -42,8 +39,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, is_required: bool = Fa
         help="a deployment YAML (.yaml), or the model to serve: a built-in name, a Hugging "
         "Face model folder or a .gguf file (default: the built-in smollm2-135m-instruct)")
     fields = ClusterConfig.model_fields
-    _add_flag(parser, ("name",), fields["name"])
-    _add_flag(parser, ("speculative",), fields["speculative"])
+    for name, field in fields.items():  # scalars, and optional sections as one JSON flag
+        if name not in FLAT_SECTIONS + PREFIXED_SECTIONS and (name,) not in NOT_FLAGS:
+            _add_flag(parser, (name,), field)
     for section in FLAT_SECTIONS + PREFIXED_SECTIONS:
         field = fields[section]
         group = parser.add_argument_group(f"{section} ({field.description})")
@@ -131,9 +129,19 @@ def _key_or_flag(flags: dict, loc: tuple) -> str:
 
 
 def flag_name(path: tuple[str, ...]) -> str:
-    """The flag of the setting at `path`: ("http", "port") -> "--port"."""
-    return FLAG_NAMES.get(path) or "--" + "-".join(
+    """The flag of the setting at `path`: ("http", "port") -> "--port", ("speculative",)
+    (a whole optional section, as JSON) -> "--speculative-config" as vLLM names it."""
+    if path in FLAG_NAMES:
+        return FLAG_NAMES[path]
+    if len(path) == 1 and _is_section(ClusterConfig.model_fields[path[0]].annotation):
+        return f"--{path[0]}-config".replace("_", "-")
+    return "--" + "-".join(
         path if path[0] in PREFIXED_SECTIONS else path[-1:]).replace("_", "-")
+
+
+def _is_section(annotation: Any) -> bool:
+    annotation = _without_none(annotation)
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _merged(base: dict, top: dict) -> dict:
