@@ -64,6 +64,7 @@ class AsyncEngine:
         self._failure: BaseException | None = None  # of the workers, reported between steps
         self._is_stopped = False
         self.engine.executor.add_failure_listener(self._on_executor_failure)
+        self.engine.core.add_transfer_listener(self._wakeup.set)
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run_loop, name="fleetlm-engine", daemon=True)
         self._thread.start()
@@ -133,6 +134,7 @@ class AsyncEngine:
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
         self._wakeup.set()
+        self.engine.core.wake()  # a step waiting for KV transfers
 
     # ---- engine side (background thread) -----------------------------------------------------
     def _run_loop(self) -> None:

@@ -10,14 +10,15 @@ from typing import Literal
 from fleetlm.executor.settings import (
     EngineArgs,
     EngineSection,
+    KVTransferSection,
     ModelSection,
     ParallelSection,
     SpeculativeSection,
 )
 
 # Each setting's default, read from its definition.
-_MODEL, _ENGINE, _PARALLEL, _SPECULATIVE = (
-    ModelSection(), EngineSection(), ParallelSection(), SpeculativeSection())
+_MODEL, _ENGINE, _PARALLEL, _SPECULATIVE, _KV_TRANSFER = (
+    ModelSection(), EngineSection(), ParallelSection(), SpeculativeSection(), KVTransferSection())
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,32 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class KVTransferConfig:
+    """Disaggregated prefill/decode. Field meanings: `KVTransferSection`."""
+
+    role: str = _KV_TRANSFER.role
+    transport: str = _KV_TRANSFER.transport
+    host: str = _KV_TRANSFER.host
+    port: int = _KV_TRANSFER.port
+    engine_id: str | None = _KV_TRANSFER.engine_id
+    lease_timeout_s: float = _KV_TRANSFER.lease_timeout_s
+    transfer_timeout_s: float = _KV_TRANSFER.transfer_timeout_s
+    chunk_bytes: int = int(_KV_TRANSFER.chunk_bytes)
+    failure_policy: str = _KV_TRANSFER.failure_policy
+
+    @classmethod
+    def from_section(cls, section: KVTransferSection) -> KVTransferConfig:
+        return cls(**{**section.model_dump(), "chunk_bytes": int(section.chunk_bytes)})
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = None
+    kv_transfer: KVTransferConfig | None = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> EngineConfig:
@@ -206,4 +227,6 @@ class EngineConfig:
             parallel=ParallelConfig.from_section(args.parallel),
             speculative=None if args.speculative is None else
             SpeculativeConfig.from_section(args.speculative),
+            kv_transfer=None if args.kv_transfer is None else
+            KVTransferConfig.from_section(args.kv_transfer),
         )

@@ -17,6 +17,7 @@ from fleetlm.executor.protocol import EngineStats
 from fleetlm.executor.request import Request, RequestStatus
 from fleetlm.executor.sampling_params import SamplingParams
 from fleetlm.executor.weights import load_tokenizer, resolve_tokenizer
+from fleetlm.kvtransfer.params import check_request_params
 
 
 class LLMEngine:
@@ -35,13 +36,21 @@ class LLMEngine:
         self.num_generation_tokens = 0
 
     def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      priority: int = 0,
-                      resume_token_ids: list[int] | None = None) -> list[Request]:
+                      priority: int = 0, resume_token_ids: list[int] | None = None,
+                      kv_transfer_params: dict | None = None) -> list[Request]:
         """Validate and tokenize (raises ValueError); safe to call off the engine thread.
-        `resume_token_ids`: go on after output already generated elsewhere (see `Request`)."""
+        `resume_token_ids`: go on after output already generated elsewhere (see `Request`).
+        `kv_transfer_params` (n == 1): {"do_remote_decode": True} on a prefill engine, or
+        the transfer params of a prefill engine's output on a decode engine."""
         prompt_token_ids = self.input_processor.tokenize(prompt)
-        return self.input_processor.make_requests(request_id, prompt_token_ids, params, priority,
-                                                  resume_token_ids=resume_token_ids)
+        requests = self.input_processor.make_requests(
+            request_id, prompt_token_ids, params, priority, resume_token_ids=resume_token_ids)
+        if kv_transfer_params is not None:
+            if len(requests) != 1:
+                raise ValueError("kv_transfer_params needs n == 1")
+            check_request_params(kv_transfer_params)
+            requests[0].kv_transfer_params = kv_transfer_params
+        return requests
 
     def add_requests(self, request_id: str, prompt: str | None,
                      requests: list[Request]) -> None:
@@ -61,8 +70,10 @@ class LLMEngine:
         self.num_prompt_tokens += first.num_prompt_tokens
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, resume_token_ids: list[int] | None = None) -> None:
-        requests = self.make_requests(request_id, prompt, params, priority, resume_token_ids)
+                    priority: int = 0, resume_token_ids: list[int] | None = None,
+                    kv_transfer_params: dict | None = None) -> None:
+        requests = self.make_requests(request_id, prompt, params, priority, resume_token_ids,
+                                      kv_transfer_params)
         self.add_requests(request_id, prompt if isinstance(prompt, str) else None, requests)
 
     def abort_request(self, request_id: str) -> None:
@@ -82,7 +93,9 @@ class LLMEngine:
         return processed.request_outputs
 
     def shutdown(self) -> None:
-        """Stop the executor's workers (a worker group's actors and placement group)."""
+        """Stop the KV connector's server and the executor's workers (a worker group's
+        actors and placement group)."""
+        self.core.shutdown()
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:

@@ -26,6 +26,7 @@ from fleetlm.executor.weights import (
     resolve_model,
     resolve_tokenizer,
 )
+from fleetlm.kvtransfer.base import KVConnectorWorker
 from fleetlm.parallel.pipeline import StageHandoff
 from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
 
@@ -100,6 +101,9 @@ class ModelRunner:
         ) if groups.is_output_rank else None
         # Structured outputs: grammar state of the constrained requests (ranks that sample).
         self.grammars = RequestGrammars(self._make_grammar_backend, self.vocab_size)
+        # The worker half of a KV connector (`fleetlm.kvtransfer`), set by the engine; None:
+        # this rank moves no KV to or from elsewhere.
+        self.kv_connector: KVConnectorWorker | None = None
 
     # ---- setup -------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -172,10 +176,19 @@ class ModelRunner:
             resolve_tokenizer(self.model_config.tokenizer, self.model_dir)), self.vocab_size)
 
     # ---- the step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run this rank's part of one step. The last stage returns the sampled tokens;
-        earlier stages hand their hidden states on and return None."""
+        """Run this rank's part of one step. The last stage returns the sampled tokens (and
+        the KV connector's transfer news); earlier stages hand their hidden states on and
+        return None."""
+        if self.kv_connector is not None:
+            self.kv_connector.start_load_kv(scheduler_output.kv_connector_metadata)
+        output = self._execute_model(scheduler_output)
+        if output is not None and self.kv_connector is not None:
+            output.kv_connector_output = self.kv_connector.get_finished()
+        return output
+
+    @torch.inference_mode()
+    def _execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

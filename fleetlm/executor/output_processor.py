@@ -32,6 +32,7 @@ class _RequestState:
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    kv_transfer_params: dict | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -44,7 +45,7 @@ class _RequestState:
             prompt_token_ids=self.prompt_token_ids,
             outputs=[_snapshot(o) for o in outputs], finished=self.is_finished,
             prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-            metrics=dict(self.metrics))
+            metrics=dict(self.metrics), kv_transfer_params=self.kv_transfer_params)
 
 
 def _snapshot(o: CompletionOutput) -> CompletionOutput:
@@ -140,6 +141,8 @@ class OutputProcessor:
         if out.new_prompt_logprobs is not None:
             state.prompt_logprobs = (state.prompt_logprobs or []) + out.new_prompt_logprobs
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if out.kv_transfer_params is not None:
+            state.kv_transfer_params = out.kv_transfer_params
         output.token_ids.extend(out.new_token_ids)
         if output.logprobs is not None and out.new_logprobs:
             output.logprobs.extend(out.new_logprobs)

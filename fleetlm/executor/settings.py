@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 GGUF_SUFFIX = ".gguf"
@@ -190,6 +198,34 @@ class SpeculativeSection(Section):
         return self
 
 
+class KVTransferSection(Section):
+    """Disaggregated prefill/decode (`fleetlm.kvtransfer`): a producer keeps a finished
+    prompt's KV blocks under a lease for a consumer to read. vLLM's `kv_transfer_config`."""
+
+    role: Literal["producer", "consumer", "both"] = Field(
+        "both", description="producer: a prefill engine (keeps and serves KV); consumer: a "
+        "decode engine (reads it); both.")
+    transport: Literal["tcp", "shm", "inproc"] = Field(
+        "tcp", description="How KV bytes move: tcp (between hosts), shm (shared memory "
+        "between processes on one host, requests over TCP), inproc (one process).")
+    host: str = Field("127.0.0.1", description="The producer's KV server address.")
+    port: int = Field(0, ge=0, le=65535, description="The producer's KV server port; 0: any "
+                      "free one.")
+    engine_id: str | None = Field(
+        None, description="Names this engine in transfer params; default: a random id.")
+    lease_timeout_s: float = Field(
+        30.0, gt=0, description="A producer frees a finished prompt's blocks this long after "
+        "they were last read (or when the consumer has read them all).")
+    transfer_timeout_s: float = Field(
+        30.0, gt=0, description="A consumer gives up a transfer that has not completed by "
+        "then (and applies failure_policy).")
+    chunk_bytes: ByteSize = Field(
+        ByteSize(4 << 20), description="A consumer reads at most this much per request.")
+    failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="A failed transfer: recompute (the consumer computes the "
+        "prompt itself) or fail (the request ends with an error).")
+
+
 class EngineArgs(Section):
     """Everything one engine replica needs: the offline `LLM(...)` takes exactly this, and a
     deployment (`ClusterConfig`) adds replicas, routing and HTTP around it."""
@@ -200,6 +236,8 @@ class EngineArgs(Section):
         default_factory=ParallelSection, description="Model parallelism inside a replica.")
     speculative: SpeculativeSection | None = Field(
         None, description="Speculative decoding; null: off.")
+    kv_transfer: KVTransferSection | None = Field(
+        None, description="KV transfer between prefill and decode engines; null: off.")
 
     @model_validator(mode="after")
     def _check_speculative(self) -> EngineArgs:
@@ -210,10 +248,10 @@ class EngineArgs(Section):
 
     @classmethod
     def from_kwargs(cls, model: str | os.PathLike, speculative_config: dict | None = None,
-                    **kwargs: Any) -> EngineArgs:
+                    kv_transfer_config: dict | None = None, **kwargs: Any) -> EngineArgs:
         """vLLM-style flat keywords: each belongs to the one section with a field of that
-        name; `speculative_config` is vLLM's dict. TypeError for an unknown keyword,
-        ValueError naming the keyword for a bad value."""
+        name; `speculative_config` and `kv_transfer_config` are dicts, as vLLM's. TypeError
+        for an unknown keyword, ValueError naming the keyword for a bad value."""
         sections = {"model": ModelSection, "engine": EngineSection, "parallel": ParallelSection}
         data: dict[str, dict] = {"model": {"name": os.fspath(model)}, "engine": {}, "parallel": {}}
         for key, value in kwargs.items():
@@ -224,6 +262,8 @@ class EngineArgs(Section):
             data[owner][key] = value
         if speculative_config is not None:
             data["speculative"] = speculative_config
+        if kv_transfer_config is not None:
+            data["kv_transfer"] = kv_transfer_config
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -233,8 +273,8 @@ class EngineArgs(Section):
 def _flat_key(loc: tuple) -> str:
     """("parallel", "tensor_parallel_size") -> "tensor_parallel_size"; the speculative dict
     keeps its name, as LLM's keyword."""
-    if loc and loc[0] == "speculative":
-        return ".".join(["speculative_config", *map(str, loc[1:])])
+    if loc and loc[0] in ("speculative", "kv_transfer"):
+        return ".".join([f"{loc[0]}_config", *map(str, loc[1:])])
     return ".".join(str(part) for part in loc[1:] or loc)
 
 

@@ -19,6 +19,7 @@ from fleetlm.executor.outputs import (
     SchedulerOutput,
 )
 from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
+from fleetlm.kvtransfer.metadata import LoadSpec, PDConnectorMetadata
 
 _SET_CODE = 1
 _CLASSES: dict[int, type] = {
@@ -29,6 +30,8 @@ _CLASSES: dict[int, type] = {
     6: ModelRunnerOutput,
     7: KVConnectorOutput,
     8: StructuredOutputsParams,
+    9: PDConnectorMetadata,
+    10: LoadSpec,
 }
 _CODES = {cls: code for code, cls in _CLASSES.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES.values()}

@@ -1,0 +1,98 @@
+"""What a prefill engine hands back for a decode engine to read a request's KV from it.
+
+Plain msgpack-serialisable dicts on the way (they travel through the caller, later the
+serving layer); parsed and checked here on both ends, so a malformed or foreign dict is a
+`ValueError` naming the key, never a read of the wrong bytes. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+
+# A request asking its (prefill) engine to keep its KV for a decode engine: its
+# `kv_transfer_params`. The finished request's output carries `TransferParams` instead.
+DO_REMOTE_DECODE = "do_remote_decode"
+
+_ELEMENT_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one rank's KV cache is laid out: both ends must agree on all of it."""
+
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block over every layer."""
+        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+                * _ELEMENT_SIZES[self.dtype])
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    """One finished prefill request's KV, held on its engine under a lease."""
+
+    transfer_id: str
+    engine_id: str
+    address: str  # the prefill engine's KV server (transport://...)
+    block_ids: tuple[int, ...]  # on the prefill engine, in token order
+    num_tokens: int  # tokens whose KV the blocks hold
+    lease_deadline: float  # Unix time; renewed by each read
+    layout: KVLayout
+    tokens_hash: str  # of the first num_tokens token ids: the decode prompt must match
+
+    def to_dict(self) -> dict[str, Any]:
+        params = asdict(self)
+        params["block_ids"] = list(self.block_ids)
+        return params
+
+    @classmethod
+    def from_dict(cls, params: Any) -> TransferParams:
+        """Raises ValueError naming the first bad key."""
+        if not isinstance(params, dict):
+            raise ValueError("kv_transfer_params must be a mapping")  # noqa: TRY004 - a 400
+        layout = params.get("layout")
+        if not isinstance(layout, dict) or set(layout) != set(KVLayout.__dataclass_fields__):
+            raise ValueError("kv_transfer_params.layout must name dtype, block_size, "
+                             "num_layers, num_kv_heads and head_dim")
+        if layout["dtype"] not in _ELEMENT_SIZES:
+            raise ValueError(f"kv_transfer_params.layout.dtype {layout['dtype']!r} is unknown")
+        for key in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+            _check(isinstance(layout[key], int) and layout[key] > 0, f"layout.{key}")
+        for key in ("transfer_id", "engine_id", "address", "tokens_hash"):
+            _check(isinstance(params.get(key), str), key)
+        block_ids = params.get("block_ids")
+        _check(isinstance(block_ids, list) and all(isinstance(b, int) for b in block_ids),
+               "block_ids")
+        num_tokens = params.get("num_tokens")
+        _check(isinstance(num_tokens, int) and
+               0 < num_tokens <= len(block_ids) * layout["block_size"], "num_tokens")
+        _check(isinstance(params.get("lease_deadline"), (int, float)), "lease_deadline")
+        return cls(params["transfer_id"], params["engine_id"], params["address"],
+                   tuple(block_ids), num_tokens, float(params["lease_deadline"]),
+                   KVLayout(**layout), params["tokens_hash"])
+
+
+def _check(is_valid: bool, key: str) -> None:
+    if not is_valid:
+        raise ValueError(f"kv_transfer_params.{key} is missing or invalid")
+
+
+def tokens_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(msgpack.packb(list(token_ids))).hexdigest()[:32]
+
+
+def check_request_params(params: Any) -> None:
+    """A request's `kv_transfer_params`: {"do_remote_decode": True} or a prefill engine's
+    transfer params; ValueError otherwise (the caller's mistake, answered with a 400)."""
+    if params != {DO_REMOTE_DECODE: True}:
+        TransferParams.from_dict(params)

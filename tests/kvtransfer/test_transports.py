@@ -1,0 +1,184 @@
+"""The byte movers: leased blocks read through each transport arrive bit for bit; refusals
+arrive with their reason; a stalled, truncated, corrupted or absent server is a
+TransferError, never bytes in the cache."""
+
+from __future__ import annotations
+
+import glob
+import socket
+import subprocess
+import sys
+import threading
+
+import msgpack
+import pytest
+import torch
+
+from fleetlm.kvtransfer.kv_io import gather_blocks, layout_of, scatter_blocks
+from fleetlm.kvtransfer.leases import LeaseTable, TransferError
+from fleetlm.kvtransfer.pd_connector import LeasedKV
+from fleetlm.kvtransfer.tcp import TCPClient
+from fleetlm.kvtransfer.transport import checksum, connect, serve
+
+NUM_BLOCKS = 8
+
+
+def make_caches(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, 4, 2, 3)  # blocks, block size, KV heads, head dim
+    return [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+            for _ in range(2)]
+
+
+@pytest.fixture
+def leases():
+    table = LeaseTable(30.0, notify=lambda: None)
+    yield table
+    assert table.num_active == 0
+    table.close()
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp", "shm"])
+def test_blocks_arrive_bit_for_bit_and_a_consumed_transfer_is_refused(transport, leases):
+    source, target = make_caches(0), make_caches(1)
+    layout = layout_of(source)
+    server = serve(transport, LeasedKV(leases, source), "127.0.0.1", 0)
+    try:
+        transfer_id, _ = leases.grant("r", [5, 2, 7])
+        client = connect(server.address, 5.0)
+        try:
+            first = client.read(transfer_id, 0, 2, 2 * layout.bytes_per_block, 5.0)
+            rest = client.read(transfer_id, 2, 1, layout.bytes_per_block, 5.0)
+            scatter_blocks(target, [0, 1], first, layout)
+            scatter_blocks(target, [3], rest, layout)
+            with pytest.raises(TransferError, match="out_of_range"):
+                client.read(transfer_id, 2, 2, 2 * layout.bytes_per_block, 5.0)
+            client.release(transfer_id, 5.0)
+            with pytest.raises(TransferError) as refused:
+                client.read(transfer_id, 0, 1, layout.bytes_per_block, 5.0)
+            assert refused.value.reason == "consumed"
+        finally:
+            client.close()
+    finally:
+        server.close()
+    for (k, v), (k2, v2) in zip(source, target):
+        assert torch.equal(k2[[0, 1, 3]], k[[5, 2, 7]]) and torch.equal(v2[[0, 1, 3]], v[[5, 2, 7]])
+    assert leases.drain_finished() == {"r"}
+
+
+def test_a_wrong_size_is_refused_before_anything_is_written(leases):
+    source = make_caches(0)
+    server = serve("inproc", LeasedKV(leases, source), "", 0)
+    transfer_id, _ = leases.grant("r", [1])
+    with pytest.raises(TransferError, match="corrupt"):
+        connect(server.address, 1.0).read(transfer_id, 0, 1, 1, 1.0)
+    leases.release(transfer_id)
+    server.close()
+    with pytest.raises(TransferError, match="unreachable"):  # the server is gone
+        connect(server.address, 1.0).read(transfer_id, 0, 1, 1, 1.0)
+
+
+class FakeServer:
+    """Accepts one connection, reads one request frame, answers with `answer` bytes, closes."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, args=(answer,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, answer: bytes) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            length = int.from_bytes(conn.recv(4), "big")
+            conn.recv(length)
+            conn.sendall(answer)
+        self.listener.close()
+
+
+def frame(header: dict, payload: bytes = b"") -> bytes:
+    packed = msgpack.packb(header)
+    return len(packed).to_bytes(4, "big") + packed + payload
+
+
+PAYLOAD = bytes(range(64))
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (b"\x00\x00\x00\x05garbage!", "not msgpack"),
+    (b"\xff\xff\xff\xff", "header of"),
+    (frame({"ok": True, "nbytes": 64, "crc32": checksum(PAYLOAD)}, PAYLOAD[:40]), "truncated"),
+    (frame({"ok": True, "nbytes": 64, "crc32": checksum(PAYLOAD) ^ 1}, PAYLOAD), "checksum"),
+    (frame({"ok": True, "nbytes": 32, "crc32": 0}, PAYLOAD[:32]), "expected 64"),
+    (frame([1, 2]), "not a map"),
+    (b"", "closed the connection"),
+])
+def test_a_truncated_or_corrupted_answer_is_an_error(answer, message):
+    server = FakeServer(answer)
+    client = TCPClient("127.0.0.1", server.port, 5.0)
+    with pytest.raises(TransferError, match=message) as error:
+        client.read("t", 0, 1, 64, 5.0)
+    assert error.value.reason == "corrupt"
+    client.close()
+    server.thread.join()
+
+
+def test_a_server_that_never_answers_times_out():
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts into its backlog, never reads
+    client = TCPClient("127.0.0.1", listener.getsockname()[1], 5.0)
+    with pytest.raises(TransferError) as error:
+        client.read("t", 0, 1, 64, 0.2)
+    assert error.value.reason == "timeout"
+    client.close()
+    listener.close()
+
+
+def test_nobody_listening_is_unreachable():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    with pytest.raises(TransferError) as error:
+        connect(f"tcp://127.0.0.1:{port}", 1.0)
+    assert error.value.reason == "unreachable"
+
+
+SERVE_IN_ANOTHER_PROCESS = """
+import sys
+from fleetlm.kvtransfer.tcp import TCPServer
+
+class Source:
+    def read(self, transfer_id, first_block, num_blocks):
+        return bytes((first_block + i) % 251 for i in range(num_blocks * 1000))
+    def release(self, transfer_id):
+        print("released", transfer_id, flush=True)
+
+server = TCPServer(Source(), "127.0.0.1", 0, use_shm=True)
+print(server.address, flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+def test_shared_memory_between_processes():
+    server = subprocess.Popen([sys.executable, "-c", SERVE_IN_ANOTHER_PROCESS],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = server.stdout.readline().strip()
+        assert address.startswith("shm://")
+        before = set(glob.glob("/dev/shm/fleetlm-kv-*"))
+        client = connect(address, 5.0)
+        data = client.read("t", 3, 2, 2000, 5.0)
+        assert data == bytes((3 + i) % 251 for i in range(2000))
+        assert len(set(glob.glob("/dev/shm/fleetlm-kv-*")) - before) == 1  # it went that way
+        client.release("t", 5.0)
+        assert server.stdout.readline() == "released t\n"
+        client.close()
+    finally:
+        server.communicate("", timeout=10)
+    assert set(glob.glob("/dev/shm/fleetlm-kv-*")) <= before  # the server removed its file
+
+
+def test_gather_then_scatter_is_the_identity():
+    source, target = make_caches(0), make_caches(1)
+    scatter_blocks(target, [4, 6], bytearray(gather_blocks(source, [1, 3])), layout_of(source))
+    for (k, v), (k2, v2) in zip(source, target):
+        assert torch.equal(k2[[4, 6]], k[[1, 3]]) and torch.equal(v2[[4, 6]], v[[1, 3]])
