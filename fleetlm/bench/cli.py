@@ -250,7 +250,8 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `fleetlm bench ...`; `argv` excludes the program name (e.g. `["serve", ...]`)."""
+    """Entry point of `fleetlm bench ...`; `argv` excludes the program name
+    (e.g. `["serve", ...]`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

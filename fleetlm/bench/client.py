@@ -51,7 +51,8 @@ class EndpointConfig:
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINT_PATHS:
-            raise ValueError(f"endpoint must be one of {tuple(ENDPOINT_PATHS)}, got {self.endpoint!r}")
+            raise ValueError(
+                f"endpoint must be one of {tuple(ENDPOINT_PATHS)}, got {self.endpoint!r}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
 

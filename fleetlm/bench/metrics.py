@@ -96,7 +96,8 @@ class BenchMetrics:
 
 
 def parse_slos(items: Sequence[str]) -> dict[str, float]:
-    """`["ttft:500", "tpot:50"]` -> `{"ttft": 500.0, "tpot": 50.0}` (ms); ValueError if malformed."""
+    """`["ttft:500", "tpot:50"]` -> `{"ttft": 500.0, "tpot": 50.0}` (ms); ValueError if
+    malformed."""
     slos = {}
     for item in items:
         name, sep, value = item.partition(":")

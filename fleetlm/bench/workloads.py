@@ -45,7 +45,8 @@ class WorkloadConfig:
         for field_name in ("num_prompts", "input_len", "output_len", "prefix_len", "num_groups",
                            "num_turns"):
             if getattr(self, field_name) < 1:
-                raise ValueError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
+                raise ValueError(
+                    f"{field_name} must be at least 1, got {getattr(self, field_name)}")
         if self.name == "multi-turn" and self.num_prompts % self.num_turns:
             raise ValueError(
                 f"multi-turn: num_prompts ({self.num_prompts}) must be a multiple of "
