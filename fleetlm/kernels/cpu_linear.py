@@ -5,7 +5,7 @@
 18 ms for one row and 47 ms for five, so a verify pass of speculative decoding or a batch of
 eight costs nearly what eight single steps do. oneDNN with the weight reordered once into its
 blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, as vLLM's CPU build and IPEX do)
-takes 9-12 ms for 1-8 rows there (bench/gemm_backends.py).
+takes 9-12 ms for 1-8 rows there (benchmarks/gemm_backends.py).
 
 `PackedLinear` holds one weight's packed copy, made on first use and remade whenever the
 weight changes (its storage or its version counter: weight loaders write through the

@@ -101,8 +101,12 @@ class CpuFusedExperts:
             if count == 0:
                 continue
             end = begin + count
-            gate, up = self.gate_up[expert](rows[begin:end], w13[expert]).chunk(2, dim=-1)
-            out_rows[begin:end] = self.down[expert](F.silu(gate).mul_(up), w2[expert])
+            # One row: MKL's GEMV reads the weight faster than oneDNN's packed layout (18.6 vs
+            # 26.5 ms for 16 experts of Qwen3-30B-A3B's shape); from two rows packed wins.
+            gate_up, down = ((F.linear, F.linear) if count == 1
+                             else (self.gate_up[expert], self.down[expert]))
+            gate, up = gate_up(rows[begin:end], w13[expert]).chunk(2, dim=-1)
+            out_rows[begin:end] = down(F.silu(gate).mul_(up), w2[expert])
             begin = end
         out_rows.mul_(topk_weights.flatten()[order].to(out_rows.dtype)[:, None])
         return torch.zeros_like(x).index_add_(0, tokens, out_rows)
