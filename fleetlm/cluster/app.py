@@ -66,7 +66,8 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             **_placement_options(config),
         )
-        .bind(engine_config, config.model.served_name, engine_factory, interval_s, server_name(i))
+        .bind(engine_config, config.model.served_name, engine_factory, interval_s, server_name(i),
+              config.http.tool_call_parser)
         for i in range(config.replicas.count)
     ]
     ingress = serve.deployment(make_ingress_class()).options(

@@ -115,6 +115,12 @@ class HttpSection(Section):
         description="Least time between two streamed messages of one request; tokens that come "
         "sooner share a message. The first token is never held back. 0: one message per step.",
     )
+    tool_call_parser: Literal["hermes", "llama3_json"] = Field(
+        "hermes",
+        description="How the model writes tool calls (vLLM's --tool-call-parser): 'hermes' "
+        "(<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3, and the built-in model, which is "
+        "told the tools in that format) or 'llama3_json' (Llama 3.x JSON calls).",
+    )
 
 
 class ClusterParallelSection(ParallelSection):

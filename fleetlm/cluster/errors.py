@@ -51,6 +51,8 @@ def from_validation_error(error: ValidationError) -> OpenAIError:
     """A 400 naming the first bad field of a request body."""
     first = error.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "extra_forbidden":  # OpenAI's own words for a field it does not know
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param)
     message = first["msg"].removeprefix("Value error, ")
     return bad_request(f"{param}: {message}" if param else message, param=param)
 

@@ -5,11 +5,18 @@ prompt and `n`), indexed `prompt_index * n + j`. It remembers how much of each c
 has sent (`ChoiceProgress`), so `chunks()` can be given any later cumulative snapshot and
 emits only the rest. That record also lets another replica take a stream over: the ingress
 collects it (`take_progress`) and hands it to the next formatter (`resume`).
+
+With tools, a chat choice's text goes through the tool parser: the message carries the content
+outside the calls and `tool_calls`; a stream sends each call's id and name once, then its
+arguments as they grow. What was sent is a function of the text sent (`num_chars`): the
+parse of that prefix, so a resumed stream goes on without a second record.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fleetlm.cluster.openai_protocol import (
     ChatChoice,
@@ -26,6 +33,7 @@ from fleetlm.cluster.openai_protocol import (
     TopLogprob,
     UsageInfo,
 )
+from fleetlm.cluster.tool_calls import ParsedOutput, PartialCall, ToolParser
 from fleetlm.executor.outputs import PositionLogprobs, RequestOutput
 
 
@@ -126,20 +134,32 @@ class _Formatter:
 
 
 class ChatFormatter(_Formatter):
-    def __init__(self, request: ChatCompletionRequest, request_id: str, model: str, tokenizer):
+    def __init__(self, request: ChatCompletionRequest, request_id: str, model: str, tokenizer,
+                 tool_parser: ToolParser | None = None):
         super().__init__(request_id, model, tokenizer, request.n, request.n)
         self.request = request
+        self.tool_parser = tool_parser  # None: the text is all content
+        self._parsed: dict[int, ParsedOutput] = {}  # each choice's parse of the text sent
 
     def response(self, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
         choices = []
         for index in sorted(outputs):
             text, logprobs = self._new_text(index, outputs[index])
             completion = outputs[index].outputs[0]
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish_reason = completion.finish_reason
+            if self.tool_parser is not None:
+                parsed = self.tool_parser.parse(completion.text, is_final=True)
+                calls = [self._call(index, i, c) for i, c in enumerate(parsed.calls)]
+                if calls:
+                    message = {"role": "assistant", "content": parsed.content or None,
+                               "tool_calls": calls}
+                    finish_reason = "tool_calls"
             choices.append(ChatChoice(
                 index=index,
-                message={"role": "assistant", "content": text},
+                message=message,
                 logprobs=self._logprobs(logprobs),
-                finish_reason=completion.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=completion.stop_reason,
             ))
         usage = self.usage(outputs)
@@ -158,17 +178,52 @@ class ChatFormatter(_Formatter):
         sent = self._sent[index]
         delta = {"content": ""} if sent.is_started else {"role": "assistant", "content": ""}
         sent.is_started = True
-        text, logprobs = self._new_text(index, output)
-        delta["content"] = text
         completion = output.outputs[0]
+        finish_reason = completion.finish_reason
+        if self.tool_parser is None:
+            text, logprobs = self._new_text(index, output)
+            delta["content"] = text
+        else:
+            before = self._parsed.get(index) or self.tool_parser.parse(
+                completion.text[:sent.num_chars], is_final=False)
+            _, logprobs = self._new_text(index, output)
+            after = self._parsed[index] = self.tool_parser.parse(
+                completion.text, is_final=completion.finish_reason is not None)
+            delta.update(self._tool_delta(index, before, after))
+            if finish_reason is not None and after.calls:
+                finish_reason = "tool_calls"
         choice = ChatStreamChoice(
             index=index,
             delta=delta,
             logprobs=self._logprobs(logprobs),
-            finish_reason=completion.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=completion.stop_reason,
         )
         return ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
+
+    def _tool_delta(self, index: int, before: ParsedOutput, after: ParsedOutput) -> dict:
+        """What `after` adds to `before`: content, new calls (id and name), arguments."""
+        delta: dict[str, Any] = {"content": after.content[len(before.content):]}
+        calls = []
+        for i, call in enumerate(after.calls):
+            sent = before.calls[i] if i < len(before.calls) else PartialCall()
+            if call.name is None:
+                continue  # announced once its name is whole
+            if sent.name is None:
+                calls.append({"index": i, **self._call(index, i, call)})
+            elif len(call.arguments) > len(sent.arguments):
+                calls.append({"index": i,
+                              "function": {"arguments": call.arguments[len(sent.arguments):]}})
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _call(self, index: int, number: int, call: PartialCall) -> dict[str, Any]:
+        """A call in OpenAI's shape; its id depends only on the request, choice and number,
+        so a stream resumed elsewhere names it alike."""
+        digest = hashlib.sha256(f"{self.request_id}/{index}/{number}".encode()).hexdigest()
+        return {"id": f"call_{digest[:24]}", "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
 
     def _logprobs(self, positions: list[PositionLogprobs]) -> ChatLogprobs | None:
         if not self.request.logprobs:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,11 +33,12 @@ from fleetlm.cluster.openai_format import ChatFormatter, ChoiceProgress, Complet
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
 from fleetlm.cluster.request_timing import RequestTimer
 from fleetlm.cluster.streams import merge_streams
+from fleetlm.cluster.tool_calls import DEFAULT_TOOL_CALL_PARSER, ToolParser, make_tool_parser
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.input_processor import child_params, child_request_id
 from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.protocol import EngineClient, EngineStats
-from fleetlm.executor.sampling_params import SamplingParams
+from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
 from fleetlm.executor.scheduler import SchedulerQueueFullError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class LLMServer:
         engine_factory: EngineFactory | None = None,
         stream_interval_s: float = 0.0,
         replica_id: str = "",
+        tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
     ) -> None:
         logger.info("Loading model %s", engine_config.model.model)
         self.engine = (engine_factory or default_engine_factory)(engine_config)
@@ -73,6 +76,8 @@ class LLMServer:
         self.stream_interval_s = stream_interval_s
         self.metrics = MetricsRecorder(replica_id, self.engine.max_model_len)
         self.num_pending = 0  # engine requests sent that have not produced output yet
+        self.tool_parser = make_tool_parser(tool_call_parser)
+        self._is_template_tool_aware: bool | None = None  # found on the first tools request
 
     # ---- OpenAI endpoints ----------------------------------------------------------------
 
@@ -86,11 +91,12 @@ class LLMServer:
         tokenizer = self.engine.tokenizer
         try:
             prompt = self._chat_prompt(request)
-            params = request.to_sampling_params()
+            params = _force_tool_calls(request.to_sampling_params(), request, self.tool_parser)
         except ValueError as e:
             yield errors.bad_request(str(e))
             return
-        formatter = ChatFormatter(request, request_id, self.model_name, tokenizer)
+        formatter = ChatFormatter(request, request_id, self.model_name, tokenizer,
+                                  self.tool_parser if request.is_tool_use else None)
         async for item in self._generate(formatter, request_id, [prompt], params, request,
                                          resume):  # fmt: skip
             yield item
@@ -144,9 +150,13 @@ class LLMServer:
 
     def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
+        messages, tools = request.messages_as_dicts(), request.tools_as_dicts()
+        if tools is not None or any("tool_calls" in m for m in messages):
+            messages, tools = self._tool_conversation(messages, tools)
         try:
             text = tokenizer.apply_chat_template(
-                request.messages_as_dicts(),
+                messages,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=request.add_generation_prompt,
             )
@@ -154,6 +164,17 @@ class LLMServer:
             raise ValueError(f"messages do not fit the model's chat template: {e}") from None
         # The template already holds the special tokens (BOS and the like).
         return tokenizer.encode(text, add_special_tokens=False)
+
+    def _tool_conversation(self, messages: list[dict], tools: list[dict] | None):
+        """(messages, tools) for the chat template. A template that renders tools gets them
+        (and earlier calls' arguments as objects, as HF templates expect); one that does not
+        (the built-in SmolLM2's) gets a system prompt listing them in the parser's format,
+        and earlier calls and tool answers written out as text."""
+        if self._is_template_tool_aware is None:
+            self._is_template_tool_aware = _renders_tools(self.engine.tokenizer)
+        if self._is_template_tool_aware:
+            return [_with_argument_objects(m) for m in messages], tools
+        return _tools_in_text(messages, tools, self.tool_parser), None
 
     def _admission_error(self, num_new: int) -> OpenAIError | None:
         """429 if `num_new` more requests would take the waiting queue over its limit.
@@ -273,6 +294,73 @@ class LLMServer:
         for index, rid in engine_ids.items():
             if index not in latest or not latest[index].finished:
                 await self.engine.abort(rid)
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "fleetlm_probe_tool_7f3a",
+                                                "parameters": {"type": "object"}}}
+
+
+def _renders_tools(tokenizer) -> bool:
+    """Whether the chat template shows the model the tools it is given."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}],
+                                             tools=[_PROBE_TOOL], tokenize=False)
+    except jinja2.TemplateError:
+        return False
+    return _PROBE_TOOL["function"]["name"] in text
+
+
+def _with_argument_objects(message: dict) -> dict:
+    if "tool_calls" not in message:
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = dict(call.get("function", {}))
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                raise ValueError("tool_calls arguments must be JSON text") from None
+        calls.append({**call, "function": function})
+    return {**message, "tool_calls": calls}
+
+
+def _tools_in_text(messages: list[dict], tools: list[dict] | None,
+                   parser: ToolParser) -> list[dict]:
+    """The conversation for a template that renders neither tools nor calls."""
+    result = []
+    for message in messages:
+        message = dict(message)
+        calls = message.pop("tool_calls", None)
+        if calls:
+            written = parser.render_calls(calls)
+            message["content"] = f"{message['content']}\n{written}" if message["content"] \
+                else written
+        if message["role"] == "tool":
+            message.pop("tool_call_id", None)
+            message["content"] = f"<tool_response>\n{message['content']}\n</tool_response>"
+        result.append(message)
+    if tools:
+        prompt = parser.system_prompt(tools)
+        if result and result[0]["role"] == "system":
+            result[0] = {**result[0], "content": f"{result[0]['content']}\n\n{prompt}"}
+        else:
+            result.insert(0, {"role": "system", "content": prompt})
+    return result
+
+
+def _force_tool_calls(params: SamplingParams, request: ChatCompletionRequest,
+                      parser: ToolParser) -> SamplingParams:
+    """tool_choice "required" or a named function: the grammar makes the model write calls
+    in the parser's format, each call's arguments valid for its function's schema ("required"
+    with parallel_tool_calls: one or more calls; otherwise exactly one)."""
+    forced = request.forced_tools()
+    if not forced:
+        return params
+    is_parallel = request.parallel_tool_calls and request.tool_choice_name == "required"
+    tag = parser.structural_tag(forced, is_parallel)  # a named function: called once
+    return dataclasses.replace(
+        params, structured_outputs=StructuredOutputsParams(structural_tag=json.dumps(tag)))
 
 
 def _engine_request_ids(request_id: str, choices: list[int],
