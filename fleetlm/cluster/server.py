@@ -156,9 +156,9 @@ class LLMServer:
         try:
             text = tokenizer.apply_chat_template(
                 messages,
-                tools=tools,
                 tokenize=False,
                 add_generation_prompt=request.add_generation_prompt,
+                **({"tools": tools} if tools else {}),
             )
         except jinja2.TemplateError as e:
             raise ValueError(f"messages do not fit the model's chat template: {e}") from None
