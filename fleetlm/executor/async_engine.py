@@ -122,6 +122,7 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         self._is_stopped = True
         self._wakeup.set()
+        self.engine.core.wake()
         await asyncio.to_thread(self._thread.join)
         await asyncio.to_thread(self.engine.shutdown)
 
