@@ -55,11 +55,8 @@ def _add_flag(group, path: tuple[str, ...], field: FieldInfo) -> None:
     default = field.get_default(call_default_factory=True)
     shown = json.dumps(default.model_dump() if isinstance(default, BaseModel) else default)
     help_text = f"{field.description} [{'.'.join(path)}; default: {shown}]".replace("%", "%%")
-    parsing = {"metavar": path[-1].upper(), **_parsing(path, field.annotation)}
-    if "choices" in parsing or "action" in parsing and parsing["action"] != "append":
-        del parsing["metavar"]
     group.add_argument(name, dest=_DEST_PREFIX + ".".join(path), default=argparse.SUPPRESS,
-                       help=help_text, **parsing)
+                       help=help_text, **_parsing(path, field.annotation))
 
 
 def _parsing(path: tuple[str, ...], annotation: Any) -> dict:
@@ -71,12 +68,13 @@ def _parsing(path: tuple[str, ...], annotation: Any) -> dict:
         return {"choices": get_args(annotation)}
     if isinstance(annotation, type) and issubclass(annotation, ByteSize):
         return {"metavar": "BYTES"}  # "512MiB" or a number
+    metavar = path[-1].upper()
     if annotation in (int, float, str):
-        return {"type": annotation}
+        return {"type": annotation, "metavar": metavar}
     if path == ("http", "api_keys"):
         return {"action": "append", "metavar": "KEY"}  # repeat for several keys
     if get_origin(annotation) is list:
-        return {"nargs": "+", "type": get_args(annotation)[0]}
+        return {"nargs": "+", "type": get_args(annotation)[0], "metavar": metavar}
     return {"type": json.loads, "metavar": "JSON"}  # mappings and whole sections
 
 
