@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Self
 
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ class LLM:
         self.engine = LLMEngine(make_engine_config(model, **engine_args))
         self._counter = itertools.count()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
