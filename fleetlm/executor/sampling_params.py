@@ -123,6 +123,10 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
+            # The grammar decides where a constrained output ends (once complete it allows
+            # only EOS); min_tokens would have to forbid that EOS, leaving no token.
+            ("min_tokens", self.min_tokens == 0 or self.structured_outputs is None,
+             "must be 0 with structured_outputs"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -103,13 +103,17 @@ def test_json_object_choice_regex_and_n(client):
         messages=[{"role": "user", "content": "Return a JSON object with keys name and age "
                                               "for Bob, 30."}])
     assert json.loads(greedy.choices[0].message.content) == {"name": "Bob", "age": 30}
+    dog = {"type": "object", "properties": {
+        "breed": {"enum": ["poodle", "collie", "pug"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 20}},
+        "required": ["breed", "age"], "additionalProperties": False}
     several = client.chat.completions.create(
-        model=MODEL, max_tokens=200, temperature=1.0, n=3, seed=7,
-        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
-        messages=[{"role": "user", "content": "Describe a dog owner as JSON."}])
+        model=MODEL, max_tokens=40, temperature=1.0, n=3, seed=7,
+        response_format={"type": "json_schema", "json_schema": {"name": "dog", "schema": dog}},
+        messages=[{"role": "user", "content": "Describe a dog as JSON."}])
     assert len(several.choices) == 3
     for choice in several.choices:
-        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        jsonschema.validate(json.loads(choice.message.content), dog)
     choice = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5,
                                        extra_body={"guided_choice": ["blue", "green"]})
     assert choice.choices[0].text in ("blue", "green")
