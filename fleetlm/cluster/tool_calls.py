@@ -49,9 +49,13 @@ class ToolParser(ABC):
 
     separator: str
 
-    @abstractmethod
     def render_calls(self, calls: list[dict[str, Any]]) -> str:
         """Assistant tool calls (OpenAI's shape) as the model writes them."""
+        written = []
+        for call in calls:
+            begin, end = self.call_tag(call["function"]["name"])
+            written.append(begin + _arguments_text(call) + end)
+        return self.separator.join(written)
 
     @abstractmethod
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
@@ -102,11 +106,6 @@ class HermesToolParser(ToolParser):
     def call_tag(self, name: str) -> tuple[str, str]:
         return f'{self.begin}\n{{"name": {json.dumps(name)}, "arguments": ', f"}}\n{self.end}"
 
-    def render_calls(self, calls: list[dict[str, Any]]) -> str:
-        return "\n".join(
-            f'{self.begin}\n{{"name": {json.dumps(c["function"]["name"])}, "arguments": '
-            f'{_arguments_text(c)}}}\n{self.end}' for c in calls)
-
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
         listed = "\n".join(json.dumps(tool) for tool in tools)
         return (
@@ -150,11 +149,6 @@ class Llama3JsonToolParser(ToolParser):
 
     def call_tag(self, name: str) -> tuple[str, str]:
         return f'{{"name": {json.dumps(name)}, "parameters": ', "}"
-
-    def render_calls(self, calls: list[dict[str, Any]]) -> str:
-        return self.separator.join(
-            f'{{"name": {json.dumps(c["function"]["name"])}, "parameters": '
-            f'{_arguments_text(c)}}}' for c in calls)
 
     def system_prompt(self, tools: list[dict[str, Any]]) -> str:
         listed = "\n\n".join(json.dumps(tool) for tool in tools)
