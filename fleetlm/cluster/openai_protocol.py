@@ -204,13 +204,28 @@ class StructuredOutputsField(BaseModel):
             json_object=bool(self.json_object), structural_tag=self.structural_tag)
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # JSON text (OpenAI's); an object is accepted too
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: to which call
 
     def text(self) -> str:
@@ -312,7 +327,7 @@ class ChatCompletionRequest(SamplingFields):
         for m in self.messages:
             message: dict[str, Any] = {"role": m.role, "content": m.text()}
             if m.tool_calls:
-                message["tool_calls"] = m.tool_calls
+                message["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
             if m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
             if m.name is not None:

@@ -226,6 +226,18 @@ def test_chat_without_messages_is_400(two):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
 
 
+def test_malformed_earlier_tool_call_is_400(two):
+    """schemathesis's find: an assistant message's call without `function` was a 500."""
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"x": None}]},
+                {"role": "user", "content": "and?"}]
+    reply = _post(f"{two}/v1/chat/completions", {"messages": messages})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert set(error) == ERROR_FIELDS and "tool_calls" in f"{error['param']} {error['message']}"
+    _assert_ok(two)
+
+
 def test_queue_over_its_limit_is_429(tight):
     client = _client(tight)
     running = client.completions.create(model=MODEL, prompt="a", max_tokens=HUGE_CONTEXT // 2,
