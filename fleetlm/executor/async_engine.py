@@ -77,11 +77,12 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str, priority: int = 0,
                        resume_token_ids: list[int] | None = None,
+                       kv_transfer_params: dict | None = None,
                        ) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
             raise EngineDeadError("the engine loop has stopped") from self._error
         requests = self.engine.make_requests(request_id, prompt, sampling_params, priority,
-                                             resume_token_ids)
+                                             resume_token_ids, kv_transfer_params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())

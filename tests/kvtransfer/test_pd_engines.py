@@ -7,6 +7,7 @@ and no lease or load is left."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import threading
@@ -14,6 +15,8 @@ import threading
 import pytest
 
 from fleetlm import LLM
+from fleetlm.executor.async_engine import AsyncEngine
+from fleetlm.executor.llm import make_engine_config
 from fleetlm.executor.sampling_params import SamplingParams
 from fleetlm.kvtransfer.transport import connect
 
@@ -50,6 +53,7 @@ def engines():
         "reference": engine(),
         "decode": engine(role="consumer", transfer_timeout_s=2.0),
         "tcp": engine(role="producer", transport="tcp"),
+        "shm": engine(role="producer", transport="shm"),
         "inproc": engine(role="both", transport="inproc", failure_policy="fail",
                          lease_timeout_s=1.0, transfer_timeout_s=1.0),
     }
@@ -109,7 +113,7 @@ def reference(engines, prompt: list[int]) -> list[int]:
 
 @pytest.mark.parametrize(("salt", "transport", "kind"), [
     *[(salt, "tcp", kind) for salt, kind in enumerate(LENGTHS)],
-    (4, "inproc", "longer_than_a_chunk"),
+    (4, "inproc", "longer_than_a_chunk"), (5, "shm", "longer_than_a_chunk"),
 ])
 def test_decode_from_the_prefill_engines_kv_equals_colocated(engines, salt, transport, kind):
     decode = engines["decode"]
@@ -239,4 +243,50 @@ def test_bad_transfer_params_are_the_callers_error(engines):
         engines["decode"].engine.add_request(
             "bad", tokens(4, 18), SamplingParams(max_tokens=1),
             kv_transfer_params={**params, "num_tokens": -1})
+    release(params)
+
+
+def test_the_async_engine_serves_new_requests_while_a_transfer_stalls(engines):
+    """The engine thread blocks while only a transfer is pending; a new request wakes it at
+    once instead of waiting for the transfer's timeout."""
+    stalled_prompt, prompt = prompt_for("short", 19), prompt_for("short", 20)
+    params = prefill(engines["tcp"], stalled_prompt)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+    async def last(outputs):
+        async for out in outputs:
+            result = out
+        return result
+
+    async def scenario(engine: AsyncEngine, waiting: threading.Event):
+        with black_hole() as hole:
+            stalled = asyncio.ensure_future(last(engine.generate(
+                stalled_prompt, greedy, "stalled", kv_transfer_params=redirected(
+                    params, f"tcp://127.0.0.1:{hole.getsockname()[1]}"))))
+            assert await asyncio.to_thread(waiting.wait, 60)
+            out = await last(engine.generate(prompt, greedy, "other"))
+            assert engine.engine.core.scheduler.num_loading == 1  # the transfer still stalls
+            stalled.cancel()  # the caller goes away: the load is cancelled with the request
+            return out
+
+    async def main():
+        engine = AsyncEngine(make_engine_config(**ENGINE, kv_transfer_config={
+            "role": "consumer", "transfer_timeout_s": 600}))
+        kv_transfer = engine.engine.core.kv_transfer
+        waiting = threading.Event()
+        wait_for_news = kv_transfer.wait_for_news
+
+        def spied_wait() -> None:  # the real wait, telling the test it started
+            waiting.set()
+            wait_for_news()
+
+        kv_transfer.wait_for_news = spied_wait
+        try:
+            return await scenario(engine, waiting)
+        finally:
+            await engine.shutdown()
+            assert kv_transfer.num_active_loads == 0
+
+    out = asyncio.run(main())
+    assert out.outputs[0].token_ids == reference(engines, prompt)
     release(params)
