@@ -236,7 +236,7 @@ class ModelRunner:
 
     def _start_grammar_bitmask(self, batch: PreparedBatch):
         """The constrained sampling requests' token masks, filled on the grammar thread."""
-        if not self.model.is_last_stage or not batch.sampling_req_ids:
+        if not self.model.is_last_stage or not batch.sampling_req_ids or not self.grammars:
             return None
         requests = []
         for req_id, drafts in zip(batch.sampling_req_ids, batch.sampling_drafts):

@@ -101,6 +101,10 @@ class RequestGrammars:
     def remove(self, req_id: str) -> None:
         self._grammars.pop(req_id, None)
 
+    def __len__(self) -> int:
+        """Constrained requests held (0: a step has no mask to fill)."""
+        return len(self._grammars)
+
     def num_accepted(self, req_id: str) -> int | None:
         """Output tokens consumed by the request's matcher; None if it is not constrained."""
         grammar = self._grammars.get(req_id)
