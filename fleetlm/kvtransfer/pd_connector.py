@@ -76,8 +76,11 @@ class PDConnectorScheduler(KVConnectorScheduler):
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         remote = self._remote(request)
         if remote is None or remote.num_tokens > request.num_tokens or \
-                tokens_hash(request.all_token_ids[:remote.num_tokens]) != remote.tokens_hash:
-            return 0, False  # a foreign prompt's KV is never loaded (its lease still ends)
+                tokens_hash(request.all_token_ids[:remote.num_tokens]) != remote.tokens_hash or \
+                request.sampling_params.prompt_logprobs is not None:
+            # A foreign prompt's KV is never loaded (its lease still ends), nor KV for a
+            # request that needs every prompt position computed here (prompt logprobs).
+            return 0, False
         self._num_local_tokens[request.request_id] = num_computed_tokens
         num_external_tokens = remote.num_tokens - num_computed_tokens
         return (num_external_tokens, True) if num_external_tokens > 0 else (0, False)

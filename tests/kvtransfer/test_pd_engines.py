@@ -66,10 +66,11 @@ def engines():
 def settled(engines):
     yield
     for llm in engines.values():
-        core = llm.engine.core
-        while core.has_unfinished_requests():  # collects the leases that ended
-            llm.engine.step()
-        scheduler = core.scheduler
+        core, scheduler = llm.engine.core, llm.engine.core.scheduler
+        while core.has_unfinished_requests() or scheduler.sending:  # until every lease ended:
+            if scheduler.sending:  # a decode side's release may still be on its way
+                core.kv_transfer.wait_for_news()
+            llm.engine.step()  # collects them
         scheduler.check_invariants()
         manager = scheduler.kv_cache_manager
         assert manager.num_free_blocks == manager.num_blocks  # free + used == total, none used
@@ -81,10 +82,11 @@ def settled(engines):
 _ids = iter(range(10**6))
 
 
-def generate(llm: LLM, prompt: list[int], max_tokens: int = MAX_TOKENS, kv_transfer_params=None):
+def generate(llm: LLM, prompt: list[int], max_tokens: int = MAX_TOKENS, kv_transfer_params=None,
+             **params):
     request_id = f"req-{next(_ids)}"
     llm.engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens,
-                                                              temperature=0.0),
+                                                              temperature=0.0, **params),
                            kv_transfer_params=kv_transfer_params)
     while llm.engine.has_unfinished_requests():
         for out in llm.engine.step():
@@ -235,6 +237,15 @@ def test_transfer_params_are_consumed_once(engines, caplog):
     assert second.outputs[0].token_ids == reference(engines, prompt)
     assert second.num_cached_tokens == 16
     assert "failed: consumed" in caplog.text
+
+
+def test_prompt_logprobs_are_computed_here_not_loaded(engines):
+    decode, prompt = engines["decode"], prompt_for("block_multiple", 21)
+    params = prefill(engines["tcp"], prompt)
+    out = generate(decode, prompt, kv_transfer_params=params, prompt_logprobs=0)
+    assert out.num_cached_tokens == 0
+    assert len(out.prompt_logprobs) == len(prompt)
+    assert out.outputs[0].token_ids == reference(engines, prompt)
 
 
 def test_bad_transfer_params_are_the_callers_error(engines):
