@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -107,3 +108,50 @@ def test_streamed_deltas_add_up_to_the_whole_answer(parser, text, step):
             for _, c in sorted(calls.items())] == choice.message["tool_calls"]
     assert finish == "tool_calls"
     assert json.loads(choice.message["tool_calls"][0]["function"]["arguments"])["city"] == "Paris"
+
+
+# ---- the conversation the chat template sees -----------------------------------------------
+
+CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+]
+TOOL_TEMPLATE = (
+    "{% for t in tools %}TOOL {{ t.function.name }}\n{% endfor %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{% for c in m.tool_calls or [] %} CALL {{ c.function.arguments.city }}{% endfor %}\n"
+    "{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from fleetlm.executor.weights import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m-instruct"))
+
+
+def test_a_template_that_ignores_tools_gets_them_in_a_system_prompt(tokenizer):
+    from fleetlm.cluster.server import _renders_tools, _tools_in_text
+
+    assert not _renders_tools(tokenizer)  # SmolLM2's template has no tools
+    messages = _tools_in_text(CONVERSATION, TOOLS, HermesToolParser())
+    assert messages[0]["role"] == "system"
+    assert '"name": "get_weather"' in messages[0]["content"]
+    assert "<tool_call>" in messages[0]["content"]  # the format to answer in
+    assert HermesToolParser().parse(messages[2]["content"], is_final=True).calls == [
+        PartialCall("get_weather", '{"city": "Paris"}', True)]
+    assert messages[3] == {"role": "tool", "content": "<tool_response>\nsunny\n</tool_response>"}
+
+
+def test_a_template_that_renders_tools_gets_them_with_arguments_as_objects(tokenizer):
+    from fleetlm.cluster.server import _renders_tools, _with_argument_objects
+
+    aware = copy.copy(tokenizer)
+    aware.chat_template = TOOL_TEMPLATE
+    assert _renders_tools(aware)
+    text = aware.apply_chat_template([_with_argument_objects(m) for m in CONVERSATION],
+                                     tools=TOOLS, tokenize=False)
+    assert text.startswith("TOOL get_weather\n") and "CALL Paris" in text
