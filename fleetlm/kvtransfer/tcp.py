@@ -162,7 +162,8 @@ class TCPClient(KVClient):
         if answer.get("in_shm"):
             if self._shm is None or num_bytes > self._shm.size:
                 raise TransferError("corrupt", "bytes in shared memory that was not attached")
-            data = bytearray(self._shm.map[:num_bytes])
+            with memoryview(self._shm.map) as view:
+                data = bytearray(view[:num_bytes])  # one copy, out of the shared file
         else:
             data = self._guarded(recv_exact, num_bytes)
         if checksum(data) != answer.get("crc32"):
