@@ -137,6 +137,14 @@ def test_a_draft_the_grammar_rejects_leaves_later_rows_unmasked(tokenizer, backe
     assert torch.equal(bitmask[1], torch.full_like(bitmask[1], -1))
 
 
+def test_a_constraint_is_compiled_once(backend):
+    schema = {"type": "object", "properties": {"cache_probe": {"type": "integer"}}}
+    backend.compile(_json(schema))
+    size = backend.compiler.get_cache_size_bytes()
+    backend.compile(_json(dict(schema)))  # the same schema again, from another request
+    assert backend.compiler.get_cache_size_bytes() == size > 0
+
+
 def test_bad_constraints_are_value_errors_naming_them(backend):
     with pytest.raises(ValueError, match="invalid JSON schema"):
         backend.compile(StructuredOutputsParams(json='{"type": "objectx"}'))
