@@ -1,6 +1,8 @@
 """Our model against Hugging Face transformers on the same weights: greedy tokens equal,
-logprobs close. The built-in SmolLM2 model and small random Llama / Qwen2 / Qwen3 / Mistral
-models saved in the Hugging Face format (so our loader is exercised too)."""
+logprobs close. The built-in SmolLM2 model (transformers reading its GGUF file itself, so
+our conversion is checked too: it must keep the file's values in float32) and small random
+Llama / Qwen2 / Qwen3 / Mistral models saved in the Hugging Face format (so our loader is
+exercised too)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import transformers
 
 from fleetlm import LLM, SamplingParams
-from fleetlm.executor.weights import load_tokenizer, resolve_model
+from fleetlm.executor.weights import builtin_gguf_path, load_tokenizer, resolve_model
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -58,9 +60,11 @@ def builtin_dir():
 
 
 @pytest.fixture(scope="module")
-def builtin_hf(builtin_dir):
+def builtin_hf():
+    """transformers' own reading of the built-in GGUF file, dequantized to float32."""
+    gguf = builtin_gguf_path("smollm2-135m-instruct")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        builtin_dir, dtype=torch.float32).eval()
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

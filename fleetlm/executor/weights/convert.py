@@ -16,16 +16,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 # Bump when the output of convert_gguf changes, so old cache entries are not reused.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 WEIGHTS_FILE = "model.safetensors"
-SAVED_DTYPE = torch.bfloat16  # what the reference systems store converted GGUF weights in
+# float32 holds every value of a dequantized GGUF tensor exactly (F16 and BF16 tensors too),
+# so a float32 model runs the file's own weights; a bf16 model rounds them once, on load, as
+# it did when the folder itself was saved in bf16 (which made float32 inference differ from
+# transformers reading the GGUF file on 3 of 8 prompts).
+SAVED_DTYPE = torch.float32
 
 logger = logging.getLogger("fleetlm.weights")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write config.json, generation_config.json, tokenizer files (chat template included) and
-    `model.safetensors` (bfloat16, HF tensor names) for the GGUF file into `out_dir`."""
+    `model.safetensors` (float32, HF tensor names) for the GGUF file into `out_dir`."""
     logger.info("Converting GGUF %s into %s", gguf_path, out_dir)
     config = _load_config(gguf_path)
     tensors = _load_tensors(gguf_path, config)
