@@ -37,7 +37,7 @@ _HEADER = struct.Struct("!BI")
 _DOORBELL = struct.Struct("!QI")  # sequence number, length
 _COUNTER = struct.Struct("Q")
 
-HELLO, STEP, STEP_SHM, OUTPUT, LOG, ERROR, STOP = range(7)
+HELLO, STEP, STEP_SHM, OUTPUT, LOG, ERROR, STOP, NEWS = range(8)
 
 
 class WorkerGroupError(RuntimeError):
@@ -142,13 +142,15 @@ class ShmRing:
 
 class WorkerLinks:
     """The driver's end of every worker's link: accepts the workers, then one reader thread
-    per worker files replies by rank, re-logs log records with the rank, and turns an error
-    frame or a closed link into a group failure (`on_failure` is called once)."""
+    per worker files replies by rank, re-logs log records with the rank, calls `on_news`
+    for a news frame (a KV transfer ended on that rank), and turns an error frame or a
+    closed link into a group failure (`on_failure` is called once)."""
 
     def __init__(self, host: str, num_workers: int,
                  on_failure: Callable[[BaseException], None]) -> None:
         self.num_workers = num_workers
         self.on_failure = on_failure
+        self.on_news: Callable[[], None] = lambda: None
         self.token = secrets.token_hex(16)
         self.listener = socket.create_server((host, 0))
         self.host, self.port = host, self.listener.getsockname()[1]
@@ -231,6 +233,8 @@ class WorkerLinks:
             kind, payload = frame
             if kind == OUTPUT:
                 self.replies[rank].put(payload)
+            elif kind == NEWS:
+                self.on_news()
             elif kind == LOG:
                 level, name, message = msgpack.unpackb(payload)
                 worker_logger.log(level, "[rank %d] %s: %s", rank, name, message)

@@ -87,11 +87,10 @@ class EngineCore:
 
 
 def _make_kv_transfer(config: KVTransferConfig, executor: Executor):
-    if not isinstance(executor, LocalExecutor):  # a worker group's ranks are elsewhere
-        raise ValueError(  # noqa: TRY004 - a setting the engine cannot serve"kv_transfer works on one in-process rank (tensor and pipeline "
-                         "parallel size 1) for now")
+    """The P/D connector: its worker half in the one in-process rank, or in every rank of
+    a worker group (`RayExecutor.start_kv_connector`)."""
     from fleetlm.kvtransfer.pd_connector import PDConnector
 
-    connector = PDConnector(config, executor.runner.kv_caches)
-    executor.runner.kv_connector = connector.worker
-    return connector
+    if isinstance(executor, LocalExecutor):
+        return PDConnector.in_process(config, executor.runner)
+    return executor.start_kv_connector(config)

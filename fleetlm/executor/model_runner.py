@@ -27,6 +27,7 @@ from fleetlm.executor.weights import (
     resolve_tokenizer,
 )
 from fleetlm.kvtransfer.base import KVConnectorWorker
+from fleetlm.kvtransfer.params import KVShard
 from fleetlm.parallel.pipeline import StageHandoff
 from fleetlm.parallel.state import SINGLE_PROCESS_GROUPS, ProcessGroups
 
@@ -166,6 +167,14 @@ class ModelRunner:
                     num_blocks * self.kv_bytes_per_block / 2**20)
 
     @property
+    def kv_shard(self) -> KVShard:
+        """The layers and KV heads (engine-wide indices) this rank's cache holds."""
+        qkv = next(iter(self.model.layers.values())).self_attn.qkv_proj
+        first = self.groups.tp.rank // qkv.kv_replicas * qkv.num_kv_heads
+        layers = self.model.layer_range
+        return KVShard((layers.start, layers.stop), (first, first + qkv.num_kv_heads))
+
+    @property
     def vocab_size(self) -> int:
         return self.hf_config.vocab_size
 
@@ -179,11 +188,13 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run this rank's part of one step. The last stage returns the sampled tokens (and
         the KV connector's transfer news); earlier stages hand their hidden states on and
-        return None."""
+        return None (or only their transfer news)."""
         if self.kv_connector is not None:
             self.kv_connector.start_load_kv(scheduler_output.kv_connector_metadata)
         output = self._execute_model(scheduler_output)
-        if output is not None and self.kv_connector is not None:
+        if self.kv_connector is not None:
+            if output is None:  # an earlier pipeline stage: its transfer news only
+                output = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
             output.kv_connector_output = self.kv_connector.get_finished()
         return output
 

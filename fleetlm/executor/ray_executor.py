@@ -15,13 +15,13 @@ import logging
 import os
 import secrets
 import tempfile
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetlm.executor import wire
-from fleetlm.executor.config import EngineConfig, ModelConfig, ParallelConfig
+from fleetlm.executor.config import EngineConfig, KVTransferConfig, ModelConfig, ParallelConfig
 from fleetlm.executor.control import (
     LinkControlPlane,
     RayCallControlPlane,
@@ -30,10 +30,13 @@ from fleetlm.executor.control import (
     WorkerLinks,
 )
 from fleetlm.executor.executor import Executor, FailureListener, StepFuture
-from fleetlm.executor.outputs import KVConnectorOutput, ModelRunnerOutput, SchedulerOutput
+from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
 from fleetlm.executor.weights import load_hf_config, resolve_model
 from fleetlm.executor.worker import Worker, worker_info
 from fleetlm.parallel.state import ParallelLayout
+
+if TYPE_CHECKING:
+    from fleetlm.kvtransfer.group import RankReports
 
 T = TypeVar("T")
 logger = logging.getLogger("fleetlm.ray_executor")
@@ -52,14 +55,15 @@ class RayWorker(Worker):
 
 
 class RayExecutor(Executor):
-    """`collect_all_ranks`: every rank replies to every step (a KV connector needs each rank's
-    transfer reports; the replies of the sampling ranks are checked to agree); otherwise
-    only the output rank replies."""
+    """`collect_all_ranks`: every rank replies to every step (always with a KV connector,
+    which needs each rank's transfer reports; the replies of the sampling ranks are checked
+    to agree); otherwise only the output rank replies."""
 
     def __init__(self, config: EngineConfig, collect_all_ranks: bool = False) -> None:
         import ray
 
-        self.collect_all_ranks = collect_all_ranks
+        self.collect_all_ranks = collect_all_ranks or config.kv_transfer is not None
+        self.kv_connector = None  # the P/D connector's engine handle, once started
         self.group_id = secrets.token_hex(4)  # names the worker actors: fleetlm-<id>-rank<r>
         parallel = config.parallel
         self.layout = ParallelLayout(parallel.tensor_parallel_size,
@@ -178,10 +182,29 @@ class RayExecutor(Executor):
             return [output_rank]
         return [output_rank] + [r for r in range(self.layout.world_size) if r != output_rank]
 
+    def start_kv_connector(self, config: KVTransferConfig):
+        """The P/D connector's worker half in every rank; its engine handle (`PDConnector`),
+        whose news the ranks' news frames set, and which merges the ranks' reports."""
+        from fleetlm.kvtransfer.group import RankReports
+        from fleetlm.kvtransfer.pd_connector import PDConnector
+
+        ranks = self.collective_rpc(lambda worker: worker.start_kv_connector())
+        shards = [shard for shard, _ in ranks]
+        self.collective_rpc(lambda worker: worker.kv_connector.join(shards))
+
+        def count(name: str) -> int:
+            return sum(self.collective_rpc(lambda worker: getattr(worker.kv_connector, name)))
+
+        self.kv_connector = PDConnector(config, ranks, RankReports(len(self.workers)), count)
+        self.links.on_news = self.kv_connector.notify
+        return self.kv_connector
+
     # ---- steps ---------------------------------------------------------------------------
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        if self.kv_connector is not None:
+            self.kv_connector.step_sent()  # news from before is collected by this step
         self.control.submit(wire.encode(scheduler_output))
-        return _GroupStep(self.control)
+        return _GroupStep(self.control, self.kv_connector)
 
     def collective_rpc(self, fn: Callable[[Worker], T]) -> list[T]:
         import ray
@@ -219,33 +242,30 @@ class RayExecutor(Executor):
 
 
 class _GroupStep(StepFuture):
-    def __init__(self, control) -> None:
+    def __init__(self, control, kv_connector) -> None:
         self.control = control
+        self.kv_connector = kv_connector
 
     def result(self) -> ModelRunnerOutput:
         outputs = [wire.decode(reply) for reply in self.control.result()]
-        return merge_rank_outputs(outputs)
+        reports = self.kv_connector.reports if self.kv_connector is not None else None
+        return merge_rank_outputs(outputs, reports)
 
 
-def merge_rank_outputs(outputs: list[ModelRunnerOutput]) -> ModelRunnerOutput:
+def merge_rank_outputs(outputs: list[ModelRunnerOutput],
+                       reports: RankReports | None = None) -> ModelRunnerOutput:
     """One step's result from the reply ranks' results (the output rank's first): its tokens,
-    checked against every other sampling rank's, and the KV transfers every rank has finished
-    (a transfer is done only when all ranks have it, and failed if any rank's part failed)."""
+    checked against every other sampling rank's, and with a KV connector (`reports`: every
+    rank replies, in rank order) the transfers now over on every rank (accumulated across
+    steps: a load is done when every rank has its part, failed once if any rank's failed)."""
     merged = outputs[0]
     for other in outputs[1:]:
         if other.req_ids and other.sampled_token_ids != merged.sampled_token_ids:
             raise WorkerGroupError("the ranks of the last pipeline stage sampled different "
                                    f"tokens: {merged.sampled_token_ids} != "
                                    f"{other.sampled_token_ids}")
-    reports = [o.kv_connector_output for o in outputs]
-    if len(outputs) > 1 and any(r is not None for r in reports):
-        reports = [r or KVConnectorOutput() for r in reports]
-        failed = {req_id: reason for r in reports for req_id, reason in r.failed_recving.items()}
-        merged.kv_connector_output = KVConnectorOutput(
-            finished_sending=set.intersection(*(r.finished_sending for r in reports)),
-            finished_recving=set.intersection(*(r.finished_recving for r in reports)) - set(failed),
-            failed_recving=failed,
-        )
+    if reports is not None:  # the reply ranks are in the same order every step
+        merged.kv_connector_output = reports.merge([o.kv_connector_output for o in outputs])
     return merged
 
 

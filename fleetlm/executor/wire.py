@@ -19,7 +19,7 @@ from fleetlm.executor.outputs import (
     SchedulerOutput,
 )
 from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
-from fleetlm.kvtransfer.metadata import LoadSpec, PDConnectorMetadata
+from fleetlm.kvtransfer.metadata import LeaseGrant, LoadSpec, PDConnectorMetadata
 
 _SET_CODE = 1
 _CLASSES: dict[int, type] = {
@@ -32,6 +32,7 @@ _CLASSES: dict[int, type] = {
     8: StructuredOutputsParams,
     9: PDConnectorMetadata,
     10: LoadSpec,
+    11: LeaseGrant,
 }
 _CODES = {cls: code for code, cls in _CLASSES.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _CLASSES.values()}

@@ -6,6 +6,7 @@ A plain class, driven in this order by `RayExecutor` (which runs it as a Ray act
     init_distributed(method)     join the process groups
     load_model() -> blocks       this rank's weights; how many KV blocks it could hold
     allocate_kv_cache(n)         n = the minimum over ranks
+    start_kv_connector()         with `kv_transfer`: this rank's half of the P/D connector
     then either execute_step(message) per step (the `ray` control plane) or nothing: the
     link thread started by `connect` runs the steps (`socket` and `shm`).
 """
@@ -30,7 +31,7 @@ import torch
 
 from fleetlm.executor import wire
 from fleetlm.executor.config import EngineConfig
-from fleetlm.executor.control import ERROR, LOG, OUTPUT, LinkAddress, WorkerEndpoint
+from fleetlm.executor.control import ERROR, LOG, NEWS, OUTPUT, LinkAddress, WorkerEndpoint
 from fleetlm.executor.model_runner import ModelRunner, resolve_device
 from fleetlm.executor.outputs import ModelRunnerOutput
 from fleetlm.parallel.state import (
@@ -59,6 +60,7 @@ class Worker:
         self.device = resolve_device(config.model.device)
         self.groups = SINGLE_PROCESS_GROUPS
         self.runner: ModelRunner | None = None
+        self.kv_connector = None  # this rank's PDConnectorWorker, with `kv_transfer`
         self.endpoint: WorkerEndpoint | None = None
         self.is_reply_rank = rank == self.layout.output_rank
         self.step_s = 0.0  # time in steps; minus the runner's handoff wait, this rank's work
@@ -108,6 +110,21 @@ class Worker:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+
+    def start_kv_connector(self):
+        """This rank's leases, KV server and loader; (its shard with the server's address,
+        its cache's layout). Its transfer news wakes the engine over the link."""
+        from fleetlm.kvtransfer.pd_connector import PDConnectorWorker
+
+        self.kv_connector = PDConnectorWorker(self.config.kv_transfer, self.runner.kv_caches,
+                                              self.runner.kv_shard, self.rank, self._send_news)
+        self._exit_stack.callback(self.kv_connector.close)
+        self.runner.kv_connector = self.kv_connector
+        return self.kv_connector.shard, self.kv_connector.local_layout
+
+    def _send_news(self) -> None:
+        with contextlib.suppress(OSError):  # a closed link is the group's failure already
+            self.endpoint.send(NEWS, b"")
 
     # ---- steps ---------------------------------------------------------------------------
     def execute_step(self, message: bytes) -> bytes | None:

@@ -1,8 +1,10 @@
 """KV blocks to bytes and back: the one place that knows the paged cache's tensor layout.
 
-A rank's cache is one (K, V) pair per layer, each (num_blocks, block_size, num_kv_heads,
-head_dim). A run of blocks travels as one buffer shaped (layers, 2, blocks, block_size,
-num_kv_heads, head_dim) in the cache's dtype.
+A rank's cache is one (K, V) pair per layer of its pipeline stage, each (num_blocks,
+block_size, num_kv_heads, head_dim) over its tensor-parallel share of the KV heads. A run
+of blocks travels as one buffer shaped (layers, 2, blocks, block_size, heads, head_dim) in
+the cache's dtype, for a range of the rank's layers and heads (a decode rank split
+differently asks a prefill rank for only the part it holds).
 """
 
 from __future__ import annotations
@@ -12,30 +14,51 @@ import torch
 from fleetlm.kvtransfer.params import KVLayout
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+Range = tuple[int, int]  # [start, end)
 
 
-def layout_of(kv_caches: KVCaches) -> KVLayout:
-    _, block_size, num_kv_heads, head_dim = kv_caches[0][0].shape
+def layout_of(kv_caches: KVCaches, num_layers: int | None = None,
+              num_kv_heads: int | None = None) -> KVLayout:
+    """The layout of a cache holding `num_layers` layers and `num_kv_heads` heads in all
+    (default: what this rank's cache holds)."""
+    _, block_size, rank_heads, head_dim = kv_caches[0][0].shape
     dtype = str(kv_caches[0][0].dtype).removeprefix("torch.")
-    return KVLayout(dtype, block_size, len(kv_caches), num_kv_heads, head_dim)
+    return KVLayout(dtype, block_size, num_layers or len(kv_caches),
+                    num_kv_heads or rank_heads, head_dim)
 
 
-def gather_blocks(kv_caches: KVCaches, block_ids: list[int]) -> bytes:
+def _parts(kv_caches: KVCaches, layers: Range | None, heads: Range | None):
+    first, last = layers or (0, len(kv_caches))
+    head_slice = slice(*heads) if heads is not None else slice(None)
+    return kv_caches[first:last], head_slice
+
+
+def gather_blocks(kv_caches: KVCaches, block_ids: list[int], layers: Range | None = None,
+                  heads: Range | None = None) -> bytes:
+    """The blocks' K and V over the rank's `layers` and `heads` (local indices; all by
+    default) as bytes."""
+    caches, head_slice = _parts(kv_caches, layers, heads)
     index = torch.tensor(block_ids, device=kv_caches[0][0].device)
     with torch.inference_mode():
-        stacked = torch.stack([torch.stack((k[index], v[index])) for k, v in kv_caches])
+        stacked = torch.stack([torch.stack((k[index, :, head_slice], v[index, :, head_slice]))
+                               for k, v in caches])
         return stacked.view(torch.uint8).cpu().numpy().tobytes()
 
 
 def scatter_blocks(kv_caches: KVCaches, block_ids: list[int], data: bytearray,
-                   layout: KVLayout) -> None:
-    """Write `data` (as `gather_blocks` made it, for len(block_ids) blocks) into the blocks."""
+                   layers: Range | None = None, heads: Range | None = None) -> None:
+    """Write `data` (as `gather_blocks` made it, for len(block_ids) blocks, over `layers`
+    and `heads` of this rank: local indices, all by default) into the blocks."""
+    caches, head_slice = _parts(kv_caches, layers, heads)
     k_cache = kv_caches[0][0]
-    shape = (layout.num_layers, 2, len(block_ids), *k_cache.shape[1:])
+    _, block_size, num_heads, head_dim = k_cache.shape
+    if heads is not None:
+        num_heads = heads[1] - heads[0]
+    shape = (len(caches), 2, len(block_ids), block_size, num_heads, head_dim)
     values = torch.frombuffer(data, dtype=torch.uint8).view(k_cache.dtype).view(shape)
     index = torch.tensor(block_ids, device=k_cache.device)
     with torch.inference_mode():
         values = values.to(k_cache.device)
-        for layer, (k, v) in enumerate(kv_caches):
-            k[index] = values[layer, 0]
-            v[index] = values[layer, 1]
+        for layer, (k, v) in enumerate(caches):
+            k[index, :, head_slice] = values[layer, 0]
+            v[index, :, head_slice] = values[layer, 1]

@@ -1,8 +1,12 @@
 """The prefill side's leases: a finished request's blocks, kept for one reader for a while.
 
-A lease is granted when a request finishes on a prefill engine, renewed by each read, and
-ends when the reader releases it (consumed) or when its deadline passes (expired; a reaper
-thread scans every lease at the earliest deadline). Either way its request id comes out of
+A lease is granted on each rank of a prefill engine when a request finishes there (the
+grant travels to the ranks with the next step, under a transfer id the engine made;
+`new_transfer_id` numbers them in order, so a read that arrives before its grant waits for
+it instead of being refused as unknown), renewed by each read, and ends when every reader
+has released it (consumed: a decode engine split differently may have several ranks
+reading one prefill rank) or when its deadline passes (expired; a reaper thread scans every
+lease at the earliest deadline). Either way its request id comes out of
 `drain_finished` exactly once, and only then are its blocks freed. Reads of an unknown,
 ended or out-of-range transfer are refused with the reason; bytes are only ever read under
 the lock, from a live lease, so a read can never see blocks that were freed. No torch here.
@@ -14,14 +18,26 @@ the lock, from a live lease, so a read can never see blocks that were freed. No 
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _NUM_TOMBSTONES = 4096  # ended transfers remembered, to name why a late read is refused
+GRANT_WAIT_S = 60.0  # how long a read waits for a grant still on its way (one engine step)
+MAX_READERS = 1024
+
+
+def new_transfer_id(seq: int) -> str:
+    """The seq-th transfer id of an engine: in order, and not guessable."""
+    return f"{seq}.{secrets.token_hex(8)}"
+
+
+def _seq_of(transfer_id: str) -> int | None:
+    seq, _, _ = transfer_id.partition(".")
+    return int(seq) if seq.isdigit() else None
 
 
 class TransferError(Exception):
@@ -39,6 +55,7 @@ class _Lease:
     request_id: str
     block_ids: list[int]
     deadline: float  # monotonic
+    readers: set[int] = field(default_factory=set)  # those that released it
 
 
 class LeaseTable:
@@ -52,20 +69,20 @@ class LeaseTable:
         self._leases: dict[str, _Lease] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # transfer id -> how it ended
         self._finished: set[str] = set()  # request ids whose blocks may be freed
+        self._last_granted = 0  # the highest transfer id number granted
         self._cond = threading.Condition()
         self._is_closed = False
         self._reaper = threading.Thread(target=self._reap_forever, name="fleetlm-kv-leases",
                                         daemon=True)
         self._reaper.start()
 
-    def grant(self, request_id: str, block_ids: list[int]) -> tuple[str, float]:
-        """A new lease on the blocks: (transfer id, deadline as Unix time)."""
-        transfer_id = uuid.uuid4().hex
+    def grant(self, request_id: str, transfer_id: str, block_ids: list[int]) -> None:
+        """A new lease on the blocks under `transfer_id` (from `new_transfer_id`)."""
         with self._cond:
             self._leases[transfer_id] = _Lease(
                 request_id, list(block_ids), self._clock() + self.lease_timeout_s)
-            self._cond.notify()
-        return transfer_id, time.time() + self.lease_timeout_s
+            self._last_granted = max(self._last_granted, _seq_of(transfer_id) or 0)
+            self._cond.notify_all()
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int,
              gather: Callable[[list[int]], bytes]) -> bytes:
@@ -80,10 +97,16 @@ class LeaseTable:
             lease.deadline = self._clock() + self.lease_timeout_s
             return gather(lease.block_ids[first_block:first_block + num_blocks])
 
-    def release(self, transfer_id: str) -> None:
-        """The reader has everything: the blocks may be freed. Refused like a read."""
+    def release(self, transfer_id: str, reader: int = 0, num_readers: int = 1) -> None:
+        """Reader `reader` of `num_readers` has everything; once every reader has, the
+        blocks may be freed. Refused like a read."""
+        if not 0 <= reader < num_readers <= MAX_READERS:
+            raise TransferError("bad_request", f"reader {reader} of {num_readers}")
         with self._cond:
-            self._end(transfer_id, self._live(transfer_id), "consumed")
+            lease = self._live(transfer_id)
+            lease.readers.add(reader)
+            if len(lease.readers) >= num_readers:
+                self._end(transfer_id, lease, "consumed")
 
     def reap(self) -> None:
         """End every lease whose deadline has passed (all of them, not just the oldest)."""
@@ -111,6 +134,10 @@ class LeaseTable:
         self._reaper.join()
 
     def _live(self, transfer_id: str) -> _Lease:
+        seq = _seq_of(transfer_id)
+        if seq is not None and seq > self._last_granted:  # its grant is on its way
+            self._cond.wait_for(lambda: seq <= self._last_granted or self._is_closed,
+                                GRANT_WAIT_S)
         lease = self._leases.get(transfer_id)
         if lease is not None and lease.deadline <= self._clock():
             self._end(transfer_id, lease, "expired")

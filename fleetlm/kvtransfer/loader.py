@@ -1,4 +1,5 @@
-"""The decode side's loads: each transfer read in bounded chunks on its own thread.
+"""The decode side's loads, on each rank: each transfer read in bounded chunks on its own
+thread, from every prefill rank that holds part of this rank's layers and heads (`plan.py`).
 
 A load ends exactly once: done (every chunk written, the lease released), failed (a
 TransferError, or its timeout passed: a timer fails it even when a read never returns), or
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from fleetlm.kvtransfer.kv_io import KVCaches, scatter_blocks
 from fleetlm.kvtransfer.leases import TransferError
 from fleetlm.kvtransfer.metadata import LoadSpec
-from fleetlm.kvtransfer.params import KVLayout, TransferParams
+from fleetlm.kvtransfer.params import KVLayout, KVShard, TransferParams
+from fleetlm.kvtransfer.plan import ReadPlan, plan_reads
 from fleetlm.kvtransfer.transport import KVClient
 
 logger = logging.getLogger("fleetlm.kvtransfer")
@@ -42,12 +44,17 @@ class _Load:
 
 
 class KVLoader:
-    def __init__(self, kv_caches: KVCaches, layout: KVLayout, connect: Connect,
-                 chunk_bytes: int, timeout_s: float, notify: Callable[[], None]) -> None:
+    """One rank's loads. `layout` is the engine's (all ranks'); `group` every rank's shard
+    (in rank order), `rank` this one's: a transfer's plan depends on all of them."""
+
+    def __init__(self, kv_caches: KVCaches, layout: KVLayout, group: list[KVShard], rank: int,
+                 connect: Connect, chunk_bytes: int, timeout_s: float,
+                 notify: Callable[[], None]) -> None:
         self.kv_caches = kv_caches
         self.layout = layout
+        self.group, self.rank = group, rank
         self._connect = connect
-        self._chunk_blocks = max(1, chunk_bytes // layout.bytes_per_block)
+        self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
         self._notify = notify  # a load ended
         self._loads: dict[str, _Load] = {}
@@ -70,6 +77,8 @@ class KVLoader:
         """Stop the request's load, if any, without reporting it; no byte is written after."""
         with self._lock:
             load = self._loads.pop(req_id, None)
+            self._done.discard(req_id)  # ended, not yet reported: never reported now
+            self._failed.pop(req_id, None)
         if load is not None:
             with load.lock:
                 load.is_over = True
@@ -97,12 +106,17 @@ class KVLoader:
             params = TransferParams.from_dict(spec.transfer_params)
             if params.layout != self.layout:
                 raise TransferError("layout_mismatch", f"{params.layout} != {self.layout}")
-            client = self._connect(params.address, load.time_left())
+            plan = plan_reads(params.ranks, self.group, self.rank)
+            clients: dict[int, KVClient] = {}
             try:
-                self._read(load, params, client)
-                client.release(params.transfer_id, load.time_left())
+                self._read(load, params, plan, clients)
+                for release in plan.releases:
+                    self._client(clients, params, release.source, load).release(
+                        params.transfer_id, load.time_left(), release.reader,
+                        release.num_readers)
             finally:
-                client.close()
+                for client in clients.values():
+                    client.close()
             error = None
         except TransferError as e:
             error = str(e)
@@ -114,17 +128,33 @@ class KVLoader:
         elif error is not None:
             logger.info("releasing the unneeded KV of %s failed: %s", spec.req_id, error)
 
-    def _read(self, load: _Load, params: TransferParams, client: KVClient) -> None:
-        spec = load.spec
-        bytes_per_block = self.layout.bytes_per_block
-        for start in range(0, len(spec.block_ids), self._chunk_blocks):
-            block_ids = spec.block_ids[start:start + self._chunk_blocks]
-            data = client.read(params.transfer_id, spec.first_block + start, len(block_ids),
-                               len(block_ids) * bytes_per_block, load.time_left())
-            with load.lock:
-                if load.is_over:
-                    return
-                scatter_blocks(self.kv_caches, block_ids, data, self.layout)
+    def _client(self, clients: dict[int, KVClient], params: TransferParams, source: int,
+                load: _Load) -> KVClient:
+        if source not in clients:
+            clients[source] = self._connect(params.ranks[source].address, load.time_left())
+        return clients[source]
+
+    def _read(self, load: _Load, params: TransferParams, plan: ReadPlan,
+              clients: dict[int, KVClient]) -> None:
+        spec, mine = load.spec, self.group[self.rank]
+        for piece in plan.pieces if spec.block_ids else ():
+            source = params.ranks[piece.source]
+            client = self._client(clients, params, piece.source, load)
+            bytes_per_block = self.layout.bytes_per_block(piece.layers[1] - piece.layers[0],
+                                                          piece.heads[1] - piece.heads[0])
+            chunk_blocks = max(1, self._chunk_bytes // bytes_per_block)
+            for start in range(0, len(spec.block_ids), chunk_blocks):
+                block_ids = spec.block_ids[start:start + chunk_blocks]
+                data = client.read(params.transfer_id, spec.first_block + start,
+                                   len(block_ids), len(block_ids) * bytes_per_block,
+                                   load.time_left(), _local(piece.layers, source.layers),
+                                   _local(piece.heads, source.heads))
+                with load.lock:
+                    if load.is_over:
+                        return
+                    scatter_blocks(self.kv_caches, block_ids, data,
+                                   _local(piece.layers, mine.layers),
+                                   _local(piece.heads, mine.heads))
 
     def _end(self, load: _Load, error: str | None) -> None:
         with load.lock:
@@ -143,3 +173,8 @@ class KVLoader:
                 logger.warning("KV load of %s failed: %s", req_id, error)
                 self._failed[req_id] = error
         self._notify()
+
+
+def _local(part: tuple[int, int], held: tuple[int, int]) -> tuple[int, int]:
+    """`part` (engine-wide indices) within what a rank holds, `held`."""
+    return part[0] - held[0], part[1] - held[0]

@@ -21,5 +21,20 @@ class LoadSpec:
 
 
 @dataclass
+class LeaseGrant:
+    """Keep the finished request's blocks for a reader, under `transfer_id`."""
+
+    req_id: str
+    transfer_id: str
+    block_ids: list[int]
+
+
+@dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
+    """One step's instructions, the same for every rank: leases to grant, loads to start,
+    and loads to cancel (their request is gone, or another rank's part failed) before the
+    step's forward pass may write into their blocks."""
+
     loads: list[LoadSpec] = field(default_factory=list)
+    grants: list[LeaseGrant] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)

@@ -22,7 +22,8 @@ _ELEMENT_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 @dataclass(frozen=True)
 class KVLayout:
-    """How one rank's KV cache is laid out: both ends must agree on all of it."""
+    """How a whole engine's KV cache is laid out (every layer, every KV head, over all its
+    ranks): both ends must agree on all of it; how each end splits it may differ."""
 
     dtype: str
     block_size: int
@@ -30,11 +31,44 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
 
-    @property
-    def bytes_per_block(self) -> int:
-        """K and V of one block over every layer."""
-        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+    def bytes_per_block(self, num_layers: int, num_kv_heads: int) -> int:
+        """K and V of one block over `num_layers` layers and `num_kv_heads` heads."""
+        return (2 * num_layers * self.block_size * num_kv_heads * self.head_dim
                 * _ELEMENT_SIZES[self.dtype])
+
+
+@dataclass(frozen=True)
+class KVShard:
+    """The part of an engine's KV one rank holds: layers [layers[0], layers[1]) (its pipeline
+    stage) and KV heads [heads[0], heads[1]) (its tensor-parallel share; ranks that
+    replicate a head hold the same range). On a prefill engine also its KV server."""
+
+    layers: tuple[int, int]
+    heads: tuple[int, int]
+    address: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads[1] - self.heads[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "layers": list(self.layers), "heads": list(self.heads)}
+
+    @classmethod
+    def from_dict(cls, shard: Any, layout: KVLayout) -> KVShard:
+        _check(isinstance(shard, dict) and isinstance(shard.get("address"), str), "ranks")
+        ranges = []
+        for key, limit in (("layers", layout.num_layers), ("heads", layout.num_kv_heads)):
+            bounds = shard.get(key)
+            _check(isinstance(bounds, list) and len(bounds) == 2
+                   and all(isinstance(b, int) for b in bounds)
+                   and 0 <= bounds[0] < bounds[1] <= limit, f"ranks.{key}")
+            ranges.append((bounds[0], bounds[1]))
+        return cls(ranges[0], ranges[1], shard["address"])
 
 
 @dataclass(frozen=True)
@@ -43,7 +77,7 @@ class TransferParams:
 
     transfer_id: str
     engine_id: str
-    address: str  # the prefill engine's KV server (transport://...)
+    ranks: tuple[KVShard, ...]  # the prefill engine's ranks: what each holds, its KV server
     block_ids: tuple[int, ...]  # on the prefill engine, in token order
     num_tokens: int  # tokens whose KV the blocks hold
     lease_deadline: float  # Unix time; renewed by each read
@@ -53,6 +87,7 @@ class TransferParams:
     def to_dict(self) -> dict[str, Any]:
         params = asdict(self)
         params["block_ids"] = list(self.block_ids)
+        params["ranks"] = [shard.to_dict() for shard in self.ranks]
         return params
 
     @classmethod
@@ -68,8 +103,13 @@ class TransferParams:
             raise ValueError(f"kv_transfer_params.layout.dtype {layout['dtype']!r} is unknown")
         for key in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
             _check(isinstance(layout[key], int) and layout[key] > 0, f"layout.{key}")
-        for key in ("transfer_id", "engine_id", "address", "tokens_hash"):
+        for key in ("transfer_id", "engine_id", "tokens_hash"):
             _check(isinstance(params.get(key), str), key)
+        kv_layout = KVLayout(**layout)
+        ranks = params.get("ranks")
+        _check(isinstance(ranks, list) and ranks, "ranks")
+        shards = tuple(KVShard.from_dict(shard, kv_layout) for shard in ranks)
+        _check(covers(shards, kv_layout), "ranks (they do not hold every layer and head)")
         block_ids = params.get("block_ids")
         _check(isinstance(block_ids, list) and all(isinstance(b, int) for b in block_ids),
                "block_ids")
@@ -77,14 +117,20 @@ class TransferParams:
         _check(isinstance(num_tokens, int) and
                0 < num_tokens <= len(block_ids) * layout["block_size"], "num_tokens")
         _check(isinstance(params.get("lease_deadline"), (int, float)), "lease_deadline")
-        return cls(params["transfer_id"], params["engine_id"], params["address"],
+        return cls(params["transfer_id"], params["engine_id"], shards,
                    tuple(block_ids), num_tokens, float(params["lease_deadline"]),
-                   KVLayout(**layout), params["tokens_hash"])
+                   kv_layout, params["tokens_hash"])
 
 
 def _check(is_valid: bool, key: str) -> None:
     if not is_valid:
         raise ValueError(f"kv_transfer_params.{key} is missing or invalid")
+
+
+def covers(shards: tuple[KVShard, ...], layout: KVLayout) -> bool:
+    return all(any(s.layers[0] <= layer < s.layers[1] and s.heads[0] <= head < s.heads[1]
+                   for s in shards)
+               for layer in range(layout.num_layers) for head in range(layout.num_kv_heads))
 
 
 def tokens_hash(token_ids: list[int]) -> str:

@@ -2,7 +2,8 @@
 
 Every message is a frame: a 4-byte big-endian header length, a msgpack map (never
 pickle), then `nbytes` raw bytes. Requests: {"op": "read", "transfer_id", "first_block",
-"num_blocks"} and {"op": "release", "transfer_id"}; with shared memory first {"op":
+"num_blocks", "layers", "heads"} (the last two [start, end) of the rank's, or nil: all)
+and {"op": "release", "transfer_id", "reader", "num_readers"}; with shared memory first {"op":
 "attach", "nbytes"}, answered with the path of a file in /dev/shm that the server writes
 each read's bytes into (the bytes then do not cross the socket). Answers: {"ok": true,
 "nbytes", "crc32"} then the bytes, or {"ok": false, "error": reason, "message"}. The
@@ -90,7 +91,8 @@ class _Handler(socketserver.BaseRequestHandler):
             op = header.get("op")
             if op == "read":
                 data = source.read(str(header["transfer_id"]), int(header["first_block"]),
-                                   int(header["num_blocks"]))
+                                   int(header["num_blocks"]), _range(header.get("layers")),
+                                   _range(header.get("heads")))
                 answer = {"ok": True, "nbytes": len(data), "crc32": checksum(data)}
                 if shm is not None and len(data) <= shm.size:
                     shm.map[:len(data)] = data
@@ -98,7 +100,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 else:
                     send_frame(self.request, answer, data)
             elif op == "release":
-                source.release(str(header["transfer_id"]))
+                source.release(str(header["transfer_id"]), int(header.get("reader", 0)),
+                               int(header.get("num_readers", 1)))
                 send_frame(self.request, {"ok": True, "nbytes": 0})
             elif op == "attach" and self.server.use_shm and shm is None:
                 shm = _ShmFile.create(int(header["nbytes"]))
@@ -110,6 +113,13 @@ class _Handler(socketserver.BaseRequestHandler):
         except (KeyError, TypeError, ValueError) as e:
             send_frame(self.request, {"ok": False, "error": "bad_request", "message": repr(e)})
         return shm
+
+
+def _range(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    start, end = value  # a malformed range: ValueError / TypeError, a bad_request
+    return int(start), int(end)
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -151,12 +161,15 @@ class TCPClient(KVClient):
         self._use_shm = use_shm
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
-             timeout: float) -> bytearray:
+             timeout: float, layers: tuple[int, int] | None = None,
+             heads: tuple[int, int] | None = None) -> bytearray:
         if self._use_shm and self._shm is None:
             answer = self._ask({"op": "attach", "nbytes": num_bytes}, timeout)
             self._shm = _ShmFile.open(str(answer.get("path")), num_bytes)
         answer = self._ask({"op": "read", "transfer_id": transfer_id,
-                            "first_block": first_block, "num_blocks": num_blocks}, timeout)
+                            "first_block": first_block, "num_blocks": num_blocks,
+                            "layers": layers and list(layers), "heads": heads and list(heads)},
+                           timeout)
         if answer.get("nbytes") != num_bytes:
             raise TransferError("corrupt", f"{answer.get('nbytes')} bytes, expected {num_bytes}")
         if answer.get("in_shm"):
@@ -170,8 +183,10 @@ class TCPClient(KVClient):
             raise TransferError("corrupt", "checksum mismatch")
         return data
 
-    def release(self, transfer_id: str, timeout: float) -> None:
-        self._ask({"op": "release", "transfer_id": transfer_id}, timeout)
+    def release(self, transfer_id: str, timeout: float, reader: int = 0,
+                num_readers: int = 1) -> None:
+        self._ask({"op": "release", "transfer_id": transfer_id, "reader": reader,
+                   "num_readers": num_readers}, timeout)
 
     def close(self) -> None:
         if self._shm is not None:

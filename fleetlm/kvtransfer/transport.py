@@ -20,13 +20,17 @@ from typing import Protocol
 
 from fleetlm.kvtransfer.leases import TransferError
 
+Range = tuple[int, int]  # [start, end) of a rank's layers or KV heads (local indices)
+
 
 class KVSource(Protocol):
-    """What a server serves: a prefill engine's leased blocks (see `pd_connector.LeasedKV`)."""
+    """What a server serves: a prefill rank's leased blocks (see `pd_connector.LeasedKV`).
+    `layers` and `heads` narrow a read to part of what the rank holds (None: all)."""
 
-    def read(self, transfer_id: str, first_block: int, num_blocks: int) -> bytes: ...
+    def read(self, transfer_id: str, first_block: int, num_blocks: int,
+             layers: Range | None = None, heads: Range | None = None) -> bytes: ...
 
-    def release(self, transfer_id: str) -> None: ...
+    def release(self, transfer_id: str, reader: int = 0, num_readers: int = 1) -> None: ...
 
 
 class KVServer(ABC):
@@ -41,13 +45,17 @@ class KVClient(ABC):
 
     @abstractmethod
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
-             timeout: float) -> bytearray:
-        """`num_blocks` blocks from `first_block` of the transfer: exactly `num_bytes`
-        bytes, checked, or TransferError."""
+             timeout: float, layers: Range | None = None,
+             heads: Range | None = None) -> bytearray:
+        """`num_blocks` blocks from `first_block` of the transfer, over `layers` and `heads`
+        of the source rank (None: all): exactly `num_bytes` bytes, checked, or
+        TransferError."""
 
     @abstractmethod
-    def release(self, transfer_id: str, timeout: float) -> None:
-        """Everything is read: the prefill side may free the blocks."""
+    def release(self, transfer_id: str, timeout: float, reader: int = 0,
+                num_readers: int = 1) -> None:
+        """Reader `reader` of `num_readers` has read everything: once all have, the prefill
+        rank may free the blocks."""
 
     def close(self) -> None:
         pass
@@ -109,11 +117,13 @@ class InProcessClient(KVClient):
         return server.source
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
-             timeout: float) -> bytearray:
-        data = self._source().read(transfer_id, first_block, num_blocks)
+             timeout: float, layers: Range | None = None,
+             heads: Range | None = None) -> bytearray:
+        data = self._source().read(transfer_id, first_block, num_blocks, layers, heads)
         if len(data) != num_bytes:
             raise TransferError("corrupt", f"{len(data)} bytes, expected {num_bytes}")
         return bytearray(data)
 
-    def release(self, transfer_id: str, timeout: float) -> None:
-        self._source().release(transfer_id)
+    def release(self, transfer_id: str, timeout: float, reader: int = 0,
+                num_readers: int = 1) -> None:
+        self._source().release(transfer_id, reader, num_readers)

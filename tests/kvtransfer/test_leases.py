@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from lease_helpers import grant, next_seq
 
-from fleetlm.kvtransfer.leases import LeaseTable, TransferError
+from fleetlm.kvtransfer.leases import LeaseTable, TransferError, new_transfer_id
 
 
 class Clock:
@@ -41,7 +42,7 @@ def refusal(fn, *args) -> str:
 
 
 def test_reads_renew_and_release_consumes_once(leases, clock):
-    transfer_id, _ = leases.grant("r", [7, 8, 9])
+    transfer_id = grant(leases, "r", [7, 8, 9])
     clock.now += 9
     assert leases.read(transfer_id, 1, 2, gather) == bytes([8, 9])
     clock.now += 9  # 18 s after the grant, 9 after the read that renewed it
@@ -56,7 +57,7 @@ def test_reads_renew_and_release_consumes_once(leases, clock):
 
 
 def test_unknown_and_out_of_range_reads_are_refused(leases):
-    transfer_id, _ = leases.grant("r", [7, 8, 9])
+    transfer_id = grant(leases, "r", [7, 8, 9])
     assert refusal(leases.read, "nope", 0, 1, gather) == "unknown"
     for first, count in ((2, 2), (-1, 1), (0, 0), (3, 1)):
         assert refusal(leases.read, transfer_id, first, count, gather) == "out_of_range"
@@ -64,9 +65,9 @@ def test_unknown_and_out_of_range_reads_are_refused(leases):
 
 
 def test_reaping_scans_every_lease_not_just_the_oldest(leases, clock):
-    oldest, _ = leases.grant("a", [1])
-    second, _ = leases.grant("b", [2])
-    third, _ = leases.grant("c", [3])
+    oldest = grant(leases, "a", [1])
+    second = grant(leases, "b", [2])
+    third = grant(leases, "c", [3])
     clock.now += 5
     leases.read(oldest, 0, 1, gather)  # the oldest lease is renewed to 115
     clock.now += 6  # 111: the two younger ones (deadline 110) have expired
@@ -84,10 +85,37 @@ def test_the_reaper_thread_ends_an_unread_lease_on_time():
     ended = threading.Event()
     table = LeaseTable(0.05, notify=ended.set)
     try:
-        transfer_id, _ = table.grant("r", [1, 2])
+        transfer_id = grant(table, "r", [1, 2])
         assert ended.wait(10)
         assert table.drain_finished() == {"r"}
         assert table.num_active == 0
         assert refusal(table.read, transfer_id, 0, 1, gather) == "expired"
     finally:
         table.close()
+
+
+def test_a_lease_read_by_several_ranks_ends_when_every_reader_released(leases):
+    transfer_id = grant(leases, "r", [1, 2])
+    leases.release(transfer_id, reader=2, num_readers=3)
+    leases.release(transfer_id, reader=2, num_readers=3)  # the same reader twice counts once
+    leases.release(transfer_id, reader=0, num_readers=3)
+    assert leases.drain_finished() == set()
+    assert leases.read(transfer_id, 0, 2, gather) == bytes([1, 2])  # still live
+    leases.release(transfer_id, reader=1, num_readers=3)
+    assert leases.drain_finished() == {"r"}
+    assert refusal(leases.release, transfer_id, 3, 3) == "bad_request"
+
+
+def test_a_read_that_comes_before_its_grant_waits_for_it(leases):
+    """The transfer params reach the decode side before the next step carries the grant to
+    the prefill ranks: the read waits for the grant (an id numbered after the last grant),
+    while an id numbered before it that was never granted is refused at once."""
+    early = new_transfer_id(next_seq() + 1000)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(leases.read(early, 0, 1, gather)))
+    reader.start()
+    leases.grant("r", early, [4])
+    reader.join(30)
+    assert result == [bytes([4])]
+    assert refusal(leases.read, new_transfer_id(1), 0, 1, gather) == "unknown"
+    leases.release(early)

@@ -8,41 +8,29 @@ and no lease or load is left."""
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import threading
 
 import pytest
+from pd_helpers import (
+    ENGINE,
+    LENGTHS,
+    MAX_TOKENS,
+    PREFIX_LENGTH,
+    black_hole,
+    engine,
+    generate,
+    prefill,
+    prompt_for,
+    redirected,
+    release,
+    settle,
+    tokens,
+)
 
-from fleetlm import LLM
 from fleetlm.executor.async_engine import AsyncEngine
 from fleetlm.executor.llm import make_engine_config
 from fleetlm.executor.sampling_params import SamplingParams
-from fleetlm.kvtransfer.transport import connect
-
-ENGINE = {"dtype": "float32", "device": "cpu", "block_size": 8, "num_blocks": 32,
-          "max_num_batched_tokens": 16, "max_num_seqs": 4}
-MAX_TOKENS = 3
-DO_REMOTE_DECODE = {"do_remote_decode": True}
-
-
-def tokens(count: int, salt: int) -> list[int]:
-    rng = random.Random(salt)
-    return [rng.randrange(1000, 40000) for _ in range(count)]
-
-
-PREFIX_LENGTH = 16
-LENGTHS = {"short": 5, "block_multiple": 16, "longer_than_a_chunk": 24, "cached_prefix": 28}
-
-
-def prompt_for(kind: str, salt: int) -> list[int]:
-    """A prompt no other test uses: "longer_than_a_chunk" takes two prefill steps of 16
-    tokens; "cached_prefix" starts with PREFIX_LENGTH tokens to be cached beforehand."""
-    return tokens(LENGTHS[kind], salt)
-
-
-def engine(**kv_transfer):
-    return LLM(**ENGINE, kv_transfer_config=kv_transfer) if kv_transfer else LLM(**ENGINE)
 
 
 @pytest.fixture(scope="module")
@@ -66,41 +54,7 @@ def engines():
 def settled(engines):
     yield
     for llm in engines.values():
-        core, scheduler = llm.engine.core, llm.engine.core.scheduler
-        while core.has_unfinished_requests() or scheduler.sending:  # until every lease ended:
-            if scheduler.sending:  # a decode side's release may still be on its way
-                core.kv_transfer.wait_for_news()
-            llm.engine.step()  # collects them
-        scheduler.check_invariants()
-        manager = scheduler.kv_cache_manager
-        assert manager.num_free_blocks == manager.num_blocks  # free + used == total, none used
-        assert not scheduler.sending and not scheduler.loading
-        if core.kv_transfer is not None:
-            assert (core.kv_transfer.num_active_leases, core.kv_transfer.num_active_loads) == (0, 0)
-
-
-_ids = iter(range(10**6))
-
-
-def generate(llm: LLM, prompt: list[int], max_tokens: int = MAX_TOKENS, kv_transfer_params=None,
-             **params):
-    request_id = f"req-{next(_ids)}"
-    llm.engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens,
-                                                              temperature=0.0, **params),
-                           kv_transfer_params=kv_transfer_params)
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            if out.finished and out.request_id == request_id:
-                result = out
-    return result
-
-
-def prefill(llm: LLM, prompt: list[int]) -> dict:
-    out = generate(llm, prompt, max_tokens=1, kv_transfer_params=DO_REMOTE_DECODE)
-    params = out.kv_transfer_params
-    assert (params["num_tokens"], params["engine_id"]) == (len(prompt),
-                                                          llm.engine.core.kv_transfer.engine_id)
-    return params
+        settle(llm)
 
 
 _reference_tokens: dict[tuple[int, ...], list[int]] = {}
@@ -126,29 +80,13 @@ def test_decode_from_the_prefill_engines_kv_equals_colocated(engines, salt, tran
         num_local_tokens = PREFIX_LENGTH
     hits_before = decode.engine.core.scheduler.kv_cache_manager.prefix_cache_hits
     params = prefill(engines[transport], prompt)
-    assert params["address"].startswith(f"{transport}://")
+    assert params["ranks"][0]["address"].startswith(f"{transport}://")
     out = generate(decode, prompt, kv_transfer_params=params)
     assert out.outputs[0].token_ids == reference(engines, prompt)
     # Everything but the last prompt token came from the local cache or the prefill engine.
     assert out.num_cached_tokens == len(prompt) - 1
     hits = decode.engine.core.scheduler.kv_cache_manager.prefix_cache_hits - hits_before
     assert hits == num_local_tokens
-
-
-def black_hole() -> socket.socket:
-    """A listener that accepts connections into its backlog and never answers."""
-    return socket.create_server(("127.0.0.1", 0))
-
-
-def redirected(params: dict, address: str) -> dict:
-    return {**params, "address": address}
-
-
-def release(params: dict) -> None:
-    """What the stalled reader would have done: the real lease ends now."""
-    client = connect(params["address"], 5.0)
-    client.release(params["transfer_id"], 5.0)
-    client.close()
 
 
 def test_a_stalled_transfer_is_recomputed_after_its_timeout_without_spinning(engines):

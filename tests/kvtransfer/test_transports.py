@@ -13,6 +13,7 @@ import threading
 import msgpack
 import pytest
 import torch
+from lease_helpers import grant
 
 from fleetlm.kvtransfer.kv_io import gather_blocks, layout_of, scatter_blocks
 from fleetlm.kvtransfer.leases import LeaseTable, TransferError
@@ -42,20 +43,21 @@ def leases():
 def test_blocks_arrive_bit_for_bit_and_a_consumed_transfer_is_refused(transport, leases):
     source, target = make_caches(0), make_caches(1)
     layout = layout_of(source)
+    block_bytes = layout.bytes_per_block(layout.num_layers, layout.num_kv_heads)
     server = serve(transport, LeasedKV(leases, source), "127.0.0.1", 0)
     try:
-        transfer_id, _ = leases.grant("r", [5, 2, 7])
+        transfer_id = grant(leases, "r", [5, 2, 7])
         client = connect(server.address, 5.0)
         try:
-            first = client.read(transfer_id, 0, 2, 2 * layout.bytes_per_block, 5.0)
-            rest = client.read(transfer_id, 2, 1, layout.bytes_per_block, 5.0)
-            scatter_blocks(target, [0, 1], first, layout)
-            scatter_blocks(target, [3], rest, layout)
+            first = client.read(transfer_id, 0, 2, 2 * block_bytes, 5.0)
+            rest = client.read(transfer_id, 2, 1, block_bytes, 5.0)
+            scatter_blocks(target, [0, 1], first)
+            scatter_blocks(target, [3], rest)
             with pytest.raises(TransferError, match="out_of_range"):
-                client.read(transfer_id, 2, 2, 2 * layout.bytes_per_block, 5.0)
+                client.read(transfer_id, 2, 2, 2 * block_bytes, 5.0)
             client.release(transfer_id, 5.0)
             with pytest.raises(TransferError) as refused:
-                client.read(transfer_id, 0, 1, layout.bytes_per_block, 5.0)
+                client.read(transfer_id, 0, 1, block_bytes, 5.0)
             assert refused.value.reason == "consumed"
         finally:
             client.close()
@@ -69,7 +71,7 @@ def test_blocks_arrive_bit_for_bit_and_a_consumed_transfer_is_refused(transport,
 def test_a_wrong_size_is_refused_before_anything_is_written(leases):
     source = make_caches(0)
     server = serve("inproc", LeasedKV(leases, source), "", 0)
-    transfer_id, _ = leases.grant("r", [1])
+    transfer_id = grant(leases, "r", [1])
     with pytest.raises(TransferError, match="corrupt"):
         connect(server.address, 1.0).read(transfer_id, 0, 1, 1, 1.0)
     leases.release(transfer_id)
@@ -146,9 +148,9 @@ import sys
 from fleetlm.kvtransfer.tcp import TCPServer
 
 class Source:
-    def read(self, transfer_id, first_block, num_blocks):
+    def read(self, transfer_id, first_block, num_blocks, layers=None, heads=None):
         return bytes((first_block + i) % 251 for i in range(num_blocks * 1000))
-    def release(self, transfer_id):
+    def release(self, transfer_id, reader=0, num_readers=1):
         print("released", transfer_id, flush=True)
 
 server = TCPServer(Source(), "127.0.0.1", 0, use_shm=True)
@@ -179,6 +181,21 @@ def test_shared_memory_between_processes():
 
 def test_gather_then_scatter_is_the_identity():
     source, target = make_caches(0), make_caches(1)
-    scatter_blocks(target, [4, 6], bytearray(gather_blocks(source, [1, 3])), layout_of(source))
+    scatter_blocks(target, [4, 6], bytearray(gather_blocks(source, [1, 3])))
     for (k, v), (k2, v2) in zip(source, target):
         assert torch.equal(k2[[4, 6]], k[[1, 3]]) and torch.equal(v2[[4, 6]], v[[1, 3]])
+
+
+def test_part_of_the_layers_and_heads_lands_in_part_of_another_split():
+    """A rank holding layers [0, 2) x heads [0, 2) sends layer 1, head 1; the reader holds
+    that head as its head 0 (its own split) and writes only there."""
+    source, target = make_caches(0), make_caches(1)
+    untouched = [(k.clone(), v.clone()) for k, v in target]
+    data = bytearray(gather_blocks(source, [2], layers=(1, 2), heads=(1, 2)))
+    assert len(data) == layout_of(source).bytes_per_block(1, 1)
+    scatter_blocks(target, [5], data, layers=(1, 2), heads=(0, 1))
+    assert torch.equal(target[1][0][5, :, 0], source[1][0][2, :, 1])
+    assert torch.equal(target[1][1][5, :, 0], source[1][1][2, :, 1])
+    target[1][0][5, :, 0], target[1][1][5, :, 0] = untouched[1][0][5, :, 0], untouched[1][1][5, :, 0]
+    assert all(torch.equal(k, k2) and torch.equal(v, v2)
+               for (k, v), (k2, v2) in zip(target, untouched))  # nothing else changed
