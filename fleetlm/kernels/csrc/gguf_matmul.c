@@ -1,0 +1,290 @@
+/* Matrix products on GGUF-quantized weights, for CPUs: y = x W^T with W kept in its GGUF
+ * blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; F32 and F16 too), x and y fp32.
+ *
+ * Plain C + OpenMP (with vector.h beside it: GCC/Clang vector extensions, so one source builds
+ * for AVX2, AVX-512 or NEON as -march=native allows), compiled at first use by
+ * fleetlm/kernels/cpu_build.py and called through ctypes by fleetlm/kernels/gguf_linear.py.
+ *
+ * A task is a tile of ROWS weight rows: each row is dequantized into a per-thread fp32 buffer
+ * (a few KiB, so it stays in L1), then every input row is multiplied with the tile, two input
+ * rows at a time (4 x 2 accumulators: 6 loads per 8 multiply-adds). The weight is read once
+ * per call whatever the number of input rows; that, not the arithmetic, bounds a decode step.
+ *
+ * Dequantization follows ggml (llama.cpp) and gguf-py operation by operation in fp32, so the
+ * weights multiplied are exactly dequantize(W); only the order of the sums differs from a
+ * float matmul. (Every product of a scale and a quantized value below is exact in fp32: an
+ * fp16 scale has 11 significant bits, times at most 8 bits of a quantized value or 6 of a
+ * sub-block scale, so whether the compiler fuses the following add changes nothing.)
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vector.h"
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+enum { OK = 0, ERR_TYPE = 1, ERR_SHAPE = 2, ERR_NO_MEMORY = 3 };
+
+#define ROWS 4 /* weight rows per task */
+#define QK 32  /* elements per Q4_0 / Q4_1 / Q8_0 block */
+#define QK_K 256
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* 8 bytes, zero- or sign-extended, as 8 fp32 values (exact: at most 8 bits each). */
+static ALWAYS_INLINE f32x8 u8_to_f32x8(__m128i bytes)
+{
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+
+static ALWAYS_INLINE f32x8 i8_to_f32x8(const int8_t *p)
+{
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* The 32 4-bit values of a Q4_0 / Q4_1 block as fp32: element l is the low nibble of byte l,
+ * element l + 16 its high nibble. */
+static ALWAYS_INLINE void nibbles_to_f32(const uint8_t *qs, f32x8 out[4])
+{
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0xF);
+    const __m128i low = _mm_and_si128(v, mask), high = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    out[0] = u8_to_f32x8(low);
+    out[1] = u8_to_f32x8(_mm_srli_si128(low, 8));
+    out[2] = u8_to_f32x8(high);
+    out[3] = u8_to_f32x8(_mm_srli_si128(high, 8));
+}
+#else /* portable: what the compiler makes of plain loops */
+static ALWAYS_INLINE f32x8 i8_to_f32x8(const int8_t *p)
+{
+    f32x8 out;
+    for (int l = 0; l < 8; l++) out[l] = (float)p[l];
+    return out;
+}
+
+static ALWAYS_INLINE void nibbles_to_f32(const uint8_t *qs, f32x8 out[4])
+{
+    for (int l = 0; l < 8; l++) {
+        out[0][l] = (float)(qs[l] & 0xF);
+        out[1][l] = (float)(qs[l + 8] & 0xF);
+        out[2][l] = (float)(qs[l] >> 4);
+        out[3][l] = (float)(qs[l + 8] >> 4);
+    }
+}
+#endif
+
+static float fp16_to_fp32(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    _Float16 f;
+    memcpy(&f, &h, sizeof f);
+    return (float)f;
+}
+
+/* Elements per block and bytes per block of each type; 0 for an unknown type. */
+static int block_shape(int type, int64_t *elements, int64_t *bytes)
+{
+    switch (type) {
+    case T_F32: *elements = 1; *bytes = 4; return 1;
+    case T_F16: *elements = 1; *bytes = 2; return 1;
+    case T_Q4_0: *elements = QK; *bytes = 2 + QK / 2; return 1;
+    case T_Q4_1: *elements = QK; *bytes = 4 + QK / 2; return 1;
+    case T_Q8_0: *elements = QK; *bytes = 2 + QK; return 1;
+    case T_Q4_K: *elements = QK_K; *bytes = 4 + 12 + QK_K / 2; return 1;
+    case T_Q6_K: *elements = QK_K; *bytes = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2; return 1;
+    default: return 0;
+    }
+}
+
+/* Scale and min of sub-block j of a Q4_K super-block (ggml's get_scale_min_k4). */
+static void scale_min_k4(int j, const uint8_t *q, int *scale, int *min)
+{
+    if (j < 4) {
+        *scale = q[j] & 63;
+        *min = q[j + 4] & 63;
+    } else {
+        *scale = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* One row of `k` elements from its blocks at `src` into `out`. */
+static void dequantize_row(const uint8_t *src, int64_t k, int type, float *restrict out)
+{
+    switch (type) {
+    case T_F32:
+        memcpy(out, src, (size_t)k * sizeof(float));
+        return;
+    case T_F16:
+        for (int64_t i = 0; i < k; i++) out[i] = fp16_to_fp32(src + 2 * i);
+        return;
+    case T_Q4_0:
+        for (int64_t b = 0; b < k / QK; b++, src += 18, out += QK) {
+            const float d = fp16_to_fp32(src);
+            f32x8 q[4];
+            nibbles_to_f32(src + 2, q);
+            for (int j = 0; j < 4; j++) store8(out + 8 * j, (q[j] - 8.0f) * d);
+        }
+        return;
+    case T_Q4_1:
+        for (int64_t b = 0; b < k / QK; b++, src += 20, out += QK) {
+            const float d = fp16_to_fp32(src), m = fp16_to_fp32(src + 2);
+            f32x8 q[4];
+            nibbles_to_f32(src + 4, q);
+            for (int j = 0; j < 4; j++) store8(out + 8 * j, q[j] * d + m);
+        }
+        return;
+    case T_Q8_0:
+        for (int64_t b = 0; b < k / QK; b++, src += 34, out += QK) {
+            const float d = fp16_to_fp32(src);
+            const int8_t *qs = (const int8_t *)(src + 2);
+            for (int j = 0; j < 4; j++) store8(out + 8 * j, i8_to_f32x8(qs + 8 * j) * d);
+        }
+        return;
+    case T_Q4_K:
+        for (int64_t b = 0; b < k / QK_K; b++, src += 144) {
+            const float d = fp16_to_fp32(src), dmin = fp16_to_fp32(src + 2);
+            const uint8_t *scales = src + 4, *q = src + 16;
+            for (int j = 0; j < QK_K / 64; j++, q += 32, out += 64) {
+                int sc, mn;
+                scale_min_k4(2 * j, scales, &sc, &mn);
+                const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+                scale_min_k4(2 * j + 1, scales, &sc, &mn);
+                const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+                for (int l = 0; l < 32; l++) {
+                    out[l] = d1 * (float)(q[l] & 0xF) - m1;
+                    out[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+                }
+            }
+        }
+        return;
+    case T_Q6_K:
+        for (int64_t b = 0; b < k / QK_K; b++, src += 210) {
+            const uint8_t *ql = src, *qh = src + 128;
+            const int8_t *sc = (const int8_t *)(src + 192);
+            const float d = fp16_to_fp32(src + 208);
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, out += 128) {
+                for (int is = 0; is < 2; is++) { /* 16 values per sub-block scale */
+                    for (int l = 16 * is; l < 16 * is + 16; l++) {
+                        const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                        const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                        out[l] = d * (float)sc[is] * (float)q1;
+                        out[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                        out[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                        out[l + 96] = d * (float)sc[is + 6] * (float)q4;
+                    }
+                }
+            }
+        }
+        return;
+    }
+}
+
+/* y[r * y_stride] = <x, w_r> for the ROWS rows w_r = w + r * k; two x rows: x0 -> y0, x1 -> y1. */
+static void dot_tile_2(const float *x0, const float *x1, const float *w, int64_t k,
+                       float *y0, float *y1)
+{
+    f32x8 a[ROWS] = {0}, b[ROWS] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const f32x8 u = load8(x0 + i), v = load8(x1 + i);
+        for (int r = 0; r < ROWS; r++) {
+            const f32x8 wr = load8(w + r * k + i);
+            a[r] += u * wr;
+            b[r] += v * wr;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float sa = hsum8(a[r]), sb = hsum8(b[r]);
+        for (int64_t j = i; j < k; j++) {
+            sa += x0[j] * w[r * k + j];
+            sb += x1[j] * w[r * k + j];
+        }
+        y0[r] = sa;
+        y1[r] = sb;
+    }
+}
+
+/* y0[r] = <x0, w_r> for `rows` rows; the loop bound is a constant for whole tiles, so the
+ * accumulators stay in registers. */
+static ALWAYS_INLINE void dot_rows(const float *x0, const float *w, int64_t k, int rows,
+                                   float *y0)
+{
+    f32x8 a[ROWS] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const f32x8 u = load8(x0 + i);
+        for (int r = 0; r < rows; r++) a[r] += u * load8(w + r * k + i);
+    }
+    for (int r = 0; r < rows; r++) {
+        float s = hsum8(a[r]);
+        for (int64_t j = i; j < k; j++) s += x0[j] * w[r * k + j];
+        y0[r] = s;
+    }
+}
+
+static void dot_tile_1(const float *x0, const float *w, int64_t k, int rows, float *y0)
+{
+    if (rows == ROWS) {
+        dot_rows(x0, w, k, ROWS, y0);
+    } else {
+        for (int r = 0; r < rows; r++) dot_rows(x0, w + r * k, k, 1, y0 + r);
+    }
+}
+
+/* w: n rows of k elements in GGUF type `type`, row after row. out: n x k fp32. */
+int fleet_gguf_dequantize(const uint8_t *w, int64_t n, int64_t k, int type, float *out)
+{
+    int64_t elements, bytes;
+    if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
+    if (k % elements) return ERR_SHAPE;
+    const int64_t row_bytes = k / elements * bytes;
+    for (int64_t r = 0; r < n; r++) dequantize_row(w + r * row_bytes, k, type, out + r * k);
+    return OK;
+}
+
+/* y (m x n, fp32) = x (m x k, fp32) times the transpose of w (n x k in GGUF type `type`). */
+int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                      int type, float *y, int num_threads)
+{
+    int64_t elements, bytes;
+    if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
+    if (k % elements) return ERR_SHAPE;
+    const int64_t row_bytes = k / elements * bytes;
+    const int64_t num_tiles = (n + ROWS - 1) / ROWS;
+    int status = OK;
+#pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
+    {
+        float *buffer = malloc((size_t)(ROWS * k) * sizeof(float));
+        float tile_out[2][ROWS];
+        if (buffer == NULL) {
+#pragma omp atomic write
+            status = ERR_NO_MEMORY;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (buffer == NULL) continue;
+            const int64_t n0 = t * ROWS;
+            const int rows = (int)(n - n0 < ROWS ? n - n0 : ROWS);
+            for (int r = 0; r < rows; r++)
+                dequantize_row(w + (n0 + r) * row_bytes, k, type, buffer + r * k);
+            int64_t i = 0;
+            if (rows == ROWS) {
+                for (; i + 2 <= m; i += 2) {
+                    dot_tile_2(x + i * k, x + (i + 1) * k, buffer, k, tile_out[0], tile_out[1]);
+                    memcpy(y + i * n + n0, tile_out[0], sizeof tile_out[0]);
+                    memcpy(y + (i + 1) * n + n0, tile_out[1], sizeof tile_out[1]);
+                }
+            }
+            for (; i < m; i++) {
+                dot_tile_1(x + i * k, buffer, k, rows, tile_out[0]);
+                memcpy(y + i * n + n0, tile_out[0], (size_t)rows * sizeof(float));
+            }
+        }
+        free(buffer);
+    }
+    return status;
+}

@@ -1,0 +1,200 @@
+"""Linear layers that keep GGUF-quantized weights quantized (`quantization: gguf`), for CPUs.
+
+A weight stays in the GGUF file's own blocks (`GGUFWeight`: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, and
+F16 / F32 matrices); `csrc/gguf_matmul.c` dequantizes a few rows at a time into L1 and
+multiplies them with fp32 activations, so a decode step reads the quantized bytes (0.56 byte
+per weight for Q4_1 against 4 for fp32) and the result is `x @ dequantize(W).T` up to the
+order of the sums. Where that kernel does not apply (no C compiler, not a CPU tensor) the
+weight is dequantized on the spot with gguf-py, llama.cpp's own reader: slow, but the same
+numbers.
+
+Measured against torch's own CPU ops on the 2-core EPYC of docs/benchmarks.md (built-in
+model's shapes): `_weight_int4pack_mm_for_cpu` is exact for Q4_0 / Q4_1 only with fp32
+activations, and then takes 1.8 ms for one row of a 1536 x 576 matrix (oneDNN fp32: 0.27 ms;
+the bf16 path is fast but rounds the fp16 scales and the activations); `_weight_int8pack_mm`
+has one scale per output row, so it cannot hold Q8_0's scale per 32 weights. torchao's CPU
+int4 layout runs the same aten op. Hence the kernel of our own.
+
+A layer's weight may arrive in several shards (q, k and v into one fused matrix, each a
+tensor of the file, possibly of different types): `QuantizedMatrix` stacks them by rows and
+merges neighbours of one type into one block matrix, so a fused projection is one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+
+from fleetlm.kernels import cpu_build
+
+SOURCE = Path(__file__).parent / "csrc" / "gguf_matmul.c"
+TYPES = tuple(GGMLQuantizationType[name]
+              for name in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"))
+STATUS_MESSAGES = {1: "unsupported GGUF type", 2: "row length not a whole number of blocks",
+                   3: "out of memory"}
+
+_int64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = cpu_build.load(SOURCE)
+    if library is not None:
+        library.fleet_gguf_matmul.argtypes = [
+            _ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
+        library.fleet_gguf_dequantize.argtypes = [_ptr, _int64, _int64, ctypes.c_int, _ptr]
+        for function in (library.fleet_gguf_matmul, library.fleet_gguf_dequantize):
+            function.restype = ctypes.c_int
+    return library
+
+
+def is_available() -> bool:
+    """Whether the C kernel compiled and loaded (compiles it on first call)."""
+    return _library() is not None
+
+
+def _check(status: int) -> None:
+    if status:
+        raise RuntimeError(f"gguf_matmul: {STATUS_MESSAGES.get(status, status)}")
+
+
+class GGUFWeight:
+    """A matrix of `shape` (rows, cols) in GGUF type `qtype`: `data` is uint8, one row of
+    blocks per matrix row. Quacks like a checkpoint tensor (`shape`, `narrow`), so the
+    tensor-parallel loaders take a shard of it without knowing it is quantized."""
+
+    __slots__ = ("data", "qtype", "shape")
+
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, cols: int) -> None:
+        if qtype not in TYPES:
+            raise ValueError(f"GGUF type {qtype.name} is not supported; "
+                             f"supported: {', '.join(t.name for t in TYPES)}")
+        block, _ = GGML_QUANT_SIZES[qtype]
+        if data.dtype != torch.uint8 or data.dim() != 2 or cols % block or (
+                data.shape[1] != self.row_bytes_of(qtype, cols)):
+            raise ValueError(f"{qtype.name} blocks of shape {tuple(data.shape)} do not hold "
+                             f"rows of {cols} elements")
+        self.data = data
+        self.qtype = qtype
+        self.shape = torch.Size((data.shape[0], cols))
+
+    @staticmethod
+    def row_bytes_of(qtype: GGMLQuantizationType, cols: int) -> int:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        return cols // block * type_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
+        """Rows, or columns on block boundaries (a row-parallel shard)."""
+        if dim == 0:
+            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, self.shape[1])
+        block, type_size = GGML_QUANT_SIZES[self.qtype]
+        if dim != 1 or start % block or length % block:
+            raise ValueError(f"a {self.qtype.name} matrix splits only on its {block}-element "
+                             f"blocks; columns {start}..{start + length} are not")
+        data = self.data.narrow(1, start // block * type_size, length // block * type_size)
+        return GGUFWeight(data.contiguous(), self.qtype, length)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32, by gguf-py (llama.cpp's reference dequantizers): what the kernel must equal."""
+        values = dequantize(self.data.numpy(), self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `ids` (an embedding lookup), through the C kernel where it loads."""
+        blocks = self.data.index_select(0, ids.reshape(-1))
+        library = _library()
+        if library is None:
+            rows = GGUFWeight(blocks, self.qtype, self.shape[1]).dequantize()
+        else:
+            rows = torch.empty(blocks.shape[0], self.shape[1])
+            _check(library.fleet_gguf_dequantize(
+                blocks.data_ptr(), blocks.shape[0], self.shape[1], int(self.qtype),
+                rows.data_ptr()))
+        return rows.view(*ids.shape, self.shape[1])
+
+
+def zeros(qtype: GGMLQuantizationType, rows: int, cols: int) -> GGUFWeight:
+    """Rows of zeros (every scale 0): padding of a vocabulary shard."""
+    data = torch.zeros(rows, GGUFWeight.row_bytes_of(qtype, cols), dtype=torch.uint8)
+    return GGUFWeight(data, qtype, cols)
+
+
+def matmul(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
+    """`x @ dequantize(weight).T` in fp32 for fp32 `x` of shape (m, cols)."""
+    library = _library()
+    if library is None or x.device.type != "cpu":
+        return F.linear(x, weight.dequantize().to(x.device))
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0])
+    _check(library.fleet_gguf_matmul(
+        x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],
+        int(weight.qtype), y.data_ptr(), torch.get_num_threads()))
+    return y
+
+
+class QuantizedMatrix:
+    """A layer's weight of `shape`, held as GGUF row ranges (shards loaded one by one)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = torch.Size(shape)
+        self.parts: list[tuple[int, GGUFWeight]] = []  # (first row, rows), sorted
+
+    def put(self, row: int, weight: GGUFWeight) -> None:
+        """Rows `row`.. of the matrix are `weight`; a neighbour of the same type is merged."""
+        if weight.shape[1] != self.shape[1] or row + weight.shape[0] > self.shape[0]:
+            raise ValueError(f"shard {tuple(weight.shape)} at row {row} does not fit a "
+                             f"weight of shape {tuple(self.shape)}")
+        parts = sorted([*self.parts, (row, weight)], key=lambda part: part[0])
+        merged: list[tuple[int, GGUFWeight]] = []
+        for start, part in parts:
+            if merged:
+                last_start, last = merged[-1]
+                if last.qtype == part.qtype and last_start + last.shape[0] == start:
+                    data = torch.cat((last.data, part.data))
+                    merged[-1] = (last_start, GGUFWeight(data, part.qtype, part.shape[1]))
+                    continue
+            merged.append((start, part))
+        self.parts = merged
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for _, part in self.parts)
+
+    @property
+    def qtypes(self) -> list[str]:
+        return [part.qtype.name for _, part in self.parts]
+
+    def _check_complete(self) -> None:
+        if sum(part.shape[0] for _, part in self.parts) != self.shape[0]:
+            raise RuntimeError(f"quantized weight of shape {tuple(self.shape)} was not "
+                               f"loaded whole")
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x W^T + b` for x of any float dtype (computed in fp32, returned in x's dtype)."""
+        self._check_complete()
+        rows = x.reshape(-1, self.shape[1]).float()
+        outputs = [matmul(rows, part) for _, part in self.parts]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        y = y.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
+        return y if bias is None else y + bias
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the matrix, dequantized (an embedding lookup)."""
+        self._check_complete()
+        if len(self.parts) == 1:
+            return self.parts[0][1].dequantize_rows(ids).to(dtype)
+        out = torch.empty(*ids.shape, self.shape[1], dtype=dtype)
+        for start, part in self.parts:
+            inside = (ids >= start) & (ids < start + part.shape[0])
+            out[inside] = part.dequantize_rows(ids[inside] - start).to(dtype)
+        return out

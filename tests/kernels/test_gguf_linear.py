@@ -1,0 +1,84 @@
+"""The GGUF kernel (csrc/gguf_matmul.c) against dequantize-then-matmul: gguf-py (llama.cpp's
+own reference dequantizers) turns the same blocks into fp32, torch multiplies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from fleetlm.kernels import gguf_linear
+from fleetlm.kernels.gguf_linear import GGUFWeight, QuantizedMatrix
+
+# Byte offsets of the fp16 scales inside one block of each type (the rest is quantized values).
+SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+QUANTIZED = sorted(SCALE_OFFSETS)
+
+
+def random_weight(name: str, rows: int, cols: int, seed: int = 0) -> GGUFWeight:
+    """Random quantized values with finite, weight-sized fp16 scales."""
+    rng = np.random.default_rng(seed)
+    qtype = GGMLQuantizationType[name]
+    if name in ("F32", "F16"):
+        values = rng.normal(0, 0.05, (rows, cols)).astype(np.float32 if name == "F32"
+                                                            else np.float16)
+        return GGUFWeight(torch.from_numpy(values.view(np.uint8)), qtype, cols)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (rows, cols // block, type_size), dtype=np.uint8)
+    for offset in SCALE_OFFSETS[name]:
+        scales = rng.uniform(-0.01, 0.01, (rows, cols // block)).astype(np.float16)
+        data[:, :, offset:offset + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    return GGUFWeight(torch.from_numpy(data.reshape(rows, -1)), qtype, cols)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    assert gguf_linear.is_available(), "the C compiler is part of the test environment"
+
+
+@pytest.mark.parametrize("name", [*QUANTIZED, "F16", "F32"])
+@pytest.mark.parametrize("m", [1, 2, 5, 33])
+def test_matmul_equals_dequantize_then_matmul(name, m):
+    weight = random_weight(name, 37, 512)  # 37 rows: whole tiles of 4 and a ragged one
+    x = torch.randn(m, 512)
+    reference = x @ weight.dequantize().T
+    got = gguf_linear.matmul(x, weight)
+    # The same products; only the order of the fp32 sums differs.
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+
+
+@pytest.mark.parametrize("name", [*QUANTIZED, "F16"])
+def test_rows_dequantize_exactly(name):
+    weight = random_weight(name, 64, 256, seed=1)
+    ids = torch.tensor([[3, 0], [63, 3]])
+    rows = weight.dequantize_rows(ids)
+    assert rows.shape == (2, 2, 256)
+    assert torch.equal(rows, weight.dequantize()[ids])
+
+
+def test_shards_stack_into_one_matrix_per_type():
+    """q, k and v arrive one by one; neighbours of one type merge, another type stays apart."""
+    q, k, v = (random_weight("Q4_1", 8, 64, 1), random_weight("Q4_1", 4, 64, 2),
+               random_weight("Q8_0", 4, 64, 3))
+    matrix = QuantizedMatrix((16, 64))
+    for row, shard in ((12, v), (0, q), (8, k)):
+        matrix.put(row, shard)
+    assert matrix.qtypes == ["Q4_1", "Q8_0"]
+    x = torch.randn(3, 64)
+    dense = torch.cat([w.dequantize() for w in (q, k, v)])
+    torch.testing.assert_close(matrix.linear(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([0, 9, 15])
+    assert torch.equal(matrix.embedding(ids, torch.float32), dense[ids])
+
+
+def test_column_shards_split_on_block_boundaries_only():
+    weight = random_weight("Q4_K", 2, 512)
+    assert torch.equal(weight.narrow(1, 256, 256).dequantize(), weight.dequantize()[:, 256:])
+    with pytest.raises(ValueError, match="256-element blocks"):
+        weight.narrow(1, 0, 128)
+
+
+def test_unsupported_type_is_named():
+    with pytest.raises(ValueError, match="Q5_K is not supported"):
+        GGUFWeight(torch.zeros(1, 176, dtype=torch.uint8), GGMLQuantizationType.Q5_K, 256)
