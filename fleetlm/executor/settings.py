@@ -205,12 +205,14 @@ class KVTransferSection(Section):
     role: Literal["producer", "consumer", "both"] = Field(
         "both", description="producer: a prefill engine (keeps and serves KV); consumer: a "
         "decode engine (reads it); both.")
-    transport: Literal["tcp", "shm", "inproc"] = Field(
+    transport: Literal["tcp", "shm", "dist", "inproc"] = Field(
         "tcp", description="How KV bytes move: tcp (between hosts), shm (shared memory "
-        "between processes on one host, requests over TCP), inproc (one process).")
+        "between processes on one host, requests over TCP), dist (torch.distributed "
+        "send/recv on a two-rank gloo group per connection, requests over TCP), inproc (one "
+        "process).")
     host: str = Field("127.0.0.1", description="The producer's KV server address.")
-    port: int = Field(0, ge=0, le=65535, description="The producer's KV server port; 0: any "
-                      "free one.")
+    port: int = Field(0, ge=0, le=65535, description="The producer's KV server port (rank r "
+                      "of a worker group: port + r); 0: any free one.")
     engine_id: str | None = Field(
         None, description="Names this engine in transfer params; default: a random id.")
     lease_timeout_s: float = Field(

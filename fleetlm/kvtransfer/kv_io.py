@@ -9,6 +9,7 @@ differently asks a prefill rank for only the part it holds).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fleetlm.kvtransfer.params import KVLayout
@@ -34,15 +35,15 @@ def _parts(kv_caches: KVCaches, layers: Range | None, heads: Range | None):
 
 
 def gather_blocks(kv_caches: KVCaches, block_ids: list[int], layers: Range | None = None,
-                  heads: Range | None = None) -> bytes:
+                  heads: Range | None = None) -> np.ndarray:
     """The blocks' K and V over the rank's `layers` and `heads` (local indices; all by
-    default) as bytes."""
+    default) as a flat uint8 array (a buffer: no copy to `bytes`)."""
     caches, head_slice = _parts(kv_caches, layers, heads)
     index = torch.tensor(block_ids, device=kv_caches[0][0].device)
     with torch.inference_mode():
         stacked = torch.stack([torch.stack((k[index, :, head_slice], v[index, :, head_slice]))
                                for k, v in caches])
-        return stacked.view(torch.uint8).cpu().numpy().tobytes()
+        return stacked.view(torch.uint8).reshape(-1).cpu().numpy()
 
 
 def scatter_blocks(kv_caches: KVCaches, block_ids: list[int], data: bytearray,

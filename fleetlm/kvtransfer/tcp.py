@@ -1,11 +1,13 @@
-"""KV blocks over TCP, or over a shared-memory file with TCP for the requests.
+"""KV blocks over TCP, or over a shared-memory file or torch.distributed (`dist.py`) with
+TCP for the requests.
 
 Every message is a frame: a 4-byte big-endian header length, a msgpack map (never
 pickle), then `nbytes` raw bytes. Requests: {"op": "read", "transfer_id", "first_block",
 "num_blocks", "layers", "heads"} (the last two [start, end) of the rank's, or nil: all)
 and {"op": "release", "transfer_id", "reader", "num_readers"}; with shared memory first {"op":
 "attach", "nbytes"}, answered with the path of a file in /dev/shm that the server writes
-each read's bytes into (the bytes then do not cross the socket). Answers: {"ok": true,
+each read's bytes into (the bytes then do not cross the socket); with torch.distributed
+first {"op": "dist", "timeout_s"}, answered with a store's port (`dist.py`). Answers: {"ok": true,
 "nbytes", "crc32"} then the bytes, or {"ok": false, "error": reason, "message"}. The
 client checks the length and the CRC of everything it receives: a truncated or corrupted
 answer is a TransferError, never bytes in the cache.
@@ -35,10 +37,11 @@ MAX_HEADER_BYTES = 1 << 16
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
+def send_frame(sock: socket.socket, header: dict[str, Any], payload=b"") -> None:
+    """`payload`: any bytes-like buffer."""
     packed = msgpack.packb(header, use_bin_type=True)
     sock.sendall(_LENGTH.pack(len(packed)) + packed)
-    if payload:
+    if len(payload):
         sock.sendall(payload)
 
 
@@ -75,17 +78,34 @@ class _Handler(socketserver.BaseRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        shm: _ShmFile | None = None
+        self.shm: _ShmFile | None = None
+        self.peer = None  # a DistPeer, once the reader asked for a dist channel
         try:
             while (header := recv_header(self.request)) is not None:
-                shm = self._answer(header, shm)
+                if header.get("op") == "dist" and self.server.scheme == "dist" and \
+                        self.peer is None:
+                    self._open_dist(header)
+                else:
+                    self._answer(header)
         except (TransferError, OSError) as e:
             logger.debug("KV connection from %s ends: %s", self.client_address, e)
         finally:
-            if shm is not None:
-                shm.close()
+            if self.shm is not None:
+                self.shm.close()
 
-    def _answer(self, header: dict[str, Any], shm: _ShmFile | None) -> _ShmFile | None:
+    def _open_dist(self, header: dict[str, Any]) -> None:
+        """Answer with a fresh store's port, then build this end of the two-rank group (a
+        failure ends the connection: the reader's end fails too)."""
+        from fleetlm.kvtransfer.dist import MAX_TIMEOUT_S, DistPeer
+
+        timeout_s = min(float(header.get("timeout_s", 60.0)), MAX_TIMEOUT_S)
+        host = self.request.getsockname()[0]
+        store, port = DistPeer.listen(host, timeout_s)
+        send_frame(self.request, {"ok": True, "nbytes": 0, "port": port})
+        self.peer = DistPeer(store, 0, host, timeout_s)
+        self.timeout_s = timeout_s
+
+    def _answer(self, header: dict[str, Any]) -> None:
         source = self.server.source
         try:
             op = header.get("op")
@@ -94,8 +114,11 @@ class _Handler(socketserver.BaseRequestHandler):
                                    int(header["num_blocks"]), _range(header.get("layers")),
                                    _range(header.get("heads")))
                 answer = {"ok": True, "nbytes": len(data), "crc32": checksum(data)}
-                if shm is not None and len(data) <= shm.size:
-                    shm.map[:len(data)] = data
+                if self.peer is not None:
+                    send_frame(self.request, {**answer, "in_dist": True})
+                    self.peer.send(data, self.timeout_s)
+                elif self.shm is not None and len(data) <= self.shm.size:
+                    self.shm.map[:len(data)] = data
                     send_frame(self.request, {**answer, "in_shm": True})
                 else:
                     send_frame(self.request, answer, data)
@@ -103,16 +126,17 @@ class _Handler(socketserver.BaseRequestHandler):
                 source.release(str(header["transfer_id"]), int(header.get("reader", 0)),
                                int(header.get("num_readers", 1)))
                 send_frame(self.request, {"ok": True, "nbytes": 0})
-            elif op == "attach" and self.server.use_shm and shm is None:
-                shm = _ShmFile.create(int(header["nbytes"]))
-                send_frame(self.request, {"ok": True, "nbytes": 0, "path": shm.path})
+            elif op == "attach" and self.server.scheme == "shm" and self.shm is None:
+                self.shm = _ShmFile.create(int(header["nbytes"]))
+                send_frame(self.request, {"ok": True, "nbytes": 0, "path": self.shm.path})
             else:
                 raise TransferError("bad_request", f"op {op!r}")
         except TransferError as e:
+            if e.reason in ("timeout", "unreachable") and self.peer is not None:
+                raise  # the dist channel broke mid-send: end the connection
             send_frame(self.request, {"ok": False, "error": e.reason, "message": str(e)})
         except (KeyError, TypeError, ValueError) as e:
             send_frame(self.request, {"ok": False, "error": "bad_request", "message": repr(e)})
-        return shm
 
 
 def _range(value: Any) -> tuple[int, int] | None:
@@ -126,19 +150,20 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], source: KVSource, use_shm: bool) -> None:
+    def __init__(self, address: tuple[str, int], source: KVSource, scheme: str) -> None:
         self.source = source
-        self.use_shm = use_shm
+        self.scheme = scheme
         super().__init__(address, _Handler)
 
 
 class TCPServer(KVServer):
-    """Serves a KVSource on host:port (port 0: any free one), one thread per connection."""
+    """Serves a KVSource on host:port (port 0: any free one), one thread per connection;
+    `scheme` (tcp, shm or dist) is how the bytes go."""
 
-    def __init__(self, source: KVSource, host: str, port: int, use_shm: bool = False) -> None:
-        self._server = _Server((host, port), source, use_shm)
+    def __init__(self, source: KVSource, host: str, port: int, scheme: str = "tcp") -> None:
+        self._server = _Server((host, port), source, scheme)
         bound_host, bound_port = self._server.server_address[:2]
-        self.address = f"{'shm' if use_shm else 'tcp'}://{bound_host}:{bound_port}"
+        self.address = f"{scheme}://{bound_host}:{bound_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="fleetlm-kv-server", daemon=True)
         self._thread.start()
@@ -150,7 +175,7 @@ class TCPServer(KVServer):
 
 
 class TCPClient(KVClient):
-    def __init__(self, host: str, port: int, timeout: float, use_shm: bool = False) -> None:
+    def __init__(self, host: str, port: int, timeout: float, scheme: str = "tcp") -> None:
         try:
             self._sock = socket.create_connection((host, port), timeout=max(timeout, 1e-3))
         except TimeoutError:
@@ -158,21 +183,33 @@ class TCPClient(KVClient):
         except OSError as e:
             raise TransferError("unreachable", f"{host}:{port}: {e}") from None
         self._shm: _ShmFile | None = None
-        self._use_shm = use_shm
+        self._peer = None
+        self._host = host
+        self._scheme = scheme
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
              timeout: float, layers: tuple[int, int] | None = None,
              heads: tuple[int, int] | None = None) -> bytearray:
-        if self._use_shm and self._shm is None:
+        if self._scheme == "shm" and self._shm is None:
             answer = self._ask({"op": "attach", "nbytes": num_bytes}, timeout)
             self._shm = _ShmFile.open(str(answer.get("path")), num_bytes)
+        elif self._scheme == "dist" and self._peer is None:
+            from fleetlm.kvtransfer.dist import DistPeer
+
+            answer = self._ask({"op": "dist", "timeout_s": timeout}, timeout)
+            self._peer = DistPeer.connect(self._host, int(answer.get("port", 0)),
+                                          self._sock.getsockname()[0], timeout)
         answer = self._ask({"op": "read", "transfer_id": transfer_id,
                             "first_block": first_block, "num_blocks": num_blocks,
                             "layers": layers and list(layers), "heads": heads and list(heads)},
                            timeout)
         if answer.get("nbytes") != num_bytes:
             raise TransferError("corrupt", f"{answer.get('nbytes')} bytes, expected {num_bytes}")
-        if answer.get("in_shm"):
+        if answer.get("in_dist"):
+            if self._peer is None:
+                raise TransferError("corrupt", "bytes on a distributed channel never opened")
+            data = self._peer.recv(num_bytes, timeout)
+        elif answer.get("in_shm"):
             if self._shm is None or num_bytes > self._shm.size:
                 raise TransferError("corrupt", "bytes in shared memory that was not attached")
             with memoryview(self._shm.map) as view:

@@ -5,6 +5,8 @@ One interface, several transports, picked by the address's scheme:
     tcp://HOST:PORT   msgpack-framed requests, raw bytes back (`tcp.py`)
     shm://HOST:PORT   the same requests over TCP, the bytes through a shared-memory file
                       (both processes on one host)
+    dist://HOST:PORT  the same requests over TCP, the bytes by torch.distributed send/recv
+                      on a two-rank gloo group of their own (`dist.py`)
 The prefill side serves a `KVSource` (its leases and its cache) with `serve`; the decode
 side `connect`s to the address in the transfer params. Every failure on the way is a
 `TransferError` whose reason the decode side reports; nothing here retries.
@@ -66,20 +68,20 @@ def serve(transport: str, source: KVSource, host: str, port: int) -> KVServer:
         return InProcessServer(source)
     from fleetlm.kvtransfer.tcp import TCPServer
 
-    return TCPServer(source, host, port, use_shm=transport == "shm")
+    return TCPServer(source, host, port, scheme=transport)
 
 
 def connect(address: str, timeout: float) -> KVClient:
     scheme, _, rest = address.partition("://")
     if scheme == "inproc":
         return InProcessClient(rest)
-    if scheme in ("tcp", "shm"):
+    if scheme in ("tcp", "shm", "dist"):
         from fleetlm.kvtransfer.tcp import TCPClient
 
         host, _, port = rest.rpartition(":")
         if not port.isdigit():
             raise TransferError("bad_request", f"address {address!r} has no port")
-        return TCPClient(host, int(port), timeout, use_shm=scheme == "shm")
+        return TCPClient(host, int(port), timeout, scheme=scheme)
     raise TransferError("bad_request", f"unknown transport in address {address!r}")
 
 

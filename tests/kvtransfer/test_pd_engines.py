@@ -42,6 +42,7 @@ def engines():
         "decode": engine(role="consumer", transfer_timeout_s=2.0),
         "tcp": engine(role="producer", transport="tcp"),
         "shm": engine(role="producer", transport="shm"),
+        "dist": engine(role="producer", transport="dist"),
         "inproc": engine(role="both", transport="inproc", failure_policy="fail",
                          lease_timeout_s=1.0, transfer_timeout_s=1.0),
     }
@@ -70,6 +71,7 @@ def reference(engines, prompt: list[int]) -> list[int]:
 @pytest.mark.parametrize(("salt", "transport", "kind"), [
     *[(salt, "tcp", kind) for salt, kind in enumerate(LENGTHS)],
     (4, "inproc", "longer_than_a_chunk"), (5, "shm", "longer_than_a_chunk"),
+    (6, "dist", "longer_than_a_chunk"),
 ])
 def test_decode_from_the_prefill_engines_kv_equals_colocated(engines, salt, transport, kind):
     decode = engines["decode"]

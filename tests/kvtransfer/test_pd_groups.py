@@ -1,7 +1,7 @@
 """P/D between engines split differently: a prefill engine at TP=1 and a decode engine on a
 worker group at TP=3 (the built-in model's 3 KV heads re-split: each decode rank pulls its
-head from the one prefill rank), and back (each prefill rank's head from its own server ->
-TP=1 decode); as a release check also TP=3 x PP=2 (30 layers split in two stages too). Real Ray worker actors (a quarter CPU, one torch thread each, gloo).
+head from the one prefill rank, over a two-rank gloo group of its own: the dist transport),
+and back (each prefill rank's head from its own TCP server -> TP=1 decode); as a release check also TP=3 x PP=2 (30 layers split in two stages too). Real Ray worker actors (a quarter CPU, one torch thread each, gloo).
 Greedy tokens equal one colocated engine's; a stalled transfer on the group (every rank
 fails, each in its own time) is recomputed once; after every test both sides' blocks are
 free and no lease, load or half-reported transfer is left on any rank."""
@@ -30,7 +30,7 @@ WORKER_CPUS = 0.25
 @pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.release)],
                 ids=["tp3", "tp3xpp2"])
 def engines(ray_cluster, request):
-    llms = {"reference": engine(), "tp1": engine(role="both", transport="tcp")}
+    llms = {"reference": engine(), "tp1": engine(role="both", transport="dist")}
     llms["tp3"] = LLM(**ENGINE, tensor_parallel_size=3, pipeline_parallel_size=request.param,
                       worker_num_cpus=WORKER_CPUS,
                       kv_transfer_config={"role": "both", "transport": "tcp",

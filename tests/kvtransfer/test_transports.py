@@ -39,7 +39,7 @@ def leases():
     table.close()
 
 
-@pytest.mark.parametrize("transport", ["inproc", "tcp", "shm"])
+@pytest.mark.parametrize("transport", ["inproc", "tcp", "shm", "dist"])
 def test_blocks_arrive_bit_for_bit_and_a_consumed_transfer_is_refused(transport, leases):
     source, target = make_caches(0), make_caches(1)
     layout = layout_of(source)
@@ -153,7 +153,7 @@ class Source:
     def release(self, transfer_id, reader=0, num_readers=1):
         print("released", transfer_id, flush=True)
 
-server = TCPServer(Source(), "127.0.0.1", 0, use_shm=True)
+server = TCPServer(Source(), "127.0.0.1", 0, scheme="shm")
 print(server.address, flush=True)
 sys.stdin.read()
 server.close()
@@ -199,3 +199,49 @@ def test_part_of_the_layers_and_heads_lands_in_part_of_another_split():
     target[1][0][5, :, 0], target[1][1][5, :, 0] = untouched[1][0][5, :, 0], untouched[1][1][5, :, 0]
     assert all(torch.equal(k, k2) and torch.equal(v, v2)
                for (k, v), (k2, v2) in zip(target, untouched))  # nothing else changed
+
+
+class FakeDistServer:
+    """Opens the dist channel as the real server does, then answers one read with a header
+    promising PAYLOAD's 64 bytes and sends `payload` (None: nothing) over the group."""
+
+    def __init__(self, payload: bytes | None) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(payload,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, payload: bytes | None) -> None:
+        from fleetlm.kvtransfer.dist import DistPeer
+        from fleetlm.kvtransfer.tcp import recv_header, send_frame
+
+        conn, _ = self.listener.accept()
+        with conn:
+            recv_header(conn)  # {"op": "dist"}
+            store, port = DistPeer.listen("127.0.0.1", 10.0)
+            send_frame(conn, {"ok": True, "nbytes": 0, "port": port})
+            peer = DistPeer(store, 0, "127.0.0.1", 10.0)
+            recv_header(conn)  # the read
+            send_frame(conn, {"ok": True, "nbytes": 64, "crc32": checksum(PAYLOAD),
+                              "in_dist": True})
+            if payload is not None:
+                peer.send(payload, 10.0)  # sent; the reader's recv refuses it
+            self.done.wait(30)  # the reader has given up
+        self.listener.close()
+
+
+@pytest.mark.parametrize(("payload", "reason"), [(None, "timeout"), (PAYLOAD[:40], "corrupt")],
+                         ids=["stalled", "short"])
+def test_a_distributed_transfer_that_stalls_or_is_short_is_an_error(payload, reason):
+    server = FakeDistServer(payload)
+    client = connect(f"dist://127.0.0.1:{server.port}", 5.0)
+    try:
+        with pytest.raises(TransferError) as error:
+            client.read("t", 0, 1, 64, 0.5)
+        if reason is not None:
+            assert error.value.reason == reason
+    finally:
+        server.done.set()
+        client.close()
+        server.thread.join(30)
