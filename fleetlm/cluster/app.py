@@ -2,6 +2,11 @@
 
     OpenAIIngress (FastAPI, router)  ──handle──>  LLMServer-0 … LLMServer-{count-1}
 
+With a `pd` section the ingress routes to the decode pool, whose replicas hold handles to
+the prefill pool's (pd.py):
+
+    OpenAIIngress ──> LLMServer-decode-0 … ──prefill()──> LLMServer-prefill-0 …
+
 Each engine replica is its own single-replica deployment, so the ingress holds a handle per
 replica and its router, not Serve's, decides where a request goes. A replica whose model is
 split over a worker group reserves one placement group for itself and its workers:
@@ -19,7 +24,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import HTTPOptions
 
-from fleetlm.cluster.config import ClusterConfig, parse_config, to_engine_config
+from fleetlm.cluster.config import ClusterConfig, parse_config, pool_config, to_engine_config
 from fleetlm.cluster.ingress import make_ingress_class
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 from fleetlm.cluster.server import EngineFactory, LLMServer
@@ -43,22 +48,46 @@ class LLMServerDeployment(LLMServer):
         await self.shutdown()
 
 
-def server_name(index: int) -> str:
-    return f"LLMServer-{index}"
+def server_name(index: int, pool: str = "") -> str:
+    """A replica's deployment name: LLMServer-0, or LLMServer-prefill-0 in a P/D pool."""
+    return f"LLMServer-{pool}-{index}" if pool else f"LLMServer-{index}"
 
 
 def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None) -> Application:
-    """The application: one ingress bound to `config.replicas.count` engine replicas.
+    """The application: one ingress bound to `config.replicas.count` engine replicas, or with
+    a `pd` section to the decode pool's replicas, each bound to the prefill pool's.
 
     `engine_factory(EngineConfig) -> EngineClient` builds each replica's engine; None means
     fleetlm's own `AsyncEngine`. It is pickled to the replicas, so it must be importable there.
     """
+    if config.pd is None:
+        servers, prefill_servers = _servers(config, engine_factory), []
+    else:
+        prefill_servers = _servers(pool_config(config, "prefill"), engine_factory, "prefill")
+        servers = _servers(pool_config(config, "decode"), engine_factory, "decode",
+                           prefill_servers=prefill_servers, pd=config.pd)
+    num_servers = len(servers)
+    ingress = serve.deployment(make_ingress_class()).options(
+        name=INGRESS_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
+        max_ongoing_requests=config.replicas.max_ongoing_requests * num_servers,
+    )
+    return ingress.bind(
+        config.model.served_name, servers, config.router.policy, config.http.api_keys,
+        config.migration, prefill_servers,
+    )
+
+
+def _servers(config: ClusterConfig, engine_factory: EngineFactory | None, pool: str = "",
+             **pd_kwargs) -> list:
+    """The bound engine replicas of a deployment (or of one P/D pool)."""
     engine_config = to_engine_config(config)
     interval_s = config.http.stream_interval_ms / MS_PER_S
-    servers = [
+    return [
         serve.deployment(LLMServerDeployment)
         .options(
-            name=server_name(i),
+            name=server_name(i, pool),
             num_replicas=1,
             ray_actor_options=_replica_actor_options(config),
             max_ongoing_requests=config.replicas.max_ongoing_requests,
@@ -66,20 +95,10 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             **_placement_options(config),
         )
-        .bind(engine_config, config.model.served_name, engine_factory, interval_s, server_name(i),
-              config.http.tool_call_parser)
+        .bind(engine_config, config.model.served_name, engine_factory, interval_s,
+              server_name(i, pool), config.http.tool_call_parser, **pd_kwargs)
         for i in range(config.replicas.count)
     ]
-    ingress = serve.deployment(make_ingress_class()).options(
-        name=INGRESS_NAME,
-        num_replicas=1,
-        ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
-        max_ongoing_requests=config.replicas.max_ongoing_requests * config.replicas.count,
-    )
-    return ingress.bind(
-        config.model.served_name, servers, config.router.policy, config.http.api_keys,
-        config.migration,
-    )
 
 
 def app_builder(args: dict) -> Application:
@@ -145,9 +164,12 @@ def deploy(
     With `is_blocking`, return once every replica is running; otherwise return at once.
     """
     start_http(config)
-    logger.info(
-        "Deploying %s: %d replica(s) of %s", config.name, config.replicas.count, config.model.name
-    )
+    if config.pd is None:
+        logger.info("Deploying %s: %d replica(s) of %s", config.name, config.replicas.count,
+                    config.model.name)
+    else:
+        logger.info("Deploying %s: %d prefill and %d decode replica(s) of %s", config.name,
+                    config.pd.prefill.count, config.pd.decode.count, config.model.name)
     app = build_app(config, engine_factory)
     serve._run(app, name=config.name, route_prefix=route_prefix, _blocking=is_blocking)
 

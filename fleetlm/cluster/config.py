@@ -9,7 +9,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from fleetlm.executor.config import EngineConfig, ParallelConfig
 from fleetlm.executor.settings import (
     EngineArgs,
+    EngineSection,
     ParallelSection,
     Section,
     describe,
@@ -144,24 +145,54 @@ class ClusterParallelSection(ParallelSection):
 
 
 class PoolSection(Section):
+    """One pool of a prefill/decode deployment: its replicas, their resources, parallelism
+    and engine settings. Keys left out take the top-level `replicas`, `parallel` and `engine`
+    sections' values."""
+
     count: int = Field(1, ge=1, description="Replicas in this pool.")
-    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by each replica.")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved by each replica.")
-    parallel: ClusterParallelSection = Field(
-        default_factory=ClusterParallelSection, description="Parallel sizes of each replica."
-    )
+    num_cpus: float | None = Field(
+        None, ge=0, description="Ray CPUs reserved by each replica; default: replicas.num_cpus.")
+    num_gpus: float | None = Field(
+        None, ge=0, description="Ray GPUs reserved by each replica; default: replicas.num_gpus.")
+    num_threads: int | None = Field(
+        None, ge=1, description="Math-library threads of each replica (OMP_NUM_THREADS); "
+        "default: replicas.num_threads.")
+    resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources of each replica (e.g. {pool-prefill: 1}); "
+        "default: replicas.resources.")
+    parallel: ClusterParallelSection | None = Field(
+        None, description="Parallel sizes of each replica; default: the top-level parallel "
+        "section. The pools may differ (KV heads are re-split on the way).")
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="Engine settings of this pool that differ from the "
+        "top-level engine section, e.g. {max_num_batched_tokens: 2048}.")
+
+    @model_validator(mode="after")
+    def _check_engine_keys(self) -> PoolSection:
+        unknown = sorted(set(self.engine) - set(EngineSection.model_fields))
+        if unknown:
+            raise ValueError(f"engine: unknown keys {unknown}; use the engine section's keys")
+        if self.resources:
+            _check_custom_resources("resources", self.resources)
+        return self
 
 
 class PDSection(Section):
-    enabled: bool = Field(False, description="Split prefill and decode into separate pools.")
+    """Disaggregated prefill and decode: the decode pool answers requests and has a prefill
+    replica compute each long prompt, then reads its KV (`fleetlm.kvtransfer`) and decodes.
+    The top-level `kv_transfer` section sets the transport, timeouts and failure policy."""
+
     prefill: PoolSection = Field(default_factory=PoolSection, description="The prefill pool.")
     decode: PoolSection = Field(default_factory=PoolSection, description="The decode pool.")
-
-    @model_validator(mode="after")
-    def _check_implemented(self) -> PDSection:
-        if self.enabled:
-            raise ValueError("pd.enabled (disaggregated prefill/decode) is not implemented yet")
-        return self
+    threshold_tokens: int = Field(
+        256, ge=0,
+        description="A prompt with fewer tokens than this that the decode replica does not "
+        "already hold in its prefix cache is prefilled by the decode replica itself (a "
+        "transfer would cost more than it saves). 0: every prompt goes to the prefill pool.")
+    prefill_timeout_s: float = Field(
+        60.0, gt=0,
+        description="How long the decode replica waits for a prefill replica's answer before "
+        "it applies kv_transfer.failure_policy (recompute: prefill itself; fail: a 503).")
 
 
 class ClusterConfig(EngineArgs):
@@ -180,7 +211,35 @@ class ClusterConfig(EngineArgs):
     migration: MigrationSection = Field(
         default_factory=MigrationSection, description="Requests of failed replicas."
     )
-    pd: PDSection = Field(default_factory=PDSection, description="Prefill/decode pools.")
+    pd: PDSection | None = Field(
+        None, description="Disaggregated prefill and decode pools; null: every replica does both.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_old_pd_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("pd"), dict) and \
+                "enabled" in data["pd"]:
+            raise ValueError("pd.enabled is gone: a pd section turns prefill/decode pools on, "
+                             "pd: null (or no pd section) turns them off")
+        return data
+
+    @model_validator(mode="after")
+    def _check_pd(self) -> ClusterConfig:
+        if self.pd is None:
+            return self
+        if self.replicas.count != 1:
+            raise ValueError("replicas.count: with a pd section, pd.prefill.count and "
+                             "pd.decode.count size the pools; leave replicas.count out")
+        if self.kv_transfer is not None and "role" in self.kv_transfer.model_fields_set:
+            raise ValueError("kv_transfer.role: with a pd section each pool's role is set for "
+                             "it (prefill: producer, decode: consumer); leave it out")
+        if self.kv_transfer is not None and self.kv_transfer.transport == "inproc":
+            raise ValueError("kv_transfer.transport: the pools run in separate processes; "
+                             "use tcp or shm")
+        prefill, decode = pool_config(self, "prefill"), pool_config(self, "decode")
+        if prefill.engine.block_size != decode.engine.block_size:  # the KV layout
+            raise ValueError("pd: the pools' engine.block_size must be equal")
+        return self
 
     @model_validator(mode="after")
     def _check_replica_bundle(self) -> ClusterConfig:
@@ -188,6 +247,31 @@ class ClusterConfig(EngineArgs):
             raise ValueError("replicas.num_cpus must be above 0 when a replica drives a worker "
                              "group: its placement-group bundle needs some resource")
         return self
+
+
+Pool = Literal["prefill", "decode"]
+_POOL_ROLES = {"prefill": "producer", "decode": "consumer"}
+
+
+def pool_config(config: ClusterConfig, pool: Pool) -> ClusterConfig:
+    """One pool of a P/D deployment as a plain deployment: its replicas, parallelism and
+    engine settings, and the KV-transfer role of its engines (`ValueError` naming the pool's
+    key if they do not make a valid deployment)."""
+    section = getattr(config.pd, pool)
+    data = config.model_dump(exclude={"pd"})
+    replicas = data["replicas"]
+    replicas["count"] = section.count
+    for key in ("num_cpus", "num_gpus", "num_threads", "resources"):
+        if getattr(section, key) is not None:
+            replicas[key] = getattr(section, key)
+    if section.parallel is not None:
+        data["parallel"] = section.parallel.model_dump()
+    data["engine"].update(section.engine)
+    data["kv_transfer"] = {**(data["kv_transfer"] or {}), "role": _POOL_ROLES[pool]}
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"pd.{pool}: {describe(e)}") from None
 
 
 def load_config(path: str | Path) -> ClusterConfig:

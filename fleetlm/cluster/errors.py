@@ -96,6 +96,16 @@ def engine_dead() -> OpenAIError:
     )
 
 
+def kv_transfer_failed(detail: str) -> OpenAIError:
+    """A P/D request whose prompt KV could not be computed or read, under the "fail" policy."""
+    return OpenAIError(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        f"The prompt's KV cache could not be transferred ({detail}); retry the request.",
+        type="server_error",
+        code="kv_transfer_failed",
+    )
+
+
 def internal_error(error: BaseException) -> OpenAIError:
     return OpenAIError(
         HTTPStatus.INTERNAL_SERVER_ERROR,

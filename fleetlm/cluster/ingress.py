@@ -83,10 +83,15 @@ class OpenAIIngress:
         router_policy: str = "least_loaded",
         api_keys: Sequence[str] = (),
         migration: MigrationSection | None = None,
+        prefill_servers: Sequence[DeploymentHandle] = (),
     ) -> None:
+        """`servers`: the replicas requests go to (a P/D deployment's decode pool);
+        `prefill_servers`: a P/D deployment's prefill pool, which the decode replicas call
+        themselves; here they count only for /health and /metrics."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
         self.servers = [server.options(stream=True) for server in servers]
+        self.prefill_servers = [server.options(stream=False) for server in prefill_servers]
         self.router = build_router(router_policy, [s.deployment_name for s in servers])
         self.api_keys = [key.encode() for key in api_keys]
         self.migration = migration or MigrationSection()
@@ -118,7 +123,9 @@ class OpenAIIngress:
     async def health(self) -> Response:
         """200 if every replica's engine (and each of its workers) lives, else 503 at once:
         a replica that does not answer within HEALTH_PROBE_TIMEOUT_S counts as down."""
-        answers = await asyncio.gather(*(self._probe(i) for i in range(len(self.servers))))
+        answers = await asyncio.gather(
+            *(self._probe(i) for i in range(len(self.servers))),
+            *(self._is_healthy(handle) for handle in self.prefill_servers))
         for replica, is_healthy in zip(self.router.replicas, answers):
             if is_healthy:
                 replica.is_healthy = True
@@ -132,17 +139,18 @@ class OpenAIIngress:
         """Every replica that answers within METRICS_TIMEOUT_S; one that does not (dead, being
         replaced) is left out and shows as `fleetlm:replica_up 0`, so one dead replica never
         holds the scrape past Prometheus's own timeout."""
+        handles = [*(s.options(stream=False) for s in self.servers), *self.prefill_servers]
         snapshots = await asyncio.gather(
-            *(self._unary(i, "metrics_snapshot", METRICS_TIMEOUT_S)
-              for i in range(len(self.servers))),
+            *(_call(handle, "metrics_snapshot", METRICS_TIMEOUT_S) for handle in handles),
             return_exceptions=True,
         )  # fmt: skip
         answered, missing = [], []
-        for replica, snapshot in zip(self.router.replicas, snapshots):
+        for handle, snapshot in zip(handles, snapshots):
             if isinstance(snapshot, BaseException):
-                missing.append((self.model_name, replica.name))
+                missing.append((self.model_name, handle.deployment_name))
             else:
-                answered.append({**snapshot, "replica_id": snapshot["replica_id"] or replica.name})
+                answered.append({**snapshot,
+                                 "replica_id": snapshot["replica_id"] or handle.deployment_name})
         return Response(render_metrics(answered, missing), media_type=METRICS_CONTENT_TYPE)
 
     async def index(self) -> Response:
@@ -274,8 +282,12 @@ class OpenAIIngress:
                 return
 
     async def _probe(self, index: int) -> bool:
+        return await self._is_healthy(self.servers[index].options(stream=False))
+
+    @staticmethod
+    async def _is_healthy(handle: DeploymentHandle) -> bool:
         try:
-            return await self._unary(index, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
+            return await _call(handle, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
         except Exception:  # noqa: BLE001 - dead, being replaced, or too slow: not healthy
             return False
 
@@ -290,15 +302,18 @@ class OpenAIIngress:
         return await self._unary(replicas[-1].index, method, UNARY_TIMEOUT_S)
 
     async def _unary(self, index: int, method: str, timeout_s: float) -> Any:
-        """Call a plain (non-streaming) method of replica `index`; TimeoutError after
-        `timeout_s` (the call is then cancelled)."""
-        handle = self.servers[index].options(stream=False)
-        response = getattr(handle, method).remote()
-        try:
-            return await asyncio.wait_for(_result(response), timeout_s)
-        except TimeoutError:
-            response.cancel()
-            raise
+        return await _call(self.servers[index].options(stream=False), method, timeout_s)
+
+
+async def _call(handle: DeploymentHandle, method: str, timeout_s: float) -> Any:
+    """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s` (the
+    call is then cancelled)."""
+    response = getattr(handle, method).remote()
+    try:
+        return await asyncio.wait_for(_result(response), timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise
 
 
 async def _result(response) -> Any:

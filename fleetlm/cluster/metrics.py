@@ -18,8 +18,7 @@ A replica that does not answer (dead, being replaced, too slow) is left out of t
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -32,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from fleetlm.executor.protocol import EngineStats
+from fleetlm.executor.transfer_stats import TRANSFER_LATENCY_BUCKETS, Histogram
 
 # The classic text exposition format, which every Prometheus version scrapes.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,6 +58,8 @@ GAUGES = (
     ("num_requests_running", "Number of requests in model execution batches."),
     ("num_requests_waiting", "Number of requests waiting to be processed."),
     ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+    ("kv_transfer_active_leases", ("Finished prompts whose KV blocks a prefill replica holds "
+                                   "for a decode replica to read.")),
 )
 COUNTERS = (
     ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
@@ -68,7 +70,13 @@ COUNTERS = (
     ("spec_decode_num_drafts", "Number of spec decoding drafts (steps that verified drafts)."),
     ("spec_decode_num_draft_tokens", "Number of draft tokens."),
     ("spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+    ("kv_transfers", "Prompts whose KV a decode replica read from a prefill replica."),
+    ("kv_transfer_bytes", "Bytes of KV a decode replica read from prefill replicas."),
 )
+KV_TRANSFER_FAILURES_HELP = ("Prompts whose KV could not be computed elsewhere or read, by "
+                             "cause; each was recomputed or failed (kv_transfer.failure_policy).")
+PD_PREFILLS_HELP = ("Prompts of a P/D deployment by where they were prefilled: remote (the "
+                    "prefill pool) or local (the decode replica: short or cached).")
 ACCEPTED_PER_POSITION_HELP = "Accepted tokens per draft position."
 HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
@@ -76,6 +84,8 @@ HISTOGRAMS = (
     ("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
     ("request_prompt_tokens", "Number of prefill tokens processed, per finished request."),
     ("request_generation_tokens", "Number of generation tokens processed, per finished request."),
+    ("kv_transfer_latency_seconds", ("Histogram of the time from a decode replica's admission "
+                                     "of a prompt to its KV having arrived.")),
 )
 REQUEST_SUCCESS_HELP = "Count of successfully processed requests."
 REPLICA_UP_HELP = ("1 if the replica answered this scrape, 0 if not (dead, being replaced or "
@@ -93,23 +103,6 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
         scale *= 10
 
 
-class _Histogram:
-    """Per-bucket (not cumulative) counts; the last slot is the +Inf bucket."""
-
-    def __init__(self, bounds: Sequence[float]):
-        self.bounds = tuple(float(b) for b in bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = <=).
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
-
-
 class MetricsRecorder:
     """Request-level metrics of one engine replica.
 
@@ -123,11 +116,11 @@ class MetricsRecorder:
         self.replica_id = replica_id
         self.num_finished_by_reason: dict[str, int] = {}
         self.histograms = {
-            "time_to_first_token_seconds": _Histogram(TTFT_BUCKETS),
-            "inter_token_latency_seconds": _Histogram(INTER_TOKEN_BUCKETS),
-            "e2e_request_latency_seconds": _Histogram(REQUEST_LATENCY_BUCKETS),
-            "request_prompt_tokens": _Histogram(token_buckets),
-            "request_generation_tokens": _Histogram(token_buckets),
+            "time_to_first_token_seconds": Histogram(TTFT_BUCKETS),
+            "inter_token_latency_seconds": Histogram(INTER_TOKEN_BUCKETS),
+            "e2e_request_latency_seconds": Histogram(REQUEST_LATENCY_BUCKETS),
+            "request_prompt_tokens": Histogram(token_buckets),
+            "request_generation_tokens": Histogram(token_buckets),
         }
 
     def on_first_token(self, seconds_since_arrival: float) -> None:
@@ -160,6 +153,7 @@ class MetricsRecorder:
                 "num_requests_running": engine_stats.num_running,
                 "num_requests_waiting": engine_stats.num_waiting,
                 "kv_cache_usage_perc": engine_stats.kv_cache_usage,
+                "kv_transfer_active_leases": engine_stats.kv_active_leases,
             },
             "counters": {
                 "prefix_cache_queries": engine_stats.prefix_cache_queries,
@@ -170,10 +164,17 @@ class MetricsRecorder:
                 "spec_decode_num_drafts": engine_stats.spec_num_drafts,
                 "spec_decode_num_draft_tokens": engine_stats.spec_num_draft_tokens,
                 "spec_decode_num_accepted_tokens": engine_stats.spec_num_accepted_tokens,
+                "kv_transfers": engine_stats.kv_transfers_done,
+                "kv_transfer_bytes": engine_stats.kv_transfer_bytes,
             },
+            "kv_transfer_failures": dict(engine_stats.kv_transfer_failures),
             "accepted_per_position": list(engine_stats.spec_accepted_per_position),
             "request_success": dict(self.num_finished_by_reason),
-            "histograms": {name: h.to_dict() for name, h in self.histograms.items()},
+            "histograms": {
+                **{name: h.to_dict() for name, h in self.histograms.items()},
+                "kv_transfer_latency_seconds": engine_stats.kv_transfer_latency
+                or Histogram(TRANSFER_LATENCY_BUCKETS).to_dict(),
+            },
         }
 
 
@@ -206,7 +207,11 @@ class _SnapshotCollector:
         yield from self._gauges()
         yield from self._counters()
         yield self._accepted_per_position()
-        yield self._request_success()
+        yield self._labelled_counter("request_success", REQUEST_SUCCESS_HELP, "finished_reason",
+                                     lambda snap: snap["request_success"])
+        yield self._labelled_counter("kv_transfer_failures", KV_TRANSFER_FAILURES_HELP, "cause",
+                                     _transfer_failures)
+        yield self._labelled_counter("pd_prefills", PD_PREFILLS_HELP, "where", _pd_prefills)
         yield from self._histograms()
 
     def _replica_up(self) -> Metric:
@@ -248,16 +253,17 @@ class _SnapshotCollector:
                 family.add_metric([model, str(position)], num)
         return family
 
-    def _request_success(self) -> Metric:
-        name, labels = PREFIX + "request_success", ["model_name", "finished_reason"]
-        family = CounterMetricFamily(name, REQUEST_SUCCESS_HELP, labels=labels)
+    def _labelled_counter(self, name: str, doc: str, label: str,
+                          counts_of: Callable[[dict[str, Any]], dict[str, int]]) -> Metric:
+        """One counter series per model and label value, summed over the replicas."""
+        family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name", label])
         for model, snaps in self.by_model.items():
             totals: dict[str, int] = {}
             for snap in snaps:
-                for reason, num in snap["request_success"].items():
-                    totals[reason] = totals.get(reason, 0) + num
-            for reason in sorted(totals):
-                family.add_metric([model, reason], totals[reason])
+                for value, num in counts_of(snap).items():
+                    totals[value] = totals.get(value, 0) + num
+            for value in sorted(totals):
+                family.add_metric([model, value], totals[value])
         return family
 
     def _histograms(self) -> Iterator[Metric]:
@@ -267,6 +273,19 @@ class _SnapshotCollector:
                 merged = _merge_histograms([snap["histograms"][name] for snap in snaps], name)
                 family.add_metric([model], _cumulative_buckets(merged), merged["sum"])
             yield family
+
+
+def _transfer_failures(snap: dict[str, Any]) -> dict[str, int]:
+    """The engine's failed loads and, on a decode replica, its failed prefill calls."""
+    failures = dict(snap.get("kv_transfer_failures", {}))
+    for cause, num in snap.get("pd", {}).get("failures_by_cause", {}).items():
+        failures[cause] = failures.get(cause, 0) + num
+    return failures
+
+
+def _pd_prefills(snap: dict[str, Any]) -> dict[str, int]:
+    pd = snap.get("pd")
+    return {"remote": pd["num_remote"], "local": pd["num_local"]} if pd else {}
 
 
 def _replica_ids(snapshots: Sequence[dict[str, Any]], missing: Sequence[str]) -> dict[int, str]:

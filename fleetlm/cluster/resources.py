@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fleetlm.cluster.config import ClusterConfig
+from fleetlm.cluster.config import ClusterConfig, pool_config
 
 # Ray's accounting is in units of 1/10000; anything smaller is rounding.
 EPSILON = 1e-6
@@ -49,12 +49,25 @@ class Node:
 
 def deployment_groups(config: ClusterConfig) -> list[Group]:
     """The engine replicas' groups and the ingress, as `fleetlm.cluster.app` reserves them."""
-    from fleetlm.cluster.app import INGRESS_NAME, replica_bundles, server_name
+    from fleetlm.cluster.app import INGRESS_NAME
+
+    if config.pd is None:
+        groups = _replica_groups(config)
+    else:
+        groups = [*_replica_groups(pool_config(config, "prefill"), "prefill"),
+                  *_replica_groups(pool_config(config, "decode"), "decode")]
+    groups.append(Group(INGRESS_NAME, (Bundle(INGRESS_NAME,
+                                              {"CPU": config.http.ingress_num_cpus}),)))
+    return groups
+
+
+def _replica_groups(config: ClusterConfig, pool: str = "") -> list[Group]:
+    from fleetlm.cluster.app import replica_bundles, server_name
 
     bundles = replica_bundles(config)
     groups = []
     for index in range(config.replicas.count):
-        name = server_name(index)
+        name = server_name(index, pool)
         if len(bundles) == 1:
             groups.append(Group(name, (Bundle(name, bundles[0]),)))
             continue
@@ -62,8 +75,6 @@ def deployment_groups(config: ClusterConfig) -> list[Group]:
             f"{name} bundle {rank + 1} (worker rank {rank})" for rank in range(len(bundles) - 1)]
         groups.append(Group(name, tuple(map(Bundle, owners, bundles)),
                             config.parallel.placement_strategy))
-    groups.append(Group(INGRESS_NAME, (Bundle(INGRESS_NAME,
-                                              {"CPU": config.http.ingress_num_cpus}),)))
     return groups
 
 

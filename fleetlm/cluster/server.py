@@ -20,17 +20,19 @@ import dataclasses
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import jinja2
 
 from fleetlm.cluster import errors
+from fleetlm.cluster.config import PDSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import MetricsRecorder
 from fleetlm.cluster.migration import DONE_EVENT, Resume, StreamChunk
 from fleetlm.cluster.openai_format import ChatFormatter, ChoiceProgress, CompletionFormatter
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
+from fleetlm.cluster.pd import PrefillFailed, RemotePrefill
 from fleetlm.cluster.request_timing import RequestTimer
 from fleetlm.cluster.streams import merge_streams
 from fleetlm.cluster.tool_calls import DEFAULT_TOOL_CALL_PARSER, ToolParser, make_tool_parser
@@ -40,6 +42,7 @@ from fleetlm.executor.outputs import RequestOutput
 from fleetlm.executor.protocol import EngineClient, EngineStats
 from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
 from fleetlm.executor.scheduler import SchedulerQueueFullError
+from fleetlm.kvtransfer.params import DO_REMOTE_DECODE
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,12 @@ class LLMServer:
         stream_interval_s: float = 0.0,
         replica_id: str = "",
         tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
+        prefill_servers: Sequence[Any] = (),
+        pd: PDSection | None = None,
     ) -> None:
+        """`prefill_servers` (handles of a prefill pool's replicas) and `pd` make this a
+        decode replica of a P/D deployment (pd.py); a prefill replica is a plain one whose
+        engine is a KV producer, asked through `prefill`."""
         logger.info("Loading model %s", engine_config.model.model)
         self.engine = (engine_factory or default_engine_factory)(engine_config)
         self.model_name = served_model_name
@@ -78,6 +86,9 @@ class LLMServer:
         self.num_pending = 0  # engine requests sent that have not produced output yet
         self.tool_parser = make_tool_parser(tool_call_parser)
         self._is_template_tool_aware: bool | None = None  # found on the first tools request
+        self.remote_prefill = RemotePrefill(prefill_servers, pd) if prefill_servers else None
+        transfer = engine_config.kv_transfer
+        self.transfer_failure_policy = transfer.failure_policy if transfer else "recompute"
 
     # ---- OpenAI endpoints ----------------------------------------------------------------
 
@@ -118,6 +129,19 @@ class LLMServer:
         async for item in self._generate(formatter, request_id, prompts, params, request, resume):
             yield item
 
+    async def prefill(self, prompt_token_ids: list[int], request_id: str) -> dict:
+        """A prefill replica's part of a P/D request: compute the prompt's KV, keep it for a
+        decode replica to read, and answer its transfer params (an exception if there are
+        none: the decode side then applies its failure policy)."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        final = None
+        async for output in self.engine.generate(prompt_token_ids, params, request_id,
+                                                 kv_transfer_params={DO_REMOTE_DECODE: True}):
+            final = output
+        if final is None or not final.kv_transfer_params:
+            raise RuntimeError(f"the prefill of {request_id} left no KV to transfer")
+        return final.kv_transfer_params
+
     # ---- state for the ingress, the router and Ray Serve ---------------------------------
 
     def stats(self) -> EngineStats:
@@ -125,7 +149,10 @@ class LLMServer:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """This replica's part of /metrics (see `fleetlm.cluster.metrics.render_metrics`)."""
-        return self.metrics.snapshot(self.engine.stats(), self.model_name)
+        snapshot = self.metrics.snapshot(self.engine.stats(), self.model_name)
+        if self.remote_prefill is not None:
+            snapshot["pd"] = self.remote_prefill.snapshot()
+        return snapshot
 
     def is_healthy(self) -> bool:
         return self.engine.is_healthy
@@ -257,12 +284,34 @@ class LLMServer:
     ) -> AsyncIterator[RequestOutput]:
         """The engine's stream, started lazily so eager validation errors surface in it too;
         a resumed choice goes on after the tokens its client has."""
-        resume = {}
+        resume: dict[str, Any] = {}
         if progress is not None and progress.token_ids:
             resume = {"resume_token_ids": list(progress.token_ids)}
             params = dataclasses.replace(params, prompt_logprobs=None)  # already sent
+        elif self.remote_prefill is not None and params.prompt_logprobs is None:
+            transfer_params = await self._prefill_elsewhere(prompt, request_id)
+            if transfer_params is not None:
+                resume = {"kv_transfer_params": transfer_params}
         async for output in self.engine.generate(prompt, params, request_id, **resume):
+            completion = output.outputs[0]
+            if completion.finish_reason == "error":  # its KV could not be read (policy "fail")
+                raise KVTransferFailed(str(completion.stop_reason or "the load failed"))
             yield output
+
+    async def _prefill_elsewhere(self, prompt: str | list[int], request_id: str) -> dict | None:
+        """A decode replica: the transfer params of the prompt computed by a prefill replica,
+        or None to compute it here (short or cached prompt, or a failed prefill under the
+        recompute policy)."""
+        token_ids = self.engine.tokenize(prompt)
+        if len(token_ids) >= self.engine.max_model_len or not self.remote_prefill.is_worth_it(
+                len(token_ids), self.engine.num_cached_prefix_tokens(token_ids)):
+            return None  # a prompt too long is refused by the local engine, with a 400
+        try:
+            return await self.remote_prefill.prefill(token_ids, f"{request_id}-prefill")
+        except PrefillFailed as e:
+            if self.transfer_failure_policy == "fail":
+                raise KVTransferFailed(str(e)) from None
+            return None
 
     @staticmethod
     def _chunks(
@@ -376,7 +425,14 @@ def _num_resumed(progress: dict[int, ChoiceProgress], index: int) -> int:
     return progress[index].num_tokens if index in progress else 0
 
 
+class KVTransferFailed(Exception):
+    """A decode replica could not get a prompt's KV and its failure policy is "fail"."""
+
+
 def _as_openai_error(error: Exception, request_id: str, is_healthy: bool) -> OpenAIError:
+    if isinstance(error, KVTransferFailed):
+        logger.warning("request %s failed: %s", request_id, error)
+        return errors.kv_transfer_failed(str(error))
     if isinstance(error, ValueError):
         return errors.bad_request(str(error))
     if isinstance(error, SchedulerQueueFullError):

@@ -116,6 +116,14 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, as `generate` would make them."""
+        return self.engine.input_processor.tokenize(prompt)
+
+    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens of `token_ids` whose KV this engine's prefix cache holds now."""
+        return self.engine.num_cached_prefix_tokens(token_ids)
+
     @property
     def is_healthy(self) -> bool:
         return self._error is None and self._failure is None and self._thread.is_alive()

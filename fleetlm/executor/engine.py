@@ -34,6 +34,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.kv_bytes_per_block = kv_bytes_per_block(self.executor, config)
 
     def make_requests(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                       priority: int = 0, resume_token_ids: list[int] | None = None,
@@ -107,7 +108,23 @@ class LLMEngine:
             prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
-            **_spec_stats(s.get("spec_decode")))
+            **_spec_stats(s.get("spec_decode")),
+            **self._transfer_stats(s))
+
+    def _transfer_stats(self, s: dict) -> dict:
+        if self.config.kv_transfer is None:
+            return {}
+        transfers = s["transfers"]
+        return {"kv_active_leases": s["num_active_leases"],
+                "kv_transfers_done": transfers.num_loads_done,
+                "kv_transfer_bytes": transfers.num_blocks_loaded * self.kv_bytes_per_block,
+                "kv_transfer_failures": dict(transfers.failures_by_cause),
+                "kv_transfer_latency": transfers.latency.to_dict()}
+
+    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading prompt tokens whose KV this engine's prefix cache holds now (see
+        `KVCacheManager.num_cached_prefix_tokens`); safe to ask from any thread."""
+        return self.core.scheduler.kv_cache_manager.num_cached_prefix_tokens(token_ids)
 
 
 def _spec_stats(stats) -> dict:
@@ -128,3 +145,21 @@ def _eos_token_id(tokenizer, hf_config) -> int | None:
         return tokenizer.eos_token_id
     eos = getattr(hf_config, "eos_token_id", None)
     return eos[0] if isinstance(eos, list) else eos
+
+
+def kv_bytes_per_block(executor: Executor, config: EngineConfig) -> int:
+    """K and V of one block over every layer and KV head (all ranks together)."""
+    import torch
+
+    from fleetlm.executor.model_runner import resolve_dtype
+
+    hf_config = executor.hf_config
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    runner = getattr(executor, "runner", None)  # in-process: its dtype; a group's: resolved
+    dtype = runner.dtype if runner is not None else \
+        resolve_dtype(config.model.dtype, getattr(executor, "device", torch.device("cpu")))
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return (2 * hf_config.num_hidden_layers * config.cache.block_size * num_kv_heads * head_dim
+            * element_size)

@@ -81,6 +81,22 @@ class KVCacheManager:
             blocks.append(block)
         return blocks, len(blocks) * self.block_size
 
+    def num_cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of a prompt's leading full blocks that are cached now (as
+        `get_computed_blocks` would find them, without a request and without counting a
+        query). Only reads, so other threads may ask; the answer may be stale by the time the
+        prompt is admitted (a block evicted meanwhile), which suits a routing decision."""
+        if not self.enable_caching:
+            return 0
+        parent = None
+        num_blocks = (len(token_ids) - 1) // self.block_size
+        for index in range(num_blocks):
+            tokens = token_ids[index * self.block_size:(index + 1) * self.block_size]
+            parent = hash_block_tokens(parent, tokens, (), self.hash_seed)
+            if self.block_pool.get_cached_block(parent, tokens) is None:
+                return index * self.block_size
+        return num_blocks * self.block_size
+
     def allocate_slots(
         self,
         request: Request,

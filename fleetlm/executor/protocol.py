@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fleetlm.executor.outputs import RequestOutput
@@ -31,6 +31,14 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: tuple[int, ...] = ()
+    # KV transfer (all 0 without a connector). A prefill engine: finished prompts whose blocks
+    # are held for a reader. A decode engine: loads of remote KV completed, their bytes, failed
+    # loads by cause, and load latency (a `Histogram.to_dict()`, None: no loads yet).
+    kv_active_leases: int = 0
+    kv_transfers_done: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_failures: dict[str, int] = field(default_factory=dict)
+    kv_transfer_latency: dict[str, Any] | None = None
 
 
 class EngineClient(Protocol):

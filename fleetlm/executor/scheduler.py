@@ -28,6 +28,7 @@ from fleetlm.executor.request import Request, RequestStatus, check_stop
 from fleetlm.executor.request_queue import create_request_queue
 from fleetlm.executor.scheduled_batch import ScheduledBatch
 from fleetlm.executor.spec.controller import SpecDecodeController
+from fleetlm.executor.transfer_stats import TransferStats
 from fleetlm.kvtransfer.base import KVConnectorScheduler, NoKVConnectorScheduler
 
 
@@ -87,6 +88,7 @@ class Scheduler:
         self.loaded: list[Request] = []
         self.running: list[Request] = []
         self.sending: dict[str, Request] = {}
+        self.transfer_stats = TransferStats()  # of the loads of remote KV
         self.finished_req_ids: set[str] = set()  # since the last schedule(), for the workers
         self.num_preemptions = 0
         self.num_steps = 0
@@ -144,6 +146,7 @@ class Scheduler:
                 request.num_computed_tokens = loading.num_computed_tokens
                 self.kv_cache_manager.cache_blocks(request, loading.num_computed_tokens)
                 self.loaded.append(request)
+                self.transfer_stats.on_done(request_id)
 
     def fail_receiving(self, failures: Mapping[str, str]) -> list[EngineCoreOutput]:
         """Asynchronous loads that failed (request id -> reason). Their blocks may hold
@@ -157,6 +160,7 @@ class Scheduler:
             if loading is None:
                 continue
             request = loading.request
+            self.transfer_stats.on_failed(request_id, reason)
             if self.connector.failure_policy == "fail":
                 request.status = RequestStatus.FINISHED_ERROR
                 request.stop_reason = f"KV transfer failed: {reason}"
@@ -276,6 +280,10 @@ class Scheduler:
             if admission.is_loading_async:
                 self.loading[request.request_id] = _Loading(
                     request, admission.num_computed_tokens, admission.num_local_tokens)
+                block_size = self.kv_cache_manager.block_size
+                self.transfer_stats.on_start(
+                    request.request_id, -(-admission.num_computed_tokens // block_size)
+                    - admission.num_local_tokens // block_size)
             else:
                 request.num_computed_tokens = admission.num_computed_tokens
                 self._start_running(request, admission.num_new_tokens, batch)
@@ -417,6 +425,7 @@ class Scheduler:
             self.running.remove(request)
         elif request.request_id in self.loading:
             del self.loading[request.request_id]
+            self.transfer_stats.forget(request.request_id)
         elif request in self.loaded:
             self.loaded.remove(request)
         else:
@@ -464,6 +473,8 @@ class Scheduler:
             "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "num_preemptions": self.num_preemptions,
+            "num_active_leases": len(self.sending),
+            "transfers": self.transfer_stats,
             **({} if self.spec is None else {"spec_decode": self.spec.stats}),
         }
 

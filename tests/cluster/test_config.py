@@ -10,6 +10,7 @@ from fleetlm.cluster.config import (
     ClusterConfig,
     check_model_fits,
     load_config,
+    pool_config,
     to_engine_config,
 )
 from fleetlm.executor.config import ParallelConfig
@@ -76,16 +77,9 @@ def test_non_mapping_is_rejected(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
-@pytest.mark.parametrize(
-    "section",
-    [
-        {"pd": {"enabled": True}},
-        {"router": {"policy": "prefix_aware"}},
-    ],
-)
-def test_later_features_are_rejected_clearly(section):
+def test_later_features_are_rejected_clearly():
     with pytest.raises(ValueError, match="not implemented yet"):
-        ClusterConfig.model_validate(section)
+        ClusterConfig.model_validate({"router": {"policy": "prefix_aware"}})
 
 
 def test_old_expert_parallel_size_key_names_its_replacement():
@@ -103,9 +97,37 @@ def test_expert_parallel_keys_reach_the_engine():
         ClusterConfig.model_validate({"parallel": {"all2all_backend": "pplx"}})
 
 
-def test_pd_pools_parse_while_disabled():
-    config = ClusterConfig.model_validate({"pd": {"prefill": {"count": 2}, "decode": {"count": 3}}})
-    assert (config.pd.prefill.count, config.pd.decode.count) == (2, 3)
+def test_pd_pools_become_deployments_of_their_own():
+    config = ClusterConfig.model_validate({
+        "replicas": {"num_cpus": 0.5, "num_threads": 2},
+        "engine": {"max_num_seqs": 8},
+        "kv_transfer": {"transfer_timeout_s": 5},
+        "pd": {"prefill": {"count": 2, "num_threads": 4,
+                           "engine": {"max_num_batched_tokens": 4096}},
+               "decode": {"count": 3, "parallel": {"tensor_parallel_size": 3}}}})
+    prefill, decode = pool_config(config, "prefill"), pool_config(config, "decode")
+    assert (prefill.replicas.count, prefill.replicas.num_threads, prefill.replicas.num_cpus,
+            prefill.engine.max_num_batched_tokens, prefill.engine.max_num_seqs) == (
+        2, 4, 0.5, 4096, 8)
+    assert (decode.replicas.count, decode.parallel.tensor_parallel_size,
+            decode.replicas.num_threads) == (3, 3, 2)
+    assert (prefill.kv_transfer.role, decode.kv_transfer.role) == ("producer", "consumer")
+    assert prefill.kv_transfer.transfer_timeout_s == decode.kv_transfer.transfer_timeout_s == 5
+    assert prefill.pd is None and decode.pd is None
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"pd": {"enabled": True}}, "pd.enabled is gone"),
+    ({"pd": {}, "replicas": {"count": 2}}, "replicas.count"),
+    ({"pd": {}, "kv_transfer": {"role": "both"}}, "kv_transfer.role"),
+    ({"pd": {}, "kv_transfer": {"transport": "inproc"}}, "tcp or shm"),
+    ({"pd": {"decode": {"engine": {"max_num_seq": 4}}}}, "unknown keys \\['max_num_seq'\\]"),
+    ({"pd": {"prefill": {"engine": {"block_size": 0}}}}, "pd.prefill: engine.block_size"),
+    ({"pd": {"prefill": {"engine": {"block_size": 32}}}}, "block_size must be equal"),
+])
+def test_bad_pd_sections_are_named(data, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig.model_validate(data)
 
 
 def test_every_field_has_a_description():

@@ -17,6 +17,7 @@ from fleetlm.cluster.metrics import (
     render_metrics,
 )
 from fleetlm.executor.protocol import EngineStats
+from fleetlm.executor.transfer_stats import TRANSFER_LATENCY_BUCKETS, Histogram
 
 MODEL = "smollm2-135m"
 
@@ -235,3 +236,40 @@ def test_mismatched_buckets_are_rejected():
 def test_build_1_2_5_buckets():
     assert build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
     assert build_1_2_5_buckets(4) == (1, 2)
+
+
+def test_kv_transfer_metrics_of_a_pd_deployment():
+    """A prefill replica's leases, and a decode replica's loads, bytes, latency and failures
+    (its engine's failed loads plus its own failed prefill calls), by cause."""
+    prefill = MetricsRecorder(replica_id="prefill-0").snapshot(_stats(kv_active_leases=2), MODEL)
+    latency = Histogram(TRANSFER_LATENCY_BUCKETS)
+    for seconds in (0.004, 0.02, 0.02):
+        latency.observe(seconds)
+    decode = MetricsRecorder(replica_id="decode-0").snapshot(_stats(
+        kv_transfers_done=3, kv_transfer_bytes=3 * 4096,
+        kv_transfer_failures={"timeout": 1, "unreachable": 2},
+        kv_transfer_latency=latency.to_dict()), MODEL)
+    decode["pd"] = {"num_remote": 6, "num_local": 4,
+                    "failures_by_cause": {"prefill_timeout": 1, "unreachable": 1}}
+    families = _families(render_metrics([prefill, decode]))
+    model = ("model_name", MODEL)
+
+    def sample(family: str, name: str, *labels) -> float:
+        return families[family]["samples"][(name, tuple(sorted([model, *labels])))]
+
+    leases = "fleetlm:kv_transfer_active_leases"
+    assert sample(leases, leases, ("replica", "prefill-0")) == 2
+    assert sample(leases, leases, ("replica", "decode-0")) == 0
+    assert sample("fleetlm:kv_transfers", "fleetlm:kv_transfers_total") == 3
+    assert sample("fleetlm:kv_transfer_bytes", "fleetlm:kv_transfer_bytes_total") == 3 * 4096
+    failures = "fleetlm:kv_transfer_failures"
+    assert {cause: sample(failures, failures + "_total", ("cause", cause))
+            for cause in ("timeout", "unreachable", "prefill_timeout")} == {
+        "timeout": 1, "unreachable": 3, "prefill_timeout": 1}
+    prefills = "fleetlm:pd_prefills"
+    assert sample(prefills, prefills + "_total", ("where", "remote")) == 6
+    assert sample(prefills, prefills + "_total", ("where", "local")) == 4
+    histogram = "fleetlm:kv_transfer_latency_seconds"
+    assert sample(histogram, histogram + "_count") == 3
+    assert sample(histogram, histogram + "_bucket", ("le", "0.005")) == 1
+    assert sample(histogram, histogram + "_bucket", ("le", "0.025")) == 3

@@ -191,3 +191,20 @@ def test_check_invariants_counts_holders():
 def test_block_size_must_be_positive():
     with pytest.raises(ValueError, match="block_size must be at least 1"):
         KVCacheManager(num_blocks=4, block_size=0)
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    (list(range(10)), 8),  # both full blocks of the cached request
+    (list(range(8)), 4),  # the last token is left to compute: one block
+    ([*range(4), 99, 5, 6, 7, 8], 4),  # diverges in the second block
+    ([9, *range(1, 10)], 0),
+])
+def test_num_cached_prefix_tokens_answers_as_an_admission_would(prompt, expected):
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE, hash_seed=3)
+    cached = make_request("a", list(range(10)))
+    admit(manager, cached)
+    manager.cache_blocks(cached, cached.num_computed_tokens)
+    queries = manager.prefix_cache_queries
+    assert manager.num_cached_prefix_tokens(prompt) == expected
+    assert manager.get_computed_blocks(make_request("b", prompt))[1] == expected
+    assert manager.prefix_cache_queries == queries  # neither counts as a lookup

@@ -113,6 +113,9 @@ def test_asynchronous_load_waits_for_finish_receiving():
 
     scheduler.finish_receiving(["r", "unknown"])
     assert len(scheduler.kv_cache_manager.block_pool.cached_blocks) == 2
+    stats = scheduler.transfer_stats  # one load of 2 blocks (tokens 0..7), timed
+    assert (stats.num_loads_done, stats.num_blocks_loaded, sum(stats.latency.counts),
+            stats.failures_by_cause) == (1, 2, 1, {})
     out, results = step(scheduler)
     assert out.num_scheduled_tokens == {"r": 2}
     (new,) = out.scheduled_new_reqs
@@ -201,6 +204,8 @@ def test_a_failed_load_is_recomputed_after_the_local_prefix_never_served():
     assert results["r"].num_cached_tokens == 4
     scheduler.finish_receiving(["r"])  # a late success report changes nothing
     scheduler.check_invariants()
+    stats = scheduler.transfer_stats
+    assert (stats.num_loads_done, stats.failures_by_cause) == (0, {"timeout": 1})
 
 
 def test_a_failed_load_finishes_the_request_with_an_error_under_the_fail_policy():
@@ -211,6 +216,7 @@ def test_a_failed_load_finishes_the_request_with_an_error_under_the_fail_policy(
     _, results = transfer_news(scheduler, failed_recving={"r": "lease expired", "x": "?"})
     assert results["r"].finish_reason == "error"
     assert results["r"].stop_reason == "KV transfer failed: lease expired"
+    assert scheduler.transfer_stats.failures_by_cause == {"lease expired": 1}
     assert results["r"].new_token_ids == []
     assert connector.finished == [("r", [0, 1, 2])]
     assert scheduler.kv_cache_manager.num_free_blocks == 8

@@ -221,11 +221,14 @@ def test_stats():
     scheduler.add_request(make_request("a", 5))
     scheduler.add_request(make_request("b", 5))
     step(scheduler)
-    assert scheduler.stats() == {
+    stats = scheduler.stats()
+    assert stats.pop("transfers") is scheduler.transfer_stats
+    assert stats == {
         "num_running": 1,
         "num_waiting": 1,
         "kv_cache_usage": 0.25,
         "prefix_cache_queries": 5,
         "prefix_cache_hits": 0,
         "num_preemptions": 0,
+        "num_active_leases": 0,
     }

@@ -1,0 +1,108 @@
+"""Disaggregated prefill and decode in the serving layer: the decode replica orchestrates.
+
+    ingress ──> decode replica (LLMServer with a `RemotePrefill`)
+                  decide: fewer prompt tokens than `pd.threshold_tokens` missing from the
+                          local prefix cache? prefill here, as a colocated replica would
+                  else: a prefill replica's `LLMServer.prefill(token ids)` computes the prompt
+                        (one token, discarded) and answers the KV's transfer params
+                  engine.generate(prompt, kv_transfer_params=...) reads the KV and decodes
+
+The prefill replicas' engines keep each prompt's blocks under a lease until the decode
+engine has read them (or the lease ends); the decode engine applies `kv_transfer.
+failure_policy` to a load that fails. Here the same policy covers the prefill call itself:
+a prefill replica that is dead, errs or takes longer than `pd.prefill_timeout_s` means
+`recompute` (the decode replica prefills itself) or `fail` (a 503 in OpenAI's shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fleetlm.cluster.config import PDSection
+from fleetlm.cluster.router import ReplicaState, Router, RoutingRequest, queue_scorer
+
+logger = logging.getLogger(__name__)
+
+# A prefill replica that failed gets no prompts for this long (unless every one has failed).
+DOWN_FOR_S = 5.0
+
+
+class PrefillFailed(Exception):
+    """No prefill replica computed the prompt; `cause` labels the failure metric."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(f"{cause}: {message}")
+        self.cause = cause
+
+
+class RemotePrefill:
+    """A decode replica's view of the prefill pool: which prompts go there, and the calls."""
+
+    def __init__(self, prefill_servers: Sequence[Any], pd: PDSection) -> None:
+        self.handles = [server.options(stream=False) for server in prefill_servers]
+        self.threshold_tokens = pd.threshold_tokens
+        self.timeout_s = pd.prefill_timeout_s
+        self._down_until: dict[int, float] = {}
+        self.router = Router([h.deployment_name for h in prefill_servers],
+                             filters=[self._up_filter], scorers=[(queue_scorer, 1.0)])
+        # For the metrics: prompts sent to the prefill pool or kept here, failed calls.
+        self.num_remote = 0
+        self.num_local = 0
+        self.failures_by_cause: dict[str, int] = {}
+
+    def is_worth_it(self, num_prompt_tokens: int, num_cached_tokens: int) -> bool:
+        """The decider: does the prompt have enough uncached tokens to send it away?"""
+        is_remote = num_prompt_tokens - num_cached_tokens >= max(self.threshold_tokens, 1) \
+            and num_prompt_tokens > 1
+        if is_remote:
+            self.num_remote += 1
+        else:
+            self.num_local += 1
+        return is_remote
+
+    async def prefill(self, token_ids: list[int], request_id: str) -> dict:
+        """The transfer params of `token_ids` computed by a prefill replica, or
+        `PrefillFailed`. Cancelling this cancels the prefill replica's request."""
+        replica = self.router.pick(RoutingRequest(request_id))
+        self.router.on_start(replica)
+        response = self.handles[replica.index].prefill.remote(token_ids, request_id)
+        try:
+            params = await asyncio.wait_for(_result(response), self.timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise self._failed(replica, "prefill_timeout",
+                               f"{replica.name} did not answer within {self.timeout_s:g} s") \
+                from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - dead, being replaced, or its engine failed
+            raise self._failed(replica, "prefill_failed",
+                               f"{replica.name}: {type(e).__name__}: {e}") from None
+        finally:
+            self.router.on_finish(replica)
+        self._down_until.pop(replica.index, None)
+        return params
+
+    def _failed(self, replica: ReplicaState, cause: str, message: str) -> PrefillFailed:
+        logger.warning("prefill failed (%s)", message)
+        self._down_until[replica.index] = time.monotonic() + DOWN_FOR_S
+        self.failures_by_cause[cause] = self.failures_by_cause.get(cause, 0) + 1
+        return PrefillFailed(cause, message)
+
+    def _up_filter(self, request: RoutingRequest,
+                   replicas: list[ReplicaState]) -> list[ReplicaState]:
+        now = time.monotonic()
+        return [r for r in replicas if self._down_until.get(r.index, 0.0) <= now]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"num_remote": self.num_remote, "num_local": self.num_local,
+                "failures_by_cause": dict(self.failures_by_cause)}
+
+
+async def _result(response) -> Any:
+    return await response

@@ -1,0 +1,231 @@
+"""A prefill/decode deployment of the built-in model over HTTP: one prefill and one decode
+replica (one thread each) exchanging KV over TCP, driven through the OpenAI SDK.
+
+Greedy answers must equal the offline (colocated) engine's for prompts of hidden lengths:
+short (kept on the decode replica), exact block multiples, longer than one chunked-prefill
+step, and with a prefix the decode replica already holds. Faults are real: the prefill
+replica wedged (SIGSTOP) past the prefill timeout, killed (SIGKILL) before it computed a
+prompt; a decode side that never reads what was computed for it (as when it dies). Each request
+completes with the right text or fails cleanly, the blocks come back, serving goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import actors
+import openai
+import pytest
+import requests
+from conftest import small_config
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleetlm.cluster.app import server_name
+from fleetlm.cluster.config import ClusterConfig
+from fleetlm.executor.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+APP = "pd"
+MODEL = "smollm2-135m-instruct"
+ENGINE = {"kv_cache_memory_bytes": 32 << 20, "max_num_seqs": 8, "max_num_batched_tokens": 64}
+MAX_MODEL_LEN = 512
+BLOCK_SIZE = 16
+THRESHOLD = 24  # prompts with fewer uncached tokens stay on the decode replica
+LEASE_TIMEOUT_S = 3.0
+PREFILL_TIMEOUT_S = 4.0
+NUM_TOKENS = 8
+TIMEOUT_S = 300.0
+PREFILL = server_name(0, "prefill")
+DECODE = server_name(0, "decode")
+TEXT = ("The history of the city begins with a small settlement on the river, where traders "
+        "from the north met farmers from the valley. Over the centuries the market grew into "
+        "a town, the town built walls, and the walls were later torn down to make room for "
+        "wide streets, parks and a railway station that connected it to the capital. ") * 4
+
+
+def _config() -> ClusterConfig:
+    data = small_config(engine=ENGINE, model={"max_model_len": MAX_MODEL_LEN}).model_dump()
+    data["pd"] = {"threshold_tokens": THRESHOLD, "prefill_timeout_s": PREFILL_TIMEOUT_S}
+    data["kv_transfer"] = {"lease_timeout_s": LEASE_TIMEOUT_S, "transfer_timeout_s": 20.0}
+    return ClusterConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def pd(http_port):
+    from ray import serve
+
+    from fleetlm.cluster.app import build_app
+
+    serve.run(build_app(_config()), name=APP, route_prefix=f"/{APP}")
+    yield f"http://127.0.0.1:{http_port}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    from fleetlm.executor.llm import LLM
+
+    return LLM(MODEL, max_model_len=MAX_MODEL_LEN, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def token_ids(offline) -> list[int]:
+    ids = offline.get_tokenizer().encode(TEXT)
+    assert len(ids) > 200
+    return ids
+
+
+def _client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=TIMEOUT_S)
+
+
+def _expected(offline, prompt: list[int]) -> str:
+    [out] = offline.generate([prompt], SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS))
+    return out.outputs[0].text
+
+
+def _complete(base_url: str, prompt: list[int], stream: bool = False) -> str:
+    response = _client(base_url).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=NUM_TOKENS, temperature=0, stream=stream)
+    if stream:
+        return "".join(chunk.choices[0].text for chunk in response if chunk.choices)
+    return response.choices[0].text
+
+
+def _metrics(base_url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    text = requests.get(f"{base_url}/metrics", timeout=TIMEOUT_S).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _sample(metrics: dict, name: str, **labels) -> float:
+    labels = {"model_name": MODEL, **labels}
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _where(base_url: str) -> tuple[float, float]:
+    """(prompts the decider sent to the prefill pool, prompts it kept) so far."""
+    metrics = _metrics(base_url)
+    return (_sample(metrics, "fleetlm:pd_prefills_total", where="remote"),
+            _sample(metrics, "fleetlm:pd_prefills_total", where="local"))
+
+
+def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _is_drained(base_url: str) -> bool:
+    """No lease held, no KV block in use on either replica."""
+    metrics = _metrics(base_url)
+    return all(_sample(metrics, f"fleetlm:{gauge}", replica=replica) == 0
+               for replica in (PREFILL, DECODE)
+               for gauge in ("kv_transfer_active_leases", "kv_cache_usage_perc"))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_pd_answers_equal_the_colocated_engine(pd, offline, token_ids, stream):
+    shift = 1 if stream else 0  # other prompts, so the decode replica's cache is cold for them
+    cases = [(token_ids[shift:shift + 10], "local"),  # short: no transfer
+             (token_ids[shift:shift + 2 * BLOCK_SIZE], "remote"),  # exact block multiple
+             (token_ids[shift:shift + 100], "remote")]  # longer than one 64-token step
+    for prompt, where in cases:
+        remote_before, local_before = _where(pd)
+        assert _complete(pd, prompt, stream) == _expected(offline, prompt), len(prompt)
+        remote_after, local_after = _where(pd)
+        went = "remote" if remote_after > remote_before else "local"
+        assert (went, remote_after + local_after) == (where, remote_before + local_before + 1)
+    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
+    metrics = _metrics(pd)
+    assert _sample(metrics, "fleetlm:kv_transfers_total") >= 2
+    assert _sample(metrics, "fleetlm:kv_transfer_bytes_total") > 0
+    assert _sample(metrics, "fleetlm:kv_transfer_latency_seconds_count") >= 2
+
+
+def test_a_prefix_held_by_the_decode_replica_is_not_sent_again(pd, offline, token_ids):
+    base = token_ids[50:50 + 6 * BLOCK_SIZE]
+    assert _complete(pd, base) == _expected(offline, base)  # now cached on the decode side
+    hits_before = _sample(_metrics(pd), "fleetlm:prefix_cache_hits_total")
+    few_new = base + token_ids[:THRESHOLD // 2]
+    many_new = base + token_ids[:THRESHOLD + 16]
+    for prompt, where in [(few_new, "local"), (many_new, "remote")]:
+        remote_before, _ = _where(pd)
+        assert _complete(pd, prompt, stream=True) == _expected(offline, prompt)
+        assert ("remote" if _where(pd)[0] > remote_before else "local") == where
+    # Both reused the decode replica's 6 blocks (the remote one read only the rest).
+    hits = _sample(_metrics(pd), "fleetlm:prefix_cache_hits_total") - hits_before
+    assert hits >= 2 * len(base)
+    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
+
+
+def test_a_chat_through_pd_equals_the_colocated_engine(pd, offline):
+    conversation = [{"role": "user", "content": TEXT[:400]}]
+    [expected] = offline.chat(conversation, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS))
+    remote_before, _ = _where(pd)
+    chat = _client(pd).chat.completions.create(model=MODEL, messages=conversation,
+                                               max_tokens=NUM_TOKENS, temperature=0)
+    assert chat.choices[0].message.content == expected.outputs[0].text
+    assert _where(pd)[0] == remote_before + 1
+
+
+def test_unread_kv_is_freed_when_its_lease_ends(pd, token_ids):
+    """A decode side that got the transfer params and never read (it died): the prefill
+    replica holds the blocks under the lease, then frees them."""
+    from ray import serve
+
+    prefill = serve.get_deployment_handle(PREFILL, APP)
+    params = prefill.prefill.remote(token_ids[7:107], "orphan").result(timeout_s=TIMEOUT_S)
+    assert params["num_tokens"] == 100
+    assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases", replica=PREFILL) == 1
+    _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
+
+
+def test_a_wedged_prefill_replica_is_recomputed_around(pd, offline, token_ids):
+    prompt = token_ids[3:83]
+    failures_before = _sample(_metrics(pd), "fleetlm:kv_transfer_failures_total",
+                              cause="prefill_timeout")
+    pid = actors.replica_actor(APP, PREFILL)["Pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert _complete(pd, prompt) == _expected(offline, prompt)
+        assert time.monotonic() - started >= PREFILL_TIMEOUT_S
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _sample(_metrics(pd), "fleetlm:kv_transfer_failures_total",
+                   cause="prefill_timeout") == failures_before + 1
+    _wait_until(lambda: _is_drained(pd), "the abandoned prefill's blocks to come back")
+    remote_before, _ = _where(pd)
+    prompt = token_ids[4:84]
+    assert _complete(pd, prompt) == _expected(offline, prompt)  # serving goes on, P/D again
+    assert _where(pd)[0] == remote_before + 1
+
+
+def _prefill_failures(base_url: str) -> float:
+    metrics = _metrics(base_url)
+    return sum(_sample(metrics, "fleetlm:kv_transfer_failures_total", cause=cause)
+               for cause in ("prefill_failed", "prefill_timeout"))
+
+
+def test_a_killed_prefill_replica_costs_no_request(pd, offline, token_ids):
+    """The prefill replica killed (SIGKILL) before it computed a prompt: Serve holds the
+    prefill call for the replacement, which takes longer than the prefill timeout to load
+    the model, so the decode replica computes the prompt itself; then P/D goes on."""
+    failures_before = _prefill_failures(pd)
+    actors.kill(actors.replica_actor(APP, PREFILL))
+    prompt = token_ids[5:85]
+    assert _complete(pd, prompt) == _expected(offline, prompt)
+    assert _prefill_failures(pd) == failures_before + 1
+    _wait_until(lambda: requests.get(f"{pd}/health", timeout=TIMEOUT_S).ok,
+                "the prefill replica's replacement")
+    remote_before, _ = _where(pd)
+    prompt = token_ids[6:86]
+    assert _complete(pd, prompt) == _expected(offline, prompt)
+    assert _where(pd)[0] == remote_before + 1
+    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
