@@ -306,18 +306,26 @@ def to_engine_config(config: ClusterConfig) -> EngineConfig:
 
 def check_model_fits(config: ClusterConfig) -> None:
     """Raise ValueError if the model cannot be split as `parallel` says (e.g. "parallel:
-    tensor_parallel_size 2 does not divide 9 attention heads"), where the model can be found
-    here; a model that exists only on the cluster's nodes is checked there, by each replica."""
+    tensor_parallel_size 2 does not divide 9 attention heads"), or as a P/D pool's says,
+    where the model can be found here; a model that exists only on the cluster's nodes is
+    checked there, by each replica."""
     from fleetlm.executor.weights import load_hf_config, resolve_model
 
-    parallel = config.parallel.to_parallel_config()
-    if not parallel.is_distributed:
+    if config.pd is not None:
+        pools = {f"pd.{pool}.parallel": pool_config(config, pool).parallel
+                 for pool in ("prefill", "decode")}
+    else:
+        pools = {"parallel": config.parallel}
+    splits = {key: section.to_parallel_config() for key, section in pools.items()}
+    splits = {key: parallel for key, parallel in splits.items() if parallel.is_distributed}
+    if not splits:
         return
     try:
         hf_config = load_hf_config(resolve_model(config.model.name))
     except (OSError, ValueError):
         return
-    try:
-        parallel.check_fits(hf_config)
-    except ValueError as e:
-        raise ValueError(f"parallel: {e}") from None
+    for key, parallel in splits.items():
+        try:
+            parallel.check_fits(hf_config)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None

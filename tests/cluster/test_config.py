@@ -277,3 +277,21 @@ speculative:
 def test_bad_speculative_sections(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         load_config(_write(tmp_path, text))
+
+
+def test_pd_examples_have_their_pools():
+    config = load_config(CONFIGS / "pd.yaml")
+    assert (config.pd.prefill.count, config.pd.decode.count) == (1, 1)
+    assert pool_config(config, "prefill").engine.max_num_batched_tokens == 2048
+    hetero = load_config(CONFIGS / "pd-tp3.yaml")
+    decode = to_engine_config(pool_config(hetero, "decode"))
+    prefill = to_engine_config(pool_config(hetero, "prefill"))
+    assert (prefill.parallel.tensor_parallel_size, decode.parallel.tensor_parallel_size) == (1, 3)
+    assert (prefill.kv_transfer.role, decode.kv_transfer.role) == ("producer", "consumer")
+
+
+def test_a_pool_that_cannot_split_the_model_is_named():
+    config = ClusterConfig.model_validate(
+        {"pd": {"decode": {"parallel": {"tensor_parallel_size": 2}}}})
+    with pytest.raises(ValueError, match="pd.decode.parallel: tensor_parallel_size 2"):
+        check_model_fits(config)
