@@ -32,12 +32,14 @@ class ModelConfig:
     seed: int = _MODEL.seed
     random_weights: bool = _MODEL.random_weights
     tokenizer: str | None = _MODEL.tokenizer  # None: the model folder's
+    quantization: str | None = _MODEL.quantization  # "gguf": keep a GGUF file's blocks
 
     @classmethod
     def from_section(cls, section: ModelSection) -> ModelConfig:
         return cls(model=section.name, dtype=section.dtype, max_model_len=section.max_model_len,
                    device=section.device, seed=section.seed,
-                   random_weights=section.random_weights, tokenizer=section.tokenizer)
+                   random_weights=section.random_weights, tokenizer=section.tokenizer,
+                   quantization=section.quantization)
 
 
 @dataclass(frozen=True)

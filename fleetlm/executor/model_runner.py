@@ -20,7 +20,7 @@ from fleetlm.executor.spec.verify import VerifiedTokens, verify_drafts
 from fleetlm.executor.structured.request_grammars import MaskRequest, RequestGrammars
 from fleetlm.executor.weights import (
     ReadCounter,
-    iterate_weights,
+    iterate_checkpoint,
     load_hf_config,
     load_tokenizer,
     resolve_model,
@@ -126,8 +126,10 @@ class ModelRunner:
                     time.perf_counter() - started, self.dtype, self.device)
 
     def _load_weights(self) -> None:
-        weights = iterate_weights(self.model_dir, counter=self.weights_read,
-                                  progress=self.groups.world.is_first_rank)
+        cfg = self.model_config
+        weights = iterate_checkpoint(cfg.model, cfg.quantization, self.model_dir, self.hf_config,
+                                     counter=self.weights_read,
+                                     progress=self.groups.world.is_first_rank)
         loaded = self.model.load_weights(weights)
         missing = {n for n, _ in self.model.named_parameters()} - loaded
         if missing:

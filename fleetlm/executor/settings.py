@@ -41,8 +41,9 @@ class ModelSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where each replica runs.")
     seed: int = Field(0, description="Seed for random weights and unseeded sampling.")
     quantization: str | None = Field(
-        None, description="Weight quantization. Only gguf (a .gguf file, dequantized to `dtype` "
-        "when loaded: the same as leaving this unset) is supported.")
+        None, description="Weight quantization: gguf keeps a .gguf file's quantized matrices "
+        "(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and runs the linear layers on them (CPU); unset "
+        "dequantizes the file to `dtype` when loaded.")
     random_weights: bool = Field(
         False, description="Random weights from the model's config (tests and benchmarks).")
     tokenizer: str | None = Field(

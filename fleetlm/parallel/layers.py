@@ -4,6 +4,11 @@ tensor and copies in this rank's shard, so the checkpoint loader stays generic.
 A checkpoint tensor is a `torch.Tensor` or a lazy one (`fleetlm.executor.weights.LazyTensor`):
 anything with `.shape` and `.narrow(dim, start, length)`. Loaders only ever narrow it to their
 own rows or columns first, so a rank reads only its shard from a lazy file.
+
+A GGUF matrix kept quantized (`GGUFWeight`, `quantization: gguf`) is such a tensor too: the
+linear and embedding layers of a CPU model keep its blocks (`QuantizedMatrix`, on the
+parameter as `param.gguf`, so a tied LM head shares it) and free the float parameter; any
+other parameter takes it dequantized.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.kernels.cpu_linear import PackedLinear
+from fleetlm.kernels.gguf_linear import GGUFWeight, QuantizedMatrix, zeros
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
 
 
@@ -24,7 +30,33 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 def whole(loaded) -> torch.Tensor:
     """All of a checkpoint tensor (for parameters every rank holds in full)."""
+    if isinstance(loaded, GGUFWeight):
+        return loaded.dequantize()
     return loaded if isinstance(loaded, torch.Tensor) else loaded.narrow(0, 0, loaded.shape[0])
+
+
+def _load_rows(param: nn.Parameter, shape: tuple[int, int], row: int, loaded) -> None:
+    """Rows `row`.. of a weight of `shape`: GGUF blocks are kept (CPU models), anything else
+    is copied into the parameter."""
+    if isinstance(loaded, GGUFWeight) and param.device.type == "cpu":
+        if getattr(param, "gguf", None) is None:
+            param.gguf = QuantizedMatrix(shape)
+            param.data = torch.empty(0, dtype=param.dtype)  # never filled: free it
+        param.gguf.put(row, loaded)
+        return
+    _copy_checked(param.detach().narrow(0, row, loaded.shape[0]), loaded)
+
+
+def _linear(linear: PackedLinear, x: torch.Tensor, weight: nn.Parameter,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    quantized = getattr(weight, "gguf", None)
+    return linear(x, weight, bias) if quantized is None else quantized.linear(x, bias)
+
+
+def weight_bytes(param: nn.Parameter) -> int:
+    """Bytes a pass over the weight reads: its GGUF blocks, or its float elements."""
+    quantized = getattr(param, "gguf", None)
+    return param.numel() * param.element_size() if quantized is None else quantized.nbytes
 
 
 def _copy_checked(param: nn.Parameter, loaded) -> None:
@@ -47,6 +79,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.out_per_rank = _divide(out_features, tp.world_size, "output features")
+        self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.linear = PackedLinear()
@@ -56,11 +89,15 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = param.shape[0]
-        _copy_checked(param, loaded.narrow(0, self.tp.rank * n, n))
+        if param is not self.weight:  # the bias
+            n = param.shape[0]
+            _copy_checked(param, loaded.narrow(0, self.tp.rank * n, n))
+            return
+        n = self.out_per_rank
+        _load_rows(param, (n, self.in_features), 0, loaded.narrow(0, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.bias)
+        return _linear(self.linear, x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -76,8 +113,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
-        _copy_checked(param.detach().narrow(0, offset, size),
-                      loaded.narrow(0, self.tp.rank * size, size))
+        self._load_shard(param, offset, loaded.narrow(0, self.tp.rank * size, size))
+
+    def _load_shard(self, param: nn.Parameter, offset: int, shard) -> None:
+        if param is self.weight:
+            _load_rows(param, (self.out_per_rank, self.in_features), offset, shard)
+        else:
+            _copy_checked(param.detach().narrow(0, offset, shard.shape[0]), shard)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -104,7 +146,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         offset, size = self._shard_range(shard_id)
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
-        _copy_checked(param.detach().narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+        self._load_shard(param, offset, loaded.narrow(0, rank * size, size))
 
 
 class RowParallelLinear(nn.Module):
@@ -115,6 +157,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.in_per_rank = _divide(in_features, tp.world_size, "input features")
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.linear = PackedLinear()
@@ -124,11 +167,11 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = load_replicated
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        n = param.shape[1]
-        _copy_checked(param, loaded.narrow(1, self.tp.rank * n, n))
+        n = self.in_per_rank
+        _load_rows(param, (self.out_features, n), 0, loaded.narrow(1, self.tp.rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.linear(x, self.weight))
+        y = self.tp.all_reduce(_linear(self.linear, x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -141,21 +184,36 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows_per_rank = -(-vocab_size // tp.world_size)
         self.vocab_start = tp.rank * self.rows_per_rank
+        self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         num_rows = max(0, min(self.rows_per_rank, loaded.shape[0] - self.vocab_start))
+        if isinstance(loaded, GGUFWeight) and param.device.type == "cpu":
+            shape = (self.rows_per_rank, self.hidden_size)
+            if num_rows < self.rows_per_rank:  # past the vocabulary: zero rows
+                _load_rows(param, shape, num_rows, zeros(
+                    loaded.qtype, self.rows_per_rank - num_rows, self.hidden_size))
+            if num_rows:
+                _load_rows(param, shape, 0, loaded.narrow(0, self.vocab_start, num_rows))
+            return
         param.detach().zero_()
         if num_rows:
-            param.detach()[:num_rows].copy_(loaded.narrow(0, self.vocab_start, num_rows))
+            param.detach()[:num_rows].copy_(whole(loaded.narrow(0, self.vocab_start, num_rows)))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        quantized = getattr(self.weight, "gguf", None)
+        if quantized is None:
+            return F.embedding(ids, self.weight)
+        return quantized.embedding(ids, self.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._embed(input_ids)
         local = input_ids - self.vocab_start
         mask = (local < 0) | (local >= self.rows_per_rank)
-        out = F.embedding(local.masked_fill(mask, 0), self.weight).masked_fill(mask[:, None], 0)
+        out = self._embed(local.masked_fill(mask, 0)).masked_fill(mask[:, None], 0)
         return self.tp.all_reduce(out)
 
 
@@ -167,5 +225,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.linear = PackedLinear()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather(self.linear(hidden, self.weight), dim=-1)
+        logits = self.tp.all_gather(_linear(self.linear, hidden, self.weight), dim=-1)
         return logits[..., : self.vocab_size]

@@ -56,12 +56,17 @@ def _load_config(gguf_path: Path):
     return config
 
 
-def _load_tensors(gguf_path: Path, config) -> dict[str, torch.Tensor]:
-    # transformers maps GGUF names onto the parameter names of a model instance; a model on
-    # the meta device gives those names without allocating memory.
+def meta_model(config):
+    """transformers maps GGUF names onto the parameter names of a model instance; a model on
+    the meta device gives those names without allocating memory."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
+    return model
+
+
+def _load_tensors(gguf_path: Path, config) -> dict[str, torch.Tensor]:
+    model = meta_model(config)
     parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
     tensors = {name: t.to(SAVED_DTYPE).contiguous() for name, t in parsed["tensors"].items()}
     if config.tie_word_embeddings:
