@@ -230,7 +230,7 @@ class ClusterConfig(EngineArgs):
         if self.replicas.count != 1:
             raise ValueError("replicas.count: with a pd section, pd.prefill.count and "
                              "pd.decode.count size the pools; leave replicas.count out")
-        if self.kv_transfer is not None and "role" in self.kv_transfer.model_fields_set:
+        if self.kv_transfer is not None and self.kv_transfer.role != "both":
             raise ValueError("kv_transfer.role: with a pd section each pool's role is set for "
                              "it (prefill: producer, decode: consumer); leave it out")
         if self.kv_transfer is not None and self.kv_transfer.transport == "inproc":

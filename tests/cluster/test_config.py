@@ -114,12 +114,13 @@ def test_pd_pools_become_deployments_of_their_own():
     assert (prefill.kv_transfer.role, decode.kv_transfer.role) == ("producer", "consumer")
     assert prefill.kv_transfer.transfer_timeout_s == decode.kv_transfer.transfer_timeout_s == 5
     assert prefill.pd is None and decode.pd is None
+    assert ClusterConfig.model_validate(config.model_dump()) == config  # dumps reload
 
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"pd": {"enabled": True}}, "pd.enabled is gone"),
     ({"pd": {}, "replicas": {"count": 2}}, "replicas.count"),
-    ({"pd": {}, "kv_transfer": {"role": "both"}}, "kv_transfer.role"),
+    ({"pd": {}, "kv_transfer": {"role": "consumer"}}, "kv_transfer.role"),
     ({"pd": {}, "kv_transfer": {"transport": "inproc"}}, "tcp or shm"),
     ({"pd": {"decode": {"engine": {"max_num_seq": 4}}}}, "unknown keys \\['max_num_seq'\\]"),
     ({"pd": {"prefill": {"engine": {"block_size": 0}}}}, "pd.prefill: engine.block_size"),
