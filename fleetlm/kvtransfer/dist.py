@@ -61,11 +61,10 @@ class DistPeer:
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
         self._wait(self.group.send([tensor], 1 - self.rank, _TAG), timeout_s)
 
-    def recv(self, num_bytes: int, timeout_s: float) -> bytearray:
-        data = bytearray(num_bytes)
-        self._wait(self.group.recv([torch.frombuffer(data, dtype=torch.uint8)], 1 - self.rank,
+    def recv(self, into: memoryview, timeout_s: float) -> None:
+        """Fill `into` (a writable buffer) with the peer's next message."""
+        self._wait(self.group.recv([torch.frombuffer(into, dtype=torch.uint8)], 1 - self.rank,
                                    _TAG), timeout_s)
-        return data
 
     def _wait(self, work, timeout_s: float) -> None:
         if timeout_s <= 0:

@@ -35,15 +35,30 @@ def _parts(kv_caches: KVCaches, layers: Range | None, heads: Range | None):
 
 
 def gather_blocks(kv_caches: KVCaches, block_ids: list[int], layers: Range | None = None,
-                  heads: Range | None = None) -> np.ndarray:
+                  heads: Range | None = None, out=None) -> np.ndarray:
     """The blocks' K and V over the rank's `layers` and `heads` (local indices; all by
-    default) as a flat uint8 array (a buffer: no copy to `bytes`)."""
+    default) as a flat uint8 array: written into the start of `out` (a writable buffer, e.g.
+    a shared-memory file) when it is large enough, else into a new one."""
     caches, head_slice = _parts(kv_caches, layers, heads)
-    index = torch.tensor(block_ids, device=kv_caches[0][0].device)
+    k_cache = kv_caches[0][0]
+    _, block_size, num_heads, head_dim = k_cache[:, :, head_slice].shape
+    shape = (len(caches), 2, len(block_ids), block_size, num_heads, head_dim)
+    num_bytes = torch.Size(shape).numel() * k_cache.element_size()
+    if out is not None and len(out) >= num_bytes:
+        flat = torch.frombuffer(out, dtype=torch.uint8, count=num_bytes)
+    else:
+        flat = torch.empty(num_bytes, dtype=torch.uint8)
+    values = flat.view(k_cache.dtype).view(shape)
+    index = torch.tensor(block_ids, device=k_cache.device)
     with torch.inference_mode():
-        stacked = torch.stack([torch.stack((k[index, :, head_slice], v[index, :, head_slice]))
-                               for k, v in caches])
-        return stacked.view(torch.uint8).reshape(-1).cpu().numpy()
+        for layer, (k, v) in enumerate(caches):  # one copy each, straight into place
+            for source, target in ((k, values[layer, 0]), (v, values[layer, 1])):
+                part = source[:, :, head_slice]
+                if source.device == target.device:
+                    torch.index_select(part, 0, index, out=target)
+                else:
+                    target.copy_(part.index_select(0, index))
+    return flat.numpy()
 
 
 def scatter_blocks(kv_caches: KVCaches, block_ids: list[int], data: bytearray,

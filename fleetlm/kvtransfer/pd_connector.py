@@ -53,13 +53,13 @@ class LeasedKV:
         self.kv_caches = kv_caches
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int,
-             layers: Range | None = None, heads: Range | None = None) -> bytes:
+             layers: Range | None = None, heads: Range | None = None, out=None):
         _, _, num_heads, _ = self.kv_caches[0][0].shape
         for part, limit in ((layers, len(self.kv_caches)), (heads, num_heads)):
             if part is not None and not 0 <= part[0] < part[1] <= limit:
                 raise TransferError("out_of_range", f"[{part[0]}, {part[1]}) of {limit}")
         return self.leases.read(transfer_id, first_block, num_blocks, lambda block_ids:
-                                gather_blocks(self.kv_caches, block_ids, layers, heads))
+                                gather_blocks(self.kv_caches, block_ids, layers, heads, out))
 
     def release(self, transfer_id: str, reader: int = 0, num_readers: int = 1) -> None:
         self.leases.release(transfer_id, reader, num_readers)

@@ -6,15 +6,19 @@ pickle), then `nbytes` raw bytes. Requests: {"op": "read", "transfer_id", "first
 "num_blocks", "layers", "heads"} (the last two [start, end) of the rank's, or nil: all)
 and {"op": "release", "transfer_id", "reader", "num_readers"}; with shared memory first {"op":
 "attach", "nbytes"}, answered with the path of a file in /dev/shm that the server writes
-each read's bytes into (the bytes then do not cross the socket); with torch.distributed
+each read's bytes into (gathered straight into it: the bytes never cross a socket, and
+carry no CRC: nothing on the way can change them, the reader reads them only after the
+answer, which a writer that dies mid-write never sends); with torch.distributed
 first {"op": "dist", "timeout_s"}, answered with a store's port (`dist.py`). Answers: {"ok": true,
 "nbytes", "crc32"} then the bytes, or {"ok": false, "error": reason, "message"}. The
-client checks the length and the CRC of everything it receives: a truncated or corrupted
-answer is a TransferError, never bytes in the cache.
+client checks the length and the CRC of everything that crossed a socket: a truncated or
+corrupted answer is a TransferError, never bytes in the cache. A client receives into one
+buffer of its own, reused by each read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -45,16 +49,17 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload=b"") -> None
         sock.sendall(payload)
 
 
-def recv_exact(sock: socket.socket, num_bytes: int) -> bytearray:
-    data = bytearray(num_bytes)
-    view = memoryview(data)
+def recv_exact(sock: socket.socket, into: int | memoryview) -> bytearray | memoryview:
+    """Exactly `into` bytes (a count: a new buffer; a memoryview: filled)."""
+    view = memoryview(bytearray(into)) if isinstance(into, int) else into
+    num_bytes = len(view)
     received = 0
     while received < num_bytes:
         count = sock.recv_into(view[received:])
         if count == 0:
             raise TransferError("corrupt", f"truncated: {received} of {num_bytes} bytes")
         received += count
-    return data
+    return view.obj if isinstance(into, int) else view
 
 
 def recv_header(sock: socket.socket) -> dict[str, Any] | None:
@@ -112,14 +117,15 @@ class _Handler(socketserver.BaseRequestHandler):
             if op == "read":
                 data = source.read(str(header["transfer_id"]), int(header["first_block"]),
                                    int(header["num_blocks"]), _range(header.get("layers")),
-                                   _range(header.get("heads")))
+                                   _range(header.get("heads")),
+                                   self.shm.map if self.shm is not None else None)
+                if self.shm is not None and len(data) <= self.shm.size:  # gathered into it
+                    send_frame(self.request, {"ok": True, "nbytes": len(data), "in_shm": True})
+                    return
                 answer = {"ok": True, "nbytes": len(data), "crc32": checksum(data)}
                 if self.peer is not None:
                     send_frame(self.request, {**answer, "in_dist": True})
                     self.peer.send(data, self.timeout_s)
-                elif self.shm is not None and len(data) <= self.shm.size:
-                    self.shm.map[:len(data)] = data
-                    send_frame(self.request, {**answer, "in_shm": True})
                 else:
                     send_frame(self.request, answer, data)
             elif op == "release":
@@ -183,6 +189,7 @@ class TCPClient(KVClient):
         except OSError as e:
             raise TransferError("unreachable", f"{host}:{port}: {e}") from None
         self._shm: _ShmFile | None = None
+        self._buffer = bytearray()  # reused by every read: no fresh pages per chunk
         self._peer = None
         self._host = host
         self._scheme = scheme
@@ -205,17 +212,19 @@ class TCPClient(KVClient):
                            timeout)
         if answer.get("nbytes") != num_bytes:
             raise TransferError("corrupt", f"{answer.get('nbytes')} bytes, expected {num_bytes}")
+        if answer.get("in_shm"):
+            if self._shm is None or num_bytes > self._shm.size:
+                raise TransferError("corrupt", "bytes in shared memory that was not attached")
+            return memoryview(self._shm.map)[:num_bytes]  # read in place: no copy
+        if len(self._buffer) < num_bytes:
+            self._buffer = bytearray(num_bytes)
+        data = memoryview(self._buffer)[:num_bytes]
         if answer.get("in_dist"):
             if self._peer is None:
                 raise TransferError("corrupt", "bytes on a distributed channel never opened")
-            data = self._peer.recv(num_bytes, timeout)
-        elif answer.get("in_shm"):
-            if self._shm is None or num_bytes > self._shm.size:
-                raise TransferError("corrupt", "bytes in shared memory that was not attached")
-            with memoryview(self._shm.map) as view:
-                data = bytearray(view[:num_bytes])  # one copy, out of the shared file
+            self._peer.recv(data, timeout)
         else:
-            data = self._guarded(recv_exact, num_bytes)
+            self._guarded(recv_exact, data)
         if checksum(data) != answer.get("crc32"):
             raise TransferError("corrupt", "checksum mismatch")
         return data
@@ -284,6 +293,7 @@ class _ShmFile:
         return cls(path, fd, size, is_owner=False)
 
     def close(self) -> None:
-        self.map.close()
+        with contextlib.suppress(BufferError):  # a read's view still alive: the GC closes it
+            self.map.close()
         if self._is_owner:
             os.unlink(self.path)

@@ -27,10 +27,11 @@ Range = tuple[int, int]  # [start, end) of a rank's layers or KV heads (local in
 
 class KVSource(Protocol):
     """What a server serves: a prefill rank's leased blocks (see `pd_connector.LeasedKV`).
-    `layers` and `heads` narrow a read to part of what the rank holds (None: all)."""
+    `layers` and `heads` narrow a read to part of what the rank holds (None: all); the
+    bytes go into the start of `out` when it is large enough (a buffer: the result)."""
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int,
-             layers: Range | None = None, heads: Range | None = None) -> bytes: ...
+             layers: Range | None = None, heads: Range | None = None, out=None): ...
 
     def release(self, transfer_id: str, reader: int = 0, num_readers: int = 1) -> None: ...
 
@@ -47,11 +48,11 @@ class KVClient(ABC):
 
     @abstractmethod
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
-             timeout: float, layers: Range | None = None,
-             heads: Range | None = None) -> bytearray:
+             timeout: float, layers: Range | None = None, heads: Range | None = None):
         """`num_blocks` blocks from `first_block` of the transfer, over `layers` and `heads`
         of the source rank (None: all): exactly `num_bytes` bytes, checked, or
-        TransferError."""
+        TransferError. The buffer may be the client's own (reused): valid until the next
+        call on this client."""
 
     @abstractmethod
     def release(self, transfer_id: str, timeout: float, reader: int = 0,
@@ -119,12 +120,11 @@ class InProcessClient(KVClient):
         return server.source
 
     def read(self, transfer_id: str, first_block: int, num_blocks: int, num_bytes: int,
-             timeout: float, layers: Range | None = None,
-             heads: Range | None = None) -> bytearray:
+             timeout: float, layers: Range | None = None, heads: Range | None = None):
         data = self._source().read(transfer_id, first_block, num_blocks, layers, heads)
         if len(data) != num_bytes:
             raise TransferError("corrupt", f"{len(data)} bytes, expected {num_bytes}")
-        return bytearray(data)
+        return data  # a fresh copy of the blocks, gathered under the lease
 
     def release(self, transfer_id: str, timeout: float, reader: int = 0,
                 num_readers: int = 1) -> None:

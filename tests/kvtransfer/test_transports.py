@@ -49,10 +49,9 @@ def test_blocks_arrive_bit_for_bit_and_a_consumed_transfer_is_refused(transport,
         transfer_id = grant(leases, "r", [5, 2, 7])
         client = connect(server.address, 5.0)
         try:
-            first = client.read(transfer_id, 0, 2, 2 * block_bytes, 5.0)
-            rest = client.read(transfer_id, 2, 1, block_bytes, 5.0)
-            scatter_blocks(target, [0, 1], first)
-            scatter_blocks(target, [3], rest)
+            # A read's buffer may be the client's own, valid until its next read.
+            scatter_blocks(target, [0, 1], client.read(transfer_id, 0, 2, 2 * block_bytes, 5.0))
+            scatter_blocks(target, [3], client.read(transfer_id, 2, 1, block_bytes, 5.0))
             with pytest.raises(TransferError, match="out_of_range"):
                 client.read(transfer_id, 2, 2, 2 * block_bytes, 5.0)
             client.release(transfer_id, 5.0)
@@ -148,8 +147,12 @@ import sys
 from fleetlm.kvtransfer.tcp import TCPServer
 
 class Source:
-    def read(self, transfer_id, first_block, num_blocks, layers=None, heads=None):
-        return bytes((first_block + i) % 251 for i in range(num_blocks * 1000))
+    def read(self, transfer_id, first_block, num_blocks, layers=None, heads=None, out=None):
+        data = bytes((first_block + i) % 251 for i in range(num_blocks * 1000))
+        if out is None or len(out) < len(data):
+            return data
+        out[:len(data)] = data
+        return memoryview(out)[:len(data)]
     def release(self, transfer_id, reader=0, num_readers=1):
         print("released", transfer_id, flush=True)
 
