@@ -5,7 +5,8 @@ Greedy answers must equal the offline (colocated) engine's for prompts of hidden
 short (kept on the decode replica), exact block multiples, longer than one chunked-prefill
 step, and with a prefix the decode replica already holds. Faults are real: the prefill
 replica wedged (SIGSTOP) past the prefill timeout, killed (SIGKILL) before it computed a
-prompt; a decode side that never reads what was computed for it (as when it dies). Each request
+prompt; a decode side that never reads what was computed for it, and a reader process killed
+(SIGKILL) in the middle of a transfer. Each request
 completes with the right text or fails cleanly, the blocks come back, serving goes on.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,6 +187,41 @@ def test_unread_kv_is_freed_when_its_lease_ends(pd, token_ids):
     params = prefill.prefill.remote(token_ids[7:107], "orphan").result(timeout_s=TIMEOUT_S)
     assert params["num_tokens"] == 100
     assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases", replica=PREFILL) == 1
+    _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
+
+
+# A decode side reduced to its reader: it reads the first block of a transfer with the real
+# transport client, says so, and stays in the middle of the read until it is killed.
+READER = """
+import sys, time, msgpack
+from fleetlm.kvtransfer.params import TransferParams
+from fleetlm.kvtransfer.transport import connect
+params = TransferParams.from_dict(msgpack.unpackb(sys.stdin.buffer.read()))
+shard = params.ranks[0]
+client = connect(shard.address, 10.0)
+client.read(params.transfer_id, 0, 1,
+            params.layout.bytes_per_block(shard.num_layers, shard.num_heads), 10.0)
+print("read", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_decode_process_killed_mid_read_leaves_no_blocks_behind(pd, token_ids):
+    import msgpack
+    from ray import serve
+
+    prefill = serve.get_deployment_handle(PREFILL, APP)
+    params = prefill.prefill.remote(token_ids[9:109], "killed-reader").result(timeout_s=TIMEOUT_S)
+    reader = subprocess.Popen([sys.executable, "-c", READER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        reader.stdin.write(msgpack.packb(params))
+        reader.stdin.close()
+        assert reader.stdout.readline() == b"read\n"  # one block of seven read
+        assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases", replica=PREFILL) == 1
+    finally:
+        reader.kill()
+        reader.wait()
     _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
 
 
