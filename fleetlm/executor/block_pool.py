@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import msgpack
 
+from fleetlm.executor.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBuffer
+
 _HASH_NUM_BYTES = 8  # block hashes are 64-bit ints: small, and enough to make collisions rare
 
 
@@ -38,6 +40,16 @@ def hash_block_tokens(
     payload = msgpack.packb([seed, parent_hash, list(token_ids), list(extra_keys)])
     digest = hashlib.sha256(payload).digest()
     return int.from_bytes(digest[:_HASH_NUM_BYTES], "little")
+
+
+def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, seed: int = 0) -> list[int]:
+    """The chained hash of every full block of `token_ids`, as the engine computes them
+    (`KVCacheManager.update_block_hashes`): what a router matches against KV events."""
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block_tokens(parent, token_ids[start:start + block_size], (), seed))
+    return hashes
 
 
 class KVCacheBlock:
@@ -117,7 +129,8 @@ class BlockPool:
     block keeps its hash, so prefix lookups still find it until `get_new_blocks` evicts it.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True,
+                 kv_events: KVEventBuffer | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -125,6 +138,7 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)
         self.cached_blocks: dict[int, KVCacheBlock] = {}  # block hash -> block
+        self.kv_events = kv_events  # told of every hash cached and evicted; None: nobody asks
 
     @property
     def num_free_blocks(self) -> int:
@@ -140,9 +154,12 @@ class BlockPool:
         if num_blocks > self.num_free_blocks:
             raise ValueError(f"asked for {num_blocks} blocks, only {self.num_free_blocks} free")
         blocks = [self.free_block_queue.popleft() for _ in range(num_blocks)]
+        evicted = [block.block_hash for block in blocks if block.block_hash is not None]
         for block in blocks:
             self._evict(block)
             block.ref_cnt = 1
+        if evicted and self.kv_events is not None:
+            self.kv_events.record(BlockRemoved(tuple(evicted)))
         return blocks
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
@@ -166,20 +183,40 @@ class BlockPool:
         blocks: Sequence[KVCacheBlock],
         block_hashes: Sequence[int],
         block_token_ids: Sequence[Sequence[int]],
+        parent_hash: int | None = None,
     ) -> None:
         """Register full blocks under their hashes so later requests can hit them.
 
+        `blocks` are consecutive blocks of one request, `parent_hash` the hash of the block
+        before the first (None: they start the request); it only goes into KV events.
         A hash already owned by another block (two requests computed the same block) keeps
         its first owner; the duplicate stays uncached and is reused like any other block.
         """
         if not self.enable_caching:
             return
+        run_parent, run = parent_hash, []  # newly cached blocks in a row: one stored event
         for block, block_hash, token_ids in zip(blocks, block_hashes, block_token_ids, strict=True):
             if block.block_hash is not None or block_hash in self.cached_blocks:
+                self._record_stored(run_parent, run)
+                run_parent, run = block_hash, []
                 continue
             block.block_hash = block_hash
             block.token_ids = tuple(token_ids)
             self.cached_blocks[block_hash] = block
+            run.append(block)
+        self._record_stored(run_parent, run)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash, if no block is in use (a running request's blocks are
+        left alone, as vLLM does); False, changing nothing, if some are."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.cached_blocks.values():
+            block.reset_hash()
+        self.cached_blocks.clear()
+        if self.kv_events is not None:
+            self.kv_events.record(AllBlocksCleared())
+        return True
 
     def get_cached_block(self, block_hash: int, token_ids: Sequence[int]) -> KVCacheBlock | None:
         """The cached block with this hash and these exact tokens; a collision is a miss."""
@@ -187,6 +224,11 @@ class BlockPool:
         if block is None or block.token_ids != tuple(token_ids):
             return None
         return block
+
+    def _record_stored(self, parent_hash: int | None, blocks: list[KVCacheBlock]) -> None:
+        if blocks and self.kv_events is not None:
+            self.kv_events.record(BlockStored(tuple(b.block_hash for b in blocks), parent_hash,
+                                              tuple(b.token_ids for b in blocks)))
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:

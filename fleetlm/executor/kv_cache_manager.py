@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fleetlm.executor.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
+from fleetlm.executor.kv_events import KVEventBuffer
 from fleetlm.executor.request import Request
 
 
@@ -26,14 +27,15 @@ class KVCacheManager:
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_caching: bool = True, hash_seed: int = 0
+        self, num_blocks: int, block_size: int, enable_caching: bool = True, hash_seed: int = 0,
+        kv_events: KVEventBuffer | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.hash_seed = hash_seed
-        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.block_pool = BlockPool(num_blocks, enable_caching, kv_events)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks already offered to the cache
         self.prefix_cache_queries = 0  # tokens looked up
@@ -142,6 +144,7 @@ class KVCacheManager:
             self.req_to_blocks[request_id][start:end],
             request.block_hashes[start:end],
             [self._block_tokens(request, index) for index in range(start, end)],
+            request.block_hashes[start - 1] if start else None,
         )
         self.num_cached_blocks[request_id] = end
 
