@@ -120,6 +120,11 @@ class AsyncEngine:
         """The prompt's token ids, as `generate` would make them."""
         return self.engine.input_processor.tokenize(prompt)
 
+    def kv_events_since(self, engine_id: str | None = None, seq: int = 0) -> dict:
+        """What this engine's prefix cache cached and evicted after batch `seq` (or a
+        snapshot); see `fleetlm.executor.kv_events`. Any thread; needs enable_kv_events."""
+        return self.engine.kv_events_since(engine_id, seq)
+
     def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading tokens of `token_ids` whose KV this engine's prefix cache holds now."""
         return self.engine.num_cached_prefix_tokens(token_ids)

@@ -51,13 +51,15 @@ class CacheConfig:
     num_blocks: int | None = _ENGINE.num_blocks  # overrides the bytes
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     hash_seed: int = 0  # separate pools with the same seed compute the same block hashes
+    enable_kv_events: bool = _ENGINE.enable_kv_events
 
     @classmethod
     def from_section(cls, section: EngineSection) -> CacheConfig:
         return cls(block_size=section.block_size,
                    kv_cache_memory_bytes=int(section.kv_cache_memory_bytes),
                    num_blocks=section.num_blocks,
-                   enable_prefix_caching=section.enable_prefix_caching)
+                   enable_prefix_caching=section.enable_prefix_caching,
+                   enable_kv_events=section.enable_kv_events)
 
 
 @dataclass(frozen=True)

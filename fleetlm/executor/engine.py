@@ -87,6 +87,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()
+        if self.core.kv_events is not None:
+            self.core.kv_events.end_step()  # this step's cache changes: one batch
         self.num_generation_tokens += sum(len(o.new_token_ids) for o in core_outputs)
         processed = self.output_processor.process_outputs(core_outputs)
         if processed.reqs_to_stop:
@@ -120,6 +122,21 @@ class LLMEngine:
                 "kv_transfer_bytes": transfers.num_blocks_loaded * self.kv_bytes_per_block,
                 "kv_transfer_failures": dict(transfers.failures_by_cause),
                 "kv_transfer_latency": transfers.latency.to_dict()}
+
+    def kv_events_since(self, engine_id: str | None, seq: int) -> dict:
+        """The prefix cache's changes after batch `seq` of engine `engine_id`, or a snapshot
+        (`KVEventBuffer.since`); safe to ask from any thread. ValueError if events are off."""
+        if self.core.kv_events is None:
+            raise ValueError("KV events are off: set engine.enable_kv_events")
+        return self.core.kv_events.since(engine_id, seq)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block if none is in use (`BlockPool.reset_prefix_cache`);
+        engine thread only."""
+        is_reset = self.core.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+        if self.core.kv_events is not None:
+            self.core.kv_events.end_step()
+        return is_reset
 
     def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading prompt tokens whose KV this engine's prefix cache holds now (see

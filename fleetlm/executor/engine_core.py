@@ -17,6 +17,7 @@ from dataclasses import replace
 from fleetlm.executor.config import EngineConfig, KVTransferConfig
 from fleetlm.executor.executor import Executor, LocalExecutor, StepFuture
 from fleetlm.executor.kv_cache_manager import KVCacheManager
+from fleetlm.executor.kv_events import KVEventBuffer
 from fleetlm.executor.outputs import EngineCoreOutput, SchedulerOutput
 from fleetlm.executor.request import Request, RequestStatus
 from fleetlm.executor.scheduler import Scheduler
@@ -26,11 +27,13 @@ from fleetlm.executor.spec.controller import SpecDecodeController
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor) -> None:
         self.executor = executor
+        self.kv_events = KVEventBuffer() if config.cache.enable_kv_events else None
         kv_cache_manager = KVCacheManager(
             num_blocks=executor.num_blocks,
             block_size=config.cache.block_size,
             enable_caching=config.cache.enable_prefix_caching,
             hash_seed=config.cache.hash_seed,
+            kv_events=self.kv_events,
         )
         scheduler_config = replace(config.scheduler, max_model_len=executor.max_model_len,
                                    num_micro_batches=executor.max_concurrent_batches)

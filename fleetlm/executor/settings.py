@@ -88,6 +88,9 @@ class EngineSection(Section):
     max_num_seqs: int = Field(64, ge=1, description="Most requests running in one step.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
+    enable_kv_events: bool = Field(
+        False, description="Record which KV blocks each step cached and evicted, for a "
+        "KV-aware router to ask for (`kv_events_since`); off costs nothing.")
     max_num_waiting: int | None = Field(
         None, ge=0, description="Waiting-queue limit per replica; beyond it requests get 429.")
 
