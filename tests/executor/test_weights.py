@@ -79,7 +79,10 @@ def gguf_tensors(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def write_tiny_gguf(path: Path, hf: dict[str, np.ndarray]) -> None:
+def write_tiny_gguf(path: Path, hf: dict[str, np.ndarray],
+                    types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """The tiny model as a GGUF file; `types` stores tensors (llama.cpp names) in other
+    types than F32, quantized by gguf-py."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny")
     writer.add_block_count(NUM_LAYERS)
@@ -101,7 +104,11 @@ def write_tiny_gguf(path: Path, hf: dict[str, np.ndarray]) -> None:
     writer.add_eos_token_id(2)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, w in gguf_tensors(hf).items():
-        writer.add_tensor(name, w)
+        qtype = (types or {}).get(name)
+        if qtype is None:
+            writer.add_tensor(name, w)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
