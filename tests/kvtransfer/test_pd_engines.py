@@ -24,7 +24,6 @@ from pd_helpers import (
     prompt_for,
     redirected,
     release,
-    settle,
     tokens,
 )
 
@@ -49,13 +48,6 @@ def engines():
     yield llms
     for llm in llms.values():
         llm.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def settled(engines):
-    yield
-    for llm in engines.values():
-        settle(llm)
 
 
 _reference_tokens: dict[tuple[int, ...], list[int]] = {}

@@ -19,7 +19,6 @@ from pd_helpers import (
     prompt_for,
     redirected,
     release,
-    settle,
 )
 
 from fleetlm import LLM
@@ -38,13 +37,6 @@ def engines(ray_cluster, request):
     yield llms
     for llm in llms.values():
         llm.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def settled(engines):
-    yield
-    for llm in engines.values():
-        settle(llm)
 
 
 def reference(engines, prompt: list[int]) -> list[int]:
