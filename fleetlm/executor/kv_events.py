@@ -145,7 +145,8 @@ class KVEventBuffer:
             reply = {"engine_id": self.engine_id, "seq": self._seq}
             oldest = self._batches[0].seq if self._batches else self._seq + 1
             if engine_id == self.engine_id and oldest - 1 <= seq <= self._seq:
-                reply["batches"] = [b.to_wire() for b in islice(self._batches, seq - oldest + 1, None)]
+                newer = islice(self._batches, seq - oldest + 1, None)
+                reply["batches"] = [batch.to_wire() for batch in newer]
             else:
                 reply["snapshot"] = [[h, parent] for h, parent in self._blocks.items()]
             return reply
