@@ -71,15 +71,39 @@ class ReplicaSection(Section):
 
 
 class RouterSection(Section):
-    policy: Literal["round_robin", "least_loaded", "prefix_aware"] = Field(
-        "least_loaded", description="How the ingress picks a replica for each request."
-    )
+    """How the ingress picks a replica (`fleetlm.cluster.router`). The prefix policies keep
+    a request on the replica holding its longest cached prefix until that replica saturates;
+    the weights rank the candidates the affinity filter leaves."""
 
-    @model_validator(mode="after")
-    def _check_implemented(self) -> RouterSection:
-        if self.policy == "prefix_aware":
-            raise ValueError("router.policy 'prefix_aware' is not implemented yet")
-        return self
+    policy: Literal["round_robin", "least_loaded", "precise_prefix", "approx_prefix"] = Field(
+        "least_loaded", description="How the ingress picks a replica for each request: "
+        "round_robin; least_loaded (fewest requests in flight and waiting); precise_prefix "
+        "(the replicas' KV events say which blocks each holds; needs engine.enable_kv_events); "
+        "approx_prefix (the router remembers where it sent each prompt's blocks).",
+    )
+    prefix_weight: float = Field(
+        1.0, ge=0, description="Weight of the prefix scorer (matched leading blocks / prompt "
+        "blocks) under the prefix policies.")
+    queue_weight: float = Field(
+        0.5, ge=0, description="Weight of the queue scorer (fewer requests in flight and "
+        "waiting) under the prefix policies.")
+    kv_usage_weight: float = Field(
+        0.1, ge=0, description="Weight of the KV-usage scorer (more free KV cache) under the "
+        "prefix policies.")
+    saturation_threshold: int = Field(
+        8, ge=1, description="Requests in flight plus waiting at which a replica stops "
+        "attracting its prefixes' requests (the saturation valve): they spill to the others.")
+    approx_history_blocks: int = Field(
+        65536, ge=1, description="approx_prefix: block hashes the router remembers (least "
+        "recently routed forgotten first); about the replicas' total KV blocks.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_policy(cls, values):
+        if isinstance(values, dict) and values.get("policy") == "prefix_aware":
+            raise ValueError("router.policy 'prefix_aware' is now precise_prefix (from the "
+                             "replicas' KV events) or approx_prefix (from the router's history)")
+        return values
 
 
 class MigrationSection(Section):

@@ -78,6 +78,8 @@ KV_TRANSFER_FAILURES_HELP = ("Prompts whose KV could not be computed elsewhere o
 PD_PREFILLS_HELP = ("Prompts of a P/D deployment by where they were prefilled: remote (the "
                     "prefill pool) or local (the decode replica: short or cached).")
 ACCEPTED_PER_POSITION_HELP = "Accepted tokens per draft position."
+ROUTER_DECISIONS_HELP = ("Routing decisions by stage (a scorer: best, overruled or even; the "
+                         "affinity filter: stuck, spilled or none) and outcome.")
 HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
     ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
@@ -179,16 +181,40 @@ class MetricsRecorder:
 
 
 def render_metrics(snapshots: Sequence[dict[str, Any]],
-                   missing: Sequence[tuple[str, str]] = ()) -> str:
+                   missing: Sequence[tuple[str, str]] = (),
+                   routers: Sequence[tuple[str, dict[str, dict[str, int]]]] = ()) -> str:
     """Prometheus text (`METRICS_CONTENT_TYPE`) for the replicas' snapshots.
 
     `missing`: (model name, replica) of each replica that did not answer; it shows only as
-    `fleetlm:replica_up 0`. Raises `ValueError` if two replicas carry the same id or if
-    replicas of one model disagree on a histogram's buckets.
+    `fleetlm:replica_up 0`. `routers`: (model name, `Router.snapshot()`) of the ingress's
+    routers, rendered as `fleetlm:router_decisions`. Raises `ValueError` if two replicas
+    carry the same id or if replicas of one model disagree on a histogram's buckets.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(snapshots, missing))
+    if routers:
+        registry.register(_RouterCollector(routers))
     return generate_latest(registry).decode("utf-8")
+
+
+class _RouterCollector:
+    """The routing decisions per scorer or filter (`stage`) and outcome, summed per model."""
+
+    def __init__(self, routers: Sequence[tuple[str, dict[str, dict[str, int]]]]):
+        self.routers = routers
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[tuple[str, str, str], int] = {}
+        for model, outcomes in self.routers:
+            for stage, counts in outcomes.items():
+                for outcome, num in counts.items():
+                    key = (model, stage, outcome)
+                    totals[key] = totals.get(key, 0) + num
+        family = CounterMetricFamily(PREFIX + "router_decisions", ROUTER_DECISIONS_HELP,
+                                     labels=["model_name", "stage", "outcome"])
+        for key in sorted(totals):
+            family.add_metric(list(key), totals[key])
+        yield family
 
 
 class _SnapshotCollector:

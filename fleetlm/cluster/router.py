@@ -4,9 +4,18 @@
     score(r)   = sum(weight * scorer(r)) over the scorers, each scorer in [0, 1]
     pick       = the best score; ties go round-robin
 
-Round-robin is "no scorers"; least-loaded is one queue scorer. Prefix-aware routing (a later
-issue) adds a prefix-match scorer fed by the replicas' KV events plus a saturation filter, so
-affinity never piles everything on one replica; nothing here has to change for it.
+Round-robin is "no scorers"; least-loaded is one queue scorer. The prefix-aware policies add
+a `PrefixMatcher` (how many leading blocks of the prompt each replica holds): precise from a
+`KVIndex` mirrored from the replicas' KV events, approximate from the router's own history of
+where it sent which blocks (for engines without events). It feeds a prefix scorer (matched
+blocks / prompt blocks) and the affinity filter, which keeps a request on the replicas with
+its longest prefix unless they are saturated (load at or past a threshold): the saturation
+valve, so affinity never piles everything on one replica.
+
+Every decision is logged at debug level (each candidate's scores) and counted per scorer
+(`best`: the pick had that scorer's top score; `overruled`: it did not; `even`: the scorer
+scored every candidate alike) and per affinity outcome (`stuck`, `spilled`, `none`);
+`Router.snapshot()` hands the counts to `fleetlm.cluster.metrics.render_metrics`.
 
 The router runs inside the ingress and knows each replica's in-flight count from its own
 bookkeeping (`on_start` / `on_finish`); engine statistics, when the ingress has them, arrive
@@ -15,11 +24,17 @@ through `update_stats`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fleetlm.cluster.config import RouterSection
+from fleetlm.cluster.kv_index import KVIndex
 from fleetlm.executor.protocol import EngineStats
+
+logger = logging.getLogger("fleetlm.router")
 
 
 @dataclass
@@ -39,6 +54,9 @@ class RoutingRequest:
 
     request_id: str
     prompt_text: str = ""
+    # The prompt's chained block hashes (`fleetlm.cluster.kv_index.hash_prompt_blocks`, the
+    # engine's block size and seed); empty: unknown, and prefix matching sees no prefix.
+    block_hashes: tuple[int, ...] = ()
 
 
 class Filter(Protocol):
@@ -57,9 +75,14 @@ def healthy_filter(request: RoutingRequest, replicas: list[ReplicaState]) -> lis
     return [r for r in replicas if r.is_healthy]
 
 
+def load_of(replica: ReplicaState) -> int:
+    """Requests this ingress has in flight there plus those waiting in its engine."""
+    return replica.num_inflight + replica.stats.num_waiting
+
+
 def queue_scorer(request: RoutingRequest, replicas: list[ReplicaState]) -> list[float]:
     """Fewer requests in flight (plus waiting in the engine) scores higher."""
-    loads = [r.num_inflight + r.stats.num_waiting for r in replicas]
+    loads = [load_of(r) for r in replicas]
     most = max(loads)
     return [1.0 - load / most if most else 1.0 for load in loads]
 
@@ -69,34 +92,186 @@ def kv_usage_scorer(request: RoutingRequest, replicas: list[ReplicaState]) -> li
     return [1.0 - r.stats.kv_cache_usage for r in replicas]
 
 
+class PrefixMatcher(Protocol):
+    """How many leading blocks of a prompt each replica holds, as far as the router knows."""
+
+    name: str
+
+    def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
+        ...
+
+    def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
+        """The request goes to `replica` (an approximate matcher remembers it)."""
+        ...
+
+    def forget(self, replica_name: str) -> None:
+        """The replica is gone or unhealthy: nothing of its cache can be counted on."""
+        ...
+
+
+class IndexMatcher:
+    """Precise: the replicas' cached blocks as their KV events told the index."""
+
+    name = "precise_prefix"
+
+    def __init__(self, index: KVIndex) -> None:
+        self.index = index
+
+    def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
+        matched = self.index.match(request.block_hashes)
+        return [matched.get(r.name, 0) for r in replicas]
+
+    def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
+        pass  # the replica's own events will say what it cached
+
+    def forget(self, replica_name: str) -> None:
+        if replica_name in self.index.replicas:
+            self.index.remove_replica(replica_name)
+
+
+class HistoryMatcher:
+    """Approximate: the replicas this router sent each block to, the `capacity_blocks` most
+    recently routed block hashes only (least recently routed forgotten first). It cannot see
+    evictions, so it overestimates what a busy replica still holds."""
+
+    name = "approx_prefix"
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks must be at least 1, got {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._sent_to: OrderedDict[int, set[str]] = OrderedDict()  # block hash -> replicas
+
+    def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
+        matched = []
+        for replica in replicas:
+            num_blocks = 0
+            for block_hash in request.block_hashes:
+                if replica.name not in self._sent_to.get(block_hash, ()):
+                    break
+                num_blocks += 1
+            matched.append(num_blocks)
+        return matched
+
+    def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
+        for block_hash in request.block_hashes:
+            self._sent_to.setdefault(block_hash, set()).add(replica.name)
+            self._sent_to.move_to_end(block_hash)
+        while len(self._sent_to) > self.capacity_blocks:
+            self._sent_to.popitem(last=False)
+
+    def forget(self, replica_name: str) -> None:
+        for block_hash in list(self._sent_to):
+            holders = self._sent_to[block_hash]
+            holders.discard(replica_name)
+            if not holders:
+                del self._sent_to[block_hash]
+
+
+class PrefixScorer:
+    """Matched leading blocks / prompt blocks (0 for a prompt without full blocks)."""
+
+    def __init__(self, matcher: PrefixMatcher) -> None:
+        self.matcher = matcher
+        self.name = matcher.name
+
+    def __call__(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[float]:
+        num_blocks = len(request.block_hashes)
+        if not num_blocks:
+            return [0.0] * len(replicas)
+        return [m / num_blocks for m in self.matcher.matched_blocks(request, replicas)]
+
+
+class AffinityFilter:
+    """Keep the replicas holding the prompt's longest prefix, unless every one of them is
+    saturated (`load_of` at or past `saturation_threshold`): then keep the unsaturated
+    others (the valve; the scorers still prefer longer prefixes among them)."""
+
+    name = "affinity"
+
+    def __init__(self, matcher: PrefixMatcher, saturation_threshold: int) -> None:
+        if saturation_threshold < 1:
+            raise ValueError(f"saturation_threshold must be at least 1, got "
+                             f"{saturation_threshold}")
+        self.matcher = matcher
+        self.saturation_threshold = saturation_threshold
+        self.counts = {"stuck": 0, "spilled": 0, "none": 0}
+
+    def __call__(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[ReplicaState]:
+        matched = self.matcher.matched_blocks(request, replicas)
+        longest = max(matched, default=0)
+        if not longest:
+            self.counts["none"] += 1
+            return replicas
+        preferred = [r for r, m in zip(replicas, matched, strict=True) if m == longest]
+        keep = [r for r in preferred if load_of(r) < self.saturation_threshold]
+        if keep:
+            self.counts["stuck"] += 1
+            return keep
+        self.counts["spilled"] += 1
+        return [r for r in replicas if load_of(r) < self.saturation_threshold]
+
+
+def _name_of(part) -> str:
+    return getattr(part, "name", None) or part.__name__.removesuffix("_scorer")
+
+
 class Router:
     def __init__(
         self,
         replica_names: Sequence[str],
         filters: Sequence[Filter] = (healthy_filter,),
         scorers: Sequence[tuple[Scorer, float]] = (),
+        prefix: PrefixMatcher | None = None,
     ) -> None:
         if not replica_names:
             raise ValueError("a router needs at least one replica")
         self.replicas = [ReplicaState(i, name) for i, name in enumerate(replica_names)]
         self.filters = list(filters)
         self.scorers = list(scorers)
+        self.prefix = prefix  # told of every pick and of unhealthy replicas
         self._next_index = 0  # ties go to the first replica from here on: round-robin
+        self._outcomes = {_name_of(s): {"best": 0, "overruled": 0, "even": 0} for s, _ in scorers}
+
+    @property
+    def kv_index(self) -> KVIndex | None:
+        """The index a precise policy routes by, for the ingress to feed with KV events."""
+        return self.prefix.index if isinstance(self.prefix, IndexMatcher) else None
 
     def pick(self, request: RoutingRequest) -> ReplicaState:
         candidates = self.replicas
         for keep in self.filters:
             candidates = keep(request, candidates) or candidates
-        totals = [0.0] * len(candidates)
-        for scorer, weight in self.scorers:
-            for i, score in enumerate(scorer(request, candidates)):
-                totals[i] += weight * score
+        scores = [(scorer, weight, scorer(request, candidates)) for scorer, weight in self.scorers]
+        totals = [sum(weight * each[i] for _, weight, each in scores)
+                  for i in range(len(candidates))]
         best = max(totals)
         tied = [r for r, total in zip(candidates, totals) if total == best]
         num_replicas = len(self.replicas)
         choice = min(tied, key=lambda r: (r.index - self._next_index) % num_replicas)
         self._next_index = choice.index + 1
+        self._count(scores, candidates.index(choice))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("route %s -> %s; %s", request.request_id, choice.name,
+                         _describe(candidates, scores, totals))
+        if self.prefix is not None:
+            self.prefix.on_pick(request, choice)
         return choice
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Decisions so far per scorer and filter (`name -> outcome -> count`), for
+        `fleetlm.cluster.metrics.render_metrics(router_snapshots=...)`."""
+        outcomes = {name: dict(counts) for name, counts in self._outcomes.items()}
+        for keep in self.filters:
+            if hasattr(keep, "counts"):
+                outcomes[_name_of(keep)] = dict(keep.counts)
+        return outcomes
+
+    def _count(self, scores: list[tuple[Scorer, float, list[float]]], chosen: int) -> None:
+        for scorer, _, each in scores:
+            outcome = "even" if min(each) == max(each) else \
+                "best" if each[chosen] == max(each) else "overruled"
+            self._outcomes[_name_of(scorer)][outcome] += 1
 
     def on_start(self, replica: ReplicaState) -> None:
         replica.num_inflight += 1
@@ -106,19 +281,47 @@ class Router:
         replica.num_inflight -= 1
 
     def update_stats(self, index: int, stats: EngineStats, is_healthy: bool = True) -> None:
-        self.replicas[index].stats = stats
-        self.replicas[index].is_healthy = is_healthy
+        """A replica's latest engine statistics. An unhealthy one's prefix entries are
+        purged: once healthy again, its KV events start over from a snapshot."""
+        replica = self.replicas[index]
+        replica.stats = stats
+        replica.is_healthy = is_healthy
+        if not is_healthy and self.prefix is not None:
+            self.prefix.forget(replica.name)
 
 
-_POLICIES: dict[str, Callable[[Sequence[str]], Router]] = {
-    "round_robin": lambda names: Router(names),
-    "least_loaded": lambda names: Router(names, scorers=[(queue_scorer, 1.0)]),
-}
+def _describe(candidates: list[ReplicaState], scores: list, totals: list[float]) -> str:
+    """`name total (scorer=score ...)` per candidate, for the debug log."""
+    parts = []
+    for i, replica in enumerate(candidates):
+        each = " ".join(f"{_name_of(scorer)}={values[i]:.3f}" for scorer, _, values in scores)
+        parts.append(f"{replica.name} {totals[i]:.3f} ({each})")
+    return ", ".join(parts)
 
 
-def build_router(policy: str, replica_names: Sequence[str]) -> Router:
-    """The router of a configured policy (`RouterSection.policy`)."""
-    if policy not in _POLICIES:
-        known = ", ".join(_POLICIES)
-        raise ValueError(f"router policy {policy!r} is not implemented; use one of: {known}")
-    return _POLICIES[policy](replica_names)
+POLICIES = ("round_robin", "least_loaded", "precise_prefix", "approx_prefix")
+
+
+def build_router(config: str | RouterSection, replica_names: Sequence[str]) -> Router:
+    """The router of a configured policy: a `RouterSection`, or a policy name with the
+    section's default weights. A precise router makes its own `KVIndex` (`Router.kv_index`)
+    for the caller to feed."""
+    section = config if isinstance(config, RouterSection) else _section_of(config)
+    if section.policy == "round_robin":
+        return Router(replica_names)
+    load_scorers = [(queue_scorer, section.queue_weight),
+                    (kv_usage_scorer, section.kv_usage_weight)]
+    if section.policy == "least_loaded":
+        return Router(replica_names, scorers=[(queue_scorer, 1.0)])
+    matcher: PrefixMatcher = IndexMatcher(KVIndex()) if section.policy == "precise_prefix" \
+        else HistoryMatcher(section.approx_history_blocks)
+    filters = [healthy_filter, AffinityFilter(matcher, section.saturation_threshold)]
+    scorers = [(PrefixScorer(matcher), section.prefix_weight), *load_scorers]
+    return Router(replica_names, filters, scorers, prefix=matcher)
+
+
+def _section_of(policy: str) -> RouterSection:
+    if policy not in POLICIES:
+        raise ValueError(f"router policy {policy!r} is not implemented; use one of: "
+                         f"{', '.join(POLICIES)}")
+    return RouterSection(policy=policy)

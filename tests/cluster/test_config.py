@@ -77,9 +77,12 @@ def test_non_mapping_is_rejected(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
-def test_later_features_are_rejected_clearly():
-    with pytest.raises(ValueError, match="not implemented yet"):
+def test_old_prefix_aware_policy_names_its_replacements():
+    with pytest.raises(ValueError, match="precise_prefix .* or approx_prefix"):
         ClusterConfig.model_validate({"router": {"policy": "prefix_aware"}})
+    router = ClusterConfig.model_validate(
+        {"router": {"policy": "approx_prefix", "saturation_threshold": 3}}).router
+    assert (router.policy, router.saturation_threshold) == ("approx_prefix", 3)
 
 
 def test_old_expert_parallel_size_key_names_its_replacement():

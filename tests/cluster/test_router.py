@@ -1,17 +1,28 @@
-"""The routing pipeline: round-robin and least-loaded as configurations of one router."""
+"""The routing pipeline: round-robin, least-loaded and the prefix-aware policies (precise from
+KV events, approximate from the router's history) as configurations of one router."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from fleetlm.cluster.config import RouterSection
+from fleetlm.cluster.kv_index import hash_prompt_blocks
+from fleetlm.cluster.metrics import render_metrics
 from fleetlm.cluster.router import (
+    HistoryMatcher,
     ReplicaState,
     Router,
     RoutingRequest,
     build_router,
     kv_usage_scorer,
 )
+from fleetlm.executor.kv_cache_manager import KVCacheManager
+from fleetlm.executor.kv_events import KVEventBuffer
 from fleetlm.executor.protocol import EngineStats
+from fleetlm.executor.request import Request
+from fleetlm.executor.sampling_params import SamplingParams
 
 NAMES = ["r0", "r1", "r2"]
 REQUEST = RoutingRequest("req")
@@ -88,3 +99,110 @@ def test_unknown_policy_and_no_replicas_are_rejected():
 def test_replica_state_defaults():
     state = ReplicaState(0, "r0")
     assert (state.num_inflight, state.is_healthy, state.stats) == (0, True, EngineStats())
+
+
+# ---- prefix-aware policies --------------------------------------------------------------------
+BLOCK = 4
+TENANT_A = list(range(100, 112))  # three blocks
+TENANT_B = list(range(200, 212))
+
+
+def _prefix_request(request_id: str, tokens: list[int]) -> RoutingRequest:
+    return RoutingRequest(request_id, block_hashes=tuple(hash_prompt_blocks(tokens, BLOCK)))
+
+
+def _cache_on(router: Router, replica: str, tokens: list[int]) -> None:
+    """A real block pool caches `tokens`; its KV events reach the router's index."""
+    buffer = KVEventBuffer()
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK, kv_events=buffer)
+    manager.allocate_slots(Request("r", tokens, SamplingParams()), len(tokens))
+    buffer.end_step()
+    router.kv_index.apply(replica, buffer.since(None, 0))
+
+
+def _start(router: Router, request: RoutingRequest) -> str:
+    replica = router.pick(request)
+    router.on_start(replica)
+    return replica.name
+
+
+def test_precise_prefix_sticks_until_the_replica_saturates_then_spills():
+    section = RouterSection(policy="precise_prefix", saturation_threshold=2)
+    router = build_router(section, NAMES)
+    _cache_on(router, "r1", TENANT_A)
+    same_tenant = [_prefix_request(f"a{i}", TENANT_A + [i] * BLOCK) for i in range(4)]
+    assert [_start(router, same_tenant[i]) for i in range(2)] == ["r1", "r1"]
+    spilled = _start(router, same_tenant[2])  # r1 has 2 in flight: saturated
+    assert spilled != "r1"
+    assert _start(router, same_tenant[3]) not in {"r1", spilled}  # least loaded of the rest
+    router.on_finish(router.replicas[1])
+    assert router.pick(same_tenant[0]).name == "r1"  # below the threshold again: sticks
+    assert router.snapshot()["affinity"] == {"stuck": 3, "spilled": 2, "none": 0}
+    # Among the one replica the filter left, or replicas without the prefix, the prefix
+    # scorer cannot tell candidates apart; the queue scorer chose the second spill.
+    assert router.snapshot()["precise_prefix"] == {"best": 0, "overruled": 0, "even": 5}
+    assert router.snapshot()["queue"] == {"best": 1, "overruled": 0, "even": 4}
+
+
+def test_precise_prefix_prefers_the_longest_match_and_ignores_unknown_prompts():
+    router = build_router("precise_prefix", NAMES)
+    _cache_on(router, "r0", TENANT_A[:4])
+    _cache_on(router, "r2", TENANT_A)
+    assert router.kv_index.match(_prefix_request("x", TENANT_A).block_hashes) == {
+        "r0": 1, "r2": 3}
+    assert router.pick(_prefix_request("a", TENANT_A)).name == "r2"
+    router.on_start(router.replicas[0])
+    router.on_start(router.replicas[2])
+    assert router.pick(_prefix_request("b", TENANT_B)).name == "r1"  # no prefix: by load
+    assert router.pick(RoutingRequest("no hashes")).name == "r1"
+
+
+def test_a_dead_replica_vanishes_from_the_index():
+    router = build_router("precise_prefix", NAMES)
+    _cache_on(router, "r0", TENANT_A)
+    _cache_on(router, "r1", TENANT_A)
+    router.update_stats(0, EngineStats(), is_healthy=False)
+    hashes = _prefix_request("a", TENANT_A).block_hashes
+    assert router.kv_index.replicas == ["r1"]
+    assert router.kv_index.match(hashes) == {"r1": 3}
+    router.update_stats(1, EngineStats(), is_healthy=False)
+    assert router.kv_index.match(hashes) == {}
+    assert router.kv_index.cursor("r1") == (None, 0)  # back healthy: starts from a snapshot
+
+
+def test_approx_prefix_picks_the_replica_of_the_last_same_prefix_request():
+    router = build_router("approx_prefix", NAMES)
+    first = {name: _start(router, _prefix_request(name, tokens))
+             for name, tokens in [("a", TENANT_A), ("b", TENANT_B)]}
+    assert first == {"a": "r0", "b": "r1"}
+    for replica in router.replicas[:2]:
+        router.on_finish(replica)
+    assert router.pick(_prefix_request("b2", TENANT_B + [7] * BLOCK)).name == "r1"
+    assert router.pick(_prefix_request("a2", TENANT_A[:8] + [9] * BLOCK)).name == "r0"
+    router.update_stats(0, EngineStats(), is_healthy=False)  # forgotten with its cache
+    router.update_stats(0, EngineStats(), is_healthy=True)
+    assert router.snapshot()["affinity"]["none"] == 2
+    router.pick(_prefix_request("a3", TENANT_A))
+    assert router.snapshot()["affinity"]["none"] == 3
+
+
+def test_approx_history_is_bounded_least_recently_routed_first():
+    matcher = HistoryMatcher(capacity_blocks=3)
+    replicas = [ReplicaState(0, "r0")]
+    matcher.on_pick(_prefix_request("a", TENANT_A), replicas[0])
+    matcher.on_pick(_prefix_request("b", TENANT_B[:4]), replicas[0])
+    assert matcher.matched_blocks(_prefix_request("a", TENANT_A), replicas) == [0]
+    assert matcher.matched_blocks(_prefix_request("b", TENANT_B), replicas) == [1]
+
+
+def test_each_decision_is_logged_and_counted_for_the_metrics(caplog):
+    router = build_router("precise_prefix", NAMES)
+    _cache_on(router, "r2", TENANT_A)
+    with caplog.at_level(logging.DEBUG, logger="fleetlm.router"):
+        router.pick(_prefix_request("req-1", TENANT_A))
+    assert "route req-1 -> r2; r2 " in caplog.text and "precise_prefix=1.000" in caplog.text
+    text = render_metrics([], routers=[("m", router.snapshot()), ("m", router.snapshot())])
+    assert ('fleetlm:router_decisions_total{model_name="m",outcome="stuck",stage="affinity"} 2.0'
+            in text)
+    assert ('fleetlm:router_decisions_total{model_name="m",outcome="even",stage="queue"} 2.0'
+            in text)
