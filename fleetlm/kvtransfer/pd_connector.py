@@ -139,6 +139,7 @@ class PDConnectorScheduler(KVConnectorScheduler):
             self._meta.cancels.append(request_id)
             if self.reports is not None:
                 self.reports.forget(request_id)
+            self._notify()  # a step carries the cancel now, not with the next request
         self._num_local_tokens.pop(request_id, None)
         params = request.kv_transfer_params or {}
         if not self.is_producer or not params.get(DO_REMOTE_DECODE) or not block_ids or \
