@@ -64,9 +64,11 @@ class RemotePrefill:
             self.num_local += 1
         return is_remote
 
-    async def prefill(self, token_ids: list[int], request_id: str) -> dict:
-        """The transfer params of `token_ids` computed by a prefill replica, or
-        `PrefillFailed`. Cancelling this cancels the prefill replica's request."""
+    async def prefill(self, token_ids: list[int], request_id: str) -> dict | None:
+        """The transfer params of `token_ids` computed by a prefill replica; None if the
+        prefill replica refused the prompt as invalid (the decode replica's own engine then
+        answers the client's mistake, a 400); `PrefillFailed` if no replica computed it.
+        Cancelling this cancels the prefill replica's request."""
         replica = self.router.pick(RoutingRequest(request_id))
         self.router.on_start(replica)
         response = self.handles[replica.index].prefill.remote(token_ids, request_id)
@@ -80,6 +82,8 @@ class RemotePrefill:
         except asyncio.CancelledError:
             response.cancel()
             raise
+        except ValueError:  # an invalid prompt (a Ray task error subclasses the cause's type)
+            return None
         except Exception as e:  # noqa: BLE001 - dead, being replaced, or its engine failed
             raise self._failed(replica, "prefill_failed",
                                f"{replica.name}: {type(e).__name__}: {e}") from None

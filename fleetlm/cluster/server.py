@@ -284,15 +284,15 @@ class LLMServer:
     ) -> AsyncIterator[RequestOutput]:
         """The engine's stream, started lazily so eager validation errors surface in it too;
         a resumed choice goes on after the tokens its client has."""
-        resume: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if progress is not None and progress.token_ids:
-            resume = {"resume_token_ids": list(progress.token_ids)}
+            extra = {"resume_token_ids": list(progress.token_ids)}
             params = dataclasses.replace(params, prompt_logprobs=None)  # already sent
         elif self.remote_prefill is not None and params.prompt_logprobs is None:
             transfer_params = await self._prefill_elsewhere(prompt, request_id)
             if transfer_params is not None:
-                resume = {"kv_transfer_params": transfer_params}
-        async for output in self.engine.generate(prompt, params, request_id, **resume):
+                extra = {"kv_transfer_params": transfer_params}
+        async for output in self.engine.generate(prompt, params, request_id, **extra):
             completion = output.outputs[0]
             if completion.finish_reason == "error":  # its KV could not be read (policy "fail")
                 raise KVTransferFailed(str(completion.stop_reason or "the load failed"))

@@ -91,6 +91,10 @@ async def _raise(token_ids, request_id):
     raise RuntimeError("the prefill replica died")
 
 
+async def _refuse(token_ids, request_id):
+    raise ValueError("prompt token ids must be in [0, 49152)")
+
+
 @pytest.fixture(scope="module")
 def expected() -> str:
     """The text without any P/D: the threshold keeps the prompt on the decode replica."""
@@ -149,6 +153,22 @@ def test_kv_of_a_gone_prefill_engine_recomputes_or_answers_503(policy, expected)
     else:
         assert (answer.status, answer.code) == (503, "kv_transfer_failed")
         assert "unreachable" in answer.message
+
+
+def test_a_prompt_the_prefill_replica_refuses_is_left_to_the_decode_engine(expected):
+    """Not a failure of the prefill pool: the decode replica's engine judges the prompt
+    (here it is valid, so even under "fail" it is answered, and no failure is counted)."""
+
+    async def run():
+        server, pool = _decode_server("fail", _refuse)
+        try:
+            return await _complete(server, PROMPT), pool.num_calls, server.metrics_snapshot()
+        finally:
+            await server.shutdown()
+
+    answer, num_calls, snapshot = asyncio.run(run())
+    assert num_calls == 1 and answer["choices"][0]["text"] == expected
+    assert snapshot["pd"]["failures_by_cause"] == {}
 
 
 def test_the_decider_counts_uncached_tokens():

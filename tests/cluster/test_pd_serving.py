@@ -178,6 +178,16 @@ def test_a_chat_through_pd_equals_the_colocated_engine(pd, offline):
     assert _where(pd)[0] == remote_before + 1
 
 
+def test_an_invalid_long_prompt_is_a_400_and_no_prefill_failure(pd):
+    failures_before = _metrics(pd)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        _complete(pd, [10**6] * (THRESHOLD + 8))
+    failures = _metrics(pd)
+    assert {k: v for k, v in failures.items() if k[0] == "fleetlm:kv_transfer_failures_total"} \
+        == {k: v for k, v in failures_before.items()
+            if k[0] == "fleetlm:kv_transfer_failures_total"}
+
+
 def test_unread_kv_is_freed_when_its_lease_ends(pd, token_ids):
     """A decode side that got the transfer params and never read (it died): the prefill
     replica holds the blocks under the lease, then frees them."""
