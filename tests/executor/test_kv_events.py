@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import msgpack
 import pytest
+from sched_helpers import make_scheduler
+from test_sched_random import (
+    MAX_MODEL_LEN,
+    MAX_NUM_BATCHED_TOKENS,
+    MAX_NUM_SEQS,
+    NUM_BLOCKS,
+    RandomConnector,
+    run_workload,
+)
 
 from fleetlm.executor.block_pool import BlockPool, hash_block_tokens, hash_prompt_blocks
 from fleetlm.executor.kv_cache_manager import KVCacheManager
@@ -13,6 +24,7 @@ from fleetlm.executor.kv_events import (
     BlockStored,
     KVEventBatch,
     KVEventBuffer,
+    apply_event,
 )
 from fleetlm.executor.request import Request
 from fleetlm.executor.sampling_params import SamplingParams
@@ -115,3 +127,38 @@ def test_router_hashes_equal_the_engines(seed):
 def test_events_off_by_default_cost_no_buffer():
     assert BlockPool(2).kv_events is None
     assert KVCacheManager(num_blocks=2, block_size=BLOCK_SIZE).block_pool.kv_events is None
+
+
+@pytest.mark.parametrize("is_connected", [False, True])
+def test_a_consumer_mirrors_the_cache_through_a_random_workload(is_connected):
+    """The seeded random scheduler workload (preemptions, aborts, remote KV) with events on:
+    a consumer polling at random, from a ring of 4 batches, always holds the cached hashes."""
+    rng = random.Random(5)
+    scheduler = make_scheduler(
+        num_blocks=NUM_BLOCKS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+        connector=RandomConnector(random.Random(7)) if is_connected else None)
+    buffer = scheduler.kv_cache_manager.block_pool.kv_events = KVEventBuffer(max_batches=4)
+    pool, mirror, cursor = scheduler.kv_cache_manager.block_pool, {}, (None, 0)
+    kinds, check_invariants = set(), scheduler.check_invariants
+
+    def step_end_and_poll():  # run_step checks invariants at each step's middle and end
+        nonlocal cursor
+        check_invariants()
+        buffer.end_step()
+        if rng.random() < 0.7:  # often enough, 4 batches go by: a gap
+            return
+        reply = buffer.since(*cursor)
+        if "snapshot" in reply:
+            mirror.clear()
+            mirror.update(dict(reply["snapshot"]))
+        for wire in reply.get("batches", ()):
+            for event in KVEventBatch.from_wire(wire).events:
+                apply_event(mirror, event)
+        kinds.update(k for k in ("snapshot", "batches") if reply.get(k))
+        cursor = (reply["engine_id"], reply["seq"])
+        assert mirror.keys() == pool.cached_blocks.keys()
+
+    scheduler.check_invariants = step_end_and_poll
+    run_workload(scheduler, rng)
+    assert kinds == {"snapshot", "batches"} and scheduler.num_preemptions > 0
