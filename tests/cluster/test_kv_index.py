@@ -4,11 +4,13 @@ that a slow consumer misses batches, and an engine restart."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
 from fleetlm.cluster.kv_index import KVIndex, hash_prompt_blocks
+from fleetlm.executor.async_engine import AsyncEngine
 from fleetlm.executor.block_pool import hash_block_tokens
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.kv_events import BlockRemoved, KVEventBatch, KVEventBuffer
@@ -136,3 +138,24 @@ def test_replies_out_of_order_drop_the_cursor_and_heal(config, first_engine):
     assert index.cursor(REPLICA) == (None, 0)
     assert "snapshot" in _poll(index, engine)
     _assert_mirrors(index, engine)
+
+
+def test_polling_the_async_engine_while_its_loop_runs(config, first_engine):
+    """kv_events_since from the event loop while the engine thread steps (the ingress's
+    view): each reply is consistent, and the last one equals the cache."""
+    engine = AsyncEngine(config, engine=_fresh_engine(config, first_engine, max_batches=1024))
+    index = KVIndex()
+
+    async def one(i: int, prompt: list[int]) -> None:
+        async for _ in engine.generate(prompt, SamplingParams(max_tokens=2), f"async-{i}"):
+            index.apply(REPLICA, engine.kv_events_since(*index.cursor(REPLICA)))
+
+    async def scenario() -> None:
+        index.apply(REPLICA, engine.kv_events_since())  # empty: later changes come as batches
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompts(2, 2, seed=4))))
+        index.apply(REPLICA, engine.kv_events_since(*index.cursor(REPLICA)))
+        await engine.shutdown()
+
+    asyncio.run(scenario())
+    assert index.num_batches > 0
+    _assert_mirrors(index, engine.engine)
