@@ -19,6 +19,7 @@ so Serve starts it only where the whole group fits, and replaces it as a whole.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from ray import serve
 from ray.serve import Application
@@ -26,6 +27,7 @@ from ray.serve.config import HTTPOptions
 
 from fleetlm.cluster.config import ClusterConfig, parse_config, pool_config, to_engine_config
 from fleetlm.cluster.ingress import make_ingress_class
+from fleetlm.cluster.prompt_hashing import PromptHasher
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 from fleetlm.cluster.server import EngineFactory, LLMServer
 
@@ -74,15 +76,26 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         max_ongoing_requests=config.replicas.max_ongoing_requests * num_servers,
     )
     return ingress.bind(
-        config.model.served_name, servers, config.router.policy, config.http.api_keys,
-        config.migration, prefill_servers,
+        config.model.served_name, servers, config.router, config.http.api_keys,
+        config.migration, prefill_servers, _prompt_hasher(config),
     )
+
+
+def _prompt_hasher(config: ClusterConfig) -> PromptHasher | None:
+    """The prefix-aware policies match prompts' block hashes, computed as the engines do."""
+    if config.router.policy not in ("precise_prefix", "approx_prefix"):
+        return None
+    return PromptHasher(config.model.name, config.model.tokenizer, config.engine.block_size)
 
 
 def _servers(config: ClusterConfig, engine_factory: EngineFactory | None, pool: str = "",
              **pd_kwargs) -> list:
     """The bound engine replicas of a deployment (or of one P/D pool)."""
     engine_config = to_engine_config(config)
+    if config.router.policy == "precise_prefix" and pool != "prefill":  # the router mirrors
+        # the caches of the replicas it routes to
+        engine_config = replace(engine_config,
+                                cache=replace(engine_config.cache, enable_kv_events=True))
     interval_s = config.http.stream_interval_ms / MS_PER_S
     return [
         serve.deployment(LLMServerDeployment)

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from fleetlm.cluster import errors, openapi
-from fleetlm.cluster.config import MigrationSection
+from fleetlm.cluster.config import MigrationSection, RouterSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.metrics import METRICS_CONTENT_TYPE, render_metrics
 from fleetlm.cluster.migration import (
@@ -50,6 +50,7 @@ from fleetlm.cluster.openai_protocol import (
     ModelList,
     random_id,
 )
+from fleetlm.cluster.prompt_hashing import PromptHasher
 from fleetlm.cluster.router import ReplicaState, RoutingRequest, build_router
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 
@@ -63,6 +64,10 @@ HEALTH_PROBE_TIMEOUT_S = 0.5
 UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length)
 # A live replica answers /metrics in milliseconds; Prometheus gives a whole scrape 10 s.
 METRICS_TIMEOUT_S = 2.0
+# How often the precise prefix router asks each replica for its KV events (each ask is a
+# Serve call, about a millisecond of CPU on each side), and how long it waits for one.
+KV_EVENTS_INTERVAL_S = 0.1
+KV_EVENTS_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -80,19 +85,23 @@ class OpenAIIngress:
         self,
         served_model_name: str,
         servers: Sequence[DeploymentHandle],
-        router_policy: str = "least_loaded",
+        router: str | RouterSection = "least_loaded",
         api_keys: Sequence[str] = (),
         migration: MigrationSection | None = None,
         prefill_servers: Sequence[DeploymentHandle] = (),
+        hasher: PromptHasher | None = None,
     ) -> None:
         """`servers`: the replicas requests go to (a P/D deployment's decode pool);
         `prefill_servers`: a P/D deployment's prefill pool, which the decode replicas call
-        themselves; here they count only for /health and /metrics."""
+        themselves; here they count only for /health and /metrics. `hasher` gives the
+        prefix-aware router policies each prompt's block hashes."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
         self.servers = [server.options(stream=True) for server in servers]
         self.prefill_servers = [server.options(stream=False) for server in prefill_servers]
-        self.router = build_router(router_policy, [s.deployment_name for s in servers])
+        self.router = build_router(router, [s.deployment_name for s in servers])
+        self.hasher = hasher
+        self._kv_events_task: asyncio.Task | None = None  # feeds router.kv_index
         self.api_keys = [key.encode() for key in api_keys]
         self.migration = migration or MigrationSection()
         self._max_model_len: int | None = None
@@ -105,13 +114,11 @@ class OpenAIIngress:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
-        text = "\n".join(m.text() for m in body.messages)
-        return await self._dispatch("chat", body, text)
+        return await self._dispatch("chat", body)
 
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
-        text = body.prompt if isinstance(body.prompt, str) else ""
-        return await self._dispatch("completions", body, text)
+        return await self._dispatch("completions", body)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -151,7 +158,9 @@ class OpenAIIngress:
             else:
                 answered.append({**snapshot,
                                  "replica_id": snapshot["replica_id"] or handle.deployment_name})
-        return Response(render_metrics(answered, missing), media_type=METRICS_CONTENT_TYPE)
+        routers = [(self.model_name, self.router.snapshot())]
+        return Response(render_metrics(answered, missing, routers),
+                        media_type=METRICS_CONTENT_TYPE)
 
     async def index(self) -> Response:
         page = STATIC_DIR / "index.html"
@@ -191,9 +200,9 @@ class OpenAIIngress:
         if not is_valid:
             raise errors.unauthorized()
 
-    async def _dispatch(self, method: str, body: Any, prompt_text: str) -> Response:
+    async def _dispatch(self, method: str, body: Any) -> Response:
         request_id = random_id("chatcmpl" if method == "chat" else "cmpl")
-        call = _Call(method, body, request_id, RoutingRequest(request_id, prompt_text))
+        call = _Call(method, body, request_id, await self._routing_request(request_id, body))
         attempt, first = await self._start(call, None)
         if not isinstance(first, StreamChunk):  # an error or a whole response: nothing follows
             if attempt is not None:
@@ -267,6 +276,36 @@ class OpenAIIngress:
         finally:
             attempt.close()
 
+    async def _routing_request(self, request_id: str, body: Any) -> RoutingRequest:
+        if isinstance(body, ChatCompletionRequest):
+            text = "\n".join(m.text() for m in body.messages)
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else ""
+        if self.hasher is None:
+            return RoutingRequest(request_id, text)
+        if self.router.kv_index is not None and self._kv_events_task is None:
+            self._kv_events_task = asyncio.create_task(self._follow_kv_events())
+        return RoutingRequest(request_id, text, await self.hasher.block_hashes(body))
+
+    async def _follow_kv_events(self) -> None:
+        """Mirror every replica's prefix cache into the router's index: ask each for its KV
+        events since the last reply every KV_EVENTS_INTERVAL_S; a replica that does not
+        answer is dropped from the index (its replacement answers with a snapshot)."""
+        index = self.router.kv_index
+        handles = [server.options(stream=False) for server in self.servers]
+        while True:
+            for handle in handles:
+                name = handle.deployment_name
+                try:
+                    reply = await _call(handle, "kv_events_since", KV_EVENTS_TIMEOUT_S,
+                                        *index.cursor(name))
+                except Exception:  # noqa: BLE001 - dead or being replaced: it holds nothing
+                    if name in index.replicas:
+                        index.remove_replica(name)
+                    continue
+                index.apply(name, reply)
+            await asyncio.sleep(KV_EVENTS_INTERVAL_S)
+
     def _mark_unhealthy(self, replica: ReplicaState) -> None:
         """Route around `replica` until it (or its replacement) answers healthy again."""
         replica.is_healthy = False
@@ -305,10 +344,10 @@ class OpenAIIngress:
         return await _call(self.servers[index].options(stream=False), method, timeout_s)
 
 
-async def _call(handle: DeploymentHandle, method: str, timeout_s: float) -> Any:
+async def _call(handle: DeploymentHandle, method: str, timeout_s: float, *args) -> Any:
     """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s` (the
     call is then cancelled)."""
-    response = getattr(handle, method).remote()
+    response = getattr(handle, method).remote(*args)
     try:
         return await asyncio.wait_for(_result(response), timeout_s)
     except TimeoutError:

@@ -157,6 +157,11 @@ class LLMServer:
     def is_healthy(self) -> bool:
         return self.engine.is_healthy
 
+    def kv_events_since(self, engine_id: str | None, seq: int) -> dict:
+        """The engine's prefix-cache changes for the ingress's KV index (`engine.
+        enable_kv_events`; see `fleetlm.executor.kv_events`)."""
+        return self.engine.kv_events_since(engine_id, seq)
+
     def check_health(self) -> None:
         """Ray Serve's health hook: a dead engine makes Serve replace this replica."""
         if not self.engine.is_healthy:

@@ -1,0 +1,68 @@
+"""Prefix-aware routing on a real two-replica deployment of the built-in model (one thread
+each): the ingress hashes each prompt as the engines do and, with `precise_prefix`, mirrors
+the replicas' prefix caches from their KV events; requests of one tenant (a long shared
+system prompt) then land on the replica that holds it, as the replicas' own prefix-cache
+counters show."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import small_config
+
+from fleetlm.cluster.app import build_app, server_name
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"kv_cache_memory_bytes": 32 << 20, "max_num_seqs": 8}
+TENANTS = {
+    "astronomy": "You are the help desk of an observatory. Answer questions about telescopes, "
+                 "opening hours, guided night tours, the planetarium shows and the cafe. " * 3,
+    "bakery": "You are the assistant of a bakery. You know the breads, the cakes, the "
+              "allergens in each of them, the prices and when the shop opens on holidays. " * 3,
+}
+QUESTIONS = ["When do you open?", "What do you recommend?", "Is there parking?",
+             "Can I bring a dog?"]
+# An order that alternating (round-robin) routing splits: it sends the first two to both.
+ORDER = ["astronomy", "astronomy", "bakery", "astronomy", "bakery", "bakery", "astronomy",
+         "bakery"]
+
+
+def _stats(app: str) -> list:
+    from ray import serve
+
+    return [serve.get_deployment_handle(server_name(i), app).stats.remote().result()
+            for i in range(2)]
+
+
+@pytest.mark.parametrize("policy", ["precise_prefix", "approx_prefix", "round_robin"])
+def test_a_tenants_requests_stick_to_the_replica_holding_its_prefix(http_port, policy):
+    from ray import serve
+
+    app = f"prefix-{policy.split('_')[0]}"
+    config = small_config(replicas={"count": 2}, engine=ENGINE,
+                          model={"max_model_len": 512}, router={"policy": policy})
+    serve.run(build_app(config), name=app, route_prefix=f"/{app}")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/{app}/v1",
+                               api_key="unused", timeout=300)
+        landed: dict[str, set[int]] = {tenant: set() for tenant in TENANTS}
+        for i, tenant in enumerate(ORDER):
+            before = [s.num_prompt_tokens for s in _stats(app)]
+            client.chat.completions.create(
+                model=config.model.served_name, max_tokens=2, temperature=0,
+                messages=[{"role": "system", "content": TENANTS[tenant]},
+                          {"role": "user", "content": QUESTIONS[i // 2]}])
+            after = [s.num_prompt_tokens for s in _stats(app)]
+            [served] = [i for i in range(2) if after[i] > before[i]]
+            landed[tenant].add(served)
+        hits = sum(s.prefix_cache_hits for s in _stats(app))
+        num_repeats = len(ORDER) - len(TENANTS)  # requests after each tenant's first
+        if policy == "round_robin":  # the control: the order splits a tenant
+            assert any(len(replicas) == 2 for replicas in landed.values()), landed
+            return
+        assert all(len(replicas) == 1 for replicas in landed.values()), landed
+        # Every request after a tenant's first hit its system prompt (~60 tokens) there.
+        assert hits >= num_repeats * 48
+    finally:
+        serve.delete(app)
