@@ -78,9 +78,8 @@ class RouterSection(Section):
     policy: Literal["round_robin", "least_loaded", "precise_prefix", "approx_prefix"] = Field(
         "least_loaded", description="How the ingress picks a replica for each request: "
         "round_robin; least_loaded (fewest requests in flight and waiting); precise_prefix "
-        "(the replicas' KV events say which blocks each holds; needs engine.enable_kv_events); "
-        "approx_prefix (the router remembers where it sent each prompt's blocks). The ingress "
-        "does not hand the prefix policies prompts' block hashes yet: they route by load.",
+        "(the replicas' KV events, turned on for it, say which blocks each holds); "
+        "approx_prefix (the router remembers where it sent each prompt's blocks).",
     )
     prefix_weight: float = Field(
         1.0, ge=0, description="Weight of the prefix scorer (matched leading blocks / prompt "
