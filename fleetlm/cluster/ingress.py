@@ -38,6 +38,7 @@ from fleetlm.cluster.migration import (
     ReplicaStream,
     Resume,
     StreamChunk,
+    call_replica,
     is_replica_failure,
     merge_progress,
     retry_delays,
@@ -148,7 +149,8 @@ class OpenAIIngress:
         holds the scrape past Prometheus's own timeout."""
         handles = [*(s.options(stream=False) for s in self.servers), *self.prefill_servers]
         snapshots = await asyncio.gather(
-            *(_call(handle, "metrics_snapshot", METRICS_TIMEOUT_S) for handle in handles),
+            *(call_replica(handle, "metrics_snapshot", METRICS_TIMEOUT_S)
+              for handle in handles),
             return_exceptions=True,
         )  # fmt: skip
         answered, missing = [], []
@@ -297,7 +299,7 @@ class OpenAIIngress:
             for handle in handles:
                 name = handle.deployment_name
                 try:
-                    reply = await _call(handle, "kv_events_since", KV_EVENTS_TIMEOUT_S,
+                    reply = await call_replica(handle, "kv_events_since", KV_EVENTS_TIMEOUT_S,
                                         *index.cursor(name))
                 except Exception:  # noqa: BLE001 - dead or being replaced: it holds nothing
                     if name in index.replicas:
@@ -326,7 +328,7 @@ class OpenAIIngress:
     @staticmethod
     async def _is_healthy(handle: DeploymentHandle) -> bool:
         try:
-            return await _call(handle, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
+            return await call_replica(handle, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
         except Exception:  # noqa: BLE001 - dead, being replaced, or too slow: not healthy
             return False
 
@@ -341,22 +343,7 @@ class OpenAIIngress:
         return await self._unary(replicas[-1].index, method, UNARY_TIMEOUT_S)
 
     async def _unary(self, index: int, method: str, timeout_s: float) -> Any:
-        return await _call(self.servers[index].options(stream=False), method, timeout_s)
-
-
-async def _call(handle: DeploymentHandle, method: str, timeout_s: float, *args) -> Any:
-    """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s` (the
-    call is then cancelled)."""
-    response = getattr(handle, method).remote(*args)
-    try:
-        return await asyncio.wait_for(_result(response), timeout_s)
-    except TimeoutError:
-        response.cancel()
-        raise
-
-
-async def _result(response) -> Any:
-    return await response
+        return await call_replica(self.servers[index].options(stream=False), method, timeout_s)
 
 
 # ---- FastAPI wiring ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ its stream, or the ingress makes one when the replica's actor is gone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -113,3 +114,18 @@ class ReplicaStream:
             if not self.is_done:
                 self.stream.cancel()
             self.router.on_finish(self.replica)
+
+
+async def call_replica(handle, method: str, timeout_s: float, *args) -> Any:
+    """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s`. On a
+    timeout, or when the caller is cancelled, the replica's request is cancelled too."""
+    response = getattr(handle, method).remote(*args)
+    try:
+        return await asyncio.wait_for(_result(response), timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        response.cancel()
+        raise
+
+
+async def _result(response) -> Any:
+    return await response

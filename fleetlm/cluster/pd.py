@@ -16,13 +16,13 @@ a prefill replica that is dead, errs or takes longer than `pd.prefill_timeout_s`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from fleetlm.cluster.config import PDSection
+from fleetlm.cluster.migration import call_replica
 from fleetlm.cluster.router import ReplicaState, Router, RoutingRequest, queue_scorer
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,13 @@ class RemotePrefill:
         Cancelling this cancels the prefill replica's request."""
         replica = self.router.pick(RoutingRequest(request_id))
         self.router.on_start(replica)
-        response = self.handles[replica.index].prefill.remote(token_ids, request_id)
         try:
-            params = await asyncio.wait_for(_result(response), self.timeout_s)
+            params = await call_replica(self.handles[replica.index], "prefill", self.timeout_s,
+                                        token_ids, request_id)
         except TimeoutError:
-            response.cancel()
             raise self._failed(replica, "prefill_timeout",
                                f"{replica.name} did not answer within {self.timeout_s:g} s") \
                 from None
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
         except ValueError:  # an invalid prompt (a Ray task error subclasses the cause's type)
             return None
         except Exception as e:  # noqa: BLE001 - dead, being replaced, or its engine failed
@@ -106,7 +102,3 @@ class RemotePrefill:
     def snapshot(self) -> dict[str, Any]:
         return {"num_remote": self.num_remote, "num_local": self.num_local,
                 "failures_by_cause": dict(self.failures_by_cause)}
-
-
-async def _result(response) -> Any:
-    return await response
