@@ -52,6 +52,7 @@ class CacheConfig:
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     hash_seed: int = 0  # separate pools with the same seed compute the same block hashes
     enable_kv_events: bool = _ENGINE.enable_kv_events
+    kv_cache_dtype: str = _ENGINE.kv_cache_dtype  # "auto": the model's dtype; "int8"
 
     @classmethod
     def from_section(cls, section: EngineSection) -> CacheConfig:
@@ -59,7 +60,8 @@ class CacheConfig:
                    kv_cache_memory_bytes=int(section.kv_cache_memory_bytes),
                    num_blocks=section.num_blocks,
                    enable_prefix_caching=section.enable_prefix_caching,
-                   enable_kv_events=section.enable_kv_events)
+                   enable_kv_events=section.enable_kv_events,
+                   kv_cache_dtype=section.kv_cache_dtype)
 
 
 @dataclass(frozen=True)

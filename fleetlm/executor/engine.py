@@ -168,15 +168,17 @@ def kv_bytes_per_block(executor: Executor, config: EngineConfig) -> int:
     """K and V of one block over every layer and KV head (all ranks together)."""
     import torch
 
-    from fleetlm.executor.model_runner import resolve_dtype
+    from fleetlm.executor.model_runner import resolve_dtype, resolve_kv_cache_dtype
+    from fleetlm.kernels.kv_quant import row_width
 
     hf_config = executor.hf_config
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     runner = getattr(executor, "runner", None)  # in-process: its dtype; a group's: resolved
-    dtype = runner.dtype if runner is not None else \
-        resolve_dtype(config.model.dtype, getattr(executor, "device", torch.device("cpu")))
+    device = getattr(executor, "device", torch.device("cpu"))
+    dtype = runner.kv_dtype if runner is not None else resolve_kv_cache_dtype(
+        config.cache.kv_cache_dtype, resolve_dtype(config.model.dtype, device), device)
     element_size = torch.empty((), dtype=dtype).element_size()
-    return (2 * hf_config.num_hidden_layers * config.cache.block_size * num_kv_heads * head_dim
-            * element_size)
+    return (2 * hf_config.num_hidden_layers * config.cache.block_size * num_kv_heads
+            * row_width(head_dim, dtype) * element_size)

@@ -26,6 +26,7 @@ from fleetlm.executor.weights import (
     resolve_model,
     resolve_tokenizer,
 )
+from fleetlm.kernels import kv_quant
 from fleetlm.kvtransfer.base import KVConnectorWorker
 from fleetlm.kvtransfer.params import KVShard
 from fleetlm.parallel.pipeline import StageHandoff
@@ -50,6 +51,17 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype,
+                           device: torch.device) -> torch.dtype:
+    """The KV cache's tensor dtype for `kv_cache_dtype` (auto: the model's)."""
+    if name == "auto":
+        return model_dtype
+    if device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype {name} runs on CPU only (the CUDA attention "
+                         f"kernels read float caches); use kv_cache_dtype auto on {device}")
+    return kv_quant.KV_CACHE_DTYPES[name]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -86,6 +98,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype,
+                                               self.device)
         self.groups = groups
         self.parallel = parallel or ParallelConfig()
         self.requests: dict[str, CachedRequestState] = {}
@@ -97,7 +111,7 @@ class ModelRunner:
         self._load_model()
         # Speculative decoding: only the output rank's drafts are read, so only it proposes.
         self.proposer = make_proposer(
-            speculative, model_config=model_config, block_size=self.block_size,
+            speculative, model_config=model_config, cache_config=cache_config,
             device=self.device, target_vocab_size=self.vocab_size,
         ) if groups.is_output_rank else None
         # Structured outputs: grammar state of the constrained requests (ranks that sample).
@@ -137,13 +151,16 @@ class ModelRunner:
 
     @property
     def _kv_block_shape(self) -> tuple[int, int, int]:
+        """One block of one layer's K (or V): `(block_size, num_kv_heads, row)`, row being
+        head_dim, or head_dim + 4 in an int8 cache (`kv_quant`: the row's scale)."""
         attention = next(iter(self.model.layers.values())).self_attn
-        return self.block_size, attention.num_kv_heads, attention.head_dim
+        return (self.block_size, attention.num_kv_heads,
+                kv_quant.row_width(attention.head_dim, self.kv_dtype))
 
     @property
     def kv_bytes_per_block(self) -> int:
         """K and V of one block over this rank's layers and KV heads."""
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * len(self.model.layers) * element * int(torch.Size(self._kv_block_shape).numel())
 
     def num_available_blocks(self) -> int:
@@ -159,14 +176,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = (num_blocks, *self._kv_block_shape)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in self.model.layers
         ]
         if self.proposer is not None:
             self.proposer.allocate_kv_cache(num_blocks)
-        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size,
-                    num_blocks * self.kv_bytes_per_block / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s)", num_blocks,
+                    self.block_size, num_blocks * self.kv_bytes_per_block / 2**20,
+                    str(self.kv_dtype).removeprefix("torch."))
 
     @property
     def kv_shard(self) -> KVShard:

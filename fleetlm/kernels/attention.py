@@ -8,6 +8,10 @@ used block are ignored). Query head `h` reads kv head `h // (num_heads // num_kv
 Dispatch by device: CUDA runs the Triton kernels (`triton_attention`); CPU runs the C kernel
 (`cpu_attention`) when it compiled and supports the call, else the torch reference. The
 `*_reference` functions are plain torch, public so tests can compare against them.
+
+An int8 cache (`kv_quant`: `[num_blocks, block_size, num_kv_heads, head_dim + 4]`, each row's
+float32 scale in its last 4 bytes) is quantized on write and dequantized on read by the C
+kernel and the references; the Triton kernels read float caches only.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ import types
 import torch
 import torch.nn.functional as F
 
-from fleetlm.kernels import cpu_attention
+from fleetlm.kernels import cpu_attention, kv_quant
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store key/value `[num_tokens, num_kv_heads, head_dim]` at `slot_mapping [num_tokens]`.
 
-    Slots < 0 (padding tokens) are skipped. Values are cast to the cache dtype.
+    Slots < 0 (padding tokens) are skipped. Values are cast to the cache dtype, or quantized
+    into an int8 cache.
     """
     _check_write(key, value, k_cache, v_cache, slot_mapping)
-    triton_module = _triton_for(key)
+    triton_module = _triton_for(key, k_cache)
     if triton_module is not None:
         triton_module.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    elif kv_quant.is_quantized(k_cache) and cpu_attention.supports_write(key, k_cache):
+        cpu_attention.write_kv_cache_int8(key, value, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping)
 
@@ -48,7 +55,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"decode takes one query token per sequence: {query.shape[0]} tokens "
                          f"for {seq_lens.shape[0]} sequences")
-    triton_module = _triton_for(query)
+    triton_module = _triton_for(query, k_cache)
     if triton_module is not None:
         return triton_module.paged_decode_attention(
             query, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -77,7 +84,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         raise ValueError(f"cu_seqlens_q must have num_seqs + 1 = {seq_lens.shape[0] + 1} "
                          f"entries, got shape {tuple(cu_seqlens_q.shape)}")
     args = (query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
-    triton_module = _triton_for(query)
+    triton_module = _triton_for(query, k_cache)
     if triton_module is not None:
         return triton_module.paged_prefill_attention(*args, max_seqlen_q=max_seqlen_q)
     if cpu_attention.supports(query, k_cache, v_cache):
@@ -119,10 +126,11 @@ def write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping) -> None
     if bool((slot_mapping < 0).any()):
         is_real = slot_mapping >= 0
         key, value, slot_mapping = key[is_real], value[is_real], slot_mapping[is_real]
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping,
-                                                         value.to(v_cache.dtype))
+    num_kv_heads, row = k_cache.shape[2:]
+    for cache, rows in ((k_cache, key), (v_cache, value)):
+        rows = kv_quant.quantize_rows(rows) if kv_quant.is_quantized(cache) else \
+            rows.to(cache.dtype)
+        cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, rows)
 
 
 def paged_decode_attention_reference(query, k_cache, v_cache, block_tables, seq_lens,
@@ -133,13 +141,13 @@ def paged_decode_attention_reference(query, k_cache, v_cache, block_tables, seq_
     max_len = int(seq_lens.max())
     num_used_blocks = -(-max_len // block_size)
     tables = block_tables[:, :num_used_blocks].long().clamp(0, k_cache.shape[0] - 1)
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # [num_seqs, max_len, kv_heads, dim]
-    values = v_cache[tables].flatten(1, 2)[:, :max_len]
+    keys, values = (  # [num_seqs, max_len, kv_heads, dim]
+        kv_quant.as_float(cache[tables].flatten(1, 2)[:, :max_len], query.dtype)
+        for cache in (k_cache, v_cache))
     positions = torch.arange(max_len, device=query.device)
     is_visible = positions[None, :] < seq_lens[:, None].to(query.device)
     out = F.scaled_dot_product_attention(
-        query.unsqueeze(2), keys.transpose(1, 2).to(query.dtype),
-        values.transpose(1, 2).to(query.dtype), attn_mask=is_visible[:, None, None, :],
+        query.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=is_visible[:, None, None, :],
         scale=scale, enable_gqa=True)
     return out.squeeze(2)
 
@@ -153,8 +161,8 @@ def paged_prefill_attention_reference(query, k_cache, v_cache, cu_seqlens_q, seq
     for seq, (begin, end, kv_len) in enumerate(zip(bounds[:-1], bounds[1:], kv_lens)):
         if kv_len < end - begin:
             raise ValueError(f"sequence {seq}: seq_len {kv_len} < query length {end - begin}")
-        keys, values = (_gather_sequence(cache, block_tables[seq], kv_len).to(query.dtype)
-                        for cache in (k_cache, v_cache))
+        keys, values = (kv_quant.as_float(_gather_sequence(cache, block_tables[seq], kv_len),
+                                          query.dtype) for cache in (k_cache, v_cache))
         out[begin:end] = _sdpa(query[begin:end], keys, values, scale, is_causal=False)
     return out
 
@@ -187,8 +195,12 @@ def _triton_module() -> types.ModuleType | None:
     return triton_attention
 
 
-def _triton_for(tensor: torch.Tensor) -> types.ModuleType | None:
-    """The Triton kernels when `tensor` lives on CUDA and Triton imports, else None."""
+def _triton_for(tensor: torch.Tensor, cache: torch.Tensor | None = None,
+                ) -> types.ModuleType | None:
+    """The Triton kernels when `tensor` lives on CUDA and Triton imports, else None. They
+    read float caches only: an int8 `cache` on CUDA is refused."""
+    if cache is not None and tensor.is_cuda and kv_quant.is_quantized(cache):
+        raise ValueError("an int8 KV cache (kv_cache_dtype int8) runs on CPU only")
     return _triton_module() if tensor.is_cuda else None
 
 
@@ -200,9 +212,10 @@ def _check_heads(num_heads: int, num_kv_heads: int) -> None:
 
 def _check_write(key, value, k_cache, v_cache, slot_mapping) -> None:
     _check_cache(k_cache, v_cache)
-    if key.shape != value.shape or key.shape[1:] != k_cache.shape[2:]:
+    head_dim = kv_quant.head_dim_of(k_cache)
+    if key.shape != value.shape or key.shape[1:] != (k_cache.shape[2], head_dim):
         raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} must be "
-                         f"[num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}]")
+                         f"[num_tokens, {k_cache.shape[2]}, {head_dim}]")
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping must have shape ({key.shape[0]},), "
                          f"got {tuple(slot_mapping.shape)}")
@@ -210,9 +223,9 @@ def _check_write(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def _check_paged(query, k_cache, v_cache, block_tables, seq_lens) -> None:
     _check_cache(k_cache, v_cache)
-    if query.dim() != 3 or query.shape[2] != k_cache.shape[3]:
-        raise ValueError(f"query must be [tokens, heads, {k_cache.shape[3]}], "
-                         f"got {tuple(query.shape)}")
+    head_dim = kv_quant.head_dim_of(k_cache)
+    if query.dim() != 3 or query.shape[2] != head_dim:
+        raise ValueError(f"query must be [tokens, heads, {head_dim}], got {tuple(query.shape)}")
     _check_heads(query.shape[1], k_cache.shape[2])
     num_seqs = seq_lens.shape[0]
     if seq_lens.dim() != 1 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:

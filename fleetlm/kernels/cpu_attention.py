@@ -5,8 +5,9 @@ One entry point serves decode (one query token per sequence) and prefill with ea
 as `torch.get_num_threads()`; the library links the same `libgomp.so.1` that torch has
 already loaded, so both share one thread pool.
 
-Contract beyond `attention.py`'s: CPU tensors, contiguous caches of dtype fp32 or bf16,
-head_dim a multiple of `HEAD_DIM_MULTIPLE`. `supports()` says whether a call qualifies; the
+Contract beyond `attention.py`'s: CPU tensors, contiguous caches of dtype fp32, bf16 or int8
+(`kv_quant`'s layout), head_dim a multiple of `HEAD_DIM_MULTIPLE`. `write_kv_cache_int8`
+quantizes K/V into an int8 cache, exactly as `kv_quant.quantize_rows` does. `supports()` says whether a call qualifies; the
 dispatcher falls back to the torch reference otherwise.
 """
 
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fleetlm.kernels import cpu_build
+from fleetlm.kernels import cpu_build, kv_quant
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 HEAD_DIM_MULTIPLE = 16  # DIM_CHUNK in the C source
 ROWS_PER_PREFILL_TASK = 32  # query rows (tokens x heads of one kv group) one task scores
 STATUS_MESSAGES = {
@@ -39,6 +40,12 @@ _ARGTYPES = (
     + [_int64] * 4  # max_blocks, num_seqs, num_heads, tokens_per_task
     + [ctypes.c_float, _ptr, ctypes.c_int]  # scale, out, num_threads
 )
+_WRITE_ARGTYPES = (
+    [_ptr, _ptr, ctypes.c_int]  # key, value, is_bf16
+    + [_int64] * 4  # token and head strides of key, then of value
+    + [_ptr] + [_int64] * 4  # slot_mapping, num_tokens, num_kv_heads, head_dim, num_slots
+    + [_ptr, _ptr, ctypes.c_int]  # k_cache, v_cache, num_threads
+)
 
 
 @functools.cache
@@ -47,6 +54,8 @@ def _library() -> ctypes.CDLL | None:
     if library is not None:
         library.fleet_paged_attention.argtypes = _ARGTYPES
         library.fleet_paged_attention.restype = ctypes.c_int
+        library.fleet_write_kv_int8.argtypes = _WRITE_ARGTYPES
+        library.fleet_write_kv_int8.restype = ctypes.c_int
     return library
 
 
@@ -62,9 +71,38 @@ def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
         and k_cache.device.type == "cpu"
         and k_cache.dtype in KV_DTYPE_CODES
         and v_cache.dtype == k_cache.dtype
-        and k_cache.shape[-1] % HEAD_DIM_MULTIPLE == 0
+        and kv_quant.head_dim_of(k_cache) % HEAD_DIM_MULTIPLE == 0
         and is_available()
     )
+
+
+def supports_write(key: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether `write_kv_cache_int8` can write `key`-like tensors into `cache`."""
+    return (key.device.type == "cpu" and kv_quant.is_quantized(cache)
+            and key.dtype in (torch.float32, torch.bfloat16)
+            and key.shape[-1] % HEAD_DIM_MULTIPLE == 0 and is_available())
+
+
+def write_kv_cache_int8(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """`attention.write_kv_cache` into an int8 cache: key/value `[num_tokens, num_kv_heads,
+    head_dim]` (fp32 or bf16, rows contiguous: slices of a fused projection are fine)."""
+    library = _library()
+    assert library is not None and kv_quant.is_quantized(k_cache), "check supports_write()"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    value = value.to(key.dtype)
+    key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (key, value))
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    status = library.fleet_write_kv_int8(
+        key.data_ptr(), value.data_ptr(), int(key.dtype == torch.bfloat16),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        slot_mapping.data_ptr(), key.shape[0], num_kv_heads, key.shape[2],
+        num_blocks * block_size, k_cache.data_ptr(), v_cache.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"write_kv_cache: a slot is outside the cache of "
+                         f"{num_blocks * block_size} slots")
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale):
@@ -102,7 +140,8 @@ def _run(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
     assert library is not None and k_cache.dtype == v_cache.dtype, "check supports() first"
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    head_dim = kv_quant.head_dim_of(k_cache)
     query_f32 = query.to(torch.float32).contiguous()
     out = torch.empty_like(query_f32)
     seq_lens = seq_lens.to(torch.int32).contiguous()

@@ -4,7 +4,9 @@ A rank's cache is one (K, V) pair per layer of its pipeline stage, each (num_blo
 block_size, num_kv_heads, head_dim) over its tensor-parallel share of the KV heads. A run
 of blocks travels as one buffer shaped (layers, 2, blocks, block_size, heads, head_dim) in
 the cache's dtype, for a range of the rank's layers and heads (a decode rank split
-differently asks a prefill rank for only the part it holds).
+differently asks a prefill rank for only the part it holds). An int8 cache's last dim is
+head_dim + 4, each row's scale (`fleetlm.kernels.kv_quant`), so its blocks travel with their
+scales.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fleetlm.kernels.kv_quant import head_dim_of
 from fleetlm.kvtransfer.params import KVLayout
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -22,10 +25,11 @@ def layout_of(kv_caches: KVCaches, num_layers: int | None = None,
               num_kv_heads: int | None = None) -> KVLayout:
     """The layout of a cache holding `num_layers` layers and `num_kv_heads` heads in all
     (default: what this rank's cache holds)."""
-    _, block_size, rank_heads, head_dim = kv_caches[0][0].shape
-    dtype = str(kv_caches[0][0].dtype).removeprefix("torch.")
+    k_cache = kv_caches[0][0]
+    _, block_size, rank_heads, _ = k_cache.shape
+    dtype = str(k_cache.dtype).removeprefix("torch.")
     return KVLayout(dtype, block_size, num_layers or len(kv_caches),
-                    num_kv_heads or rank_heads, head_dim)
+                    num_kv_heads or rank_heads, head_dim_of(k_cache))
 
 
 def _parts(kv_caches: KVCaches, layers: Range | None, heads: Range | None):

@@ -17,13 +17,17 @@ import msgpack
 # `kv_transfer_params`. The finished request's output carries `TransferParams` instead.
 DO_REMOTE_DECODE = "do_remote_decode"
 
-_ELEMENT_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ELEMENT_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# Bytes after each (slot, head) row's values: an int8 cache's float32 scale
+# (`fleetlm.kernels.kv_quant`), which travels with its block.
+_ROW_EXTRA_BYTES = {"int8": 4}
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """How a whole engine's KV cache is laid out (every layer, every KV head, over all its
-    ranks): both ends must agree on all of it; how each end splits it may differ."""
+    ranks): both ends must agree on all of it (an int8 cache and a float one do not); how each
+    end splits it may differ."""
 
     dtype: str
     block_size: int
@@ -33,8 +37,9 @@ class KVLayout:
 
     def bytes_per_block(self, num_layers: int, num_kv_heads: int) -> int:
         """K and V of one block over `num_layers` layers and `num_kv_heads` heads."""
-        return (2 * num_layers * self.block_size * num_kv_heads * self.head_dim
-                * _ELEMENT_SIZES[self.dtype])
+        row_bytes = self.head_dim * _ELEMENT_SIZES[self.dtype] + _ROW_EXTRA_BYTES.get(
+            self.dtype, 0)
+        return 2 * num_layers * self.block_size * num_kv_heads * row_bytes
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A draft model proposer: a smaller model with the target's tokenizer, run greedily.
 
 It keeps its own KV cache, addressed through the target's block tables (same block ids, same
-block size; the scheduler allocates `num_speculative_tokens` look-ahead slots for it). Per
+block size, same `kv_cache_dtype`; the scheduler allocates `num_speculative_tokens` look-ahead slots for it). Per
 request it remembers how many leading positions of its cache hold the request's real tokens;
 after each step it first catches up on the tokens it has not seen (the whole prompt at
 first, then the last step's accepted drafts and sampled token), which yields the first draft,
@@ -22,14 +22,17 @@ _PARAMS = SamplingParams(temperature=0.0)  # drafts are greedy
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, config: SpeculativeConfig, model_config: ModelConfig, block_size: int,
-                 device: torch.device, target_vocab_size: int) -> None:
+    def __init__(self, config: SpeculativeConfig, model_config: ModelConfig,
+                 cache_config: CacheConfig, device: torch.device,
+                 target_vocab_size: int) -> None:
         from fleetlm.executor.model_runner import ModelRunner
 
         draft_config = ModelConfig(model=config.model, dtype=model_config.dtype,
                                    device=device.type, seed=model_config.seed,
                                    random_weights=config.random_weights)
-        self.runner = ModelRunner(draft_config, CacheConfig(block_size=block_size))
+        block_size = cache_config.block_size
+        self.runner = ModelRunner(draft_config, CacheConfig(
+            block_size=block_size, kv_cache_dtype=cache_config.kv_cache_dtype))
         if self.runner.vocab_size != target_vocab_size:
             raise ValueError(f"draft model {config.model} has a vocabulary of "
                              f"{self.runner.vocab_size} tokens, the target {target_vocab_size}: "

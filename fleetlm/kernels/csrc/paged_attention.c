@@ -6,8 +6,11 @@
  * tokens, span of kv heads); it walks the sequence's kv tokens once in tiles, scoring every
  * query row of each kv head's group against each K/V row, with an online softmax in fp32.
  *
- * Cache layout: [num_blocks, block_size, num_kv_heads, head_dim], fp32 or bf16. Query rows
- * come in as fp32 [num_tokens, num_heads, head_dim]; output is fp32 of the same shape.
+ * Cache layout: [num_blocks, block_size, num_kv_heads, row], fp32 or bf16 (row = head_dim)
+ * or int8 (row = head_dim + 4: the int8 values, then the row's float32 scale; value = q *
+ * scale, see fleetlm/kernels/kv_quant.py). Query rows come in as fp32 [num_tokens, num_heads,
+ * head_dim]; output is fp32 of the same shape. fleet_write_kv_int8 quantizes K/V into an int8
+ * cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,7 +19,9 @@
 
 #include "online_softmax.h"
 
-enum { KV_F32 = 0, KV_BF16 = 1 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+#define SCALE_BYTES 4 /* an int8 row's float32 scale */
+#define QMAX 127.0f
 enum { OK = 0, ERR_SHAPE = 1, ERR_BLOCK_TABLE = 2, ERR_SEQ_LEN = 3, ERR_NO_MEMORY = 4 };
 
 #define TASKS_PER_THREAD 4 /* enough tasks for dynamic scheduling to even out lengths */
@@ -26,10 +31,21 @@ typedef struct {
     int kv_dtype;
     const int32_t *block_table; /* this sequence's row */
     int64_t block_size, num_kv_heads, head_dim;
+    int64_t row; /* elements of one (slot, head) row: head_dim, + SCALE_BYTES for int8 */
 } KvView;
 
+static inline int64_t elem_bytes(int kv_dtype)
+{
+    return kv_dtype == KV_F32 ? 4 : kv_dtype == KV_BF16 ? 2 : 1;
+}
+
+static inline int64_t row_elems(int kv_dtype, int64_t head_dim)
+{
+    return kv_dtype == KV_INT8 ? head_dim + SCALE_BYTES : head_dim;
+}
+
 typedef struct { /* per-thread scratch */
-    float *q, *acc, *m, *l, *s, *k, *v; /* k, v: a bf16 tile converted to fp32 */
+    float *q, *acc, *m, *l, *s, *k, *v; /* k, v: a bf16 or int8 tile converted to fp32 */
     const float **k_rows, **v_rows;     /* the tile's rows, in the cache or in k, v */
     const char **next_k, **next_v;      /* the next tile's rows in the cache, to prefetch */
     int64_t *offsets;                   /* a tile's row offsets in the cache, in elements */
@@ -40,7 +56,7 @@ typedef struct { /* per-thread scratch */
 static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
                          int64_t *offsets)
 {
-    const int64_t row_stride = kv->num_kv_heads * kv->head_dim;
+    const int64_t row_stride = kv->num_kv_heads * kv->row;
     int64_t block = start / kv->block_size, offset = start % kv->block_size;
     for (int64_t t = 0; t < n; t++, offset++) {
         if (offset == kv->block_size) {
@@ -48,18 +64,18 @@ static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64
             offset = 0;
         }
         offsets[t] = (kv->block_table[block] * kv->block_size + offset) * row_stride
-                     + kv_head * kv->head_dim;
+                     + kv_head * kv->row;
     }
 }
 
 /* Points k_rows/v_rows at kv tokens [start, start + n) of kv_head (into the cache for fp32,
- * into converted copies for bf16), and next_k/next_v at the n_next tokens after them. Blocks
+ * into converted copies for bf16 and int8), and next_k/next_v at the n_next tokens after them. Blocks
  * sit at random places the hardware prefetcher cannot guess, so the compute loops prefetch
  * the next tile a line at a time; a burst of prefetches would stall on the miss queue. */
 static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
                       int64_t n_next, Scratch *sc)
 {
-    const int64_t dim = kv->head_dim, elem = kv->kv_dtype == KV_F32 ? 4 : 2;
+    const int64_t dim = kv->head_dim, elem = elem_bytes(kv->kv_dtype);
     tile_offsets(kv, kv_head, start + n, n_next, sc->offsets);
     for (int64_t t = 0; t < n_next; t++) {
         sc->next_k[t] = (const char *)kv->k_cache + sc->offsets[t] * elem;
@@ -74,6 +90,20 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
         if (kv->kv_dtype == KV_F32) {
             sc->k_rows[t] = (const float *)kv->k_cache + sc->offsets[t];
             sc->v_rows[t] = (const float *)kv->v_cache + sc->offsets[t];
+            continue;
+        }
+        if (kv->kv_dtype == KV_INT8) {
+            const int8_t *k = (const int8_t *)kv->k_cache + sc->offsets[t];
+            const int8_t *v = (const int8_t *)kv->v_cache + sc->offsets[t];
+            float k_scale, v_scale;
+            memcpy(&k_scale, k + dim, sizeof k_scale);
+            memcpy(&v_scale, v + dim, sizeof v_scale);
+            for (int64_t d = 0; d < dim; d += 8) {
+                store8(sc->k + t * dim + d, load8_i8(k + d) * k_scale);
+                store8(sc->v + t * dim + d, load8_i8(v + d) * v_scale);
+            }
+            sc->k_rows[t] = sc->k + t * dim;
+            sc->v_rows[t] = sc->v + t * dim;
             continue;
         }
         const uint16_t *k = (const uint16_t *)kv->k_cache + sc->offsets[t];
@@ -131,7 +161,7 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
         for (int64_t h = head_begin; h < head_end; h++) {
             load_tile(kv, h, start, n, n_next, sc);
             attend_tile(sc, (h - head_begin) * rows_per_head, rows_per_head, start, n, dim,
-                        kv->kv_dtype == KV_F32 ? 4 : 2);
+                        elem_bytes(kv->kv_dtype));
         }
     }
     for (int64_t r = 0; r < num_rows; r++) {
@@ -234,7 +264,8 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                           int64_t tokens_per_task, float scale, float *out, int num_threads)
 {
     if (num_kv_heads < 1 || num_heads % num_kv_heads || head_dim % DIM_CHUNK ||
-        (kv_dtype != KV_F32 && kv_dtype != KV_BF16) || tokens_per_task < 1)
+        (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_INT8) ||
+        tokens_per_task < 1)
         return ERR_SHAPE;
     int64_t *task_start = malloc((num_seqs + 1) * sizeof(int64_t));
     if (!task_start) return ERR_NO_MEMORY;
@@ -268,7 +299,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
             int64_t i_begin = (tile - task_start[s]) * tokens_per_task;
             int64_t i_end = i_begin + tokens_per_task < q_len ? i_begin + tokens_per_task : q_len;
             KvView kv = {k_cache, v_cache, kv_dtype, block_tables + s * max_blocks, block_size,
-                         num_kv_heads, head_dim};
+                         num_kv_heads, head_dim, row_elems(kv_dtype, head_dim)};
             run_task(&kv, &sc, query, out, token0, i_begin, i_end, seq_lens[s] - q_len,
                      head_begin, head_end < num_kv_heads ? head_end : num_kv_heads, num_heads,
                      scale);
@@ -277,4 +308,62 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
     }
     free(task_start);
     return status;
+}
+
+static ALWAYS_INLINE f32x8 load8_input(const void *x, int is_bf16, int64_t d)
+{
+    return is_bf16 ? load8_bf16((const uint16_t *)x + d) : load8((const float *)x + d);
+}
+
+/* One row of head_dim values (fp32, or bf16 when is_bf16) into an int8 cache row: values
+ * round(x * (1 / scale)) with scale = absmax / 127 (0 for a zero row), then the scale. Rounds
+ * half to even, as torch.round does, so it equals kv_quant.quantize_rows. */
+static void quantize_row(const void *x, int is_bf16, int64_t dim, int8_t *row)
+{
+    f32x8 amax8 = splat8(0.0f);
+    for (int64_t d = 0; d < dim; d += 8) {
+        f32x8 v = load8_input(x, is_bf16, d);
+        v = select8(v < 0.0f, -v, v);
+        amax8 = select8(v > amax8, v, amax8);
+    }
+    float amax = 0.0f;
+    for (int j = 0; j < 8; j++) amax = amax8[j] > amax ? amax8[j] : amax;
+    float scale = amax / QMAX, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    for (int64_t d = 0; d < dim; d += 8) {
+        f32x8 v = load8_input(x, is_bf16, d) * inverse;
+        for (int j = 0; j < 8; j++) {
+            float q = rintf(v[j]);
+            row[d + j] = (int8_t)(q > QMAX ? QMAX : q < -QMAX ? -QMAX : q);
+        }
+    }
+    memcpy(row + dim, &scale, sizeof scale);
+}
+
+/* write_kv_cache into an int8 cache [num_slots, num_kv_heads, head_dim + 4]: key and value
+ * [num_tokens, num_kv_heads, head_dim] with the given token and head strides (in elements;
+ * head_dim contiguous), fp32 or bf16 (is_bf16). Slots < 0 are skipped. Returns 0, or
+ * ERR_SHAPE (nothing written) when head_dim is not a multiple of 8 or a slot is out of
+ * range. */
+int fleet_write_kv_int8(const void *key, const void *value, int is_bf16, int64_t token_stride_k,
+                        int64_t head_stride_k, int64_t token_stride_v, int64_t head_stride_v,
+                        const int64_t *slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t num_slots, int8_t *k_cache, int8_t *v_cache,
+                        int num_threads)
+{
+    if (head_dim % 8) return ERR_SHAPE;
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slot_mapping[t] >= num_slots) return ERR_SHAPE;
+    const int64_t row = head_dim + SCALE_BYTES, num_rows = num_tokens * num_kv_heads;
+    const int64_t elem = is_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) if (num_rows > 256)
+    for (int64_t r = 0; r < num_rows; r++) {
+        int64_t t = r / num_kv_heads, h = r % num_kv_heads, slot = slot_mapping[t];
+        if (slot < 0) continue;
+        int64_t target = (slot * num_kv_heads + h) * row;
+        quantize_row((const char *)key + (t * token_stride_k + h * head_stride_k) * elem,
+                     is_bf16, head_dim, k_cache + target);
+        quantize_row((const char *)value + (t * token_stride_v + h * head_stride_v) * elem,
+                     is_bf16, head_dim, v_cache + target);
+    }
+    return OK;
 }

@@ -13,6 +13,7 @@ typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
 
 static ALWAYS_INLINE f32x8 load8(const float *p)
 {
@@ -37,6 +38,13 @@ static ALWAYS_INLINE f32x8 load8_bf16(const uint16_t *p)
     u16x8 h;
     memcpy(&h, p, sizeof h);
     return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
+}
+
+static ALWAYS_INLINE f32x8 load8_i8(const int8_t *p)
+{
+    i8x8 h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, f32x8);
 }
 
 static ALWAYS_INLINE float hsum8(f32x8 a)
