@@ -70,7 +70,7 @@ def gemm_figures(float_llm: LLM, quantized_llm: LLM, rows_list: list[int], reps:
     results = []
     for name, path in LINEARS.items():
         dense = float_model.get_submodule(path).weight
-        blocks = quantized_model.get_submodule(path).weight.gguf
+        blocks = quantized_model.get_submodule(path).weight.quantized
         assert len(blocks.parts) == 1
         weight = blocks.parts[0][1]
         packed = PackedLinear()

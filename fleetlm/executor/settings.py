@@ -23,6 +23,7 @@ from pydantic import (
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 GGUF_SUFFIX = ".gguf"
+QUANTIZATIONS = ("gguf", "compressed-tensors")
 
 
 class Section(BaseModel):
@@ -43,7 +44,9 @@ class ModelSection(Section):
     quantization: str | None = Field(
         None, description="Weight quantization: gguf keeps a .gguf file's quantized matrices "
         "(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and runs the linear layers on them (CPU); unset "
-        "dequantizes the file to `dtype` when loaded.")
+        "dequantizes the file to `dtype` when loaded. compressed-tensors: a W8A8 INT8 "
+        "checkpoint (LLM Compressor's, or `fleetlm quantize`'s) run on int8 GEMMs (CPU); such "
+        "a checkpoint is detected from its config.json when this is unset.")
     random_weights: bool = Field(
         False, description="Random weights from the model's config (tests and benchmarks).")
     tokenizer: str | None = Field(
@@ -66,9 +69,10 @@ class ModelSection(Section):
     @field_validator("quantization")
     @classmethod
     def _supported_quantization(cls, value: str | None) -> str | None:
-        if value not in (None, "gguf"):
-            raise ValueError(f"{value!r} is not supported: fleetlm runs full-precision weights "
-                             f"and dequantizes .gguf files (gguf)")
+        if value not in (None, *QUANTIZATIONS):
+            raise ValueError(f"{value!r} is not supported: fleetlm runs full-precision weights, "
+                             f".gguf files' own blocks (gguf) and W8A8 INT8 checkpoints "
+                             f"(compressed-tensors)")
         return value
 
     @model_validator(mode="after")
@@ -76,6 +80,11 @@ class ModelSection(Section):
         if self.quantization == "gguf" and not (
                 self.name == BUILTIN_MODEL or self.name.endswith(GGUF_SUFFIX)):
             raise ValueError(f"quantization gguf needs a {GGUF_SUFFIX} model; got {self.name!r}")
+        if self.quantization == "compressed-tensors" and (
+                self.name == BUILTIN_MODEL or self.name.endswith(GGUF_SUFFIX)):
+            raise ValueError(f"quantization compressed-tensors needs a Hugging Face model folder "
+                             f"(`fleetlm quantize MODEL OUT --scheme W8A8` writes one); got "
+                             f"{self.name!r}")
         return self
 
 

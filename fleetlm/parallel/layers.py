@@ -5,10 +5,11 @@ A checkpoint tensor is a `torch.Tensor` or a lazy one (`fleetlm.executor.weights
 anything with `.shape` and `.narrow(dim, start, length)`. Loaders only ever narrow it to their
 own rows or columns first, so a rank reads only its shard from a lazy file.
 
-A GGUF matrix kept quantized (`GGUFWeight`, `quantization: gguf`) is such a tensor too: the
-linear and embedding layers of a CPU model keep its blocks (`QuantizedMatrix`, on the
-parameter as `param.gguf`, so a tied LM head shares it) and free the float parameter; any
-other parameter takes it dequantized.
+A quantized checkpoint matrix is such a tensor too: a GGUF one (`GGUFWeight`, `quantization:
+gguf`) or a W8A8 one (`Int8Weight`, a compressed-tensors checkpoint). The linear layers of a CPU
+model keep it quantized (a `QuantizedMatrix` of GGUF blocks, an `Int8Matrix`; on the parameter
+as `param.quantized`, so a tied LM head shares it; the embedding too for GGUF) and free the
+float parameter; any other parameter takes it dequantized.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from fleetlm.kernels.cpu_linear import PackedLinear
 from fleetlm.kernels.gguf_linear import GGUFWeight, QuantizedMatrix, zeros
+from fleetlm.kernels.int8_linear import Int8Matrix, Int8Weight
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
 
 
@@ -30,32 +32,37 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 def whole(loaded) -> torch.Tensor:
     """All of a checkpoint tensor (for parameters every rank holds in full)."""
-    if isinstance(loaded, GGUFWeight):
+    if isinstance(loaded, (GGUFWeight, Int8Weight)):
         return loaded.dequantize()
     return loaded if isinstance(loaded, torch.Tensor) else loaded.narrow(0, 0, loaded.shape[0])
 
 
+# A quantized checkpoint matrix -> the layer weight that keeps it quantized.
+QUANTIZED_MATRICES = {GGUFWeight: QuantizedMatrix, Int8Weight: Int8Matrix}
+
+
 def _load_rows(param: nn.Parameter, shape: tuple[int, int], row: int, loaded) -> None:
-    """Rows `row`.. of a weight of `shape`: GGUF blocks are kept (CPU models), anything else
-    is copied into the parameter."""
-    if isinstance(loaded, GGUFWeight) and param.device.type == "cpu":
-        if getattr(param, "gguf", None) is None:
-            param.gguf = QuantizedMatrix(shape)
+    """Rows `row`.. of a weight of `shape`: GGUF blocks and int8 weights are kept (CPU
+    models), anything else is copied into the parameter."""
+    matrix_class = QUANTIZED_MATRICES.get(type(loaded))
+    if matrix_class is not None and param.device.type == "cpu":
+        if getattr(param, "quantized", None) is None:
+            param.quantized = matrix_class(shape)
             param.data = torch.empty(0, dtype=param.dtype)  # never filled: free it
-        param.gguf.put(row, loaded)
+        param.quantized.put(row, loaded)
         return
     _copy_checked(param.detach().narrow(0, row, loaded.shape[0]), loaded)
 
 
 def _linear(linear: PackedLinear, x: torch.Tensor, weight: nn.Parameter,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    quantized = getattr(weight, "gguf", None)
+    quantized = getattr(weight, "quantized", None)
     return linear(x, weight, bias) if quantized is None else quantized.linear(x, bias)
 
 
 def weight_bytes(param: nn.Parameter) -> int:
-    """Bytes a pass over the weight reads: its GGUF blocks, or its float elements."""
-    quantized = getattr(param, "gguf", None)
+    """Bytes a pass over the weight reads: its quantized form, or its float elements."""
+    quantized = getattr(param, "quantized", None)
     return param.numel() * param.element_size() if quantized is None else quantized.nbytes
 
 
@@ -203,7 +210,7 @@ class VocabParallelEmbedding(nn.Module):
             param.detach()[:num_rows].copy_(whole(loaded.narrow(0, self.vocab_start, num_rows)))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        quantized = getattr(self.weight, "gguf", None)
+        quantized = getattr(self.weight, "quantized", None)
         if quantized is None:
             return F.embedding(ids, self.weight)
         return quantized.embedding(ids, self.weight.dtype)

@@ -57,8 +57,8 @@ def test_quantized_model_follows_the_dequantized_one(mixed_gguf):
     quantized = LLM(str(mixed_gguf), quantization="gguf", **common)
     reference = LLM(str(mixed_gguf), **common)
     model = quantized.engine.executor.runner.model
-    assert model.layers["0"].self_attn.qkv_proj.weight.gguf.qtypes == ["Q4_0", "Q8_0"]
-    assert model.layers["0"].mlp.gate_up_proj.weight.gguf.qtypes == ["Q4_1", "Q8_0"]
+    assert model.layers["0"].self_attn.qkv_proj.weight.quantized.qtypes == ["Q4_0", "Q8_0"]
+    assert model.layers["0"].mlp.gate_up_proj.weight.quantized.qtypes == ["Q4_1", "Q8_0"]
     prompts = [[1, 3, 4, 5], [1, 7, 8], [2, 3, 3, 3, 6, 7, 8, 4]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     for ours, theirs in zip(quantized.generate(prompts, params),

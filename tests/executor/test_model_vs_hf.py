@@ -193,9 +193,9 @@ def test_gguf_quantized_model_keeps_the_blocks_and_follows_the_float_model(built
     layer = model.layers["0"]
     matrices = [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                 layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight]
-    assert [m.gguf.qtypes for m in matrices] == [["Q4_1"]] * 4
-    assert model.lm_head.weight.gguf is model.embed_tokens.weight.gguf
-    assert model.embed_tokens.weight.gguf.qtypes == ["Q8_0"]
+    assert [m.quantized.qtypes for m in matrices] == [["Q4_1"]] * 4
+    assert model.lm_head.weight.quantized is model.embed_tokens.weight.quantized
+    assert model.embed_tokens.weight.quantized.qtypes == ["Q8_0"]
     assert all(m.numel() == 0 for m in matrices)  # no float copy
     float_model = builtin_llm.engine.executor.runner.model
 
