@@ -1,4 +1,4 @@
-"""`fleetlm`: serve, deploy, status, shutdown, config show (and `bench`, when installed).
+"""`fleetlm`: serve, deploy, status, shutdown, config show, quantize (and `bench`, when installed).
 
 A thin argparse dispatcher; the work happens in fleetlm.cluster.launcher, and the settings'
 flags come from the deployment schema (fleetlm.cluster.flags).
@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     shutdown = commands.add_parser("shutdown", help="delete an application, or all of Serve")
     shutdown.add_argument("--address", **address)
     shutdown.add_argument("--app", default=None, help="application name (default: all)")
+
+    quantize = commands.add_parser(
+        "quantize", help="write a quantized checkpoint (W8A8 INT8, compressed-tensors)",
+        description="Quantize a model into a compressed-tensors checkpoint (the format LLM "
+        "Compressor writes; fleetlm, vLLM and transformers load it): W8A8 rounds every Linear "
+        "weight but the LM head to int8 with a scale per output row; activations are "
+        "quantized per token at run time.")
+    quantize.add_argument("model", help="built-in model name, Hugging Face folder or .gguf file")
+    quantize.add_argument("out", type=Path, help="folder to write (created if missing)")
+    quantize.add_argument("--scheme", default="W8A8", choices=["W8A8"],
+                          help="quantization scheme (default: %(default)s)")
 
     commands.add_parser("bench", help="benchmark a running server (fleetlm bench serve -h)",
                         add_help=False)  # fmt: skip
@@ -140,8 +151,16 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from fleetlm.executor.weights.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model, args.out, scheme=args.scheme)
+    print(f"wrote {args.scheme} checkpoint to {out}; serve it with `fleetlm serve {out}`")
+    return 0
+
+
 _COMMANDS = {"serve": _serve, "deploy": _deploy, "status": _status, "shutdown": _shutdown,
-             "config": _config}
+             "config": _config, "quantize": _quantize}
 
 
 def _load(args: argparse.Namespace):
