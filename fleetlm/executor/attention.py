@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fleetlm.kernels import attention as kernels
+from fleetlm.kernels.kv_quant import is_quantized
 
 
 @dataclass
@@ -29,7 +30,12 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the cache, then attends over each request's blocks."""
+    """Writes this step's K/V into the cache, then attends over each request's blocks.
+
+    Prompts without earlier context attend over their fresh K/V, except over an int8 cache:
+    there every token reads the quantized KV, so a request's output does not depend on how
+    its prompt was split (chunks, prefix-cache hits, KV from a prefill engine), as vLLM's
+    attention over an fp8 cache does."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -51,7 +57,7 @@ class PagedAttention(nn.Module):
             out[:num_decode] = kernels.paged_decode_attention(
                 q[:num_decode], k_cache, v_cache, meta.decode_block_tables,
                 meta.decode_seq_lens, self.scale)
-        if meta.is_prefill_without_context:
+        if meta.is_prefill_without_context and not is_quantized(k_cache):
             out[num_decode:] = kernels.prefill_attention_no_cache(
                 q[num_decode:], k[num_decode:], v[num_decode:], meta.prefill_cu_seqlens_q,
                 self.scale)

@@ -1,8 +1,9 @@
 """Time the CPU paged-attention paths: `python -m fleetlm.kernels.benchmark [--threads N]`.
 
 Decode at a SmolLM2-135M-like shape (9 query heads over 3 kv heads, head_dim 64), torch
-reference vs the C kernel, per layer: each call reads a different layer's cache from a set
-larger than the L3 cache, as a real forward pass does. Reports milliseconds (best and median)
+reference vs the C kernel, per layer, over fp32, bf16 and int8 caches (`kv_quant`): each call
+reads a different layer's cache from a set larger than the L3 cache, as a real forward pass
+does. Reports milliseconds (best and median)
 and effective bandwidth: the K/V bytes a call must read over its time. Then the
 torch/C-kernel interplay: a loop alternating torch matmuls with the kernel against the sum of
 the two timed apart, with 1 thread (no thread hand-off possible) and N.
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from fleetlm.kernels import attention, cpu_attention
+from fleetlm.kernels import attention, cpu_attention, kv_quant
 
 NUM_SEQS, KV_LEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 384, 9, 3, 64, 16
 NUM_LAYERS = 6  # distinct caches cycled through, more bytes than the L3 cache holds
@@ -27,8 +28,12 @@ def _layer_caches(dtype: torch.dtype, kv_len: int):
     num_blocks = NUM_SEQS * (kv_len // BLOCK_SIZE)
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     tables = torch.randperm(num_blocks, dtype=torch.int32).view(NUM_SEQS, -1)
-    return [(torch.randn(shape).to(dtype), torch.randn(shape).to(dtype), tables)
-            for _ in range(NUM_LAYERS)]
+
+    def cache():  # int8: kv_quant's rows, scales included
+        values = torch.randn(shape)
+        return kv_quant.quantize_rows(values) if dtype == torch.int8 else values.to(dtype)
+
+    return [(cache(), cache(), tables) for _ in range(NUM_LAYERS)]
 
 
 def _time_per_call(fn, layers, num_rounds: int) -> list[float]:
@@ -45,7 +50,8 @@ def _time_per_call(fn, layers, num_rounds: int) -> list[float]:
 
 def bench_decode(dtype: torch.dtype) -> None:
     layers = _layer_caches(dtype, KV_LEN)
-    query = torch.randn(NUM_SEQS, NUM_HEADS, HEAD_DIM).to(dtype)
+    query = torch.randn(NUM_SEQS, NUM_HEADS, HEAD_DIM).to(
+        torch.float32 if dtype == torch.int8 else dtype)
     seq_lens = torch.full((NUM_SEQS,), KV_LEN, dtype=torch.int32)
     num_bytes = 2 * layers[0][0].numel() * layers[0][0].element_size()
     paths = {"reference": (attention.paged_decode_attention_reference, 3),
@@ -94,7 +100,7 @@ def main() -> None:
     if not cpu_attention.is_available():
         raise SystemExit("the C kernel did not compile; see the warning above")
     torch.set_num_threads(args.threads)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
         bench_decode(dtype)
     bench_interplay(args.threads)
 
