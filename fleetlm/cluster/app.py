@@ -1,15 +1,16 @@
 """Build and deploy the Ray Serve application of one `ClusterConfig`, in one place.
 
-    OpenAIIngress (FastAPI, router)  ──handle──>  LLMServer-0 … LLMServer-{count-1}
+    OpenAIIngress (FastAPI)  ──handle──>  LLMServer (replicas.count replicas, or autoscaled)
 
-With a `pd` section the ingress routes to the decode pool, whose replicas hold handles to
-the prefill pool's (pd.py):
+With a `pd` section the ingress routes to the decode pool, whose replicas hold a handle to
+the prefill pool (pd.py):
 
-    OpenAIIngress ──> LLMServer-decode-0 … ──prefill()──> LLMServer-prefill-0 …
+    OpenAIIngress ──> LLMServer-decode (pd.decode.count) ──prefill()──> LLMServer-prefill
 
-Each engine replica is its own single-replica deployment, so the ingress holds a handle per
-replica and its router, not Serve's, decides where a request goes. A replica whose model is
-split over a worker group reserves one placement group for itself and its workers:
+Each pool is one Serve deployment: Serve checks, replaces and autoscales its replicas, and
+every handle to it routes with fleetlm's policy through Serve's request-router API
+(serve_router.py; `router:` in the YAML; the prefill pool: least loaded). A replica whose
+model is split over a worker group reserves one placement group for itself and its workers:
 
     bundle 0: the replica (replicas.num_cpus / num_gpus)   bundles 1..N: one per rank
 
@@ -23,12 +24,24 @@ from dataclasses import replace
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import HTTPOptions
+from ray.serve.config import HTTPOptions, RequestRouterConfig
 
-from fleetlm.cluster.config import ClusterConfig, parse_config, pool_config, to_engine_config
+from fleetlm.cluster.autoscaling import serve_autoscaling_config
+from fleetlm.cluster.config import (
+    ClusterConfig,
+    RouterSection,
+    parse_config,
+    pool_config,
+    to_engine_config,
+)
 from fleetlm.cluster.ingress import make_ingress_class
 from fleetlm.cluster.prompt_hashing import PromptHasher
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
+from fleetlm.cluster.serve_router import (
+    REQUEST_ROUTER,
+    ROUTING_STATS_PERIOD_S,
+    ROUTING_STATS_TIMEOUT_S,
+)
 from fleetlm.cluster.server import EngineFactory, LLMServer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +57,8 @@ class LLMServerDeployment(LLMServer):
 
     def __init__(self, *args, **kwargs) -> None:
         send_fleetlm_logs_to_serve()
+        context = serve.get_replica_context()
+        kwargs["replica_id"] = replica_label(context.deployment, context.replica_id.unique_id)
         super().__init__(*args, **kwargs)
 
     async def __del__(self) -> None:
@@ -51,67 +66,109 @@ class LLMServerDeployment(LLMServer):
 
 
 def server_name(index: int, pool: str = "") -> str:
-    """A replica's deployment name: LLMServer-0, or LLMServer-prefill-0 in a P/D pool."""
-    return f"LLMServer-{pool}-{index}" if pool else f"LLMServer-{index}"
+    """How the resource check names one replica: LLMServer-0, or LLMServer-prefill-0."""
+    return f"{deployment_name(pool)}-{index}"
+
+
+def replica_label(deployment: str, replica: str) -> str:
+    """A replica in /metrics and the logs: its deployment and Serve's id of it."""
+    return f"{deployment}#{replica}"
+
+
+def deployment_name(pool: str = "") -> str:
+    """An engine pool's deployment: LLMServer, or LLMServer-prefill / LLMServer-decode."""
+    return f"LLMServer-{pool}" if pool else "LLMServer"
 
 
 def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None) -> Application:
-    """The application: one ingress bound to `config.replicas.count` engine replicas, or with
-    a `pd` section to the decode pool's replicas, each bound to the prefill pool's.
+    """The application: one ingress bound to the engine deployment, or with a `pd` section
+    to the decode pool's, which is bound to the prefill pool's.
 
     `engine_factory(EngineConfig) -> EngineClient` builds each replica's engine; None means
     fleetlm's own `AsyncEngine`. It is pickled to the replicas, so it must be importable there.
     """
     if config.pd is None:
-        servers, prefill_servers = _servers(config, engine_factory), []
+        server, prefill_server = _server(config, engine_factory), None
+        max_replicas = _max_replicas(config)
     else:
-        prefill_servers = _servers(pool_config(config, "prefill"), engine_factory, "prefill")
-        servers = _servers(pool_config(config, "decode"), engine_factory, "decode",
-                           prefill_servers=prefill_servers, pd=config.pd)
-    num_servers = len(servers)
+        prefill_config, decode_config = pool_config(config, "prefill"), pool_config(config,
+                                                                                     "decode")
+        prefill_server = _server(prefill_config, engine_factory, "prefill",
+                                 RouterSection(policy="least_loaded"))
+        server = _server(decode_config, engine_factory, "decode",
+                         prefill_servers=[prefill_server], pd=config.pd)
+        max_replicas = _max_replicas(decode_config)
     ingress = serve.deployment(make_ingress_class()).options(
         name=INGRESS_NAME,
         num_replicas=1,
         ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
-        max_ongoing_requests=config.replicas.max_ongoing_requests * num_servers,
+        max_ongoing_requests=config.replicas.max_ongoing_requests * max_replicas,
     )
     return ingress.bind(
-        config.model.served_name, servers, config.router, config.http.api_keys,
-        config.migration, prefill_servers, _prompt_hasher(config),
+        config.model.served_name, server, config.router, config.http.api_keys,
+        config.migration, prefill_server, _prompt_hasher(config, engine_factory),
     )
 
 
-def _prompt_hasher(config: ClusterConfig) -> PromptHasher | None:
-    """The prefix-aware policies match prompts' block hashes, computed as the engines do."""
-    if config.router.policy not in ("precise_prefix", "approx_prefix"):
+def _prompt_hasher(config: ClusterConfig, engine_factory: EngineFactory | None
+                   ) -> PromptHasher | None:
+    """The ingress tokenizes each prompt once for fleetlm's engines (they get the token
+    ids); the prefix-aware policies also match its block hashes, computed as the engines do.
+    Another engine keeps its own tokenizer: the ingress then hashes only, if it must."""
+    is_prefix_policy = config.router.policy in ("precise_prefix", "approx_prefix")
+    if engine_factory is not None and not is_prefix_policy:
         return None
-    return PromptHasher(config.model.name, config.model.tokenizer, config.engine.block_size)
+    return PromptHasher(config.model.name, config.model.tokenizer, config.engine.block_size,
+                        send_token_ids=engine_factory is None)
 
 
-def _servers(config: ClusterConfig, engine_factory: EngineFactory | None, pool: str = "",
-             **pd_kwargs) -> list:
-    """The bound engine replicas of a deployment (or of one P/D pool)."""
+def num_engine_replicas(config: ClusterConfig) -> int:
+    """The engine replicas a deployment starts with (both pools under P/D)."""
+    if config.pd is None:
+        return config.replicas.initial_count
+    return sum(pool_config(config, pool).replicas.initial_count for pool in ("prefill", "decode"))
+
+
+def _max_replicas(config: ClusterConfig) -> int:
+    autoscaling = config.replicas.autoscaling
+    return autoscaling.max_replicas if autoscaling is not None else config.replicas.count
+
+
+def _server(config: ClusterConfig, engine_factory: EngineFactory | None, pool: str = "",
+            router: RouterSection | None = None, **pd_kwargs) -> Application:
+    """The bound engine deployment (or one P/D pool's), routed by `router` (default: the
+    config's own)."""
+    router = router or config.router
     engine_config = to_engine_config(config)
-    if config.router.policy == "precise_prefix" and pool != "prefill":  # the router mirrors
-        # the caches of the replicas it routes to
+    if router.policy == "precise_prefix":  # the router mirrors the replicas' caches
         engine_config = replace(engine_config,
                                 cache=replace(engine_config.cache, enable_kv_events=True))
     interval_s = config.http.stream_interval_ms / MS_PER_S
-    return [
+    replicas = config.replicas
+    if replicas.autoscaling is None:
+        scaling: dict = {"num_replicas": replicas.count}
+    else:
+        scaling = {"autoscaling_config": serve_autoscaling_config(replicas.autoscaling)}
+    return (
         serve.deployment(LLMServerDeployment)
         .options(
-            name=server_name(i, pool),
-            num_replicas=1,
+            name=deployment_name(pool),
             ray_actor_options=_replica_actor_options(config),
-            max_ongoing_requests=config.replicas.max_ongoing_requests,
-            health_check_period_s=config.replicas.health_check_period_s,
+            max_ongoing_requests=replicas.max_ongoing_requests,
+            health_check_period_s=replicas.health_check_period_s,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+            request_router_config=RequestRouterConfig(
+                request_router_class=REQUEST_ROUTER,
+                request_router_kwargs={"router": router.model_dump()},
+                request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+                request_routing_stats_timeout_s=ROUTING_STATS_TIMEOUT_S,
+            ),
+            **scaling,
             **_placement_options(config),
         )
         .bind(engine_config, config.model.served_name, engine_factory, interval_s,
-              server_name(i, pool), config.http.tool_call_parser, **pd_kwargs)
-        for i in range(config.replicas.count)
-    ]
+              tool_call_parser=config.http.tool_call_parser, **pd_kwargs)
+    )
 
 
 def app_builder(args: dict) -> Application:
@@ -178,8 +235,8 @@ def deploy(
     """
     start_http(config)
     if config.pd is None:
-        logger.info("Deploying %s: %d replica(s) of %s", config.name, config.replicas.count,
-                    config.model.name)
+        logger.info("Deploying %s: %d replica(s) of %s", config.name,
+                    config.replicas.initial_count, config.model.name)
     else:
         logger.info("Deploying %s: %d prefill and %d decode replica(s) of %s", config.name,
                     config.pd.prefill.count, config.pd.decode.count, config.model.name)

@@ -42,8 +42,44 @@ def _check_custom_resources(key: str, resources: dict[str, float]) -> None:
             raise ValueError(f"{key}: {name} must be above 0; got {amount:g}")
 
 
+class AutoscalingSection(Section):
+    """Ray Serve autoscales the engine replicas between min_replicas and max_replicas on
+    what the replicas report (`fleetlm.cluster.autoscaling`): requests in flight per replica
+    against target_ongoing_requests, and KV-cache usage against target_kv_usage."""
+
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas (also the first count).")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests in flight (running and waiting) per replica to aim "
+        "for; more makes Serve add replicas, fewer remove them.")
+    target_kv_usage: float = Field(
+        0.8, gt=0, le=1, description="Mean KV-cache usage of the replicas to stay under; "
+        "above it Serve adds replicas even while requests are few (long contexts).")
+    upscale_delay_s: float = Field(
+        5.0, ge=0, description="How long the wish for more replicas must last before one is "
+        "added.")
+    downscale_delay_s: float = Field(
+        30.0, ge=0, description="How long the wish for fewer replicas must last before one is "
+        "removed (its requests finish first).")
+    metrics_interval_s: float = Field(
+        1.0, gt=0, description="How often each replica reports its load to Serve's autoscaler.")
+    look_back_period_s: float = Field(
+        5.0, gt=0, description="The window over which the reports are averaged.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingSection:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
 class ReplicaSection(Section):
-    count: int = Field(1, ge=1, description="Engine replicas (data parallelism).")
+    count: int = Field(1, ge=1, description="Engine replicas (data parallelism); with "
+                       "autoscaling, leave it out.")
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Let Ray Serve add and remove replicas with the load (min_replicas "
+        "... max_replicas); null: a fixed count.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by each replica.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved by each replica.")
     num_threads: int | None = Field(
@@ -67,7 +103,15 @@ class ReplicaSection(Section):
     @model_validator(mode="after")
     def _check_resources(self) -> ReplicaSection:
         _check_custom_resources("replicas.resources", self.resources)
+        if self.autoscaling is not None and "count" in self.model_fields_set and self.count != 1:
+            raise ValueError("count: with autoscaling, min_replicas and max_replicas size the "
+                             "deployment; leave count out")
         return self
+
+    @property
+    def initial_count(self) -> int:
+        """How many replicas the deployment starts with."""
+        return self.autoscaling.min_replicas if self.autoscaling is not None else self.count
 
 
 class RouterSection(Section):
@@ -174,6 +218,8 @@ class PoolSection(Section):
     sections' values."""
 
     count: int = Field(1, ge=1, description="Replicas in this pool.")
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Autoscale this pool (as replicas.autoscaling); null: a fixed count.")
     num_cpus: float | None = Field(
         None, ge=0, description="Ray CPUs reserved by each replica; default: replicas.num_cpus.")
     num_gpus: float | None = Field(
@@ -254,6 +300,9 @@ class ClusterConfig(EngineArgs):
         if self.replicas.count != 1:
             raise ValueError("replicas.count: with a pd section, pd.prefill.count and "
                              "pd.decode.count size the pools; leave replicas.count out")
+        if self.replicas.autoscaling is not None:
+            raise ValueError("replicas.autoscaling: with a pd section each pool autoscales on "
+                             "its own (pd.prefill.autoscaling, pd.decode.autoscaling)")
         if self.kv_transfer is not None and self.kv_transfer.role != "both":
             raise ValueError("kv_transfer.role: with a pd section each pool's role is set for "
                              "it (prefill: producer, decode: consumer); leave it out")
@@ -285,6 +334,7 @@ def pool_config(config: ClusterConfig, pool: Pool) -> ClusterConfig:
     data = config.model_dump(exclude={"pd"})
     replicas = data["replicas"]
     replicas["count"] = section.count
+    replicas["autoscaling"] = section.autoscaling.model_dump() if section.autoscaling else None
     for key in ("num_cpus", "num_gpus", "num_threads", "resources"):
         if getattr(section, key) is not None:
             replicas[key] = getattr(section, key)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP front door: validate, authorize, route, relay.
 
 `OpenAIIngress` parses and checks each request itself (so every error has OpenAI's shape and
-never reaches an engine), asks the router for a replica, and relays that replica's stream
-(see server.py for its contract). When the replica fails, the request goes on elsewhere
+never reaches an engine), tokenizes it once, sends it through its handle to the engine
+deployment (Serve's request router runs fleetlm's policy: serve_router.py), and relays the
+replica's stream (see server.py for its contract). When the replica fails, the request goes on elsewhere
 (migration.py); a failed replica gets no requests until it answers healthy again. Each
 replica builds its FastAPI app from its own bound methods (`build_fastapi`), so no app lives
 in a module global.
@@ -52,8 +53,9 @@ from fleetlm.cluster.openai_protocol import (
     random_id,
 )
 from fleetlm.cluster.prompt_hashing import PromptHasher
-from fleetlm.cluster.router import ReplicaState, RoutingRequest, build_router
+from fleetlm.cluster.router import RoutingRequest
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
+from fleetlm.cluster.serve_router import routing_table, send
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +87,32 @@ class OpenAIIngress:
     def __init__(
         self,
         served_model_name: str,
-        servers: Sequence[DeploymentHandle],
+        server: DeploymentHandle,
         router: str | RouterSection = "least_loaded",
         api_keys: Sequence[str] = (),
         migration: MigrationSection | None = None,
-        prefill_servers: Sequence[DeploymentHandle] = (),
+        prefill_server: DeploymentHandle | None = None,
         hasher: PromptHasher | None = None,
     ) -> None:
-        """`servers`: the replicas requests go to (a P/D deployment's decode pool);
-        `prefill_servers`: a P/D deployment's prefill pool, which the decode replicas call
-        themselves; here they count only for /health and /metrics. `hasher` gives the
-        prefix-aware router policies each prompt's block hashes."""
+        """`server`: the engine deployment requests go to (a P/D deployment's decode pool),
+        routed by `router` (serve_router.py); `prefill_server`: a P/D deployment's prefill
+        pool, which the decode replicas call themselves; here it counts only for /health and
+        /metrics. `hasher` tokenizes prompts once, here, and gives the prefix-aware policies
+        each prompt's block hashes."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
-        self.servers = [server.options(stream=True) for server in servers]
-        self.prefill_servers = [server.options(stream=False) for server in prefill_servers]
-        self.router = build_router(router, [s.deployment_name for s in servers])
+        self.server = server.options(stream=True)
+        self.pools = [server.options(stream=False)]  # every engine deployment, for questions
+        if prefill_server is not None:
+            self.pools.append(prefill_server.options(stream=False))
+        section = router if isinstance(router, RouterSection) else RouterSection(policy=router)
+        self.table = routing_table(server.app_name, server.deployment_name, section)
         self.hasher = hasher
-        self._kv_events_task: asyncio.Task | None = None  # feeds router.kv_index
+        self._kv_events_task: asyncio.Task | None = None  # feeds the router's KV index
         self.api_keys = [key.encode() for key in api_keys]
         self.migration = migration or MigrationSection()
         self._max_model_len: int | None = None
-        self._watchers: dict[int, asyncio.Task] = {}  # replica index -> its health watcher
+        self._watchers: dict[str, asyncio.Task] = {}  # replica -> its health watcher
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this in the replica
         return build_fastapi(self)
@@ -131,15 +137,15 @@ class OpenAIIngress:
     async def health(self) -> Response:
         """200 if every replica's engine (and each of its workers) lives, else 503 at once:
         a replica that does not answer within HEALTH_PROBE_TIMEOUT_S counts as down."""
-        answers = await asyncio.gather(
-            *(self._probe(i) for i in range(len(self.servers))),
-            *(self._is_healthy(handle) for handle in self.prefill_servers))
-        for replica, is_healthy in zip(self.router.replicas, answers):
-            if is_healthy:
-                replica.is_healthy = True
-            else:
-                self._mark_unhealthy(replica)
-        if not all(answers):
+        replicas = [(pool, name) for pool in self.pools for name in await self._names(pool)]
+        answers = await asyncio.gather(*(self._is_healthy(pool, name) for pool, name in replicas))
+        for (pool, name), is_healthy in zip(replicas, answers):
+            if pool is self.pools[0]:
+                if is_healthy:
+                    self.table.set_health(name, True)
+                else:
+                    self._mark_unhealthy(name)
+        if not replicas or not all(answers):
             return _error_response(errors.engine_dead())
         return JSONResponse({"status": "ok", "num_replicas": len(answers)})
 
@@ -147,20 +153,20 @@ class OpenAIIngress:
         """Every replica that answers within METRICS_TIMEOUT_S; one that does not (dead, being
         replaced) is left out and shows as `fleetlm:replica_up 0`, so one dead replica never
         holds the scrape past Prometheus's own timeout."""
-        handles = [*(s.options(stream=False) for s in self.servers), *self.prefill_servers]
+        replicas = [(pool, name) for pool in self.pools for name in await self._names(pool)]
         snapshots = await asyncio.gather(
-            *(call_replica(handle, "metrics_snapshot", METRICS_TIMEOUT_S)
-              for handle in handles),
+            *(self._ask(pool, name, "metrics_snapshot", METRICS_TIMEOUT_S)
+              for pool, name in replicas),
             return_exceptions=True,
         )  # fmt: skip
         answered, missing = [], []
-        for handle, snapshot in zip(handles, snapshots):
+        for (pool, name), snapshot in zip(replicas, snapshots):
+            label = f"{pool.deployment_name}#{name}"  # as app.replica_label
             if isinstance(snapshot, BaseException):
-                missing.append((self.model_name, handle.deployment_name))
+                missing.append((self.model_name, label))
             else:
-                answered.append({**snapshot,
-                                 "replica_id": snapshot["replica_id"] or handle.deployment_name})
-        routers = [(self.model_name, self.router.snapshot())]
+                answered.append({**snapshot, "replica_id": snapshot["replica_id"] or label})
+        routers = [(self.model_name, self.table.snapshot())]
         return Response(render_metrics(answered, missing, routers),
                         media_type=METRICS_CONTENT_TYPE)
 
@@ -224,20 +230,21 @@ class OpenAIIngress:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.migration.timeout_s
         for delay in retry_delays():
-            replica = self.router.pick(call.routing)
-            server = getattr(self.servers[replica.index], call.method)
-            stream = server.remote(call.body, call.request_id, resume)
-            attempt = ReplicaStream(self.router, replica, stream)
+            server = getattr(self.server, call.method)
+            stream = send(server, call.body, call.request_id, resume, routing=call.routing)
+            attempt = ReplicaStream(self.table, call.request_id, stream)
             try:
                 first = await attempt.next()
             except BaseException:
                 attempt.close()
                 raise
             if not (isinstance(first, OpenAIError) and is_replica_failure(first)):
-                replica.is_healthy = True
+                replica = attempt.replica
+                if replica is not None and not self.table.is_healthy(replica):
+                    self.table.set_health(replica, True)
                 return attempt, first
             attempt.close()
-            self._mark_unhealthy(replica)
+            self._mark_unhealthy(attempt.replica)
             remaining = deadline - loop.time()
             if not self.migration.is_enabled or remaining <= 0:
                 return None, first
@@ -268,7 +275,7 @@ class OpenAIIngress:
                 num_migrations += 1
                 self._mark_unhealthy(attempt.replica)
                 logger.warning("%s: %s failed; moving the stream (migration %d of at most %d)",
-                               call.request_id, attempt.replica.name, num_migrations,
+                               call.request_id, attempt.replica, num_migrations,
                                self.migration.max_migrations)
                 resumed, item = await self._start(call, Resume(progress, num_migrations))
                 if resumed is None:
@@ -285,65 +292,77 @@ class OpenAIIngress:
             text = body.prompt if isinstance(body.prompt, str) else ""
         if self.hasher is None:
             return RoutingRequest(request_id, text)
-        if self.router.kv_index is not None and self._kv_events_task is None:
+        if self.table.router.kv_index is not None and self._kv_events_task is None:
             self._kv_events_task = asyncio.create_task(self._follow_kv_events())
-        return RoutingRequest(request_id, text, await self.hasher.block_hashes(body))
+        token_ids, block_hashes = await self.hasher.tokenize(body)
+        return RoutingRequest(request_id, text, block_hashes, token_ids)
 
     async def _follow_kv_events(self) -> None:
         """Mirror every replica's prefix cache into the router's index: ask each for its KV
         events since the last reply every KV_EVENTS_INTERVAL_S; a replica that does not
-        answer is dropped from the index (its replacement answers with a snapshot)."""
-        index = self.router.kv_index
-        handles = [server.options(stream=False) for server in self.servers]
+        answer is dropped from the index (its next reply is a snapshot), and one Serve
+        removed is dropped by the router (serve_router.py)."""
+        index, lock, pool = self.table.router.kv_index, self.table.lock, self.pools[0]
         while True:
-            for handle in handles:
-                name = handle.deployment_name
+            for name in await self._names(pool):
+                with lock:
+                    cursor = index.cursor(name)
                 try:
-                    reply = await call_replica(handle, "kv_events_since", KV_EVENTS_TIMEOUT_S,
-                                        *index.cursor(name))
+                    reply = await self._ask(pool, name, "kv_events_since", KV_EVENTS_TIMEOUT_S,
+                                            *cursor)
                 except Exception:  # noqa: BLE001 - dead or being replaced: it holds nothing
-                    if name in index.replicas:
-                        index.remove_replica(name)
+                    with lock:
+                        if name in index.replicas:
+                            index.remove_replica(name)
                     continue
-                index.apply(name, reply)
+                with lock:
+                    if self.table.router.replica(name) is not None:
+                        index.apply(name, reply)
             await asyncio.sleep(KV_EVENTS_INTERVAL_S)
 
-    def _mark_unhealthy(self, replica: ReplicaState) -> None:
-        """Route around `replica` until it (or its replacement) answers healthy again."""
-        replica.is_healthy = False
-        watcher = self._watchers.get(replica.index)
+    def _mark_unhealthy(self, name: str | None) -> None:
+        """Route around replica `name` until it (or its replacement) answers healthy again."""
+        if name is None or self.table.set_health(name, False) is None:
+            return
+        watcher = self._watchers.get(name)
         if watcher is None or watcher.done():
-            self._watchers[replica.index] = asyncio.create_task(self._watch(replica))
+            self._watchers[name] = asyncio.create_task(self._watch(name))
 
-    async def _watch(self, replica: ReplicaState) -> None:
+    async def _watch(self, name: str) -> None:
         for delay in retry_delays():
             await asyncio.sleep(delay)
-            if replica.is_healthy or await self._probe(replica.index):
-                replica.is_healthy = True
+            if name not in self.table.replica_names():  # Serve removed it
+                return
+            if self.table.is_healthy(name) or await self._is_healthy(self.pools[0], name):
+                self.table.set_health(name, True)
                 return
 
-    async def _probe(self, index: int) -> bool:
-        return await self._is_healthy(self.servers[index].options(stream=False))
+    async def _names(self, pool: DeploymentHandle) -> list[str]:
+        """The replicas of an engine deployment, as its router knows them. A router is made
+        with a handle's first call: until then, one call (anywhere) makes it."""
+        table = routing_table(pool.app_name, pool.deployment_name)
+        if not table.replica_names():
+            try:
+                await call_replica(pool, "max_model_len", UNARY_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - none up yet: no replicas to name
+                return []
+        return table.replica_names()
 
-    @staticmethod
-    async def _is_healthy(handle: DeploymentHandle) -> bool:
+    async def _ask(self, pool: DeploymentHandle, name: str, question: str, timeout_s: float,
+                   *args) -> Any:
+        """Ask replica `name` of `pool` one of `LLMServer.QUESTIONS`."""
+        return await call_replica(pool, "ask", timeout_s, question, *args,
+                                  routing=RoutingRequest("", target=name))
+
+    async def _is_healthy(self, pool: DeploymentHandle, name: str) -> bool:
         try:
-            return await call_replica(handle, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
+            return await self._ask(pool, name, "is_healthy", HEALTH_PROBE_TIMEOUT_S) is True
         except Exception:  # noqa: BLE001 - dead, being replaced, or too slow: not healthy
             return False
 
     async def _ask_any(self, method: str) -> Any:
-        """The first answer of the replicas, healthy ones first."""
-        replicas = sorted(self.router.replicas, key=lambda r: not r.is_healthy)
-        for replica in replicas[:-1]:
-            try:
-                return await self._unary(replica.index, method, UNARY_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - ask the next one
-                continue
-        return await self._unary(replicas[-1].index, method, UNARY_TIMEOUT_S)
-
-    async def _unary(self, index: int, method: str, timeout_s: float) -> Any:
-        return await call_replica(self.servers[index].options(stream=False), method, timeout_s)
+        """The answer of any replica (Serve's pick)."""
+        return await call_replica(self.pools[0], method, UNARY_TIMEOUT_S)
 
 
 # ---- FastAPI wiring ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ batches are applied in seq order; a snapshot (the engine could not answer from i
 it is another engine: the replica restarted) replaces the replica's blocks wholesale. A reply
 that does not follow on from the cursor (lost or reordered) drops the cursor, so the next ask
 gets a snapshot. `remove_replica` purges a dead replica. No torch, no Ray: the ingress owns
-the polling and calls in from its event loop (not thread-safe).
+the polling; not thread-safe (the routing table's lock guards it, serve_router.py).
 """
 
 from __future__ import annotations

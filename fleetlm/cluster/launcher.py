@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 
 from fleetlm.cluster import resources
-from fleetlm.cluster.app import deploy, url_of
+from fleetlm.cluster.app import deploy, num_engine_replicas, url_of
 from fleetlm.cluster.config import ClusterConfig
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def deploy_and_wait(config: ClusterConfig, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     _wait_until_it_fits(config, deadline if is_waiting_for_resources else time.monotonic())
     deploy(config, is_blocking=False)
-    num_replicas = config.replicas.count + 1  # the engine replicas and the ingress
+    num_replicas = num_engine_replicas(config) + 1  # the engine replicas and the ingress
     with tqdm(total=num_replicas, desc=f"Starting {config.model.name}", unit="replica") as bar:
         for num_running, status, message in _poll_app(config.name):
             bar.update(num_running - bar.n)

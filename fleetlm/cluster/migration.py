@@ -29,7 +29,6 @@ from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from fleetlm.cluster import errors
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.openai_format import ChoiceProgress
-from fleetlm.cluster.router import ReplicaState, Router
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +84,17 @@ def retry_delays():
 
 
 class ReplicaStream:
-    """One replica's stream of one request, counted in the router while it is open."""
+    """One replica's stream of one request. Serve's router picked the replica (and counts
+    the request there while it runs); `table` says which it was."""
 
-    def __init__(self, router: Router, replica: ReplicaState, stream) -> None:
-        self.router, self.replica, self.stream = router, replica, stream
+    def __init__(self, table, request_id: str, stream) -> None:
+        self.table, self.request_id, self.stream = table, request_id, stream
         self.is_open, self.is_done = True, False
-        router.on_start(replica)
+
+    @property
+    def replica(self) -> str | None:
+        """The replica serving it (None if it never reached one)."""
+        return self.table.replica_of(self.request_id)
 
     async def next(self) -> Any:
         """The next item (server.py's contract). A replica that vanished, or was stopped
@@ -99,27 +103,28 @@ class ReplicaStream:
         try:
             item = await self.stream.__anext__()
         except (*REPLICA_ERRORS, RequestCancelledError, StopAsyncIteration) as e:
-            logger.warning("%s is gone: %s", self.replica.name, type(e).__name__)
+            logger.warning("%s is gone: %s", self.replica, type(e).__name__)
             item = errors.engine_dead()
         except Exception as e:  # noqa: BLE001 - the client gets an error, never a broken body
-            logger.error("%s failed", self.replica.name, exc_info=e)
+            logger.error("%s failed", self.replica, exc_info=e)
             item = errors.internal_error(e)
         self.is_done = not isinstance(item, StreamChunk) or item.is_last
         return item
 
     def close(self) -> None:
-        """Stop counting it (idempotent); cancel the replica's request unless it ended."""
+        """Cancel the replica's request unless it ended (idempotent)."""
         if self.is_open:
             self.is_open = False
             if not self.is_done:
                 self.stream.cancel()
-            self.router.on_finish(self.replica)
 
 
-async def call_replica(handle, method: str, timeout_s: float, *args) -> Any:
+async def call_replica(handle, method: str, timeout_s: float, *args, **kwargs) -> Any:
     """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s`. On a
     timeout, or when the caller is cancelled, the replica's request is cancelled too."""
-    response = getattr(handle, method).remote(*args)
+    from fleetlm.cluster.serve_router import send
+
+    response = send(getattr(handle, method), *args, **kwargs)
     try:
         return await asyncio.wait_for(_result(response), timeout_s)
     except (TimeoutError, asyncio.CancelledError):

@@ -7,7 +7,9 @@
                         (one token, discarded) and answers the KV's transfer params
                   engine.generate(prompt, kv_transfer_params=...) reads the KV and decodes
 
-The prefill replicas' engines keep each prompt's blocks under a lease until the decode
+The prefill pool is one Serve deployment routed least-loaded by fleetlm's request router
+(serve_router.py); a prefill replica that failed gets no prompts for DOWN_FOR_S unless every
+one has. The prefill replicas' engines keep each prompt's blocks under a lease until the decode
 engine has read them (or the lease ends); the decode engine applies `kv_transfer.
 failure_policy` to a load that fails. Here the same policy covers the prefill call itself:
 a prefill replica that is dead, errs or takes longer than `pd.prefill_timeout_s` means
@@ -17,13 +19,12 @@ a prefill replica that is dead, errs or takes longer than `pd.prefill_timeout_s`
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
 from typing import Any
 
 from fleetlm.cluster.config import PDSection
 from fleetlm.cluster.migration import call_replica
-from fleetlm.cluster.router import ReplicaState, Router, RoutingRequest, queue_scorer
+from fleetlm.cluster.router import RoutingRequest
+from fleetlm.cluster.serve_router import RoutingTable, routing_table
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,11 @@ class PrefillFailed(Exception):
 class RemotePrefill:
     """A decode replica's view of the prefill pool: which prompts go there, and the calls."""
 
-    def __init__(self, prefill_servers: Sequence[Any], pd: PDSection) -> None:
-        self.handles = [server.options(stream=False) for server in prefill_servers]
+    def __init__(self, prefill_server: Any, pd: PDSection) -> None:
+        """`prefill_server`: a handle to the prefill pool's deployment."""
+        self.handle = prefill_server.options(stream=False)
         self.threshold_tokens = pd.threshold_tokens
         self.timeout_s = pd.prefill_timeout_s
-        self._down_until: dict[int, float] = {}
-        self.router = Router([h.deployment_name for h in prefill_servers],
-                             filters=[self._up_filter], scorers=[(queue_scorer, 1.0)])
         # For the metrics: prompts sent to the prefill pool or kept here, failed calls.
         self.num_remote = 0
         self.num_local = 0
@@ -69,35 +68,31 @@ class RemotePrefill:
         prefill replica refused the prompt as invalid (the decode replica's own engine then
         answers the client's mistake, a 400); `PrefillFailed` if no replica computed it.
         Cancelling this cancels the prefill replica's request."""
-        replica = self.router.pick(RoutingRequest(request_id))
-        self.router.on_start(replica)
         try:
-            params = await call_replica(self.handles[replica.index], "prefill", self.timeout_s,
-                                        token_ids, request_id)
+            params = await call_replica(self.handle, "prefill", self.timeout_s, token_ids,
+                                        request_id, routing=RoutingRequest(request_id))
         except TimeoutError:
-            raise self._failed(replica, "prefill_timeout",
-                               f"{replica.name} did not answer within {self.timeout_s:g} s") \
-                from None
+            raise self._failed(request_id, "prefill_timeout",
+                               f"did not answer within {self.timeout_s:g} s") from None
         except ValueError:  # an invalid prompt (a Ray task error subclasses the cause's type)
             return None
         except Exception as e:  # noqa: BLE001 - dead, being replaced, or its engine failed
-            raise self._failed(replica, "prefill_failed",
-                               f"{replica.name}: {type(e).__name__}: {e}") from None
-        finally:
-            self.router.on_finish(replica)
-        self._down_until.pop(replica.index, None)
+            raise self._failed(request_id, "prefill_failed",
+                               f"{type(e).__name__}: {e}") from None
         return params
 
-    def _failed(self, replica: ReplicaState, cause: str, message: str) -> PrefillFailed:
+    @property
+    def table(self) -> RoutingTable:
+        return routing_table(self.handle.app_name, self.handle.deployment_name)
+
+    def _failed(self, request_id: str, cause: str, message: str) -> PrefillFailed:
+        replica = self.table.replica_of(request_id)
+        message = f"prefill replica {replica or '(none reached)'} {message}"
         logger.warning("prefill failed (%s)", message)
-        self._down_until[replica.index] = time.monotonic() + DOWN_FOR_S
+        if replica is not None:
+            self.table.set_health(replica, False, for_s=DOWN_FOR_S)
         self.failures_by_cause[cause] = self.failures_by_cause.get(cause, 0) + 1
         return PrefillFailed(cause, message)
-
-    def _up_filter(self, request: RoutingRequest,
-                   replicas: list[ReplicaState]) -> list[ReplicaState]:
-        now = time.monotonic()
-        return [r for r in replicas if self._down_until.get(r.index, 0.0) <= now]
 
     def snapshot(self) -> dict[str, Any]:
         return {"num_remote": self.num_remote, "num_local": self.num_local,

@@ -1,19 +1,25 @@
-"""The ingress's view of a prompt for prefix-aware routing: its chained block hashes.
+"""The ingress tokenizes each prompt once: the token ids go to the replica, the chained block
+hashes to the router.
 
-The prefix policies (`router.policy: precise_prefix / approx_prefix`) match a prompt's
+The replica then skips the chat template and the tokenizer (`RoutingRequest.
+prompt_token_ids`). The prefix policies (`router.policy: precise_prefix / approx_prefix`) match a prompt's
 leading KV blocks against what each replica caches, so the ingress must see the prompt as
 the engines do: the same tokens (the chat template applied, as `LLMServer` applies it; the
 same tokenizer) and the same chained block hashes (`hash_prompt_blocks`: the engines' block
 size and seed). The tokenizer is loaded on first use, off the event loop, once the replicas
 have made the model's files ready; hashing also runs off the event loop.
 
-Chat requests with tools are tokenized without the tool rendering `LLMServer` does for
-templates that ignore tools, so their hashes may miss: such a prompt is routed by load.
+Chat requests with tools (which `LLMServer` renders for templates that ignore them) and
+completions with `echo` (which repeat the prompt's own text) are left to the replica to
+tokenize; a chat with tools is hashed without them, so its hashes may miss, and it is routed
+by load. A model whose tokenizer cannot be loaded here (a fake engine's in tests) leaves all
+tokenizing to the replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import jinja2
@@ -21,15 +27,21 @@ import jinja2
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
 from fleetlm.executor.block_pool import hash_prompt_blocks
 
+logger = logging.getLogger(__name__)
+TokenIds = tuple[tuple[int, ...], ...]
+
 
 class PromptHasher:
     def __init__(self, model: str, tokenizer: str | None, block_size: int,
-                 hash_seed: int = 0) -> None:
+                 hash_seed: int = 0, send_token_ids: bool = True) -> None:
+        """`send_token_ids` False: hash only (the replicas' engine has its own tokenizer)."""
         self.model = model
+        self.send_token_ids = send_token_ids
         self.tokenizer_name = tokenizer
         self.block_size = block_size
         self.hash_seed = hash_seed
         self._tokenizer = None
+        self._is_unavailable = False
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # bound into the ingress: pickled without lock/tokenizer
@@ -38,38 +50,61 @@ class PromptHasher:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
+    async def tokenize(self, body: ChatCompletionRequest | CompletionRequest
+                       ) -> tuple[TokenIds | None, tuple[int, ...]]:
+        """(every prompt's token ids, or None to leave them to the replica; the first
+        prompt's block hashes, () if it cannot be tokenized here: the replica then answers
+        the client's mistake)."""
+        return await asyncio.to_thread(self._tokenize, body)
+
     async def block_hashes(self, body: ChatCompletionRequest | CompletionRequest
                            ) -> tuple[int, ...]:
-        """The prompt's block hashes (a completion's first prompt); () if it cannot be
-        tokenized here (the replica then answers the client's mistake)."""
-        return await asyncio.to_thread(self._hash, body)
+        return (await self.tokenize(body))[1]
 
-    def _hash(self, body: ChatCompletionRequest | CompletionRequest) -> tuple[int, ...]:
+    def _tokenize(self, body: ChatCompletionRequest | CompletionRequest
+                  ) -> tuple[TokenIds | None, tuple[int, ...]]:
         try:
-            token_ids = self._token_ids(body)
+            prompts = self._token_ids(body)
         except (ValueError, jinja2.TemplateError):
-            return ()
-        return tuple(hash_prompt_blocks(token_ids, self.block_size, self.hash_seed))
+            return None, ()
+        if not prompts:
+            return None, ()
+        hashes = tuple(hash_prompt_blocks(list(prompts[0]), self.block_size, self.hash_seed))
+        if not self.send_token_ids:
+            is_exact = False
+        elif isinstance(body, ChatCompletionRequest):
+            is_exact = not body.tools and not any("tool_calls" in m
+                                                  for m in body.messages_as_dicts())
+        else:
+            is_exact = not body.echo
+        return (prompts if is_exact else None), hashes
 
-    def _token_ids(self, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    def _token_ids(self, body: ChatCompletionRequest | CompletionRequest) -> TokenIds:
         tokenizer = self._load()
+        if tokenizer is None:
+            return ()
         if isinstance(body, ChatCompletionRequest):
             text = tokenizer.apply_chat_template(
                 body.messages_as_dicts(), tokenize=False,
                 add_generation_prompt=body.add_generation_prompt)
-            return tokenizer.encode(text, add_special_tokens=False)
-        prompt = body.prompts()[0]
-        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return (tuple(tokenizer.encode(text, add_special_tokens=False)),)
+        return tuple(tuple(tokenizer.encode(p)) if isinstance(p, str) else tuple(p)
+                     for p in body.prompts())
 
     def _load(self):
         with self._lock:
-            if self._tokenizer is None:
+            if self._tokenizer is None and not self._is_unavailable:
                 from fleetlm.executor.weights import (
                     load_tokenizer,
                     resolve_model,
                     resolve_tokenizer,
                 )
 
-                self._tokenizer = load_tokenizer(
-                    resolve_tokenizer(self.tokenizer_name, resolve_model(self.model)))
+                try:
+                    self._tokenizer = load_tokenizer(
+                        resolve_tokenizer(self.tokenizer_name, resolve_model(self.model)))
+                except Exception as e:  # noqa: BLE001 - the replicas tokenize instead
+                    logger.warning("the ingress cannot load %s's tokenizer (%s); the replicas "
+                                   "will tokenize", self.model, e)
+                    self._is_unavailable = True
             return self._tokenizer

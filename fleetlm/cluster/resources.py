@@ -66,7 +66,7 @@ def _replica_groups(config: ClusterConfig, pool: str = "") -> list[Group]:
 
     bundles = replica_bundles(config)
     groups = []
-    for index in range(config.replicas.count):
+    for index in range(config.replicas.initial_count):
         name = server_name(index, pool)
         if len(bundles) == 1:
             groups.append(Group(name, (Bundle(name, bundles[0]),)))

@@ -17,9 +17,10 @@ Every decision is logged at debug level (each candidate's scores) and counted pe
 scored every candidate alike) and per affinity outcome (`stuck`, `spilled`, `none`);
 `Router.snapshot()` hands the counts to `fleetlm.cluster.metrics.render_metrics`.
 
-The router runs inside the ingress and knows each replica's in-flight count from its own
-bookkeeping (`on_start` / `on_finish`); engine statistics, when the ingress has them, arrive
-through `update_stats`.
+The router runs inside Ray Serve's request router (serve_router.py), in every process that
+holds a handle to an engine pool: Serve tells it which replicas exist (`set_replicas`), each
+request routed and completed (`on_start` / `on_finish`: in-flight counts), and the replicas'
+own queue and KV usage (their routing stats, as `ReplicaState.stats`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,19 @@ class ReplicaState:
 
 @dataclass(frozen=True)
 class RoutingRequest:
-    """What a routing decision may look at."""
+    """What a routing decision may look at; it travels with the request to the replica as
+    the `routing` keyword (serve_router.py reads it there)."""
 
     request_id: str
     prompt_text: str = ""
     # The prompt's chained block hashes (`fleetlm.cluster.kv_index.hash_prompt_blocks`, the
     # engine's block size and seed); empty: unknown, and prefix matching sees no prefix.
     block_hashes: tuple[int, ...] = ()
+    # Each prompt's token ids as the engine will see them (the chat template applied),
+    # tokenized once at the ingress; None: the replica tokenizes.
+    prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
+    # A question for one replica in particular (its metrics, KV events, health): only it.
+    target: str | None = None
 
 
 class Filter(Protocol):
@@ -224,9 +231,8 @@ class Router:
         scorers: Sequence[tuple[Scorer, float]] = (),
         prefix: PrefixMatcher | None = None,
     ) -> None:
-        if not replica_names:
-            raise ValueError("a router needs at least one replica")
         self.replicas = [ReplicaState(i, name) for i, name in enumerate(replica_names)]
+        self._num_indices = len(self.replicas)  # indices are never reused
         self.filters = list(filters)
         self.scorers = list(scorers)
         self.prefix = prefix  # told of every pick and of unhealthy replicas
@@ -238,25 +244,55 @@ class Router:
         """The index a precise policy routes by, for the ingress to feed with KV events."""
         return self.prefix.index if isinstance(self.prefix, IndexMatcher) else None
 
+    def set_replicas(self, names: Sequence[str]) -> None:
+        """The replicas that exist now (Serve added or removed some): new ones start empty,
+        gone ones are forgotten with whatever the prefix matcher knew of their caches."""
+        known = {r.name: r for r in self.replicas}
+        for replica in self.replicas:
+            if replica.name not in names and self.prefix is not None:
+                self.prefix.forget(replica.name)
+        self.replicas = []
+        for name in names:
+            replica = known.get(name)
+            if replica is None:
+                replica = ReplicaState(self._num_indices, name)
+                self._num_indices += 1
+            self.replicas.append(replica)
+
+    def replica(self, name: str) -> ReplicaState | None:
+        return next((r for r in self.replicas if r.name == name), None)
+
     def pick(self, request: RoutingRequest) -> ReplicaState:
-        candidates = self.replicas
+        return self.rank(request)[0]
+
+    def rank(self, request: RoutingRequest,
+             names: Sequence[str] | None = None) -> list[ReplicaState]:
+        """All replicas (or those named), best first: the pick, then the other candidates
+        the filters kept by score, then those they left out (somewhere to go when the
+        better ones are full)."""
+        everyone = self.replicas if names is None else [r for r in self.replicas
+                                                         if r.name in names]
+        if not everyone:
+            raise ValueError("a router needs at least one replica")
+        candidates = everyone
         for keep in self.filters:
             candidates = keep(request, candidates) or candidates
         scores = [(scorer, weight, scorer(request, candidates)) for scorer, weight in self.scorers]
         totals = [sum(weight * each[i] for _, weight, each in scores)
                   for i in range(len(candidates))]
-        best = max(totals)
-        tied = [r for r, total in zip(candidates, totals) if total == best]
-        num_replicas = len(self.replicas)
-        choice = min(tied, key=lambda r: (r.index - self._next_index) % num_replicas)
+        modulus = max(self._num_indices, 1)
+        order = sorted(range(len(candidates)), key=lambda i: (
+            -totals[i], (candidates[i].index - self._next_index) % modulus))  # ties: in turn
+        choice = candidates[order[0]]
         self._next_index = choice.index + 1
-        self._count(scores, candidates.index(choice))
+        self._count(scores, order[0])
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("route %s -> %s; %s", request.request_id, choice.name,
                          _describe(candidates, scores, totals))
         if self.prefix is not None:
             self.prefix.on_pick(request, choice)
-        return choice
+        ranked = [candidates[i] for i in order]
+        return ranked + [r for r in everyone if r not in ranked]
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Decisions so far per scorer and filter (`name -> outcome -> count`), for
@@ -285,6 +321,9 @@ class Router:
         purged: once healthy again, its KV events start over from a snapshot."""
         replica = self.replicas[index]
         replica.stats = stats
+        self.set_health(replica, is_healthy)
+
+    def set_health(self, replica: ReplicaState, is_healthy: bool) -> None:
         replica.is_healthy = is_healthy
         if not is_healthy and self.prefix is not None:
             self.prefix.forget(replica.name)

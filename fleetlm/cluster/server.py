@@ -11,7 +11,9 @@ Stream contract of `chat` / `completions` (what the ingress relays):
               the choices in them; the last has `is_last` and its text ends with `[DONE]`.
               Or an `OpenAIError`, after which nothing follows: the request failed midway
               (code "engine_dead": the ingress moves it to another replica).
-Given `resume`, a request goes on from where another replica left it.
+Given `resume`, a request goes on from where another replica left it. Given `routing` (the
+ingress's `RoutingRequest`, which Serve's router read to pick this replica) with the prompts'
+token ids, the replica does not tokenize them again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fleetlm.cluster.openai_format import ChatFormatter, ChoiceProgress, Complet
 from fleetlm.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, random_id
 from fleetlm.cluster.pd import PrefillFailed, RemotePrefill
 from fleetlm.cluster.request_timing import RequestTimer
+from fleetlm.cluster.router import RoutingRequest
 from fleetlm.cluster.streams import merge_streams
 from fleetlm.cluster.tool_calls import DEFAULT_TOOL_CALL_PARSER, ToolParser, make_tool_parser
 from fleetlm.executor.config import EngineConfig
@@ -86,7 +89,7 @@ class LLMServer:
         self.num_pending = 0  # engine requests sent that have not produced output yet
         self.tool_parser = make_tool_parser(tool_call_parser)
         self._is_template_tool_aware: bool | None = None  # found on the first tools request
-        self.remote_prefill = RemotePrefill(prefill_servers, pd) if prefill_servers else None
+        self.remote_prefill = RemotePrefill(prefill_servers[0], pd) if prefill_servers else None
         transfer = engine_config.kv_transfer
         self.transfer_failure_policy = transfer.failure_policy if transfer else "recompute"
 
@@ -97,11 +100,13 @@ class LLMServer:
         request: ChatCompletionRequest,
         request_id: str | None = None,
         resume: Resume | None = None,
+        routing: RoutingRequest | None = None,
     ) -> AsyncIterator[Any]:
         request_id = request_id or random_id("chatcmpl")
         tokenizer = self.engine.tokenizer
         try:
-            prompt = self._chat_prompt(request)
+            token_ids = _token_ids_of(routing)
+            prompt = token_ids[0] if token_ids else self._chat_prompt(request)
             params = _force_tool_calls(request.to_sampling_params(), request, self.tool_parser)
         except ValueError as e:
             yield errors.bad_request(str(e))
@@ -117,6 +122,7 @@ class LLMServer:
         request: CompletionRequest,
         request_id: str | None = None,
         resume: Resume | None = None,
+        routing: RoutingRequest | None = None,
     ) -> AsyncIterator[Any]:
         request_id = request_id or random_id("cmpl")
         try:
@@ -125,11 +131,12 @@ class LLMServer:
             yield errors.bad_request(str(e))
             return
         formatter = CompletionFormatter(request, request_id, self.model_name, self.engine.tokenizer)
-        prompts = request.prompts()
+        prompts = _token_ids_of(routing) or request.prompts()
         async for item in self._generate(formatter, request_id, prompts, params, request, resume):
             yield item
 
-    async def prefill(self, prompt_token_ids: list[int], request_id: str) -> dict:
+    async def prefill(self, prompt_token_ids: list[int], request_id: str,
+                      routing: RoutingRequest | None = None) -> dict:
         """A prefill replica's part of a P/D request: compute the prompt's KV, keep it for a
         decode replica to read, and answer its transfer params (an exception if there are
         none: the decode side then applies its failure policy)."""
@@ -146,6 +153,25 @@ class LLMServer:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    # What the ingress may ask one replica in particular (`ask`).
+    QUESTIONS = ("metrics_snapshot", "is_healthy", "kv_events_since", "max_model_len", "stats")
+
+    def ask(self, question: str, *args, routing: RoutingRequest | None = None) -> Any:
+        """Answer one of QUESTIONS; `routing.target` took the question to this replica."""
+        if question not in self.QUESTIONS:
+            raise ValueError(f"unknown question {question!r}")
+        return getattr(self, question)(*args)
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: the load the request router weighs (serve_router.py)."""
+        stats = self.engine.stats()
+        return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "kv_cache_usage": stats.kv_cache_usage}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook: what the autoscaling policy reads (autoscaling.py)."""
+        return self.record_routing_stats()
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """This replica's part of /metrics (see `fleetlm.cluster.metrics.render_metrics`)."""
@@ -424,6 +450,13 @@ def _engine_request_ids(request_id: str, choices: list[int],
     before is this one and has not forgotten them yet."""
     suffix = "" if resume is None else f"-m{resume.num_migrations}"
     return {i: child_request_id(request_id, i) + suffix for i in choices}
+
+
+def _token_ids_of(routing: RoutingRequest | None) -> list[list[int]] | None:
+    """The prompts' token ids the ingress sent, if it did."""
+    if routing is None or routing.prompt_token_ids is None:
+        return None
+    return [list(ids) for ids in routing.prompt_token_ids]
 
 
 def _num_resumed(progress: dict[int, ChoiceProgress], index: int) -> int:

@@ -22,10 +22,14 @@ def _live(class_name: str) -> list[dict]:
             if a["ActorClassName"] == class_name and a["State"] == ALIVE]  # fmt: skip
 
 
-def replica_actor(app: str, deployment: str) -> dict:
-    """The newest live Serve replica actor of a single-replica deployment (a replaced one may
-    still be shutting down)."""
-    return max(_live(f"ServeReplica:{app}:{deployment}"), key=lambda a: a["StartTime"])
+def replica_actor(app: str, deployment: str = "LLMServer", replica: str | None = None) -> dict:
+    """The newest live Serve replica actor of a deployment (a replaced one may still be
+    shutting down), or the one whose replica id is `replica`."""
+    live = _live(f"ServeReplica:{app}:{deployment}")
+    if replica is not None:
+        [actor] = [a for a in live if a["Name"].endswith(f"#{replica}")]
+        return actor
+    return max(live, key=lambda a: a["StartTime"])
 
 
 def worker_actors(replica: dict) -> list[dict]:

@@ -19,6 +19,7 @@ import json
 import actors
 import openai
 import pytest
+import replicas
 import requests
 from conftest import small_config
 from fake_engine import (
@@ -31,7 +32,7 @@ from fake_engine import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.app import build_app
 from fleetlm.cluster.ingress import HEALTH_PROBE_TIMEOUT_S, METRICS_TIMEOUT_S
 from fleetlm.cluster.config import load_config
 
@@ -112,9 +113,8 @@ def _post(url: str, body=None, key: str | None = API_KEY, **kwargs) -> requests.
 
 
 def _replica_stats(app: str, index: int):
-    from ray import serve
-
-    return serve.get_deployment_handle(server_name(index), app).stats.remote().result()
+    """The engine statistics of the app's `index`th replica (by sorted replica id)."""
+    return replicas.ask(app, replicas.replica_ids(app)[index], "stats")
 
 
 def _wait_until(condition, what: str) -> None:
@@ -374,18 +374,20 @@ def test_without_migration_a_dying_stream_ends_with_an_error_event(stranded):
     assert text == expected_text(len(prompt), len(text)) and len(text) <= DIE_AFTER_TOKENS
 
 
-def _get_right_after_killing_replica_0(app: str, base_url: str,
-                                       path: str) -> tuple[requests.Response, float]:
-    """GET `path` at once after SIGKILLing the app's first replica: (reply, seconds taken)."""
+def _get_right_after_killing_a_replica(app: str, base_url: str, path: str
+                                       ) -> tuple[requests.Response, float, list[str]]:
+    """GET `path` at once after SIGKILLing the app's first replica (by sorted id): (reply,
+    seconds taken, the replica ids before, the killed one first)."""
     _wait_healthy(base_url)
-    actors.kill(actors.replica_actor(app, server_name(0)))
+    ids = replicas.replica_ids(app)
+    actors.kill(actors.replica_actor(app, replica=ids[0]))
     start = time.monotonic()
     reply = requests.get(f"{base_url}{path}", timeout=TIMEOUT_S)
-    return reply, time.monotonic() - start
+    return reply, time.monotonic() - start, ids
 
 
 def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
-    health, seconds = _get_right_after_killing_replica_0("stranded", stranded, "/health")
+    health, seconds, _ = _get_right_after_killing_a_replica("stranded", stranded, "/health")
     # The ingress gives a replica's probe HEALTH_PROBE_TIMEOUT_S; the rest is HTTP.
     assert health.status_code == 503 and seconds < HEALTH_PROBE_TIMEOUT_S + 1
     _wait_healthy(stranded)  # Serve replaced it
@@ -393,13 +395,14 @@ def test_health_is_503_at_once_while_a_replica_is_dead(stranded):
 
 
 def test_metrics_leave_out_a_dead_replica_and_say_so(moving):
-    reply, seconds = _get_right_after_killing_replica_0("moving", moving, "/metrics")
+    reply, seconds, (dead, alive) = _get_right_after_killing_a_replica("moving", moving,
+                                                                       "/metrics")
     assert reply.status_code == 200 and seconds < METRICS_TIMEOUT_S + 1
     families = {f.name: f for f in text_string_to_metric_families(reply.text)}
     up = {s.labels["replica"]: s.value for s in families["fleetlm:replica_up"].samples}
-    assert up == {server_name(0): 0.0, server_name(1): 1.0}
+    assert up == {f"LLMServer#{dead}": 0.0, f"LLMServer#{alive}": 1.0}
     running = families["fleetlm:num_requests_running"].samples
-    assert [s.labels["replica"] for s in running] == [server_name(1)]
+    assert [s.labels["replica"] for s in running] == [f"LLMServer#{alive}"]
     _wait_healthy(moving)  # Serve replaced it
 
 

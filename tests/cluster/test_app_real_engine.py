@@ -18,7 +18,7 @@ from conftest import small_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlm.bench.cli import main as bench_main
-from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.app import build_app, deployment_name
 from fleetlm.cluster.config import load_config
 from fleetlm.executor.sampling_params import SamplingParams
 
@@ -166,7 +166,7 @@ def test_echo_gives_prompt_logprobs(real):
 def test_disconnect_leaves_no_blocks_in_use(real):
     from ray import serve
 
-    handle = serve.get_deployment_handle(server_name(0), APP)
+    handle = serve.get_deployment_handle(deployment_name(), APP)
     body = {"prompt": "Tell me a long story.", "max_tokens": MAX_MODEL_LEN // 2, "stream": True,
             "ignore_eos": True}  # fmt: skip
     with requests.post(f"{real}/v1/completions", json=body, stream=True, timeout=TIMEOUT_S) as r:

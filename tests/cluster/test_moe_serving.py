@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import small_config
 
-from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.app import build_app
 from fleetlm.cluster.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_expert_parallel_moe_config_answers_the_openai_sdk(http_port):
     config = small_config(config, parallel={"worker_num_cpus": 0.25})
     try:
         serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-        workers = actors.worker_actors(actors.replica_actor(APP, server_name(0)))
+        workers = actors.worker_actors(actors.replica_actor(APP))
         assert len(workers) == 2
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/{APP}/v1",
                                api_key="unused", timeout=300)

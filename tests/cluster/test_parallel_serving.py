@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import actors
+import replicas
 import aiohttp
 import openai
 import pytest
 from conftest import small_config
 
-from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.app import build_app, deployment_name
 from fleetlm.cluster.ingress import HEALTH_PROBE_TIMEOUT_S
 from fleetlm.cluster.openai_protocol import CompletionRequest
 
@@ -82,10 +83,10 @@ def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
         serve.delete("tp1")
         tp3 = _deploy(http_port, "tp3", _config(3))
         assert asyncio.run(_greedy_texts(tp3, prompts)) == expected
-        assert len(actors.worker_actors(actors.replica_actor("tp3", server_name(0)))) == 3
+        assert len(actors.worker_actors(actors.replica_actor("tp3"))) == 3
         sizes = _live_group_sizes()  # the workers use the replica's group, not one of their own
         assert 1 + 3 in sizes and 3 not in sizes
-        log = _replica_log("tp3", server_name(0))
+        log = _replica_log("tp3", deployment_name())
         assert "worker group of 3 ready" in log
         assert all(f"[rank {rank}] fleetlm.worker: rank {rank}: tp {rank}/3" in log
                    for rank in range(3))  # fmt: skip
@@ -185,53 +186,52 @@ async def _kill_under_streams(base_url: str, victim: dict) -> tuple[list[str], f
     return await running, time_to_503
 
 
-def _stats(app: str, index: int):
-    from ray import serve
-
-    return serve.get_deployment_handle(server_name(index), app).stats.remote().result()
-
-
-def _assert_no_blocks_in_use(app: str, index: int) -> None:
+def _assert_no_blocks_in_use(app: str, replica: str) -> None:
     deadline = time.monotonic() + TIMEOUT_S
-    while (stats := _stats(app, index)).num_running or stats.num_waiting:
-        assert time.monotonic() < deadline, f"requests still running on replica {index}"
+    while (stats := replicas.ask(app, replica, "stats")).num_running or stats.num_waiting:
+        assert time.monotonic() < deadline, f"requests still running on replica {replica}"
         time.sleep(0.1)
     assert stats.kv_cache_usage == 0.0
 
 
-def _assert_replaced(app: str, old: dict) -> None:
+def _assert_replaced(app: str, old: dict, survivor: str) -> None:
     """A new replica process (with its own workers) serves requests sent straight to it."""
-    from ray import serve
-
-    new = actors.replica_actor(app, server_name(0))
+    [new_id] = [r for r in replicas.replica_ids(app, count=2) if r != survivor]
+    new = actors.replica_actor(app, replica=new_id)
     assert new["ActorID"] != old["ActorID"] and len(actors.worker_actors(new)) == TP
-    handle = serve.get_deployment_handle(server_name(0), app).options(stream=True)
-    [reply] = list(handle.completions.remote(CompletionRequest(prompt="Hi", max_tokens=2)))
+    [reply] = list(replicas.stream(app, new_id, "completions",
+                                   CompletionRequest(prompt="Hi", max_tokens=2)))
     assert reply["usage"]["completion_tokens"] == 2
-    _assert_no_blocks_in_use(app, 0)
+    _assert_no_blocks_in_use(app, new_id)
+
+
+def _victim_and_survivor(app: str) -> tuple[dict, str]:
+    """The actor of one of the app's two replicas, and the other's replica id."""
+    victim, survivor = replicas.replica_ids(app, count=2)
+    return actors.replica_actor(app, replica=victim), survivor
 
 
 def test_killing_a_worker_migrates_every_stream(tp3x2, undisturbed):
     asyncio.run(_wait_healthy(tp3x2))
-    replica = actors.replica_actor("tp3x2", server_name(0))
+    replica, survivor = _victim_and_survivor("tp3x2")
     victim, *_ = actors.worker_actors(replica)
     texts, time_to_503 = asyncio.run(_kill_under_streams(tp3x2, victim))
     assert time_to_503 < HEALTH_DEADLINE_S
     assert texts == undisturbed
-    _assert_no_blocks_in_use("tp3x2", 1)
+    _assert_no_blocks_in_use("tp3x2", survivor)
     asyncio.run(_wait_healthy(tp3x2))
-    _assert_replaced("tp3x2", replica)
+    _assert_replaced("tp3x2", replica, survivor)
 
 
 def test_killing_the_replica_process_migrates_every_stream(tp3x2, undisturbed):
     asyncio.run(_wait_healthy(tp3x2))
-    replica = actors.replica_actor("tp3x2", server_name(0))
+    replica, survivor = _victim_and_survivor("tp3x2")
     texts, time_to_503 = asyncio.run(_kill_under_streams(tp3x2, replica))
     assert time_to_503 < HEALTH_PROBE_TIMEOUT_S + 1  # a dead replica: the probe times out
     assert texts == undisturbed
-    _assert_no_blocks_in_use("tp3x2", 1)
+    _assert_no_blocks_in_use("tp3x2", survivor)
     asyncio.run(_wait_healthy(tp3x2))
-    _assert_replaced("tp3x2", replica)
+    _assert_replaced("tp3x2", replica, survivor)
 
 
 def test_without_migration_killed_streams_end_with_an_error_event(http_port):
@@ -239,7 +239,7 @@ def test_without_migration_killed_streams_end_with_an_error_event(http_port):
 
     base_url = _deploy(http_port, "stranded", _config(TP, migration={"max_migrations": 0}))
     try:
-        replica = actors.replica_actor("stranded", server_name(0))
+        replica = actors.replica_actor("stranded")
         events = asyncio.run(_raw_streams_killed(base_url, actors.worker_actors(replica)[0]))
     finally:
         serve.delete("stranded")

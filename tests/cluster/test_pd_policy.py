@@ -40,7 +40,7 @@ class _Response:
 class _PrefillPool:
     """What `RemotePrefill` uses of a Serve handle to a prefill replica."""
 
-    deployment_name = "prefill-stand-in"
+    app_name, deployment_name = "pd-policy", "prefill-stand-in"
 
     def __init__(self, answer) -> None:
         self.answer = answer  # async (token_ids, request_id) -> params
@@ -50,7 +50,7 @@ class _PrefillPool:
     def options(self, **_) -> _PrefillPool:
         return self
 
-    def remote(self, token_ids: list[int], request_id: str) -> _Response:
+    def remote(self, token_ids: list[int], request_id: str, routing=None) -> _Response:
         self.num_calls += 1
         return _Response(self.answer(token_ids, request_id))
 
@@ -172,11 +172,11 @@ def test_a_prompt_the_prefill_replica_refuses_is_left_to_the_decode_engine(expec
 
 
 def test_the_decider_counts_uncached_tokens():
-    prefill = RemotePrefill([_PrefillPool(_raise)], PDSection(threshold_tokens=THRESHOLD))
+    prefill = RemotePrefill(_PrefillPool(_raise), PDSection(threshold_tokens=THRESHOLD))
     assert not prefill.is_worth_it(THRESHOLD - 1, 0)  # short
     assert prefill.is_worth_it(THRESHOLD, 0)
     assert not prefill.is_worth_it(THRESHOLD + 32, 33)  # mostly cached here
     assert prefill.is_worth_it(THRESHOLD + 32, 32)
     assert prefill.snapshot() == {"num_remote": 2, "num_local": 2, "failures_by_cause": {}}
-    everything = RemotePrefill([_PrefillPool(_raise)], PDSection(threshold_tokens=0))
+    everything = RemotePrefill(_PrefillPool(_raise), PDSection(threshold_tokens=0))
     assert everything.is_worth_it(2, 0) and not everything.is_worth_it(1, 0)

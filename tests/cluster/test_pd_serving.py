@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import actors
+import replicas
 import openai
 import pytest
 import requests
 from conftest import small_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetlm.cluster.app import server_name
+from fleetlm.cluster.app import deployment_name
 from fleetlm.cluster.config import ClusterConfig
 from fleetlm.executor.sampling_params import SamplingParams
 
@@ -42,8 +43,8 @@ LEASE_TIMEOUT_S = 3.0
 PREFILL_TIMEOUT_S = 4.0
 NUM_TOKENS = 8
 TIMEOUT_S = 300.0
-PREFILL = server_name(0, "prefill")
-DECODE = server_name(0, "decode")
+PREFILL = deployment_name("prefill")
+DECODE = deployment_name("decode")
 TEXT = ("The history of the city begins with a small settlement on the river, where traders "
         "from the north met farmers from the valley. Over the centuries the market grew into "
         "a town, the town built walls, and the walls were later torn down to make room for "
@@ -106,6 +107,11 @@ def _metrics(base_url: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _label(deployment: str) -> str:
+    """The metrics label of the pool's one replica (its id changes when it is replaced)."""
+    return f"{deployment}#{replicas.replica_ids(APP, deployment, count=1)[0]}"
+
+
 def _sample(metrics: dict, name: str, **labels) -> float:
     labels = {"model_name": MODEL, **labels}
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
@@ -128,8 +134,8 @@ def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
 def _is_drained(base_url: str) -> bool:
     """No lease held, no KV block in use on either replica."""
     metrics = _metrics(base_url)
-    return all(_sample(metrics, f"fleetlm:{gauge}", replica=replica) == 0
-               for replica in (PREFILL, DECODE)
+    return all(_sample(metrics, f"fleetlm:{gauge}", replica=_label(pool)) == 0
+               for pool in (PREFILL, DECODE)
                for gauge in ("kv_transfer_active_leases", "kv_cache_usage_perc"))
 
 
@@ -196,7 +202,8 @@ def test_unread_kv_is_freed_when_its_lease_ends(pd, token_ids):
     prefill = serve.get_deployment_handle(PREFILL, APP)
     params = prefill.prefill.remote(token_ids[7:107], "orphan").result(timeout_s=TIMEOUT_S)
     assert params["num_tokens"] == 100
-    assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases", replica=PREFILL) == 1
+    assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases",
+                   replica=_label(PREFILL)) == 1
     _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
 
 
@@ -228,7 +235,8 @@ def test_a_decode_process_killed_mid_read_leaves_no_blocks_behind(pd, token_ids)
         reader.stdin.write(msgpack.packb(params))
         reader.stdin.close()
         assert reader.stdout.readline() == b"read\n"  # one block of seven read
-        assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases", replica=PREFILL) == 1
+        assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases",
+                   replica=_label(PREFILL)) == 1
     finally:
         reader.kill()
         reader.wait()

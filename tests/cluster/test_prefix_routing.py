@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import openai
 import pytest
+import replicas
 from conftest import small_config
 
-from fleetlm.cluster.app import build_app, server_name
+from fleetlm.cluster.app import build_app
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,9 @@ ORDER = ["astronomy", "astronomy", "bakery", "astronomy", "bakery", "bakery", "a
 
 
 def _stats(app: str) -> list:
-    from ray import serve
-
-    return [serve.get_deployment_handle(server_name(i), app).stats.remote().result()
-            for i in range(2)]
+    """Each replica's engine statistics, in the order of their ids."""
+    by_replica = replicas.stats(app)
+    return [by_replica[r] for r in sorted(by_replica)]
 
 
 @pytest.mark.parametrize("policy", ["precise_prefix", "approx_prefix", "round_robin"])

@@ -93,7 +93,7 @@ def test_unknown_policy_and_no_replicas_are_rejected():
     with pytest.raises(ValueError, match="prefix_aware"):
         build_router("prefix_aware", NAMES)
     with pytest.raises(ValueError, match="at least one replica"):
-        build_router("round_robin", [])
+        build_router("round_robin", []).pick(REQUEST)  # Serve has told it of none yet
 
 
 def test_replica_state_defaults():
@@ -206,3 +206,22 @@ def test_each_decision_is_logged_and_counted_for_the_metrics(caplog):
             in text)
     assert ('fleetlm:router_decisions_total{model_name="m",outcome="even",stage="queue"} 2.0'
             in text)
+
+
+def test_replicas_come_and_go_and_a_gone_one_is_forgotten():
+    router = build_router("approx_prefix", ["r0", "r1"])
+    request = RoutingRequest("req", block_hashes=(1, 2))
+    holder = router.pick(request)
+    router.set_replicas(["r1", "r0", "r2"])  # Serve added one; the others keep their state
+    assert router.pick(request).name == holder.name
+    router.set_replicas([n for n in ("r0", "r1", "r2") if n != holder.name])
+    assert router.prefix.matched_blocks(request, router.replicas) == [0, 0]
+    assert sorted(r.name for r in router.replicas) == sorted({"r0", "r1", "r2"} - {holder.name})
+
+
+def test_rank_puts_the_pick_first_and_the_filtered_out_last():
+    router = build_router("precise_prefix", NAMES)
+    router.update_stats(0, EngineStats(), is_healthy=False)
+    ranked = router.rank(REQUEST)
+    assert [r.name for r in ranked][-1] == "r0" and len(ranked) == 3
+    assert router.rank(REQUEST, names=["r2"])[0].name == "r2"

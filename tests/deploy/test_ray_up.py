@@ -173,8 +173,7 @@ def test_one_replica_on_each_node(ray_up_run):
                if line.strip().startswith(("10.", "(not placed"))}
     assert set(by_node) == {head, worker}, status
     for line in by_node.values():
-        assert line.count("LLMServer-") == 1, status
-        assert re.search(r"LLMServer-[01] RUNNING", line), status
+        assert line.count("LLMServer RUNNING") == 1, status  # one of the deployment's two
     # The ingress may land on either node (every node's Serve proxy forwards to it).
     assert sum("OpenAIIngress RUNNING" in line for line in by_node.values()) == 1, status
 
