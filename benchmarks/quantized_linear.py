@@ -1,12 +1,16 @@
-"""GGUF weights kept quantized (`quantization: gguf`) against the float32 model, on the
-built-in SmolLM2-135M (Q4_1 layers, Q8_0 embedding and LM head):
+"""Quantized weights against the float32 model, on the built-in SmolLM2-135M: GGUF kept
+quantized (`quantization: gguf`: Q4_1 layers, Q8_0 embedding and LM head) and W8A8 INT8 (the
+compressed-tensors checkpoint `fleetlm quantize --scheme W8A8` writes: int8 layers, the LM
+head left float as LLM Compressor leaves it):
 
 1. GEMV/GEMM per linear shape of the model at 1, 8 and 32 input rows: fp32 oneDNN with the
    weight prepacked (`PackedLinear`, the float path) against the GGUF kernel on the file's
-   own blocks (`gguf_linear.matmul`), median of several timings;
-2. offline decode throughput of the whole model, float32 against quantized, at batch 1 and 8
-   (4-token prompts, so decode dominates; median of 3 runs), with the bytes of weights each
-   step reads.
+   own blocks (`gguf_linear.matmul`), the W8A8 kernel (`int8_linear.w8a8_linear`: per-token
+   quantization of the input included) and torch's own int8 GEMM (`torch._int_mm`, on
+   already quantized inputs), median of several timings;
+2. offline decode throughput of the whole model, float32 against each quantized variant, at
+   batch 1 and 8 (4-token prompts, so decode dominates; median of 3 runs), with the bytes of
+   weights each step reads.
 
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/quantized_linear.py \
         --out docs/results/quantized_linear.json
@@ -19,13 +23,15 @@ import functools
 import json
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from fleetlm import LLM, SamplingParams
-from fleetlm.kernels import gguf_linear
+from fleetlm.executor.weights.quantize import quantize_checkpoint, quantize_weight
+from fleetlm.kernels import gguf_linear, int8_linear
 from fleetlm.kernels.cpu_linear import PackedLinear
 from fleetlm.parallel.layers import weight_bytes
 
@@ -52,8 +58,8 @@ def median_ms(fn, reps: int) -> float:
     return sorted(times)[reps // 2] * 1e3
 
 
-def load(quantization: str | None, batch_size: int) -> LLM:
-    return LLM(MODEL, dtype="float32", quantization=quantization, max_num_seqs=batch_size,
+def load(quantization: str | None, batch_size: int, model: str = MODEL) -> LLM:
+    return LLM(model, dtype="float32", quantization=quantization, max_num_seqs=batch_size,
                kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False)
 
 
@@ -74,17 +80,24 @@ def gemm_figures(float_llm: LLM, quantized_llm: LLM, rows_list: list[int], reps:
         assert len(blocks.parts) == 1
         weight = blocks.parts[0][1]
         packed = PackedLinear()
+        data, scale = quantize_weight(dense.detach())
+        int8 = (data, scale.reshape(-1).contiguous())
         for rows in rows_list:
             x = torch.randn(rows, dense.shape[1])
             with torch.inference_mode():
                 onednn = median_ms(functools.partial(packed, x, dense), reps)
                 gguf = median_ms(functools.partial(gguf_linear.matmul, x, weight), reps)
+                w8a8 = median_ms(functools.partial(int8_linear.w8a8_linear, x, *int8), reps)
+                xq, _ = int8_linear.quantize_rows(x)
+                int_mm = median_ms(functools.partial(torch._int_mm, xq, int8[0].T), reps)
             results.append({"linear": name, "shape": list(dense.shape), "rows": rows,
                             "qtype": weight.qtype.name, "onednn_fp32_ms": onednn,
-                            "gguf_ms": gguf, "fp32_bytes": dense.numel() * 4,
-                            "gguf_bytes": weight.nbytes})
+                            "gguf_ms": gguf, "w8a8_ms": w8a8, "torch_int_mm_ms": int_mm,
+                            "fp32_bytes": dense.numel() * 4, "gguf_bytes": weight.nbytes,
+                            "int8_bytes": dense.numel() + 4 * dense.shape[0]})
             print(f"{name} {tuple(dense.shape)} rows={rows}: oneDNN fp32 {onednn:.3f} ms, "
-                  f"{weight.qtype.name} kernel {gguf:.3f} ms", flush=True)
+                  f"{weight.qtype.name} kernel {gguf:.3f} ms, W8A8 kernel {w8a8:.3f} ms, "
+                  f"torch._int_mm {int_mm:.3f} ms", flush=True)
     return results
 
 
@@ -112,15 +125,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("docs/results/quantized_linear.json"))
+    parser.add_argument("--w8a8-dir", type=Path, default=None,
+                        help="W8A8 checkpoint of the model (written there if missing; "
+                        "default: a new temporary folder)")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": MODEL,
               "torch": torch.__version__, "gemm": [], "decode": []}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     float_llm, quantized_llm = load(None, max(batch_sizes)), load("gguf", max(batch_sizes))
+    result["w8a8_kernel_path"] = int8_linear.kernel_path()
     result["gemm"] = gemm_figures(float_llm, quantized_llm,
                                   [int(r) for r in args.rows.split(",")], args.reps)
-    for label, llm in (("float32", float_llm), ("gguf", quantized_llm)):
+    w8a8_dir = args.w8a8_dir or Path(tempfile.mkdtemp(prefix="fleetlm-w8a8-"))
+    if not (w8a8_dir / "config.json").exists():
+        quantize_checkpoint(MODEL, w8a8_dir, progress=False)
+    w8a8_llm = load(None, max(batch_sizes), model=str(w8a8_dir))
+    for label, llm in (("float32", float_llm), ("gguf", quantized_llm), ("w8a8", w8a8_llm)):
         for batch_size in batch_sizes:
             figures = decode_figures(llm, batch_size, args.output_len, args.repeats)
             figures.update(weights=label, weight_bytes_per_step=bytes_per_step(llm))

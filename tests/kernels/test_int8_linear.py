@@ -1,10 +1,12 @@
 """The W8A8 kernel (csrc/int8_matmul.c) against its exact torch references: the same int8
 activations and scales, int32 sums equal to the integer matmul, the same fp32 rescale."""
 
+import ctypes
+
 import pytest
 import torch
 
-from fleetlm.kernels import int8_linear
+from fleetlm.kernels import cpu_build, int8_linear
 from fleetlm.kernels.int8_linear import Int8Matrix, Int8Weight
 
 pytestmark = pytest.mark.skipif(not int8_linear.is_available(), reason="no C compiler")
@@ -113,3 +115,23 @@ def test_an_incomplete_matrix_refuses_to_run():
         matrix.linear(torch.randn(1, 32))
     with pytest.raises(ValueError, match="one scale per row"):
         Int8Weight(torch.zeros(4, 32, dtype=torch.int8), torch.ones(3))
+
+
+def test_the_portable_build_equals_the_reference():
+    """The plain-loop path, for CPUs without AVX2: the same source built without -march."""
+    flags = tuple(f for f in cpu_build.COMPILE_FLAGS if not f.startswith("-march"))
+    library = cpu_build.load(int8_linear.SOURCE, flags)
+    library.fleet_int8_path.restype = ctypes.c_char_p
+    assert library.fleet_int8_path() == b"generic"
+    g = torch.Generator().manual_seed(11)
+    m, k, n = 3, 70, 9
+    x, w, w_scale = torch.randn(m, k, generator=g), _int8(n, k, generator=g), torch.rand(n)
+    y = torch.empty(m, n)
+    library.fleet_w8a8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    assert library.fleet_w8a8_linear(x.data_ptr(), m, k, w.data_ptr(), w_scale.data_ptr(),
+                                     None, n, y.data_ptr(), 2) == 0
+    q, x_scale = int8_linear.quantize_rows_reference(x)
+    expected = int8_linear.gemm_reference(q, x_scale, w, w_scale)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)

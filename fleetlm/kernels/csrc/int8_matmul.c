@@ -28,8 +28,12 @@
 
 enum { OK = 0, ERR_NO_MEMORY = 3 };
 
+#ifndef ROWS
 #define ROWS 4    /* weight rows per task */
+#endif
+#ifndef IN_ROWS
 #define IN_ROWS 2 /* input rows per pass over a tile */
+#endif
 #define QMAX 127  /* activations are quantized to [-QMAX, QMAX] */
 
 /* ---- dynamic per-row activation quantization ------------------------------------------ */
