@@ -5,6 +5,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -40,11 +43,19 @@ static ALWAYS_INLINE f32x8 load8_bf16(const uint16_t *p)
     return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
 }
 
+/* GCC 12 scalarizes the generic int8 -> fp32 conversion, so AVX2 gets its two instructions. */
 static ALWAYS_INLINE f32x8 load8_i8(const int8_t *p)
 {
+#ifdef __AVX2__
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    f32x8 out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+#else
     i8x8 h;
     memcpy(&h, p, sizeof h);
     return __builtin_convertvector(h, f32x8);
+#endif
 }
 
 static ALWAYS_INLINE float hsum8(f32x8 a)
