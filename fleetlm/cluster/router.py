@@ -26,6 +26,7 @@ own queue and KV usage (their routing stats, as `ReplicaState.stats`).
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,23 +118,47 @@ class PrefixMatcher(Protocol):
 
 
 class IndexMatcher:
-    """Precise: the replicas' cached blocks as their KV events told the index."""
+    """Precise: the replicas' cached blocks as their KV events told the index, plus where
+    this router sent a prompt in the last `pending_s` seconds: its blocks are being computed
+    there and no event has said so yet (requests of one tenant arriving together would
+    otherwise each compute the prefix on another replica)."""
 
     name = "precise_prefix"
 
-    def __init__(self, index: KVIndex) -> None:
+    def __init__(self, index: KVIndex, pending_s: float = 10.0,
+                 clock=time.monotonic) -> None:
         self.index = index
+        self.pending_s = pending_s
+        self.clock = clock
+        self._pending: OrderedDict[int, dict[str, float]] = OrderedDict()  # hash -> until
 
     def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
         matched = self.index.match(request.block_hashes)
-        return [matched.get(r.name, 0) for r in replicas]
+        now = self.clock()
+        result = []
+        for replica in replicas:
+            num_pending = 0
+            for block_hash in request.block_hashes:
+                if self._pending.get(block_hash, {}).get(replica.name, 0.0) <= now:
+                    break
+                num_pending += 1
+            result.append(max(matched.get(replica.name, 0), num_pending))
+        return result
 
     def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
-        pass  # the replica's own events will say what it cached
+        now = self.clock()
+        for block_hash in request.block_hashes:
+            self._pending.setdefault(block_hash, {})[replica.name] = now + self.pending_s
+            self._pending.move_to_end(block_hash)
+        while self._pending and max(next(iter(self._pending.values())).values(),
+                                    default=0.0) <= now:
+            self._pending.popitem(last=False)  # oldest first: the rest is newer
 
     def forget(self, replica_name: str) -> None:
         if replica_name in self.index.replicas:
             self.index.remove_replica(replica_name)
+        for holders in self._pending.values():
+            holders.pop(replica_name, None)
 
 
 class HistoryMatcher:

@@ -134,14 +134,26 @@ def test_precise_prefix_sticks_until_the_replica_saturates_then_spills():
     assert [_start(router, same_tenant[i]) for i in range(2)] == ["r1", "r1"]
     spilled = _start(router, same_tenant[2])  # r1 has 2 in flight: saturated
     assert spilled != "r1"
-    assert _start(router, same_tenant[3]) not in {"r1", spilled}  # least loaded of the rest
+    # The spill target is computing the prefix now: the tenant's next request follows it.
+    assert _start(router, same_tenant[3]) == spilled
     router.on_finish(router.replicas[1])
     assert router.pick(same_tenant[0]).name == "r1"  # below the threshold again: sticks
-    assert router.snapshot()["affinity"] == {"stuck": 3, "spilled": 2, "none": 0}
-    # Among the one replica the filter left, or replicas without the prefix, the prefix
-    # scorer cannot tell candidates apart; the queue scorer chose the second spill.
+    assert router.snapshot()["affinity"] == {"stuck": 4, "spilled": 1, "none": 0}
+    # Among the replicas the filter left, the prefix and queue scorers could not tell the
+    # candidates apart (the spill went to an idle replica, in turn).
     assert router.snapshot()["precise_prefix"] == {"best": 0, "overruled": 0, "even": 5}
-    assert router.snapshot()["queue"] == {"best": 1, "overruled": 0, "even": 4}
+    assert router.snapshot()["queue"] == {"best": 0, "overruled": 0, "even": 5}
+
+
+def test_precise_prefix_counts_prompts_sent_before_their_events_arrive():
+    now = [0.0]
+    section = RouterSection(policy="precise_prefix")
+    router = build_router(section, NAMES)
+    router.prefix.clock = lambda: now[0]
+    first = _start(router, _prefix_request("a0", TENANT_A))
+    assert _start(router, _prefix_request("a1", TENANT_A)) == first  # no event yet
+    now[0] += router.prefix.pending_s + 1  # the events should have come by now: they did not
+    assert router.pick(_prefix_request("a2", TENANT_A)).name != first  # by load
 
 
 def test_precise_prefix_prefers_the_longest_match_and_ignores_unknown_prompts():

@@ -1,0 +1,157 @@
+"""Routing policies side by side on a multi-tenant workload (llm-d's, scaled down).
+
+    .venv/bin/python benchmarks/prefix_routing.py --out docs/results/prefix_routing.json
+
+The same deployment (the built-in model, two one-thread replicas, `--num-blocks` KV blocks
+each) is served four times, once per `router.policy`: round_robin, least_loaded,
+approx_prefix and precise_prefix. Each time `fleetlm bench serve` sends the shared-prefix
+workload over the chat endpoint: `--tenants` long system prompts (`--prefix-len` tokens)
+and `--num-prompts` users (a short question each), in random order, `--concurrency` in
+flight. The tenants' prompts together about fill the replicas' KV caches, so a replica
+that sees every tenant evicts what the next request needs. Reported per policy (median of
+`--repeats`, policies interleaved): output tokens/s, TTFT p50/p90 and the replicas'
+prefix-cache hit rate (`/metrics`: hit tokens / queried tokens). Each run starts its own
+local Ray cluster: nothing else may run meanwhile (take the CPU lock exclusively).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from fleetlm.cluster.config import ClusterConfig  # noqa: E402
+
+POLICIES = ("round_robin", "least_loaded", "approx_prefix", "precise_prefix")
+PORT = 8793
+
+
+def config_for(policy: str, args) -> ClusterConfig:
+    return ClusterConfig.model_validate({
+        "name": "bench-routing",
+        "model": {"max_model_len": 2048},
+        "engine": {"num_blocks": args.num_blocks, "max_num_seqs": 8,
+                   "max_num_batched_tokens": 512},
+        "replicas": {"count": 2, "num_cpus": 0.9, "num_threads": 1},
+        "router": {"policy": policy, "saturation_threshold": args.saturation_threshold},
+        "http": {"port": PORT, "ingress_num_cpus": 0.1},
+    })
+
+
+def prefix_cache_counts(url: str) -> tuple[float, float]:
+    """(hit tokens, queried tokens) summed over the replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    totals = {"fleetlm:prefix_cache_hits": 0.0, "fleetlm:prefix_cache_queries": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name in totals:
+            totals[family.name] += sum(s.value for s in family.samples
+                                       if s.name.endswith("_total"))
+    return totals["fleetlm:prefix_cache_hits"], totals["fleetlm:prefix_cache_queries"]
+
+
+def bench(url: str, args, seed: int, result_dir: Path) -> dict:
+    command = [sys.executable, "-m", "fleetlm.bench", "serve", "--base-url", url,
+               "--endpoint", "chat", "--workload", "shared-prefix",
+               "--num-groups", str(args.tenants), "--prefix-len", str(args.prefix_len),
+               "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+               "--num-prompts", str(args.num_prompts), "--max-concurrency",
+               str(args.concurrency), "--seed", str(seed), "--result-dir", str(result_dir),
+               "--disable-tqdm"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    [point] = json.loads((result_dir / "results.json").read_text())["results"]
+    return point
+
+
+def measure(policy: str, args, seed: int) -> dict:
+    import ray
+    from ray import serve
+
+    from fleetlm.cluster.app import build_app, start_http, url_of
+
+    config = config_for(policy, args)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 << 20)
+    try:
+        start_http(config)
+        serve.run(build_app(config), name=config.name, route_prefix="/")
+        url = url_of(config)
+        hits0, queries0 = prefix_cache_counts(url)
+        with tempfile.TemporaryDirectory() as folder:
+            point = bench(url, args, seed, Path(folder))
+        hits1, queries1 = prefix_cache_counts(url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {
+        "output_tok_s": point["output_throughput"],
+        "ttft_p50_ms": point["ttft_ms"]["median"], "ttft_p90_ms": point["ttft_ms"]["p90"],
+        "prefix_hit_rate": (hits1 - hits0) / max(queries1 - queries0, 1.0),
+        "num_failed": point["num_failed"], "duration_s": point["duration_s"],
+    }
+
+
+def cpu_name() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def plot(medians: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("output_tok_s", "output tokens/s"), ("ttft_p90_ms", "TTFT p90 (ms)"),
+            ("prefix_hit_rate", "prefix-cache hit rate")]
+    figure, axes = plt.subplots(1, len(keys), figsize=(12, 3.2))
+    for axis, (key, title) in zip(axes, keys):
+        axis.bar(list(medians), [medians[p][key] for p in medians], color="#4878a8")
+        axis.set_title(title)
+        axis.tick_params(axis="x", labelrotation=20)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tenants", type=int, default=6)
+    parser.add_argument("--prefix-len", type=int, default=512)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--num-blocks", type=int, default=128, help="KV blocks per replica")
+    parser.add_argument("--saturation-threshold", type=int, default=5,
+                        help="router.saturation_threshold (the prefix policies' valve)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {policy: [] for policy in args.policies}
+    for repeat in range(args.repeats):
+        for policy in runs:  # interleaved, so drift hits every policy
+            runs[policy].append(measure(policy, args, seed=repeat))
+            print(policy, json.dumps(runs[policy][-1]), flush=True)
+    medians = {policy: {key: statistics.median(r[key] for r in results) for key in results[0]}
+               for policy, results in runs.items()}
+    report = {"cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)},
+              "medians": medians, "runs": runs}
+    print(json.dumps(medians, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        plot(medians, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
