@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fleetlm import LLM, SamplingParams
 from fleetlm.cli import main
+from fleetlm.cluster.config import load_config, to_engine_config
 from fleetlm.executor.settings import ModelSection
 from fleetlm.executor.weights import load_tokenizer, resolve_model
 from fleetlm.executor.weights.quantize import quantize_weight
@@ -141,6 +142,15 @@ def test_quantization_is_detected_and_insisted_on(float_dir, w8a8_dir):
 def test_unsupported_quantization_settings_are_refused(value, message):
     with pytest.raises(ValueError, match=message):
         ModelSection(name="/models/folder", quantization=value)
+
+
+def test_the_yaml_key_reaches_the_engine(w8a8_dir, tmp_path):
+    path = tmp_path / "w8a8.yaml"
+    path.write_text(f"model:\n  name: {w8a8_dir}\n  quantization: compressed-tensors\n")
+    assert to_engine_config(load_config(path)).model.quantization == "compressed-tensors"
+    path.write_text("model:\n  name: /m\n  quantization: int4\n")
+    with pytest.raises(ValueError, match="model.quantization.*'int4' is not supported"):
+        load_config(path)
 
 
 def test_compressed_tensors_needs_a_folder():

@@ -18,6 +18,7 @@ from fleetlm import LLM, SamplingParams
 from fleetlm.executor.weights.quantize import quantize_checkpoint
 from fleetlm.parallel.layers import weight_bytes
 
+pytestmark = pytest.mark.slow  # two model loads and 8 x 32 tokens each: 140 s on 2 busy cores
 MAX_TOKENS = 32
 KV_BYTES = 64 << 20
 

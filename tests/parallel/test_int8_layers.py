@@ -5,6 +5,7 @@ input, so it equals the sum of the per-shard references and is near the one-rank
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dist_helpers import run_ranks
 from safetensors.torch import load_file, save_file
@@ -17,6 +18,7 @@ from fleetlm.kernels import int8_linear
 from fleetlm.parallel.group import SINGLE_PROCESS
 from fleetlm.parallel.layers import QKVParallelLinear, RowParallelLinear
 
+pytestmark = pytest.mark.slow  # spawns two gloo ranks: about 45 s on 2 busy cores
 HIDDEN, FFN, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS = 64, 96, 8, 4, 2
 TP = 2
 
