@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from fleetlm.cluster.config import ClusterConfig  # noqa: E402
+from fleetlm.cluster.config import ClusterConfig
 
 POLICIES = ("round_robin", "least_loaded", "approx_prefix", "precise_prefix")
 PORT = 8793
@@ -100,7 +100,8 @@ def measure(policy: str, args, seed: int) -> dict:
 
 
 def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False)
+    for line in lscpu.stdout.splitlines():
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return "unknown"
@@ -116,7 +117,7 @@ def plot(medians: dict, path: Path) -> None:
             ("prefix_hit_rate", "prefix-cache hit rate")]
     figure, axes = plt.subplots(1, len(keys), figsize=(12, 3.2))
     for axis, (key, title) in zip(axes, keys):
-        axis.bar(list(medians), [medians[p][key] for p in medians], color="#4878a8")
+        axis.bar(list(medians), [values[key] for values in medians.values()], color="#4878a8")
         axis.set_title(title)
         axis.tick_params(axis="x", labelrotation=20)
     figure.tight_layout()
@@ -140,9 +141,9 @@ def main() -> None:
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {policy: [] for policy in args.policies}
     for repeat in range(args.repeats):
-        for policy in runs:  # interleaved, so drift hits every policy
-            runs[policy].append(measure(policy, args, seed=repeat))
-            print(policy, json.dumps(runs[policy][-1]), flush=True)
+        for policy, results in runs.items():  # interleaved, so drift hits every policy
+            results.append(measure(policy, args, seed=repeat))
+            print(policy, json.dumps(results[-1]), flush=True)
     medians = {policy: {key: statistics.median(r[key] for r in results) for key in results[0]}
                for policy, results in runs.items()}
     report = {"cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)},
