@@ -234,6 +234,7 @@ def test_killing_the_replica_process_migrates_every_stream(tp3x2, undisturbed):
     _assert_replaced("tp3x2", replica, survivor)
 
 
+@pytest.mark.release  # CI: tests/cluster/test_app.py checks the error event on a fake engine
 def test_without_migration_killed_streams_end_with_an_error_event(http_port):
     from ray import serve
 
