@@ -15,22 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 from pathlib import Path
 
 from fleetlm import LLM, SamplingParams
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fleetlm.bench.machine import cpu_name
 
 
 def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
@@ -83,7 +72,7 @@ def main() -> None:
         print(f"kv_cache_dtype {kv:5s} {result['num_blocks']:6d} blocks; decode {rates}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": _cpu_name(),
+        args.out.write_text(json.dumps({"machine": cpu_name(),
                                         "args": {k: v for k, v in vars(args).items()
                                                  if k != "out"},
                                         "results": results}, indent=2))

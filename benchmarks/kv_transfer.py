@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fleetlm.bench.machine import cpu_name
 from fleetlm.executor.model_runner import resolve_dtype
 from fleetlm.kvtransfer.kv_io import gather_blocks, layout_of, scatter_blocks
 from fleetlm.kvtransfer.leases import LeaseTable, new_transfer_id
@@ -152,11 +152,8 @@ def main() -> None:
     finally:
         server.communicate("", timeout=60)
     if args.out:
-        cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
-            if line.startswith("Model name")), platform.processor())
         args.out.write_text(json.dumps({
-            "cpu": cpu, "dtype": str(dtype), "chunk_bytes": args.chunk_bytes,
+            "cpu": cpu_name(), "dtype": str(dtype), "chunk_bytes": args.chunk_bytes,
             "block_bytes": block_bytes, "repeats": args.repeats, "torch": torch.__version__,
             "crc32_gib_per_s": chunk.nbytes / crc_s / 2**30,
             "gather_gib_per_s": chunk.nbytes / gather_s / 2**30,

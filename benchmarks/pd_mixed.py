@@ -19,10 +19,8 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import aiohttp
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from fleetlm.bench.machine import cpu_name
 from fleetlm.cluster.config import ClusterConfig
 
 MODEL = "smollm2-135m-instruct"
@@ -130,13 +129,6 @@ def measure(kind: str, args, seed: int) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

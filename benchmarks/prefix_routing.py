@@ -28,6 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from fleetlm.bench.machine import cpu_name
 from fleetlm.cluster.config import ClusterConfig
 
 POLICIES = ("round_robin", "least_loaded", "approx_prefix", "precise_prefix")
@@ -97,14 +98,6 @@ def measure(policy: str, args, seed: int) -> dict:
         "prefix_hit_rate": (hits1 - hits0) / max(queries1 - queries0, 1.0),
         "num_failed": point["num_failed"], "duration_s": point["duration_s"],
     }
-
-
-def cpu_name() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False)
-    for line in lscpu.stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def plot(medians: dict, path: Path) -> None:

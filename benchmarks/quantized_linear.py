@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fleetlm import LLM, SamplingParams
+from fleetlm.bench.machine import cpu_name
 from fleetlm.executor.weights.quantize import quantize_checkpoint, quantize_weight
 from fleetlm.kernels import gguf_linear, int8_linear
 from fleetlm.kernels.cpu_linear import PackedLinear
@@ -40,12 +39,6 @@ MODEL = "smollm2-135m-instruct"
 LINEARS = {"qkv_proj": "layers.0.self_attn.qkv_proj", "o_proj": "layers.0.self_attn.o_proj",
            "gate_up_proj": "layers.0.mlp.gate_up_proj", "down_proj": "layers.0.mlp.down_proj",
            "lm_head": "lm_head"}
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), platform.processor())
 
 
 def median_ms(fn, reps: int) -> float:
