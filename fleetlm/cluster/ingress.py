@@ -3,8 +3,8 @@
 `OpenAIIngress` parses and checks each request itself (so every error has OpenAI's shape and
 never reaches an engine), tokenizes it once, sends it through its handle to the engine
 deployment (Serve's request router runs fleetlm's policy: serve_router.py), and relays the
-replica's stream (see server.py for its contract). When the replica fails, the request goes on elsewhere
-(migration.py); a failed replica gets no requests until it answers healthy again. Each
+replica's stream (see server.py for its contract). When the replica fails, the request goes
+on elsewhere (migration.py); a failed replica gets no requests until it answers healthy again. Each
 replica builds its FastAPI app from its own bound methods (`build_fastapi`), so no app lives
 in a module global.
 """

@@ -2,12 +2,12 @@
 hashes to the router.
 
 The replica then skips the chat template and the tokenizer (`RoutingRequest.
-prompt_token_ids`). The prefix policies (`router.policy: precise_prefix / approx_prefix`) match a prompt's
-leading KV blocks against what each replica caches, so the ingress must see the prompt as
-the engines do: the same tokens (the chat template applied, as `LLMServer` applies it; the
-same tokenizer) and the same chained block hashes (`hash_prompt_blocks`: the engines' block
-size and seed). The tokenizer is loaded on first use, off the event loop, once the replicas
-have made the model's files ready; hashing also runs off the event loop.
+prompt_token_ids`). The prefix policies (`router.policy: precise_prefix / approx_prefix`)
+match a prompt's leading KV blocks against what each replica caches, so the ingress must see
+the prompt as the engines do: the same tokens (the chat template applied, as `LLMServer`
+applies it; the same tokenizer) and the same chained block hashes (`hash_prompt_blocks`: the
+engines' block size and seed). The tokenizer is loaded on first use, off the event loop,
+once the replicas have made the model's files ready; hashing also runs off the event loop.
 
 Chat requests with tools (which `LLMServer` renders for templates that ignore them) and
 completions with `echo` (which repeat the prompt's own text) are left to the replica to
