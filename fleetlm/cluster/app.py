@@ -96,7 +96,7 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         prefill_server = _server(prefill_config, engine_factory, "prefill",
                                  RouterSection(policy="least_loaded"))
         server = _server(decode_config, engine_factory, "decode",
-                         prefill_servers=[prefill_server], pd=config.pd)
+                         prefill_server=prefill_server, pd=config.pd)
         max_replicas = _max_replicas(decode_config)
     ingress = serve.deployment(make_ingress_class()).options(
         name=INGRESS_NAME,

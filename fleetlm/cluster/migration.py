@@ -29,6 +29,7 @@ from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from fleetlm.cluster import errors
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.openai_format import ChoiceProgress
+from fleetlm.cluster.serve_router import send
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ class ReplicaStream:
 async def call_replica(handle, method: str, timeout_s: float, *args, **kwargs) -> Any:
     """Call a plain (non-streaming) method of a replica; TimeoutError after `timeout_s`. On a
     timeout, or when the caller is cancelled, the replica's request is cancelled too."""
-    from fleetlm.cluster.serve_router import send
-
     response = send(getattr(handle, method), *args, **kwargs)
     try:
         return await asyncio.wait_for(_result(response), timeout_s)

@@ -57,10 +57,6 @@ class PromptHasher:
         the client's mistake)."""
         return await asyncio.to_thread(self._tokenize, body)
 
-    async def block_hashes(self, body: ChatCompletionRequest | CompletionRequest
-                           ) -> tuple[int, ...]:
-        return (await self.tokenize(body))[1]
-
     def _tokenize(self, body: ChatCompletionRequest | CompletionRequest
                   ) -> tuple[TokenIds | None, tuple[int, ...]]:
         try:

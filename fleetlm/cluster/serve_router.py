@@ -78,7 +78,6 @@ def routing_table(app: str, deployment: str, section: RouterSection | None = Non
 
 class RoutingTable:
     def __init__(self, section: RouterSection) -> None:
-        self.section = section
         self.router: Router = build_router(section, [])
         self.lock = threading.Lock()
         self._routed: dict[str, tuple[str, str | None]] = {}  # Serve's id -> replica, our id

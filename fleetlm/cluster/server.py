@@ -22,7 +22,7 @@ import dataclasses
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jinja2
@@ -74,10 +74,10 @@ class LLMServer:
         stream_interval_s: float = 0.0,
         replica_id: str = "",
         tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
-        prefill_servers: Sequence[Any] = (),
+        prefill_server: Any = None,
         pd: PDSection | None = None,
     ) -> None:
-        """`prefill_servers` (handles of a prefill pool's replicas) and `pd` make this a
+        """`prefill_server` (a handle to a prefill pool's deployment) and `pd` make this a
         decode replica of a P/D deployment (pd.py); a prefill replica is a plain one whose
         engine is a KV producer, asked through `prefill`."""
         logger.info("Loading model %s", engine_config.model.model)
@@ -89,7 +89,7 @@ class LLMServer:
         self.num_pending = 0  # engine requests sent that have not produced output yet
         self.tool_parser = make_tool_parser(tool_call_parser)
         self._is_template_tool_aware: bool | None = None  # found on the first tools request
-        self.remote_prefill = RemotePrefill(prefill_servers[0], pd) if prefill_servers else None
+        self.remote_prefill = RemotePrefill(prefill_server, pd) if prefill_server is not None else None
         transfer = engine_config.kv_transfer
         self.transfer_failure_policy = transfer.failure_policy if transfer else "recompute"
 

@@ -66,7 +66,7 @@ def _decode_server(policy: str, answer) -> tuple[LLMServer, _PrefillPool]:
     config = _config(policy)
     pool = _PrefillPool(answer)
     server = LLMServer(to_engine_config(pool_config(config, "decode")), "m",
-                       prefill_servers=[pool], pd=config.pd)
+                       prefill_server=pool, pd=config.pd)
     return server, pool
 
 
