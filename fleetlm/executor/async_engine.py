@@ -3,7 +3,8 @@
 Threads: callers live on an asyncio event loop; the engine loop runs in its own thread (torch
 releases the GIL in its kernels, so the event loop stays responsive). The two meet in two
 places only: a command queue into the engine thread (add, abort) and `call_soon_threadsafe`
-back out to each caller's queue.
+back out, once per engine step and event loop, delivering that step's outputs to their
+callers' queues (a wake-up per request per step would cost the loop a callback each).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.engine import LLMEngine
-from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.outputs import RequestOutput, coalesce
 from fleetlm.executor.protocol import EngineStats
 from fleetlm.executor.request import Request
 from fleetlm.executor.sampling_params import SamplingParams
@@ -100,10 +101,12 @@ class AsyncEngine:
 
     @staticmethod
     async def _next_output(q: asyncio.Queue) -> RequestOutput:
-        """The newest output: outputs are cumulative, so a slow reader skips stale ones."""
+        """Everything queued, as one output: a slow reader skips stale cumulative outputs and
+        gets queued deltas concatenated."""
         out = await q.get()
         while not q.empty() and isinstance(out, RequestOutput) and not out.finished:
-            out = q.get_nowait()
+            later = q.get_nowait()
+            out = coalesce(out, later) if isinstance(later, RequestOutput) else later
         if isinstance(out, _RequestError):
             raise out.error
         if isinstance(out, BaseException):
@@ -191,7 +194,16 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _RequestError(exc))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up per event loop for all of this step's outputs."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in deliveries:
+        q.put_nowait(out)

@@ -19,7 +19,29 @@ from fleetlm.executor.sampling_params import SamplingParams
 class _Completion:
     index: int
     detokenizer: IncrementalDetokenizer
-    output: CompletionOutput
+    output: CompletionOutput  # cumulative; only appended to
+    # How much of `output` earlier deltas held (delta outputs only).
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+    num_sent_logprobs: int = 0
+
+    def snapshot(self) -> CompletionOutput:
+        """A copy the caller may keep while the engine goes on appending to the original."""
+        o = self.output
+        return CompletionOutput(o.index, o.text, list(o.token_ids),
+                                None if o.logprobs is None else list(o.logprobs),
+                                o.finish_reason, o.stop_reason)
+
+    def take_delta(self) -> CompletionOutput:
+        """What is new since the previous delta: a copy of the new items only."""
+        o = self.output
+        delta = CompletionOutput(
+            o.index, o.text[self.num_sent_chars:], o.token_ids[self.num_sent_tokens:],
+            None if o.logprobs is None else o.logprobs[self.num_sent_logprobs:],
+            o.finish_reason, o.stop_reason)
+        self.num_sent_chars, self.num_sent_tokens = len(o.text), len(o.token_ids)
+        self.num_sent_logprobs = 0 if o.logprobs is None else len(o.logprobs)
+        return delta
 
 
 @dataclass
@@ -39,20 +61,17 @@ class _RequestState:
         return all(c.output.finished for c in self.completions.values())
 
     def to_output(self) -> RequestOutput:
-        outputs = sorted((c.output for c in self.completions.values()), key=lambda o: o.index)
+        """The request's output now: cumulative (copies of everything so far), or, for a
+        delta request, what is new since the previous call (copies of the new items only)."""
+        is_delta = self.params.is_delta
+        completions = sorted(self.completions.values(), key=lambda c: c.index)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[_snapshot(o) for o in outputs], finished=self.is_finished,
-            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-            metrics=dict(self.metrics), kv_transfer_params=self.kv_transfer_params)
-
-
-def _snapshot(o: CompletionOutput) -> CompletionOutput:
-    """A copy the caller may keep while the engine goes on appending to the original."""
-    return CompletionOutput(o.index, o.text, list(o.token_ids),
-                            None if o.logprobs is None else list(o.logprobs),
-                            o.finish_reason, o.stop_reason)
+            outputs=[c.take_delta() if is_delta else c.snapshot() for c in completions],
+            finished=self.is_finished, prompt_logprobs=self.prompt_logprobs,
+            num_cached_tokens=self.num_cached_tokens, metrics=dict(self.metrics),
+            kv_transfer_params=self.kv_transfer_params, is_delta=is_delta)
 
 
 def _replay(completion: _Completion, token_ids: list[int]) -> None:

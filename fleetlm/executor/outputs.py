@@ -120,8 +120,8 @@ class EngineCoreOutput:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str  # cumulative text so far
-    token_ids: list[int]  # cumulative token ids so far
+    text: str  # cumulative text so far (a delta's: only the text new since the last output)
+    token_ids: list[int]  # cumulative token ids so far (a delta's: only the new ones)
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -130,10 +130,24 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def extend(self, delta: CompletionOutput) -> None:
+        """Append a later delta of the same completion."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if self.logprobs is not None and delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
 
 @dataclass
 class RequestOutput:
-    """What a caller of the offline or async API receives (cumulative, like vLLM's)."""
+    """What a caller of the offline or async API receives: cumulative, like vLLM's, or, with
+    `SamplingParams.output_kind == "delta"`, a delta (`is_delta`): each completion's text,
+    token ids and logprobs new since the previous output, so that a request's deltas,
+    concatenated, are its cumulative output. A resumed request's first delta begins with the
+    resumed tokens and their text, as its cumulative outputs do. The other fields are the
+    latest values in both kinds: `prompt_logprobs` (a reference, not a copy), the metrics.
+    """
 
     request_id: str
     prompt: str | None
@@ -145,3 +159,22 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished
     # A prefill engine's finished request: where a decode engine reads its KV from.
     kv_transfer_params: dict[str, Any] | None = None
+    is_delta: bool = False
+
+
+def coalesce(earlier: RequestOutput | None, later: RequestOutput) -> RequestOutput:
+    """One output that says what `earlier` and then `later` said, for a reader that fell
+    behind: `later` itself when it is cumulative; a delta is appended to `earlier` in place
+    (so `earlier` must be the caller's own), each completion by its index."""
+    if earlier is None or not later.is_delta:
+        return later
+    assert earlier.is_delta, "a delta follows deltas"
+    for mine, theirs in zip(earlier.outputs, later.outputs, strict=True):
+        assert mine.index == theirs.index, "deltas list the same completions in order"
+        mine.extend(theirs)
+    earlier.finished = later.finished
+    earlier.prompt_logprobs = later.prompt_logprobs
+    earlier.num_cached_tokens = later.num_cached_tokens
+    earlier.metrics = later.metrics
+    earlier.kv_transfer_params = later.kv_transfer_params
+    return earlier

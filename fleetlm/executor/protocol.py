@@ -54,7 +54,9 @@ class EngineClient(Protocol):
         priority: int = 0,
         resume_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative `RequestOutput`s until one has `finished=True`.
+        """Stream `RequestOutput`s until one has `finished=True`: cumulative, or deltas if
+        `sampling_params.output_kind` is "delta" (the server asks for those). A reader that
+        falls behind gets what it missed in its next output (deltas concatenated).
 
         `resume_token_ids` (n == 1): output a failed replica already sent; generation goes on
         after them as if this engine had produced them (same seed: same continuation), and

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+# What each output of a request holds (vLLM's `RequestOutputKind`): everything so far, or only
+# what is new since the previous output (the served path: no per-step copy of the whole output).
+OUTPUT_KINDS = ("cumulative", "delta")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: only the token)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # None: unconstrained
+    output_kind: str = "cumulative"  # one of OUTPUT_KINDS
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +88,10 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+
+    @property
+    def is_delta(self) -> bool:
+        return self.output_kind == "delta"
 
     @property
     def is_greedy(self) -> bool:
@@ -127,6 +135,7 @@ class SamplingParams:
             # only EOS); min_tokens would have to forbid that EOS, leaving no token.
             ("min_tokens", self.min_tokens == 0 or self.structured_outputs is None,
              "must be 0 with structured_outputs"),
+            ("output_kind", self.output_kind in OUTPUT_KINDS, f"must be one of {OUTPUT_KINDS}"),
         ]
         for name, ok, why in checks:
             if not ok:

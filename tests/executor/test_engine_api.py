@@ -4,6 +4,7 @@ strings, logprobs and bad input. One engine per module (the model loads in secon
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -201,3 +202,61 @@ def test_a_full_waiting_queue_rejects_the_request_not_the_engine(llm):
     assert engine.is_healthy
     assert asyncio.run(drain("later")).finished  # the engine goes on serving
     asyncio.run(engine.shutdown())
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the callbacks other threads hand it."""
+
+    num_threadsafe_calls = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.num_threadsafe_calls += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_one_wake_up_per_step_for_all_streams(engine, llm):
+    num_streams, max_tokens = 8, 12
+    prompts = [chat_prompt(llm, f"Count to {i}.") for i in range(num_streams)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind="delta")
+
+    async def one(i):
+        return [out async for out in engine.generate(prompts[i], params, f"wake-{i}")]
+
+    async def all_streams():
+        return await asyncio.gather(*(one(i) for i in range(num_streams)))
+
+    with asyncio.Runner(loop_factory=_CountingLoop) as runner:
+        results = runner.run(all_streams())
+        num_calls = runner.get_loop().num_threadsafe_calls
+    assert all(sum(len(o.outputs[0].token_ids) for o in r) == max_tokens for r in results)
+    # Steps with output: max_tokens once all run together, plus one per step that admitted
+    # some of them apart; one wake-up per request per step would be num_streams * max_tokens.
+    assert num_calls <= max_tokens + num_streams - 1
+
+
+def test_delta_streams_add_up_to_the_offline_outputs(engine, llm):
+    prompts = [chat_prompt(llm, f"Name {i} French cities.") for i in range(1, 5)]
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2, stop=["Paris"])
+    expected = llm.generate(prompts, params)
+
+    async def one(i):
+        text, token_ids, logprobs = "", [], []
+        async for out in engine.generate(prompts[i], dataclasses.replace(
+                params, output_kind="delta"), f"delta-{i}"):
+            completion = out.outputs[0]
+            assert out.is_delta
+            text += completion.text
+            token_ids += completion.token_ids
+            logprobs += completion.logprobs
+        return text, token_ids, logprobs, completion.finish_reason, completion.stop_reason
+
+    async def all_streams():
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    got = asyncio.run(all_streams())
+    assert [(text, ids, finish, stop) for text, ids, _, finish, stop in got] == \
+        [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason,
+          o.outputs[0].stop_reason) for o in expected]
+    for _, token_ids, logprobs, _, _ in got:  # one position per token, in order
+        assert [position[0][0] for position in logprobs] == token_ids
