@@ -18,6 +18,7 @@ from pathlib import Path
 from fleetlm.cluster import flags
 
 RAY_AUTH_MODE_VAR = "RAY_AUTH_MODE"
+RAY_CLUSTER_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a single-node Ray on loopback
 RAY_SAVED_TOKEN = Path.home() / ".ray" / "auth_token"  # where a local `ray.init` saves it
 # How long serve/deploy wait for every replica to run (model loading included) before giving up.
 DEFAULT_DEPLOY_TIMEOUT_S = 900.0
@@ -99,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # A local cluster: Ray reads this once, when it is imported (which importing the
+        # launcher does), and then binds every service to 127.0.0.1 instead of the host's
+        # network address.
+        os.environ.setdefault(RAY_CLUSTER_VAR, "0")
     from fleetlm.cluster import launcher
 
     config = _load(args)

@@ -54,7 +54,6 @@ def connect(address: str | None, is_local_allowed: bool) -> bool:
             ) from e
         return False
     logger.info("Starting a local Ray cluster on %s", LOCAL_HOST)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray runs workers at nice 15; an engine replica's OpenMP threads then lose the CPU to every
     # Ray daemon, and each preempted thread stalls the whole parallel region.
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")

@@ -78,7 +78,9 @@ def serve_config(tmp_path) -> tuple[Path, int]:
 
 
 def _start(config: Path) -> tuple[subprocess.Popen, list[str]]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster
+    # Its own cluster, started as a user would without scripts/setup.sh's environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetlm.cli", "serve", str(config)], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -105,6 +107,8 @@ def test_sigterm_stops_serve_and_every_ray_process_it_started(serve_config):
     try:
         health = requests.get(f"http://127.0.0.1:{port}/health", timeout=30)
         assert health.status_code == 200
+        # Ray listens on loopback only, not on the machine's network address.
+        assert any("Ray cluster: 127.0.0.1:" in line for line in lines), lines[-10:]
         started = _descendants(proc.pid)
         assert any("raylet" in cmd for cmd in started.values()), started
         proc.send_signal(signal.SIGTERM)
