@@ -2,9 +2,11 @@
 
 A formatter serves one HTTP request whose choices are separate engine requests (one per
 prompt and `n`), indexed `prompt_index * n + j`. It remembers how much of each choice it
-has sent (`ChoiceProgress`), so `chunks()` can be given any later cumulative snapshot and
-emits only the rest. That record also lets another replica take a stream over: the ingress
-collects it (`take_progress`) and hands it to the next formatter (`resume`).
+has sent (`ChoiceProgress`), so `chunks()` emits only the rest of what it is given: a later
+cumulative output, or a delta continuing the outputs it was given before (the served path;
+a resumed choice's first delta begins with the tokens the client already has, which are
+skipped). That record also lets another replica take a stream over: the ingress collects
+it (`take_progress`) and hands it to the next formatter (`resume`).
 
 With tools, a chat choice's text goes through the tool parser: the message carries the content
 outside the calls and `tool_calls`; a stream sends each call's id and name once, then its
@@ -74,6 +76,9 @@ class _Formatter:
         self.n = n
         self._sent = [ChoiceProgress() for _ in range(num_choices)]
         self._num_reported = [0] * num_choices  # tokens of each choice `take_progress` gave
+        # (tokens, chars) of each choice's cumulative output that deltas brought so far.
+        self._num_received = [(0, 0)] * num_choices
+        self._text: dict[int, str] = {}  # each tool-parsed choice's whole text so far
         self._token_text: dict[int, str] = {}
 
     def resume(self, progress: dict[int, ChoiceProgress]) -> None:
@@ -117,20 +122,32 @@ class _Formatter:
     def _new_text(self, index: int, output: RequestOutput) -> tuple[str, list[PositionLogprobs]]:
         """The text and logprob positions of choice `index` not yet sent; marks them sent.
 
-        A resumed engine request's logprobs cover only the tokens it generated itself, so
-        the new positions are the last ones."""
+        `output` covers the cumulative output from its start, or, a delta, from where the
+        previous ones ended. A resumed engine request's logprobs cover only the tokens it
+        generated itself, so the new positions are the last ones."""
         sent = self._sent[index]
         completion = output.outputs[0]
-        text = completion.text[sent.num_chars:]
-        new_token_ids = completion.token_ids[sent.num_tokens:]
+        num_tokens, num_chars = self._num_received[index] if output.is_delta else (0, 0)
+        self._num_received[index] = (num_tokens + len(completion.token_ids),
+                                     num_chars + len(completion.text))
+        text = completion.text[max(0, sent.num_chars - num_chars):]
+        new_token_ids = completion.token_ids[max(0, sent.num_tokens - num_tokens):]
         logprobs = completion.logprobs or []
         new_logprobs = logprobs[max(0, len(logprobs) - len(new_token_ids)):] if new_token_ids \
             else []
-        sent.num_chars = max(sent.num_chars, len(completion.text))
+        sent.num_chars = max(sent.num_chars, num_chars + len(completion.text))
         sent.token_ids.extend(new_token_ids)
         sent.num_prompt_tokens = len(output.prompt_token_ids)
         sent.finish_reason, sent.stop_reason = completion.finish_reason, completion.stop_reason
         return text, new_logprobs
+
+    def _whole_text(self, index: int, output: RequestOutput) -> str:
+        """Choice `index`'s text up to the end of `output` (the tool parser reads it all);
+        call once per output, before `_new_text`."""
+        text = output.outputs[0].text
+        if output.is_delta:
+            text = self._text[index] = self._text.get(index, "") + text
+        return text
 
 
 class ChatFormatter(_Formatter):
@@ -144,12 +161,13 @@ class ChatFormatter(_Formatter):
     def response(self, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
         choices = []
         for index in sorted(outputs):
+            whole_text = self._whole_text(index, outputs[index]) if self.tool_parser else ""
             text, logprobs = self._new_text(index, outputs[index])
             completion = outputs[index].outputs[0]
             message: dict[str, Any] = {"role": "assistant", "content": text}
             finish_reason = completion.finish_reason
             if self.tool_parser is not None:
-                parsed = self.tool_parser.parse(completion.text, is_final=True)
+                parsed = self.tool_parser.parse(whole_text, is_final=True)
                 calls = [self._call(index, i, c) for i, c in enumerate(parsed.calls)]
                 if calls:
                     message = {"role": "assistant", "content": parsed.content or None,
@@ -184,11 +202,12 @@ class ChatFormatter(_Formatter):
             text, logprobs = self._new_text(index, output)
             delta["content"] = text
         else:
+            whole_text = self._whole_text(index, output)
             before = self._parsed.get(index) or self.tool_parser.parse(
-                completion.text[:sent.num_chars], is_final=False)
+                whole_text[:sent.num_chars], is_final=False)
             _, logprobs = self._new_text(index, output)
             after = self._parsed[index] = self.tool_parser.parse(
-                completion.text, is_final=completion.finish_reason is not None)
+                whole_text, is_final=completion.finish_reason is not None)
             delta.update(self._tool_delta(index, before, after))
             if finish_reason is not None and after.calls:
                 finish_reason = "tool_calls"

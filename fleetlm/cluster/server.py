@@ -41,7 +41,7 @@ from fleetlm.cluster.streams import merge_streams
 from fleetlm.cluster.tool_calls import DEFAULT_TOOL_CALL_PARSER, ToolParser, make_tool_parser
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.input_processor import child_params, child_request_id
-from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.outputs import RequestOutput, coalesce
 from fleetlm.executor.protocol import EngineClient, EngineStats
 from fleetlm.executor.sampling_params import SamplingParams, StructuredOutputsParams
 from fleetlm.executor.scheduler import SchedulerQueueFullError
@@ -269,9 +269,10 @@ class LLMServer:
             yield rejection
             return
         engine_ids = _engine_request_ids(request_id, choices, resume)
+        params = dataclasses.replace(params, output_kind="delta")  # no per-step whole copies
         self.num_pending += len(choices)
         pending = set(choices)
-        latest: dict[int, RequestOutput] = {}
+        latest: dict[int, RequestOutput] = {}  # each choice's deltas so far, concatenated
         timer = RequestTimer(self.metrics, {i: _num_resumed(progress, i) for i in choices})
         merged = merge_streams(
             [
@@ -284,8 +285,11 @@ class LLMServer:
         try:
             async for by_stream in merged:
                 snapshot = {choices[k]: output for k, output in by_stream.items()}
-                latest.update(snapshot)
-                timer.on_snapshot(snapshot)
+                # A first delta becomes the start of `latest`; it grows only in a later
+                # turn, after the formatter has read it.
+                for index, output in snapshot.items():
+                    latest[index] = coalesce(latest.get(index), output)
+                timer.on_snapshot({index: latest[index] for index in snapshot})
                 self._release(pending, snapshot)
                 if request.stream:
                     text = sse(self._chunks(formatter, snapshot, latest, request))

@@ -1,9 +1,10 @@
-"""Merge several engine streams into one stream of coalesced snapshots.
+"""Merge several engine streams into one stream of coalesced outputs.
 
-Engine outputs are cumulative, so a consumer that falls behind loses nothing by skipping to
-the latest one. `merge_streams` exploits that: every item it yields holds, per stream, only
-the newest output that arrived since the previous item. Each item costs one message through
-Ray Serve, so under load many engine steps (and many `n` choices) share one message.
+Every item `merge_streams` yields holds, per stream, one output that says everything that
+arrived since the previous item: the newest, if outputs are cumulative, or the deltas
+concatenated (`coalesce`), so a consumer that falls behind loses nothing. Each item costs
+one message through Ray Serve, so under load many engine steps (and many `n` choices) share
+one message.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fleetlm.executor.outputs import RequestOutput
+from fleetlm.executor.outputs import RequestOutput, coalesce
 
 _DONE = object()
 
@@ -19,7 +20,8 @@ _DONE = object()
 async def merge_streams(
     streams: list[AsyncIterator[RequestOutput]], interval_s: float = 0.0
 ) -> AsyncIterator[dict[int, RequestOutput]]:
-    """Yield `{stream index: latest output}` until every stream has finished.
+    """Yield `{stream index: output since the previous item}` until every stream has
+    finished. Delta outputs are appended to in place: they must be this reader's own.
 
     An exception in any stream is raised here; closing this iterator early cancels the
     streams (each engine stream then aborts its request). With `interval_s > 0`, items are
@@ -80,7 +82,7 @@ def _collect(items: list[tuple[int, object]]) -> tuple[dict[int, RequestOutput],
         if item is _DONE:
             num_done += 1
         else:
-            latest[index] = item
+            latest[index] = coalesce(latest.get(index), item)
     return latest, num_done
 
 

@@ -9,7 +9,8 @@ being freed. A prompt containing `CRASH_MARKER` kills the engine; one containing
 `DIE_MARKER` kills it after `DIE_AFTER_TOKENS` tokens of its own (unless the request resumes
 another replica's output: `resume_token_ids`, which it checks), failing every stream it runs.
 `DIE_ONCE_MARKER` followed by a file path does the same only if the file does not exist yet
-(and creates it): the first engine to run the request dies, the next serves it.
+(and creates it): the first engine to run the request dies, the next serves it. Outputs are
+cumulative or deltas, as `SamplingParams.output_kind` asks.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class FakeEngine:
                                logprobs=None)  # fmt: skip
         if params.logprobs is not None:
             out.logprobs = []
+        sent = CompletionOutput(0, "", [], [])  # what earlier deltas held
         for i in range(len(resume), max_tokens):
             await asyncio.sleep(self.step_s)
             if dies and i == DIE_AFTER_TOKENS:
@@ -160,13 +162,17 @@ class FakeEngine:
             self._num_tokens[request_id] += 1
             self._num_generation_tokens += 1
             out.finish_reason = self._finish_reason(out, params, i + 1 == max_tokens)
+            completion = CompletionOutput(**vars(out))
+            if params.is_delta:
+                completion = _delta(completion, sent, params.stop)
             yield RequestOutput(
                 request_id=request_id,
                 prompt=prompt if isinstance(prompt, str) else None,
                 prompt_token_ids=token_ids,
-                outputs=[CompletionOutput(**vars(out))],
+                outputs=[completion],
                 finished=out.finish_reason is not None,
                 prompt_logprobs=_prompt_logprobs(token_ids, params.prompt_logprobs),
+                is_delta=params.is_delta,
             )
             if out.finish_reason is not None:
                 return
@@ -179,6 +185,20 @@ class FakeEngine:
                 out.stop_reason = stop
                 return "stop"
         return "length" if is_last else None
+
+
+def _delta(out: CompletionOutput, sent: CompletionOutput, stop: list[str]) -> CompletionOutput:
+    """What `out` adds to `sent` (the deltas so far, concatenated), which grows by it. Until
+    the end, text that a stop string could still cut is held back, as the real engine's
+    detokenizer does, since a delta cannot be taken back."""
+    num_held_back = 0 if out.finished else max((len(s) - 1 for s in stop), default=0)
+    end = max(len(sent.text), len(out.text) - num_held_back)
+    delta = CompletionOutput(
+        0, out.text[len(sent.text):end], out.token_ids[len(sent.token_ids):],
+        None if out.logprobs is None else out.logprobs[len(sent.logprobs):],
+        out.finish_reason, out.stop_reason)
+    sent.extend(delta)
+    return delta
 
 
 def _is_first_to_die(prompt: str) -> bool:

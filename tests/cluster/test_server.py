@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -114,7 +116,8 @@ def test_n_choices_follow_the_engines_own_fan_out_rule():
     server = _server()
     request = CompletionRequest(prompt="abc", max_tokens=2, n=3, seed=7)
     _run(server.completions(request, "cmpl-x"))
-    expected = fan_out("cmpl-x", request.to_sampling_params())
+    params = dataclasses.replace(request.to_sampling_params(), output_kind="delta")  # served
+    expected = fan_out("cmpl-x", params)
     assert sorted(server.engine.requests) == expected
     assert [params.seed for _, params in expected] == [7, 8, 9]
 

@@ -1,4 +1,5 @@
-"""merge_streams: latest output per stream, errors surface, early close cancels the streams."""
+"""merge_streams: latest output per stream (deltas concatenated), errors surface, early close
+cancels the streams."""
 
 from __future__ import annotations
 
@@ -117,3 +118,35 @@ def test_without_an_interval_outputs_go_out_as_they_come():
 def test_a_failure_during_the_interval_is_raised_at_once():
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(_token_counts(3600.0, fail_at_end=True))
+
+
+def _delta(rid: str, first: int, num: int, finished: bool = False) -> RequestOutput:
+    """Tokens first .. first + num - 1 and their text, as a delta."""
+    tokens = list(range(first, first + num))
+    completion = CompletionOutput(0, "".join(f"<{t}>" for t in tokens), tokens)
+    return RequestOutput(rid, None, [1], [completion], finished, is_delta=True)
+
+
+async def _delta_burst(rid: str, num: int):
+    for i in range(num):
+        yield _delta(rid, i, 1, finished=i == num - 1)
+
+
+def test_deltas_that_arrive_together_are_concatenated():
+    async def run():
+        return [s async for s in merge_streams([_delta_burst("a", 6), _delta_burst("b", 3)])]
+
+    items = asyncio.run(run())
+    assert len(items) < 9  # coalesced
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    text = {0: "", 1: ""}
+    finished = {}
+    for item in items:
+        for index, output in item.items():
+            assert output.is_delta
+            tokens[index] += output.outputs[0].token_ids
+            text[index] += output.outputs[0].text
+            finished[index] = output.finished
+    assert tokens == {0: list(range(6)), 1: list(range(3))}  # nothing lost, nothing twice
+    assert text[0] == "".join(f"<{t}>" for t in range(6))
+    assert finished == {0: True, 1: True}
