@@ -1,0 +1,204 @@
+"""The decode step of the built-in model (SmolLM2-135M), split by part, against its
+memory-bandwidth floor (issue 12, item 1).
+
+For each weight path (float32: the file dequantized on load, oneDNN linear layers; gguf: the
+file's blocks kept quantized) and batch size, the script decodes `--output-len` tokens after
+4-token prompts and reports:
+
+- the median engine step, uninstrumented (one `LLMEngine.step()`, scheduling to detokenising);
+- the same step split by part, measured in a second run by wrapping the model's building
+  blocks in timers (exclusive time: a part's time excludes the parts it calls). Wrapping costs
+  about a microsecond per call, so the parts add up to a little more than the plain step;
+- the floor: weight bytes one step reads / this machine's read bandwidth (a sum over a 256 MiB
+  tensor on all threads), and the step's ratio to it.
+
+    flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/step_parts.py \
+        --out docs/results/step_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from fleetlm import LLM, SamplingParams
+from fleetlm.bench.machine import cpu_name
+from fleetlm.executor import attention, model_runner
+from fleetlm.executor.engine import LLMEngine
+from fleetlm.executor.models import llama, ops
+from fleetlm.kernels import attention as attention_kernels
+from fleetlm.parallel import layers
+from fleetlm.parallel.layers import weight_bytes
+
+MODEL = "smollm2-135m-instruct"
+
+# part name -> (owner, attribute) of the callables timed as that part. Owners are patched for
+# the run only; nested parts are subtracted from their callers (exclusive time).
+PARTS = {
+    "engine (schedule, update, detokenize)": [(LLMEngine, "step")],
+    "batch preparation (CPU tensors)": [(model_runner, "prepare_batch")],
+    "model Python (layer loop, views)": [
+        (llama.LlamaForCausalLM, "forward"), (llama.LlamaDecoderLayer, "forward"),
+        (llama.LlamaAttention, "forward"), (attention.PagedAttention, "forward")],
+    "embedding": [(layers.VocabParallelEmbedding, "forward")],
+    "linear layers": [(layers.ColumnParallelLinear, "forward"),
+                      (layers.RowParallelLinear, "forward")],
+    "norms + residual": [(ops.RMSNorm, "forward"), (ops.RMSNorm, "add_and_norm")],
+    "rotary": [(llama, "apply_rotary"), (ops.RotaryEmbedding, "cos_sin")],
+    "activation (silu * up)": [(ops.GatedMLP, "forward")],
+    "KV-cache write": [(attention_kernels, "write_kv_cache")],
+    "attention kernel": [(attention_kernels, "paged_decode_attention")],
+    "LM head": [(layers.ParallelLMHead, "compute_logits")],
+    "sampler (metadata + sampling)": [(model_runner.ModelRunner, "_sample")],
+}
+MODEL_PARTS = ("model Python (layer loop, views)", "embedding", "linear layers",
+               "norms + residual", "rotary", "activation (silu * up)", "KV-cache write",
+               "attention kernel")
+
+
+class PartTimer:
+    """Exclusive wall time per part: a timed call's time minus the timed calls inside it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[float] = []  # per open call: time spent in its timed children
+
+    def wrap(self, part: str, fn):
+        clock = time.perf_counter
+
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = clock() - start
+                children = self._stack.pop()
+                self.seconds[part] += elapsed - children
+                self.calls[part] += 1
+                if self._stack:
+                    self._stack[-1] += elapsed
+        return timed
+
+    @contextmanager
+    def patched(self):
+        with ExitStack() as stack:
+            for part, targets in PARTS.items():
+                for owner, name in targets:
+                    original = getattr(owner, name)
+                    setattr(owner, name, self.wrap(part, original))
+                    stack.callback(setattr, owner, name, original)
+            yield self
+
+
+def read_bandwidth_gbs(reps: int = 9) -> float:
+    """Bytes per second a sum over 256 MiB of fp32 reads, on all threads (the best of
+    `reps`: a floor takes the best the machine does)."""
+    data = torch.ones(64 << 20)
+    data.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / min(times) / 1e9
+
+
+def bytes_per_step(llm: LLM) -> int:
+    """Weight bytes one decode step reads: every matrix once (the embedding only by rows)."""
+    model = llm.engine.executor.runner.model
+    return sum(weight_bytes(p) for name, p in model.named_parameters(remove_duplicate=False)
+               if name != "embed_tokens.weight")
+
+
+def decode_steps(llm: LLM, batch_size: int, output_len: int,
+                 timer: PartTimer | None = None) -> list[float]:
+    """Durations of the decode steps (every sequence past its prompt) of one run; `timer`
+    times their parts (not the prefill step's)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    run = time.monotonic_ns()
+    for i in range(batch_size):
+        engine.add_request(f"r{run}-{i}", [1, 100 + i, 200 + i, 300 + i], params)
+    engine.step()  # the prefill
+    durations = []
+    with timer.patched() if timer is not None else nullcontext():
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            durations.append(time.perf_counter() - start)
+    return durations
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def measure(llm: LLM, batch_size: int, output_len: int, repeats: int) -> dict:
+    decode_steps(llm, batch_size, 4)  # warm-up
+    plain = [median(decode_steps(llm, batch_size, output_len)) for _ in range(repeats)]
+    timer = PartTimer()
+    steps = decode_steps(llm, batch_size, output_len, timer)
+    parts_ms = {part: timer.seconds[part] / len(steps) * 1e3 for part in PARTS}
+    calls = {part: timer.calls[part] / len(steps) for part in PARTS}
+    step_ms = median(plain) * 1e3
+    return {"batch_size": batch_size, "step_ms": step_ms, "tokens_per_s": batch_size / step_ms
+            * 1e3, "instrumented_step_ms": sum(steps) / len(steps) * 1e3,
+            "parts_ms": parts_ms, "calls_per_step": calls,
+            "model_ms": sum(parts_ms[p] for p in MODEL_PARTS)}
+
+
+def load(quantization: str | None, batch_size: int) -> LLM:
+    return LLM(MODEL, dtype="float32", quantization=quantization, max_num_seqs=batch_size,
+               kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False)
+
+
+def print_table(label: str, figures: dict, floor_ms: float) -> None:
+    print(f"\n{label}, batch {figures['batch_size']}: step {figures['step_ms']:.2f} ms "
+          f"({figures['tokens_per_s']:.1f} tok/s), floor {floor_ms:.2f} ms, "
+          f"ratio {figures['step_ms'] / floor_ms:.2f}x")
+    print(f"  {'part':40s} {'ms/step':>8s} {'calls':>6s}")
+    for part, ms in figures["parts_ms"].items():
+        print(f"  {part:40s} {ms:8.2f} {figures['calls_per_step'][part]:6.0f}")
+    print(f"  {'sum (instrumented step)':40s} {sum(figures['parts_ms'].values()):8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default="float32,gguf")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--label", default="", help="stored with the results (before/after)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/step_parts.json"))
+    args = parser.parse_args()
+    bandwidth = read_bandwidth_gbs()
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": MODEL,
+              "torch": torch.__version__, "label": args.label,
+              "read_bandwidth_gb_s": bandwidth, "runs": []}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"read bandwidth {bandwidth:.1f} GB/s on {result['threads']} threads")
+    for weights in args.weights.split(","):
+        llm = load(None if weights == "float32" else weights, max(batch_sizes))
+        weight_bytes_ = bytes_per_step(llm)
+        floor_ms = weight_bytes_ / bandwidth / 1e6
+        for batch_size in batch_sizes:
+            figures = measure(llm, batch_size, args.output_len, args.repeats)
+            figures.update(weights=weights, weight_bytes_per_step=weight_bytes_,
+                           floor_ms=floor_ms, ratio_to_floor=figures["step_ms"] / floor_ms)
+            result["runs"].append(figures)
+            print_table(weights, figures, floor_ms)
+        llm.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
