@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("out", type=Path, help="folder to write (created if missing)")
     quantize.add_argument("--scheme", default="W8A8", choices=["W8A8"],
                           help="quantization scheme (default: %(default)s)")
+    quantize.add_argument(
+        "--smoothquant", type=float, default=None, metavar="STRENGTH",
+        help="run SmoothQuant first with this strength in [0, 1] (LLM Compressor's W8A8 "
+        "examples use 0.8), calibrated on built-in prompts: moves activation outliers into "
+        "the weights (default: off)")
 
     commands.add_parser("bench", help="benchmark a running server (fleetlm bench serve -h)",
                         add_help=False)  # fmt: skip
@@ -160,7 +165,8 @@ def _config(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from fleetlm.executor.weights.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(args.model, args.out, scheme=args.scheme)
+    out = quantize_checkpoint(args.model, args.out, scheme=args.scheme,
+                              smoothquant=args.smoothquant)
     print(f"wrote {args.scheme} checkpoint to {out}; serve it with `fleetlm serve {out}`")
     return 0
 

@@ -206,3 +206,71 @@ def test_quantize_refuses_what_it_cannot_write(w8a8_dir, tmp_path, capsys):
 def test_quantize_weight_keeps_zero_rows_finite():
     q, scale = quantize_weight(torch.zeros(2, 8))
     assert not q.any() and (scale == torch.finfo(torch.float32).eps).all()
+
+
+# ---- SmoothQuant ------------------------------------------------------------------------------
+
+CALIBRATION = ["Hello there, how are you?", "1, 2, 3, 4, 5,", "def f(x):\n    return x"]
+
+
+@pytest.fixture(scope="module")
+def outlier_dir(float_dir, tmp_path_factory):
+    """The small model with an activation outlier: one channel of every norm weight 100x, as
+    real models have a few channels far above the rest (SmolLM2 does)."""
+    folder = tmp_path_factory.mktemp("outlier-llama")
+    for path in float_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    weights = load_file(folder / "model.safetensors")
+    for name in weights:
+        if name.endswith("layernorm.weight"):
+            weights[name][7] *= 100.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_smoothing_keeps_the_float_model_s_function(outlier_dir):
+    from fleetlm.executor.weights.quantize import smooth
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(outlier_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits
+    smoothed = smooth(outlier_dir, 0.5, CALIBRATION)
+    names = {f"model.layers.0.{name}.weight" for name in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert names <= set(smoothed)
+    state = model.state_dict()
+    assert not torch.allclose(smoothed["model.layers.0.input_layernorm.weight"],
+                              state["model.layers.0.input_layernorm.weight"])
+    model.load_state_dict({**state, **smoothed})
+    with torch.no_grad():
+        got = model(torch.tensor([PROMPT])).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_checkpoint_is_closer_to_float_than_plain_w8a8(outlier_dir, tmp_path):
+    """Per-token int8 scales lose an outlier channel's neighbours; SmoothQuant moves the
+    outlier into the weights (per-row scales), so the int8 model stays near the float one."""
+    plain, smoothed = tmp_path / "plain", tmp_path / "smoothed"
+    assert main(["quantize", str(outlier_dir), str(plain)]) == 0
+    assert main(["quantize", str(outlier_dir), str(smoothed), "--smoothquant", "0.5"]) == 0
+    config = json.loads((smoothed / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+
+    def prompt_logprobs(folder) -> torch.Tensor:
+        with LLM(str(folder), dtype="float32", kv_cache_memory_bytes=16 << 20) as llm:
+            out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1,
+                                                        prompt_logprobs=0))
+        return torch.tensor([entry[0][1] for entry in out[0].prompt_logprobs[1:]])
+
+    reference = prompt_logprobs(outlier_dir)
+    plain_error = (prompt_logprobs(plain) - reference).abs().mean()
+    smoothed_error = (prompt_logprobs(smoothed) - reference).abs().mean()
+    assert smoothed_error < 0.5 * plain_error, (smoothed_error, plain_error)
+
+
+def test_smoothquant_strength_is_checked(float_dir, tmp_path):
+    from fleetlm.executor.weights.quantize import quantize_checkpoint
+
+    with pytest.raises(ValueError, match="must be in"):
+        quantize_checkpoint(str(float_dir), tmp_path / "x", smoothquant=1.5)

@@ -10,6 +10,14 @@ dtype's eps, `q = clamp(round(w / scale), -128, 127)`), stored as int8 `weight` 
 `weight_scale` of shape (rows, 1) in the model's dtype; activations are quantized per token at
 run time (nothing to store). Everything else (embeddings, norms, the LM head) is copied as it
 is, and so are the tokenizer and generation files.
+
+`smoothquant=STRENGTH` first runs SmoothQuant (Xiao et al. 2023), as LLM Compressor's
+`SmoothQuantModifier(smoothing_strength=STRENGTH)` with its Llama mappings does: a few
+calibration prompts go through the float model (transformers) and each input channel j of
+q/k/v and of gate/up gets `s_j = max|x_j|^a / max|W_:,j|^(1-a)`; the preceding RMSNorm's weight
+is divided by s and those weights' columns multiplied by it. The float model computes the same
+function; the activation outliers that per-token int8 scales lose (SmolLM2 has a few channels
+far above the rest) move into the weights, whose scales are per row.
 """
 
 from __future__ import annotations
@@ -74,11 +82,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_checkpoint(model: str, out_dir: Path, scheme: str = "W8A8",
-                        progress: bool = True) -> Path:
+                        progress: bool = True, smoothquant: float | None = None,
+                        calibration: list[str] | None = None) -> Path:
     """Write `model` (a built-in name, .gguf file or Hugging Face folder) quantized by
-    `scheme` into `out_dir`; returns `out_dir`."""
+    `scheme` into `out_dir`; returns `out_dir`. `smoothquant` (a strength in [0, 1]) smooths
+    first, calibrated on `calibration` (texts; default `CALIBRATION_TEXTS`)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r} is not supported; choose from {', '.join(SCHEMES)}")
+    if smoothquant is not None and not 0.0 <= smoothquant <= 1.0:
+        raise ValueError(f"smoothquant strength {smoothquant} must be in [0, 1]")
     source = resolve_model(model)
     hf_config = load_hf_config(source)
     if getattr(hf_config, "quantization_config", None) is not None:
@@ -89,12 +101,14 @@ def quantize_checkpoint(model: str, out_dir: Path, scheme: str = "W8A8",
     files = sorted(source.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{source} has no *.safetensors weights")
+    smoothed = {} if smoothquant is None else smooth(
+        source, smoothquant, calibration or CALIBRATION_TEXTS)
     total = sum(_num_tensors(file) for file in files)
     written: dict[str, str] = {}
     with tqdm(total=total, desc=f"Quantizing {scheme}", unit="tensors",
               disable=not progress) as bar:
         for file in files:
-            tensors = _quantized_file(file, targets, bar)
+            tensors = _quantized_file(file, targets, bar, smoothed)
             save_file(tensors, out_dir / file.name, metadata={"format": "pt"})
             written.update(dict.fromkeys(tensors, file.name))
     _write_config(source, out_dir)
@@ -117,17 +131,110 @@ def _num_tensors(file: Path) -> int:
         return len(f.keys())
 
 
-def _quantized_file(file: Path, targets: set[str], bar) -> dict[str, torch.Tensor]:
+def _quantized_file(file: Path, targets: set[str], bar,
+                    replaced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors, targets quantized; `replaced` (name -> tensor) stands in for the
+    file's own (smoothed weights and norms)."""
     tensors = {}
     with safe_open(file, framework="pt", device="cpu") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             tensor = f.get_tensor(name)
+            if name in replaced:
+                tensor = replaced[name].to(tensor.dtype)
             if name in targets and tensor.dim() == 2 and tensor.is_floating_point():
                 tensors[name], tensors[f"{name}_scale"] = quantize_weight(tensor)
             else:
                 tensors[name] = tensor.contiguous()
             bar.update()
     return tensors
+
+
+# ---- SmoothQuant -------------------------------------------------------------------------------
+# (the module before them, the linear layers that read its output), per decoder layer: LLM
+# Compressor's default mappings for Llama-family models. The module before is a norm (its
+# weight divided by s) or up_proj (its rows divided by s: down_proj reads silu(gate) * up).
+SMOOTH_MAPPINGS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                        "self_attn.v_proj")),
+                   ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                   ("mlp.up_proj", ("mlp.down_proj",)))
+# Calibration prompts when none are given: varied on purpose (prose, code, other languages and
+# scripts, numbers, chat), since nothing can be downloaded; each goes through the chat template.
+CALIBRATION_TEXTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Quelle est la différence entre un chat et un chien ? Réponds en français.",
+    "用一句话介绍一下长城。",
+    "Translate to Russian: The weather is nice today.",
+    "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n",
+    "Tell me a story about a dragon and a robot who become friends.",
+    "Explain photosynthesis to a ten-year-old.",
+    "List the first twenty prime numbers, separated by commas.",
+    "What is 1234 multiplied by 5678? Show your working.",
+    "Summarise the plot of Romeo and Juliet in three sentences.",
+    "Give me a recipe for pancakes with the quantities in grams.",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name ORDER BY 2 DESC;",
+    "Write a haiku about the sea in winter.",
+    "¿Cuáles son los planetas del sistema solar?",
+    "Describe the rules of chess for a beginner, step by step.",
+)
+SMOOTH_EPS = 1e-5  # keeps a scale finite for a channel that never fired
+
+
+def smooth(source: Path, strength: float, texts) -> dict[str, torch.Tensor]:
+    """SmoothQuant's smoothed tensors (norm weights and linear weights, checkpoint names) of
+    the float model in `source`, calibrated on `texts`."""
+    import transformers
+
+    from fleetlm.executor.weights.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    layers = model.model.layers
+    maxima: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for norm, linears in SMOOTH_MAPPINGS:
+            first = layer.get_submodule(linears[0])
+            hooks.append(first.register_forward_pre_hook(_recorder(maxima, (i, norm))))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = _calibration_ids(tokenizer, text)
+                model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    smoothed = {}
+    for i, layer in enumerate(layers):
+        for norm, linears in SMOOTH_MAPPINGS:
+            weights = [layer.get_submodule(name).weight.detach() for name in linears]
+            w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+            x_max = maxima[(i, norm)]
+            scale = (x_max.pow(strength) / w_max.clamp(min=SMOOTH_EPS).pow(1 - strength)).clamp(
+                min=SMOOTH_EPS)
+            before = f"model.layers.{i}.{norm}.weight"
+            weight_before = smoothed.get(before, layer.get_submodule(norm).weight.detach())
+            smoothed[before] = weight_before / (scale if weight_before.dim() == 1 else
+                                                scale[:, None])
+            for name, weight in zip(linears, weights):
+                key = f"model.layers.{i}.{name}.weight"
+                smoothed[key] = smoothed.get(key, weight) * scale
+    return smoothed
+
+
+def _recorder(maxima: dict, key: tuple[int, str]):
+    def record(module, args) -> None:
+        x_max = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+        maxima[key] = x_max if key not in maxima else torch.maximum(maxima[key], x_max)
+    return record
+
+
+def _calibration_ids(tokenizer, text: str) -> list[int]:
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            return_dict=False))
+    return tokenizer.encode(text)
 
 
 def _write_config(source: Path, out_dir: Path) -> None:
