@@ -11,6 +11,7 @@ on 127.0.0.1 that lm-eval's `local-completions` backend queries (token ids in, `
 - float:   float32 weights (the file dequantized on load), float32 KV cache;
 - gguf:    `--quantization gguf`: the file's Q4_1 / Q8_0 blocks multiplied as they are;
 - w8a8:    a `fleetlm quantize --scheme W8A8` checkpoint (int8 weights, int8 activations);
+- w8a8_smoothquant: the same after SmoothQuant (`--smoothquant 0.5`);
 - int8_kv: float32 weights, `--kv-cache-dtype int8`.
 
 The task is `fleetlm_mc` (benchmarks/accuracy/fleetlm_mc.yaml: 214 four-way questions, read
@@ -41,13 +42,18 @@ TASK = "fleetlm_mc"
 MODEL = "smollm2-135m-instruct"
 PORT = 8011
 SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-bytes",
-              "256MiB", "--port", str(PORT), "--name", "accuracy"]
-VARIANTS = {
+              "256MiB", "--port", str(PORT), "--name", "accuracy",
+              "--served-model-name", MODEL]
+VARIANTS = {  # name -> the flags `fleetlm serve` gets
     "float": [],
     "gguf": ["--quantization", "gguf"],
-    "w8a8": None,  # its own model folder, made by `fleetlm quantize`
+    "w8a8": [],
+    "w8a8_smoothquant": [],
     "int8_kv": ["--kv-cache-dtype", "int8"],
 }
+# Variants served from their own folder, written by `fleetlm quantize` with these flags.
+QUANTIZED = {"w8a8": ["--scheme", "W8A8"],
+             "w8a8_smoothquant": ["--scheme", "W8A8", "--smoothquant", "0.5"]}
 STARTUP_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 60
 
@@ -115,14 +121,13 @@ def stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run_variant(name: str, extra: list[str] | None, tokenizer: Path, work: Path) -> dict:
+def run_variant(name: str, tokenizer: Path, work: Path) -> dict:
     model = MODEL
-    if extra is None:  # w8a8
-        model = str(work / "w8a8")
+    if name in QUANTIZED:
+        model = str(work / name)
         subprocess.run([sys.executable, "-m", "fleetlm.cli", "quantize", MODEL, model,
-                        "--scheme", "W8A8"], cwd=ROOT, check=True)
-        extra = []
-    server = serve(model, extra)
+                        *QUANTIZED[name]], cwd=ROOT, check=True)
+    server = serve(model, VARIANTS[name])
     try:
         model_args = (f"model={MODEL},base_url=http://127.0.0.1:{PORT}/v1/completions,"
                       f"num_concurrent=8,max_retries=2,tokenized_requests=True,"
@@ -146,7 +151,7 @@ def main() -> None:
         results["reference_hf"] = {"acc": reference["acc"], "acc_stderr": reference["acc_stderr"],
                                    "acc_norm": reference["acc_norm"]}
         for name in args.variants.split(","):
-            run = run_variant(name, VARIANTS[name], model_dir, work)
+            run = run_variant(name, model_dir, work)
             results["variants"][name] = compare(run, reference)
             print(json.dumps({name: results["variants"][name]}), flush=True)
     print("| variant | acc | Δ acc (points) | answers changed | mean / max |Δ loglikelihood| (nats) |")
