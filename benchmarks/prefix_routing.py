@@ -7,7 +7,9 @@ each) is served four times, once per `router.policy`: round_robin, least_loaded,
 approx_prefix and precise_prefix. Each time `fleetlm bench serve` sends the shared-prefix
 workload over the chat endpoint: `--tenants` long system prompts (`--prefix-len` tokens)
 and `--num-prompts` users (a short question each), in random order, `--concurrency` in
-flight. The tenants' prompts together about fill the replicas' KV caches, so a replica
+flight, or (`--request-rate R`) arriving as a Poisson process at R per second, as llm-d's
+load does: an open loop, where a policy whose replicas cannot keep up queues without bound
+while one that can keeps TTFT flat. The tenants' prompts together about fill the replicas' KV caches, so a replica
 that sees every tenant evicts what the next request needs. Reported per policy (median of
 `--repeats`, policies interleaved): output tokens/s, TTFT p50/p90 and the replicas'
 prefix-cache hit rate (`/metrics`: hit tokens / queried tokens). Each run starts its own
@@ -68,6 +70,8 @@ def bench(url: str, args, seed: int, result_dir: Path) -> dict:
                "--num-prompts", str(args.num_prompts), "--max-concurrency",
                str(args.concurrency), "--seed", str(seed), "--result-dir", str(result_dir),
                "--disable-tqdm"]
+    if args.request_rate is not None:
+        command += ["--request-rate", str(args.request_rate)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     [point] = json.loads((result_dir / "results.json").read_text())["results"]
     return point
@@ -124,7 +128,10 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="requests in flight (a cap on the open loop's)")
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="Poisson arrivals per second (default: a closed loop)")
     parser.add_argument("--num-blocks", type=int, default=128, help="KV blocks per replica")
     parser.add_argument("--saturation-threshold", type=int, default=5,
                         help="router.saturation_threshold (the prefix policies' valve)")
