@@ -6,8 +6,9 @@ head_dim]` and contiguous; the token at slot `s` lives at block `s // block_size
 used block are ignored). Query head `h` reads kv head `h // (num_heads // num_kv_heads)` (GQA).
 
 Dispatch by device: CUDA runs the Triton kernels (`triton_attention`); CPU runs the C kernel
-(`cpu_attention`) when it compiled and supports the call, else the torch reference. The
-`*_reference` functions are plain torch, public so tests can compare against them.
+(`cpu_attention`; the K/V write into a float cache: `fused_ops`) when it compiled and supports
+the call, else the torch reference. The `*_reference` functions are plain torch, public so
+tests can compare against them.
 
 An int8 cache (`kv_quant`: `[num_blocks, block_size, num_kv_heads, head_dim + 4]`, each row's
 float32 scale in its last 4 bytes) is quantized on write and dequantized on read by the C
@@ -22,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from fleetlm.kernels import cpu_attention, kv_quant
+from fleetlm.kernels import cpu_attention, fused_ops, kv_quant
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -36,8 +37,13 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     triton_module = _triton_for(key, k_cache)
     if triton_module is not None:
         triton_module.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
-    elif kv_quant.is_quantized(k_cache) and cpu_attention.supports_write(key, k_cache):
-        cpu_attention.write_kv_cache_int8(key, value, k_cache, v_cache, slot_mapping)
+    elif kv_quant.is_quantized(k_cache):
+        if cpu_attention.supports_write(key, k_cache):
+            cpu_attention.write_kv_cache_int8(key, value, k_cache, v_cache, slot_mapping)
+        else:
+            write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping)
+    elif fused_ops.supports_write_kv(key, k_cache):
+        fused_ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fleetlm.kernels import fused_ops
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
 from fleetlm.parallel.layers import MergedColumnParallelLinear, RowParallelLinear
 
@@ -17,12 +17,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return fused_ops.add_rms_norm(x, None, self.weight, self.eps)[0]
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the pre-norm block's residual step."""
-        residual = x.add_(residual)
-        return self.forward(residual), residual
+        """(norm(x + residual), x + residual): the pre-norm block's residual step, in one
+        pass on CPUs (the sum is written into x)."""
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -45,10 +45,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate [tokens, heads, head_dim] (q and k heads together, in one pass)."""
-    cos, sin = cos_sin
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate [tokens, heads, head_dim] (q and k heads together, in one pass) in place: x may
+    be the q and k heads of a fused qkv projection's output."""
+    return fused_ops.rotary_(x, *cos_sin)
 
 
 def _rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -76,5 +75,4 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
