@@ -148,6 +148,9 @@ class QuantizedMatrix:
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = torch.Size(shape)
         self.parts: list[tuple[int, GGUFWeight]] = []  # (first row, rows), sorted
+        # The whole matrix as one part, once loaded so: a decode step's linear layers take it
+        # straight to the kernel (each call's Python is a good share of a small model's step).
+        self._single: GGUFWeight | None = None
 
     def put(self, row: int, weight: GGUFWeight) -> None:
         """Rows `row`.. of the matrix are `weight`; a neighbour of the same type is merged."""
@@ -165,6 +168,8 @@ class QuantizedMatrix:
                     continue
             merged.append((start, part))
         self.parts = merged
+        is_single = len(merged) == 1 and merged[0][1].shape[0] == self.shape[0]
+        self._single = merged[0][1] if is_single else None
 
     @property
     def nbytes(self) -> int:
@@ -181,6 +186,9 @@ class QuantizedMatrix:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x W^T + b` for x of any float dtype (computed in fp32, returned in x's dtype)."""
+        if self._single is not None and bias is None and x.dim() == 2 \
+                and x.dtype == torch.float32:
+            return matmul(x, self._single)
         self._check_complete()
         rows = x.reshape(-1, self.shape[1]).float()
         outputs = [matmul(rows, part) for _, part in self.parts]
