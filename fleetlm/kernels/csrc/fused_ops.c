@@ -117,7 +117,7 @@ int fleet_add_rms_norm(void *x, const void *residual, const void *weight, void *
     return 0;
 }
 
-/* ---- SiLU(gate) * up -------------------------------------------------------------------------- */
+/* ---- SiLU(gate) * up ------------------------------------------------------------------------- */
 /* silu(g) = g / (1 + exp(-g)); exp8 takes arguments <= 0, so a negative g is written
  * g * e / (1 + e) with e = exp(g). */
 static ALWAYS_INLINE f32x8 silu8(f32x8 g)
