@@ -11,8 +11,8 @@ import pytest
 from fleetlm import LLM, SamplingParams
 from fleetlm.executor.async_engine import AsyncEngine
 from fleetlm.executor.engine import LLMEngine
-from fleetlm.executor.scheduler import SchedulerQueueFullError
 from fleetlm.executor.llm import make_engine_config
+from fleetlm.executor.scheduler import SchedulerQueueFullError
 
 PROMPT = "What is the capital of France? Answer in one sentence."
 
