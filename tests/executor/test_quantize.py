@@ -274,3 +274,18 @@ def test_smoothquant_strength_is_checked(float_dir, tmp_path):
 
     with pytest.raises(ValueError, match="must be in"):
         quantize_checkpoint(str(float_dir), tmp_path / "x", smoothquant=1.5)
+
+
+def test_smoothquant_refuses_a_model_without_its_mappings(tmp_path):
+    """A mixture-of-experts layer has no dense gate/up/down projections to smooth."""
+    folder = tmp_path / "moe"
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2,
+        num_experts_per_tok=1, vocab_size=49152, max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer(resolve_model("smollm2-135m-instruct")).save_pretrained(folder)
+    from fleetlm.executor.weights.quantize import quantize_checkpoint
+
+    with pytest.raises(ValueError, match="dense Llama-family layer"):
+        quantize_checkpoint(str(folder), tmp_path / "out", smoothquant=0.5)

@@ -192,6 +192,11 @@ def smooth(source: Path, strength: float, texts) -> dict[str, torch.Tensor]:
     layers = model.model.layers
     maxima: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
+    names = {name for mapping in SMOOTH_MAPPINGS for name in (mapping[0], *mapping[1])}
+    missing = sorted(name for name in names if not _has_submodule(layers[0], name))
+    if missing:
+        raise ValueError(f"SmoothQuant's mappings need a dense Llama-family layer; "
+                         f"{type(model).__name__} has no {', '.join(missing)}")
     for i, layer in enumerate(layers):
         for norm, linears in SMOOTH_MAPPINGS:
             first = layer.get_submodule(linears[0])
@@ -220,6 +225,14 @@ def smooth(source: Path, strength: float, texts) -> dict[str, torch.Tensor]:
                 key = f"model.layers.{i}.{name}.weight"
                 smoothed[key] = smoothed.get(key, weight) * scale
     return smoothed
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _recorder(maxima: dict, key: tuple[int, str]):
