@@ -28,8 +28,9 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(num)]
 
 
-def bench_fleetlm(model: str, dtype: str, prompts, output_len: int, batch_size: int) -> dict:
-    llm = LLM(model, dtype=dtype, max_num_seqs=batch_size, enable_prefix_caching=False,
+def bench_fleetlm(model: str, dtype: str, prompts, output_len: int, batch_size: int,
+                  device: str = "cpu") -> dict:
+    llm = LLM(model, dtype=dtype, device=device, max_num_seqs=batch_size, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, len(prompts[0])),
               kv_cache_memory_bytes=2 << 30)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
@@ -46,31 +47,35 @@ def bench_fleetlm(model: str, dtype: str, prompts, output_len: int, batch_size: 
 
 
 def bench_transformers(model_dir: Path, dtype: str, prompts, output_len: int,
-                       batch_size: int) -> dict:
+                       batch_size: int, device: str = "cpu") -> dict:
     import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype).to(device).eval()
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   pad_token_id=0)
     with torch.inference_mode():
-        model.generate(torch.tensor(prompts[:1]), **{**kwargs, "max_new_tokens": 4,
+        model.generate(torch.tensor(prompts[:1], device=device), **{**kwargs, "max_new_tokens": 4,
                                                      "min_new_tokens": 4})
         started = time.perf_counter()
         num_tokens = 0
         for i in range(0, len(prompts), batch_size):
-            batch = torch.tensor(prompts[i:i + batch_size])
+            batch = torch.tensor(prompts[i:i + batch_size], device=device)
             out = model.generate(batch, **kwargs)
             num_tokens += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
     return {"output_tokens": num_tokens, "seconds": elapsed,
             "output_tokens_per_s": num_tokens / elapsed}
 
 
-def bench_prefix_ttft(model: str, dtype: str, prefix_len: int, vocab: int, seed: int) -> dict:
+def bench_prefix_ttft(model: str, dtype: str, prefix_len: int, vocab: int, seed: int,
+                      device: str = "cpu") -> dict:
     """TTFT of a prompt whose first prefix_len tokens an earlier request computed, against a
     prompt of the same length that shares nothing (median of 3 each)."""
-    llm = LLM(model, dtype=dtype, kv_cache_memory_bytes=2 << 30,
+    llm = LLM(model, dtype=dtype, device=device, kv_cache_memory_bytes=2 << 30,
               max_num_batched_tokens=prefix_len + 64)
     one = SamplingParams(temperature=0, max_tokens=1)
     rng = random.Random(seed)
@@ -95,8 +100,9 @@ def bench_prefix_ttft(model: str, dtype: str, prefix_len: int, vocab: int, seed:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main() -> None:
@@ -104,6 +110,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=256)
@@ -124,15 +131,15 @@ def main() -> None:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         row = {"batch_size": batch_size,
                "fleetlm": bench_fleetlm(args.model, args.dtype, prompts, args.output_len,
-                                        batch_size)}
+                                        batch_size, args.device)}
         if not args.skip_transformers:
             row["transformers"] = bench_transformers(model_dir, args.dtype, prompts,
-                                                     args.output_len, batch_size)
+                                                     args.output_len, batch_size, args.device)
         results["throughput"].append(row)
         print(json.dumps(row), flush=True)
     if args.prefix_len:
         results["prefix_ttft"] = bench_prefix_ttft(args.model, args.dtype, args.prefix_len,
-                                                   vocab, args.seed)
+                                                   vocab, args.seed, args.device)
         print(json.dumps(results["prefix_ttft"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -34,7 +34,7 @@ BF16_LOGPROB_MAX_ATOL = 0.5
 def hf_greedy(model, prompt_ids: list[int], max_tokens: int):
     """Greedy continuation and each step's log-softmax, from transformers' own generate()."""
     out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+        torch.tensor([prompt_ids], device=next(model.parameters()).device), max_new_tokens=max_tokens, do_sample=False,
         output_logits=True, return_dict_in_generate=True, pad_token_id=0,
         eos_token_id=None)
     tokens = out.sequences[0, len(prompt_ids):].tolist()
@@ -131,19 +131,44 @@ def test_random_models_match_transformers(name, builtin_dir, tmp_path):
     assert_matches_hf(llm, hf_model.eval(), prompts_ids, 12)
 
 
+def _prompt_logprobs(llm: LLM, prompts_ids: list[list[int]]) -> torch.Tensor:
+    """Our teacher-forced logprob of every prompt token after the first, all prompts joined."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    return torch.tensor([entry[0][1] for out in llm.generate(prompts_ids, params)
+                         for entry in out.prompt_logprobs[1:]])
+
+
+def _hf_prompt_logprobs(model, prompts_ids: list[list[int]]) -> torch.Tensor:
+    device, rows = next(model.parameters()).device, []
+    for ids in prompts_ids:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:], device=device)[:, None]
+        rows.append(torch.log_softmax(logits, -1).gather(1, targets)[:, 0].cpu())
+    return torch.cat(rows)
+
+
 @pytest.mark.gpu
 def test_builtin_model_on_cuda_matches_transformers(builtin_dir):
-    """The same engine on CUDA (Triton attention), bf16 on both sides: greedy tokens equal."""
+    """The same engine on CUDA (Triton attention). float32: greedy tokens and their logprobs
+    equal transformers' on CUDA. bfloat16: every prompt position's logprob is no further
+    from float32 than transformers' own bfloat16 is (greedy tokens in bf16 part on near-ties:
+    on random weights they do on CPU too, for both implementations)."""
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        builtin_dir, dtype=torch.bfloat16).to("cuda").eval()
-    llm = LLM(str(builtin_dir), dtype="bfloat16", device="cuda")
-    tokenizer = llm.get_tokenizer()
-    prompts_ids = [chat_ids(tokenizer, p) for p in PROMPTS[:4]]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    for prompt_ids, out in zip(prompts_ids, llm.generate(prompts_ids, params)):
-        expected = hf_model.generate(torch.tensor([prompt_ids], device="cuda"), max_new_tokens=8,
-                                     do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert out.outputs[0].token_ids == expected[0, len(prompt_ids):].tolist()
+        builtin_dir, dtype=torch.float32).to("cuda").eval()
+    with LLM(str(builtin_dir), dtype="float32", device="cuda") as llm:
+        prompts_ids = [chat_ids(llm.get_tokenizer(), p) for p in PROMPTS[:4]]
+        assert_matches_hf(llm, hf_model, prompts_ids, 8)
+    reference = _hf_prompt_logprobs(hf_model, prompts_ids)
+    theirs = (_hf_prompt_logprobs(hf_model.to(torch.bfloat16), prompts_ids) - reference).abs()
+    with LLM(str(builtin_dir), dtype="bfloat16", device="cuda") as llm:
+        ours = (_prompt_logprobs(llm, prompts_ids) - reference).abs()
+    print(f"bf16 |logprob - fp32|: ours mean {ours.mean():.4f} max {ours.max():.4f}, "
+          f"transformers mean {theirs.mean():.4f} max {theirs.max():.4f}")
+    # On CPU, real weights: ours mean 0.080, max 0.34; transformers 0.070, 0.35 (the median
+    # of such errors jumps between 0.03 and 0.07 with any one rounding change, so the mean).
+    assert ours.mean() < 1.5 * theirs.mean() + 0.01
+    assert ours.max() < 2 * theirs.max() + 0.05
 
 
 def test_bfloat16_prompt_logprobs_close_to_transformers(builtin_dir):
@@ -152,12 +177,8 @@ def test_bfloat16_prompt_logprobs_close_to_transformers(builtin_dir):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         builtin_dir, dtype=torch.bfloat16).eval()
     llm = LLM(str(builtin_dir), dtype="bfloat16", kv_cache_memory_bytes=32 << 20)
-    prompt = chat_ids(llm.get_tokenizer(), PROMPTS[3])
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    ours = torch.tensor([entry[0][1] for entry in out[0].prompt_logprobs[1:]])
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt])).logits[0, :-1].float()
-    theirs = torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    prompts_ids = [chat_ids(llm.get_tokenizer(), PROMPTS[3])]
+    ours, theirs = _prompt_logprobs(llm, prompts_ids), _hf_prompt_logprobs(hf_model, prompts_ids)
     assert (ours - theirs).abs().median() < BF16_LOGPROB_MEDIAN_ATOL
     assert (ours - theirs).abs().max() < BF16_LOGPROB_MAX_ATOL
 
