@@ -170,7 +170,10 @@ def test_disconnect_leaves_no_blocks_in_use(real):
     body = {"prompt": "Tell me a long story.", "max_tokens": MAX_MODEL_LEN // 2, "stream": True,
             "ignore_eos": True}  # fmt: skip
     with requests.post(f"{real}/v1/completions", json=body, stream=True, timeout=TIMEOUT_S) as r:
-        assert next(r.iter_lines()).startswith(b"data: ")
+        # Kept: a discarded line iterator closes the connection when collected, which is the
+        # disconnect itself, racing the check below.
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: ")
         assert handle.stats.remote().result().kv_cache_usage > 0.0
     deadline = time.monotonic() + TIMEOUT_S
     while (stats := handle.stats.remote().result()).num_running:
