@@ -58,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     shutdown.add_argument("--app", default=None, help="application name (default: all)")
 
     quantize = commands.add_parser(
-        "quantize", help="write a quantized checkpoint (W8A8 INT8, compressed-tensors)",
+        "quantize", help="write a quantized checkpoint (W8A8 INT8 or FP8, compressed-tensors)",
         description="Quantize a model into a compressed-tensors checkpoint (the format LLM "
         "Compressor writes; fleetlm, vLLM and transformers load it): W8A8 rounds every Linear "
-        "weight but the LM head to int8 with a scale per output row; activations are "
-        "quantized per token at run time.")
+        "weight but the LM head to int8 with a scale per output row, FP8_DYNAMIC to float8 "
+        "e4m3 (for GPUs); activations are quantized per token at run time.")
     quantize.add_argument("model", help="built-in model name, Hugging Face folder or .gguf file")
     quantize.add_argument("out", type=Path, help="folder to write (created if missing)")
-    quantize.add_argument("--scheme", default="W8A8", choices=["W8A8"],
+    quantize.add_argument("--scheme", default="W8A8", choices=["W8A8", "FP8_DYNAMIC"],
                           help="quantization scheme (default: %(default)s)")
     quantize.add_argument(
         "--smoothquant", type=float, default=None, metavar="STRENGTH",

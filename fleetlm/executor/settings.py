@@ -45,7 +45,8 @@ class ModelSection(Section):
         None, description="Weight quantization: gguf keeps a .gguf file's quantized matrices "
         "(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and runs the linear layers on them (CPU); unset "
         "dequantizes the file to `dtype` when loaded. compressed-tensors: a W8A8 INT8 "
-        "checkpoint (LLM Compressor's, or `fleetlm quantize`'s) run on int8 GEMMs (CPU); such "
+        "checkpoint (LLM Compressor's, or `fleetlm quantize`'s) run on int8 GEMMs (CPU), or an "
+        "FP8 W8A8 one (FP8_DYNAMIC) on FP8 GEMMs (GPU; on CPUs only to check it, slowly); such "
         "a checkpoint is detected from its config.json when this is unset.")
     random_weights: bool = Field(
         False, description="Random weights from the model's config (tests and benchmarks).")
@@ -72,7 +73,7 @@ class ModelSection(Section):
         if value not in (None, *QUANTIZATIONS):
             raise ValueError(f"{value!r} is not supported: fleetlm runs full-precision weights, "
                              f".gguf files' own blocks (gguf) and W8A8 INT8 checkpoints "
-                             f"(compressed-tensors)")
+                             f"(compressed-tensors; FP8 W8A8 too)")
         return value
 
     @model_validator(mode="after")
@@ -94,10 +95,12 @@ class EngineSection(Section):
         ByteSize(1 << 30), description="KV-cache memory per replica; accepts e.g. '512MiB'.")
     num_blocks: int | None = Field(
         None, ge=1, description="Exact number of KV blocks; overrides kv_cache_memory_bytes.")
-    kv_cache_dtype: Literal["auto", "int8"] = Field(
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = Field(
         "auto", description="KV-cache storage: auto keeps the model's dtype; int8 stores each "
         "token's K and V per head as int8 with a float32 scale (symmetric, absmax / 127), "
-        "about 3.8x the blocks of float32 in the same memory (CPU only).")
+        "about 3.8x the blocks of float32 in the same memory (CPU only); fp8 stores them as "
+        "float8 e4m3 with no scale, as vLLM's fp8 without calibrated scales, 2x the blocks of "
+        "bf16 (CUDA only).")
     max_num_seqs: int = Field(64, ge=1, description="Most requests running in one step.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")

@@ -6,10 +6,11 @@ anything with `.shape` and `.narrow(dim, start, length)`. Loaders only ever narr
 own rows or columns first, so a rank reads only its shard from a lazy file.
 
 A quantized checkpoint matrix is such a tensor too: a GGUF one (`GGUFWeight`, `quantization:
-gguf`) or a W8A8 one (`Int8Weight`, a compressed-tensors checkpoint). The linear layers of a CPU
-model keep it quantized (a `QuantizedMatrix` of GGUF blocks, an `Int8Matrix`; on the parameter
-as `param.quantized`, so a tied LM head shares it; the embedding too for GGUF) and free the
-float parameter; any other parameter takes it dequantized.
+gguf`) or a W8A8 one (`Int8Weight` or `Fp8Weight`, a compressed-tensors checkpoint). The linear
+layers of a CPU model keep it quantized (a `QuantizedMatrix` of GGUF blocks, an `Int8Matrix`,
+an `Fp8Matrix`; on the parameter as `param.quantized`, so a tied LM head shares it; the
+embedding too for GGUF) and free the float parameter; on a GPU only FP8 stays quantized. Any
+other parameter takes it dequantized.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.kernels.cpu_linear import PackedLinear
+from fleetlm.kernels.fp8_linear import Fp8Matrix, Fp8Weight
 from fleetlm.kernels.gguf_linear import GGUFWeight, QuantizedMatrix, zeros
 from fleetlm.kernels.int8_linear import Int8Matrix, Int8Weight
 from fleetlm.parallel.group import SINGLE_PROCESS, ParallelGroup
@@ -37,17 +39,20 @@ def whole(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded.narrow(0, 0, loaded.shape[0])
 
 
-# A quantized checkpoint matrix -> the layer weight that keeps it quantized.
-QUANTIZED_MATRICES = {GGUFWeight: QuantizedMatrix, Int8Weight: Int8Matrix}
+# A quantized checkpoint matrix -> the layer weight that keeps it quantized: (its class, the
+# device types it runs on).
+QUANTIZED_MATRICES = {GGUFWeight: (QuantizedMatrix, ("cpu",)), Int8Weight: (Int8Matrix, ("cpu",)),
+                      Fp8Weight: (Fp8Matrix, ("cpu", "cuda"))}
 
 
 def _load_rows(param: nn.Parameter, shape: tuple[int, int], row: int, loaded) -> None:
     """Rows `row`.. of a weight of `shape`: GGUF blocks and int8 weights are kept (CPU
-    models), anything else is copied into the parameter."""
-    matrix_class = QUANTIZED_MATRICES.get(type(loaded))
-    if matrix_class is not None and param.device.type == "cpu":
+    models), FP8 weights on every device; anything else is copied into the parameter."""
+    matrix_class, devices = QUANTIZED_MATRICES.get(type(loaded), (None, ()))
+    if param.device.type in devices:
         if getattr(param, "quantized", None) is None:
-            param.quantized = matrix_class(shape)
+            param.quantized = (Fp8Matrix(shape, param.device) if matrix_class is Fp8Matrix
+                               else matrix_class(shape))
             param.data = torch.empty(0, dtype=param.dtype)  # never filled: free it
         param.quantized.put(row, loaded)
         return

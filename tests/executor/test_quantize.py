@@ -1,6 +1,7 @@
-"""`fleetlm quantize --scheme W8A8` on a small random Llama: the checkpoint it writes is what
-compressed-tensors (and transformers through it) reads as W8A8 INT8, fleetlm loads it with its
-matrices kept int8, and the settings and the reader refuse what fleetlm does not run."""
+"""`fleetlm quantize --scheme W8A8` (and FP8_DYNAMIC) on a small random Llama: the checkpoint
+it writes is what compressed-tensors (and transformers through it) reads as W8A8 INT8 (FP8),
+fleetlm loads it with its matrices kept int8 (float8), and the settings and the reader refuse
+what fleetlm does not run."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from fleetlm import LLM, SamplingParams
 from fleetlm.cli import main
 from fleetlm.cluster.config import load_config, to_engine_config
 from fleetlm.executor.settings import ModelSection
-from fleetlm.executor.weights import load_tokenizer, resolve_model
+from fleetlm.executor.weights import load_tokenizer
 from fleetlm.executor.weights.quantize import quantize_weight
+from fleetlm.kernels.fp8_linear import Fp8Matrix
 from fleetlm.kernels.int8_linear import Int8Matrix
 from fleetlm.parallel.layers import weight_bytes
 
@@ -31,12 +33,12 @@ PROMPT = [1, 504, 3458, 282, 4649, 314, 9729, 30, 476, 260, 2341, 1351]
 
 
 @pytest.fixture(scope="module")
-def float_dir(tmp_path_factory):
+def float_dir(tmp_path_factory, builtin_dir):
     folder = tmp_path_factory.mktemp("float-llama")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
     model.save_pretrained(folder)
-    load_tokenizer(resolve_model("smollm2-135m-instruct")).save_pretrained(folder)
+    load_tokenizer(builtin_dir).save_pretrained(folder)
     return folder
 
 
@@ -137,7 +139,7 @@ def test_quantization_is_detected_and_insisted_on(float_dir, w8a8_dir):
 
 @pytest.mark.parametrize("value,message", [
     ("awq", "'awq' is not supported"),
-    ("fp8", "W8A8 INT8 checkpoints \\(compressed-tensors\\)"),
+    ("fp8", "W8A8 INT8 checkpoints \\(compressed-tensors; FP8 W8A8 too\\)"),
 ])
 def test_unsupported_quantization_settings_are_refused(value, message):
     with pytest.raises(ValueError, match=message):
@@ -276,7 +278,7 @@ def test_smoothquant_strength_is_checked(float_dir, tmp_path):
         quantize_checkpoint(str(float_dir), tmp_path / "x", smoothquant=1.5)
 
 
-def test_smoothquant_refuses_a_model_without_its_mappings(tmp_path):
+def test_smoothquant_refuses_a_model_without_its_mappings(tmp_path, builtin_dir):
     """A mixture-of-experts layer has no dense gate/up/down projections to smooth."""
     folder = tmp_path / "moe"
     config = transformers.Qwen3MoeConfig(
@@ -284,8 +286,98 @@ def test_smoothquant_refuses_a_model_without_its_mappings(tmp_path):
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2,
         num_experts_per_tok=1, vocab_size=49152, max_position_embeddings=64)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    load_tokenizer(resolve_model("smollm2-135m-instruct")).save_pretrained(folder)
+    load_tokenizer(builtin_dir).save_pretrained(folder)
     from fleetlm.executor.weights.quantize import quantize_checkpoint
 
     with pytest.raises(ValueError, match="dense Llama-family layer"):
         quantize_checkpoint(str(folder), tmp_path / "out", smoothquant=0.5)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(float_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "out"
+    assert main(["quantize", str(float_dir), str(out), "--scheme", "FP8_DYNAMIC"]) == 0
+    return out
+
+
+def test_compressed_tensors_reads_the_fp8_checkpoint_as_fp8_dynamic(float_dir, fp8_dir):
+    """LLM Compressor's FP8_DYNAMIC preset: float8 e4m3 weights with a scale per row, written
+    byte for byte as compressed-tensors' own observer and quantizer compute them."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    config = json.loads((fp8_dir / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(config)
+    assert parsed.format == "float-quantized" and parsed.ignore == ["lm_head"]
+    scheme = parsed.config_groups["group_0"]
+    preset = ct.quantization.preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    for ours, theirs in ((scheme.weights, preset.weights),
+                         (scheme.input_activations, preset.input_activations)):
+        assert ours.model_dump(exclude={"observer"}) == theirs.model_dump(exclude={"observer"})
+    source, written = load_file(float_dir / "model.safetensors"), load_file(
+        fp8_dir / "model.safetensors")
+    for layer in range(SMALL["num_hidden_layers"]):
+        for proj in LINEARS:
+            part = "self_attn" if proj in LINEARS[:4] else "mlp"
+            name = f"model.layers.{layer}.{part}.{proj}.weight"
+            assert written[name].dtype == torch.float8_e4m3fn
+            scale, _ = calculate_qparams(source[name].amin(1, keepdim=True),
+                                         source[name].amax(1, keepdim=True), scheme.weights)
+            assert torch.equal(written[f"{name}_scale"], scale)
+            assert torch.equal(written[name].view(torch.uint8), quantize(
+                source[name], scale, None, scheme.weights,
+                dtype=torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(written["lm_head.weight"], source["lm_head.weight"])
+
+
+def test_transformers_with_compressed_tensors_and_fleetlm_agree_on_fp8(fp8_dir):
+    """fleetlm keeps the float8 matrices (one byte a weight) and multiplies them with
+    `torch._scaled_mm`; transformers runs compressed-tensors' fake quantization of the same
+    file: the same per-token activation rounding, so the same logprobs."""
+    pytest.importorskip("compressed_tensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(fp8_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPT])).logits[0, :-1]
+    theirs = torch.log_softmax(logits, -1).gather(1, torch.tensor(PROMPT[1:])[:, None])[:, 0]
+    llm = LLM(str(fp8_dir), dtype="float32", kv_cache_memory_bytes=16 << 20)
+    layer = llm.engine.executor.runner.model.layers["1"]
+    for weight in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                   layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight):
+        assert isinstance(weight.quantized, Fp8Matrix) and weight.numel() == 0
+        assert weight_bytes(weight) == weight.quantized.shape.numel() * 1 + 4 * (
+            weight.quantized.shape[0])
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    ours = torch.tensor([entry[0][1] for entry in out[0].prompt_logprobs[1:]])
+    assert (ours - theirs).abs().max() < 0.01
+
+
+@pytest.mark.gpu
+def test_fp8_checkpoint_on_cuda_runs_the_fp8_gemm(fp8_dir):
+    """On CUDA the float8 matrices stay on the GPU and `torch._scaled_mm` runs Hopper's FP8
+    GEMM (bf16 out); the logprobs are the CPU run's up to bf16 rounding."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    runs = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+        llm = LLM(str(fp8_dir), dtype=dtype, device=device, kv_cache_memory_bytes=16 << 20)
+        weight = llm.engine.executor.runner.model.layers["0"].mlp.gate_up_proj.weight
+        assert isinstance(weight.quantized, Fp8Matrix)
+        assert weight.quantized.data.device.type == device
+        out = llm.generate([PROMPT], params)
+        runs[device] = torch.tensor([entry[0][1] for entry in out[0].prompt_logprobs[1:]])
+    assert (runs["cuda"] - runs["cpu"]).abs().max() < 0.05
+
+
+def _two_schemes(quantization_config: dict) -> None:
+    group = json.loads(json.dumps(quantization_config["config_groups"]["group_0"]))
+    group["format"] = "float-quantized"
+    for field in ("weights", "input_activations"):
+        group[field]["type"] = "float"
+    quantization_config["config_groups"]["group_1"] = group
+
+
+def test_a_checkpoint_mixing_schemes_is_refused(w8a8_dir, tmp_path):
+    with pytest.raises(ValueError, match="mixes schemes"):
+        LLM(_variant(w8a8_dir, tmp_path, _two_schemes), dtype="float32",
+            kv_cache_memory_bytes=16 << 20)

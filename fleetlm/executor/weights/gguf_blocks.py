@@ -35,8 +35,10 @@ from transformers.modeling_gguf_pytorch_utils import (
 from fleetlm.executor.weights.builtin import BUILTIN_MODELS, builtin_gguf_path
 from fleetlm.executor.weights.compressed import (
     QUANT_METHOD,
+    check_w8a8,
     checkpoint_quantization,
     iterate_compressed_weights,
+    quantization_config,
 )
 from fleetlm.executor.weights.convert import meta_model
 from fleetlm.executor.weights.loader import ReadCounter, iterate_weights
@@ -55,14 +57,16 @@ def iterate_checkpoint(name_or_path: str, quantization: str | None, model_dir: P
                        ) -> Iterator[tuple[str, GGUFWeight | torch.Tensor]]:
     """The weights a model loads: with `quantization` gguf, the GGUF file's own tensors (the
     built-in model's, or the .gguf file named); else the model folder's (`iterate_weights`),
-    int8 matrices kept as they are when its config declares compressed-tensors W8A8."""
+    int8 or float8 matrices kept as they are when its config declares compressed-tensors W8A8."""
     if quantization != "gguf":
         declared = checkpoint_quantization(hf_config)
         if quantization is not None and declared != quantization:
             raise ValueError(f"quantization {quantization} needs a checkpoint quantized so; "
                              f"{model_dir} has no such quantization_config in config.json")
         if declared == QUANT_METHOD:
-            return iterate_compressed_weights(model_dir, progress=progress, counter=counter)
+            return iterate_compressed_weights(
+                model_dir, progress=progress, counter=counter,
+                scheme=check_w8a8(quantization_config(hf_config)))
         return iterate_weights(model_dir, progress=progress, counter=counter)
     if name_or_path in BUILTIN_MODELS:
         gguf_path = builtin_gguf_path(name_or_path)

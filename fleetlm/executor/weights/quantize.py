@@ -1,5 +1,5 @@
-"""`fleetlm quantize MODEL OUT --scheme W8A8`: write a compressed-tensors W8A8 INT8 checkpoint,
-the format LLM Compressor writes and vLLM, transformers and fleetlm load.
+"""`fleetlm quantize MODEL OUT --scheme W8A8|FP8_DYNAMIC`: write a compressed-tensors W8A8 INT8
+or FP8 checkpoint, the format LLM Compressor writes and vLLM, transformers and fleetlm load.
 
 LLM Compressor itself is not used: it pins transformers to an older release than fleetlm's and
 brings datasets, pandas and pyarrow. This writer does what its `QuantizationModifier(scheme=
@@ -8,8 +8,10 @@ GPTQ pass): each Linear weight rounded to nearest, one symmetric scale per outpu
 as compressed-tensors' min-max observer does (`max|w| / 127.5`, a zero scale replaced by the
 dtype's eps, `q = clamp(round(w / scale), -128, 127)`), stored as int8 `weight` plus
 `weight_scale` of shape (rows, 1) in the model's dtype; activations are quantized per token at
-run time (nothing to store). Everything else (embeddings, norms, the LM head) is copied as it
-is, and so are the tokenizer and generation files.
+run time (nothing to store). FP8_DYNAMIC (LLM Compressor's preset of that name, the GPU
+scheme) is the same with float8 e4m3: `scale = max|w| / 448`, `q = clamp(w / scale, -448, 448)`
+cast to float8 (round to nearest). Everything else (embeddings, norms, the LM head) is copied as
+it is, and so are the tokenizer and generation files.
 
 `smoothquant=STRENGTH` first runs SmoothQuant (Xiao et al. 2023), as LLM Compressor's
 `SmoothQuantModifier(smoothing_strength=STRENGTH)` with its Llama mappings does: a few
@@ -33,34 +35,46 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from fleetlm.executor.weights.compressed import QUANT_METHOD, W8A8_ACTIVATIONS, W8A8_WEIGHTS
+from fleetlm.executor.weights.compressed import (
+    FP8_ACTIVATIONS,
+    FP8_WEIGHTS,
+    QUANT_METHOD,
+    W8A8_ACTIVATIONS,
+    W8A8_WEIGHTS,
+)
 from fleetlm.executor.weights.convert import meta_model
 from fleetlm.executor.weights.loader import load_hf_config
 from fleetlm.executor.weights.resolve import resolve_model
+from fleetlm.kernels.fp8_linear import FP8, FP8_MAX
 
 logger = logging.getLogger("fleetlm.weights")
 
-SCHEMES = ("W8A8",)
+SCHEMES = ("W8A8", "FP8_DYNAMIC")
 IGNORE = ["lm_head"]
 INDEX_FILE = "model.safetensors.index.json"
 COPIED_SKIP = ("config.json", INDEX_FILE)
 
 
-def w8a8_config() -> dict:
-    """The `quantization_config` LLM Compressor writes for its W8A8 (INT8) preset scheme."""
+def w8a8_config(scheme: str = "W8A8") -> dict:
+    """The `quantization_config` LLM Compressor writes for its W8A8 (INT8) or FP8_DYNAMIC
+    preset scheme."""
     def args(fields: dict, **extra) -> dict:
         return {"actorder": None, "block_structure": None, "group_size": None,
                 "observer": "minmax", "observer_kwargs": {}, **fields, **extra}
 
+    fp8 = scheme == "FP8_DYNAMIC"
+    weights, activations = (FP8_WEIGHTS, FP8_ACTIVATIONS) if fp8 else (
+        W8A8_WEIGHTS, W8A8_ACTIVATIONS)
+    group_format = "float-quantized" if fp8 else "int-quantized"
     return {
         "quant_method": QUANT_METHOD,
-        "format": "int-quantized",
+        "format": group_format,
         "quantization_status": "compressed",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "format": "int-quantized",
-            "weights": args(W8A8_WEIGHTS, dynamic=False),
-            "input_activations": args(W8A8_ACTIVATIONS, observer=None),
+            "format": group_format,
+            "weights": args(weights, dynamic=False),
+            "input_activations": args(activations, observer=None),
             "output_activations": None,
         }},
         "ignore": IGNORE,
@@ -79,6 +93,18 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
     q = torch.round(weight / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 e4m3 weight, scale of shape (rows, 1) in the weight's dtype), as
+    compressed-tensors' symmetric channel-wise min-max quantization to float8 computes them."""
+    amax = weight.abs().amax(dim=1, keepdim=True)
+    scale = amax / torch.tensor(FP8_MAX, dtype=weight.dtype)
+    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+    return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+QUANTIZERS = {"W8A8": quantize_weight, "FP8_DYNAMIC": quantize_weight_fp8}
 
 
 def quantize_checkpoint(model: str, out_dir: Path, scheme: str = "W8A8",
@@ -108,10 +134,10 @@ def quantize_checkpoint(model: str, out_dir: Path, scheme: str = "W8A8",
     with tqdm(total=total, desc=f"Quantizing {scheme}", unit="tensors",
               disable=not progress) as bar:
         for file in files:
-            tensors = _quantized_file(file, targets, bar, smoothed)
+            tensors = _quantized_file(file, targets, bar, smoothed, QUANTIZERS[scheme])
             save_file(tensors, out_dir / file.name, metadata={"format": "pt"})
             written.update(dict.fromkeys(tensors, file.name))
-    _write_config(source, out_dir)
+    _write_config(source, out_dir, scheme)
     _write_index(source, out_dir, written)
     _copy_other_files(source, out_dir)
     logger.info("Wrote %s %s checkpoint of %s to %s (%d linear weights quantized)",
@@ -131,10 +157,10 @@ def _num_tensors(file: Path) -> int:
         return len(f.keys())
 
 
-def _quantized_file(file: Path, targets: set[str], bar,
-                    replaced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's tensors, targets quantized; `replaced` (name -> tensor) stands in for the
-    file's own (smoothed weights and norms)."""
+def _quantized_file(file: Path, targets: set[str], bar, replaced: dict[str, torch.Tensor],
+                    quantize=quantize_weight) -> dict[str, torch.Tensor]:
+    """The file's tensors, targets quantized by `quantize`; `replaced` (name -> tensor) stands
+    in for the file's own (smoothed weights and norms)."""
     tensors = {}
     with safe_open(file, framework="pt", device="cpu") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -142,7 +168,7 @@ def _quantized_file(file: Path, targets: set[str], bar,
             if name in replaced:
                 tensor = replaced[name].to(tensor.dtype)
             if name in targets and tensor.dim() == 2 and tensor.is_floating_point():
-                tensors[name], tensors[f"{name}_scale"] = quantize_weight(tensor)
+                tensors[name], tensors[f"{name}_scale"] = quantize(tensor)
             else:
                 tensors[name] = tensor.contiguous()
             bar.update()
@@ -250,9 +276,9 @@ def _calibration_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def _write_config(source: Path, out_dir: Path) -> None:
+def _write_config(source: Path, out_dir: Path, scheme: str) -> None:
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = w8a8_config()
+    config["quantization_config"] = w8a8_config(scheme)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
