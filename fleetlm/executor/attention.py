@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fleetlm.kernels import attention as kernels
-from fleetlm.kernels.kv_quant import is_quantized
+from fleetlm.kernels.kv_quant import is_rounded
 
 
 @dataclass
@@ -32,7 +32,8 @@ class AttentionMetadata:
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the cache, then attends over each request's blocks.
 
-    Prompts without earlier context attend over their fresh K/V, except over an int8 cache:
+    Prompts without earlier context attend over their fresh K/V, except over an int8 or fp8
+    cache:
     there every token reads the quantized KV, so a request's output does not depend on how
     its prompt was split (chunks, prefix-cache hits, KV from a prefill engine), as vLLM's
     attention over an fp8 cache does."""
@@ -57,7 +58,7 @@ class PagedAttention(nn.Module):
             out[:num_decode] = kernels.paged_decode_attention(
                 q[:num_decode], k_cache, v_cache, meta.decode_block_tables,
                 meta.decode_seq_lens, self.scale)
-        if meta.is_prefill_without_context and not is_quantized(k_cache):
+        if meta.is_prefill_without_context and not is_rounded(k_cache):
             out[num_decode:] = kernels.prefill_attention_no_cache(
                 q[num_decode:], k[num_decode:], v[num_decode:], meta.prefill_cu_seqlens_q,
                 self.scale)

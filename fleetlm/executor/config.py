@@ -52,7 +52,7 @@ class CacheConfig:
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     hash_seed: int = 0  # separate pools with the same seed compute the same block hashes
     enable_kv_events: bool = _ENGINE.enable_kv_events
-    kv_cache_dtype: str = _ENGINE.kv_cache_dtype  # "auto": the model's dtype; "int8"
+    kv_cache_dtype: str = _ENGINE.kv_cache_dtype  # "auto": the model's; "int8" (CPU); "fp8" (CUDA)
 
     @classmethod
     def from_section(cls, section: EngineSection) -> CacheConfig:

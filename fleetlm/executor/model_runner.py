@@ -58,10 +58,16 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype,
     """The KV cache's tensor dtype for `kv_cache_dtype` (auto: the model's)."""
     if name == "auto":
         return model_dtype
-    if device.type != "cpu":
+    dtype = kv_quant.KV_CACHE_DTYPES[name]
+    if dtype == torch.int8 and device.type != "cpu":
         raise ValueError(f"kv_cache_dtype {name} runs on CPU only (the CUDA attention "
-                         f"kernels read float caches); use kv_cache_dtype auto on {device}")
-    return kv_quant.KV_CACHE_DTYPES[name]
+                         f"kernels read float and float8 caches); use kv_cache_dtype fp8 or "
+                         f"auto on {device}")
+    if dtype != torch.int8 and device.type != "cuda":
+        raise ValueError(f"kv_cache_dtype {name} runs on CUDA only (the CPU attention kernel "
+                         f"reads float and int8 caches); use kv_cache_dtype int8 or auto on "
+                         f"{device}")
+    return dtype
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = {"int8": torch.int8}  # kv_cache_dtype -> the cache tensor's dtype
+# kv_cache_dtype -> the cache tensor's dtype: int8 on CPUs (this module's layout), float8 e4m3
+# on CUDA (`triton_attention`: cast on write and read, no scales)
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 SCALE_BYTES = 4  # one float32 per (slot, head) row
 QMAX = 127.0
 
 
 def is_quantized(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.int8
+
+
+def is_rounded(cache: torch.Tensor) -> bool:
+    """Whether the cache holds K/V rounded below the model's precision (int8 or float8)."""
+    return cache.dtype in KV_CACHE_DTYPES.values()
 
 
 def head_dim_of(cache: torch.Tensor) -> int:

@@ -99,19 +99,51 @@ def test_the_setting_reaches_the_cache_config_from_every_source(tmp_path):
 
 
 def test_bad_values_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match="kv_cache_dtype: Input should be 'auto' or 'int8'"):
-        make_engine_config(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError,
+                       match="kv_cache_dtype: Input should be 'auto', 'int8' or 'fp8'"):
+        make_engine_config(kv_cache_dtype="fp4")
     with pytest.raises(ValueError, match="engine.kv_cache_dtype"):
         parse_config({"engine": {"kv_cache_dtype": "int4"}}, "test")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'fp8'"
-        parser.parse_args(["--kv-cache-dtype", "fp8"])
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'fp4'"
+        parser.parse_args(["--kv-cache-dtype", "fp4"])
 
 
-def test_int8_kv_on_cuda_is_refused_at_engine_start():
-    """The Triton kernels read float caches; checked without a GPU (nothing is allocated)."""
+def test_each_quantized_kv_cache_is_refused_on_the_other_device_at_engine_start():
+    """The Triton kernels read float and float8 caches, the CPU kernel float and int8 ones;
+    checked without a GPU (nothing is allocated)."""
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, torch.device("cuda")) == torch.bfloat16
     assert resolve_kv_cache_dtype("int8", torch.float32, torch.device("cpu")) == torch.int8
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16,
+                                  torch.device("cuda")) == torch.float8_e4m3fn
     with pytest.raises(ValueError, match="kv_cache_dtype int8 runs on CPU only"):
         resolve_kv_cache_dtype("int8", torch.bfloat16, torch.device("cuda"))
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8 runs on CUDA only"):
+        resolve_kv_cache_dtype("fp8", torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_fp8_kv_on_cuda_follows_bf16_kv_with_twice_the_blocks(builtin_dir):
+    """kv_cache_dtype fp8 on CUDA: the same model's prompt logprobs over a float8 cache (every
+    prompt token reads the cache, as over int8) stay near those over its bf16 cache, with
+    twice the blocks in the same memory."""
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True,
+                            prompt_logprobs=0)
+    runs = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        with LLM(builtin_dir, dtype="bfloat16", device="cuda", kv_cache_dtype=kv_cache_dtype,
+                 kv_cache_memory_bytes=64 << 20) as llm:
+            outputs = llm.generate(PROMPTS, params)
+            logprobs = torch.tensor([entry[0][1] for out in outputs
+                                     for entry in out.prompt_logprobs[1:]])
+            assert all(len(out.outputs[0].token_ids) == NUM_TOKENS for out in outputs)
+            runs[kv_cache_dtype] = logprobs, _num_blocks(llm)
+    assert runs["fp8"][1] == 2 * runs["auto"][1]
+    difference = (runs["fp8"][0] - runs["auto"][0]).abs()
+    print(f"fp8 KV against bf16 KV: |logprob difference| mean {difference.mean():.4f} "
+          f"max {difference.max():.4f}")
+    # Measured on an H200, random weights in the built-in model's shape: mean 0.150, max 0.51
+    # nats (bf16 against fp32 there: 0.045; e4m3 keeps 3 mantissa bits to bf16's 7). The
+    # kernels themselves equal their references on the same float8 values (test_triton_attention).
+    assert 0 < difference.mean() < 0.3 and difference.max() < 1.5

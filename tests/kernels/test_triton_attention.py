@@ -68,3 +68,45 @@ def test_gpu_write_kv_cache_matches_reference():
     k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     attention.write_kv_cache_reference(key, value, k_expected, v_expected, slots)
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def _as_fp8(cache: torch.Tensor) -> torch.Tensor:
+    return cache.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.gpu
+@GPU_GROUPS
+def test_gpu_fp8_cache_attention_matches_reference_on_its_values(group, paged_batch, close):
+    """kv_cache_dtype fp8: the kernels cast the float8 cache to the query's dtype on read; the
+    reference runs on the same values held in bf16."""
+    seq_lens = [1, 17, 300, 2049]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, group=group, block_size=16,
+                        dtype=torch.bfloat16, head_dim=128, num_kv_heads=8, device="cuda")
+    k8, v8 = _as_fp8(batch.k_cache), _as_fp8(batch.v_cache)
+    args = (batch.query, k8, v8, batch.block_tables, batch.seq_lens, batch.scale)
+    expected = attention.paged_decode_attention_reference(
+        batch.query, k8.bfloat16(), v8.bfloat16(), batch.block_tables, batch.seq_lens,
+        batch.scale)
+    close(attention.paged_decode_attention(*args), expected, torch.bfloat16)
+    prefill = paged_batch([1, 77, 200], [1, 700, 200], group=group, block_size=16,
+                          dtype=torch.bfloat16, head_dim=128, num_kv_heads=8, device="cuda")
+    k8, v8 = _as_fp8(prefill.k_cache), _as_fp8(prefill.v_cache)
+    rest = (prefill.cu_seqlens_q, prefill.seq_lens, prefill.block_tables, prefill.scale)
+    close(attention.paged_prefill_attention(prefill.query, k8, v8, *rest),
+          attention.paged_prefill_attention_reference(prefill.query, k8.bfloat16(),
+                                                      v8.bfloat16(), *rest), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_write_into_an_fp8_cache_casts_and_saturates():
+    k_cache = torch.zeros(64, 16, 8, 128, dtype=torch.float8_e4m3fn, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(300, 8, 128, device="cuda", dtype=torch.bfloat16) * 50
+    value = torch.randn(300, 8, 128, device="cuda", dtype=torch.bfloat16)
+    key[0, 0, :2] = torch.tensor([1000.0, -1e5])  # beyond e4m3's 448: saturated, not NaN
+    slots = torch.randperm(64 * 16, device="cuda")[:300]
+    attention.write_kv_cache(key, value, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, 8, 128), v_cache.view(-1, 8, 128)
+    assert torch.equal(flat_k[slots].view(torch.uint8), _as_fp8(key).view(torch.uint8))
+    assert torch.equal(flat_v[slots].view(torch.uint8), _as_fp8(value).view(torch.uint8))
+    assert flat_k[slots[0], 0, :2].float().tolist() == [448.0, -448.0]
