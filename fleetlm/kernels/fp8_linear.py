@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fleetlm.kernels.int8_linear import Int8Weight, _read
+from fleetlm.kernels.int8_linear import Int8Matrix, Int8Weight, _read
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -64,12 +64,6 @@ class Fp8Weight(Int8Weight):
 
     __slots__ = ()
 
-    def narrow(self, dim: int, start: int, length: int) -> Fp8Weight:
-        if dim == 0:
-            return Fp8Weight(self.data.narrow(0, start, length),
-                             self.scale.narrow(0, start, length))
-        return Fp8Weight(self.data.narrow(dim, start, length), self.scale)
-
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(float8 data, fp32 scales of shape (rows,)), read from the file if lazy."""
         data = _read(self.data)
@@ -78,9 +72,9 @@ class Fp8Weight(Int8Weight):
         return data.contiguous(), _read(self.scale).float().reshape(-1).contiguous()
 
 
-class Fp8Matrix:
-    """A layer's FP8 weight of `shape` on `device`, filled by row ranges (q, k and v, or gate
-    and up, go into one matrix, so a fused projection is one product)."""
+class Fp8Matrix(Int8Matrix):
+    """A layer's FP8 weight of `shape` on `device`, filled by row ranges like `Int8Matrix` (q,
+    k and v, or gate and up, go into one matrix, so a fused projection is one product)."""
 
     def __init__(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> None:
         if shape[1] % 16 or shape[0] % 16:
@@ -90,20 +84,6 @@ class Fp8Matrix:
         self.data = torch.zeros(shape, dtype=FP8, device=device)
         self.scale = torch.zeros(shape[0], device=device)
         self._num_rows_loaded = 0
-
-    def put(self, row: int, weight: Fp8Weight) -> None:
-        """Rows `row`.. of the matrix are `weight`."""
-        if weight.shape[1] != self.shape[1] or row + weight.shape[0] > self.shape[0]:
-            raise ValueError(f"shard {tuple(weight.shape)} at row {row} does not fit a "
-                             f"weight of shape {tuple(self.shape)}")
-        data, scale = weight.materialize()
-        self.data[row:row + data.shape[0]] = data.to(self.data.device)
-        self.scale[row:row + data.shape[0]] = scale.to(self.scale.device)
-        self._num_rows_loaded += data.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scale.numel() * self.scale.element_size()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`x W^T + b` for x of any float dtype, returned in x's dtype."""

@@ -159,10 +159,10 @@ class Int8Weight:
         self.shape = torch.Size(data.shape)
 
     def narrow(self, dim: int, start: int, length: int) -> Int8Weight:
-        if dim == 0:
-            return Int8Weight(self.data.narrow(0, start, length),
+        if dim == 0:  # type(self): a subclass (`Fp8Weight`) narrows to its own kind
+            return type(self)(self.data.narrow(0, start, length),
                               self.scale.narrow(0, start, length))
-        return Int8Weight(self.data.narrow(dim, start, length), self.scale)
+        return type(self)(self.data.narrow(dim, start, length), self.scale)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 data, fp32 scales of shape (rows,)), read from the file if lazy."""
@@ -192,8 +192,8 @@ class Int8Matrix:
             raise ValueError(f"shard {tuple(weight.shape)} at row {row} does not fit a "
                              f"weight of shape {tuple(self.shape)}")
         data, scale = weight.materialize()
-        self.data[row:row + data.shape[0]] = data
-        self.scale[row:row + data.shape[0]] = scale
+        self.data[row:row + data.shape[0]] = data.to(self.data.device)
+        self.scale[row:row + data.shape[0]] = scale.to(self.scale.device)
         self._num_rows_loaded += data.shape[0]
 
     @property

@@ -42,11 +42,28 @@ def float_dir(tmp_path_factory, builtin_dir):
     return folder
 
 
+def _quantized(float_dir, tmp_path_factory, scheme: str):
+    out = tmp_path_factory.mktemp(scheme) / "out"
+    assert main(["quantize", str(float_dir), str(out), "--scheme", scheme]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def w8a8_dir(float_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("w8a8") / "out"
-    assert main(["quantize", str(float_dir), str(out), "--scheme", "W8A8"]) == 0
-    return out
+    return _quantized(float_dir, tmp_path_factory, "W8A8")
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(float_dir, tmp_path_factory):
+    return _quantized(float_dir, tmp_path_factory, "FP8_DYNAMIC")
+
+
+def _linear_weight_names():
+    """The checkpoint names of every Linear weight the schemes quantize."""
+    for layer in range(SMALL["num_hidden_layers"]):
+        for proj in LINEARS:
+            part = "self_attn" if proj in LINEARS[:4] else "mlp"
+            yield f"model.layers.{layer}.{part}.{proj}.weight"
 
 
 def test_the_checkpoint_holds_int8_weights_with_row_scales(float_dir, w8a8_dir):
@@ -54,15 +71,12 @@ def test_the_checkpoint_holds_int8_weights_with_row_scales(float_dir, w8a8_dir):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     source, written = load_file(float_dir / "model.safetensors"), load_file(
         w8a8_dir / "model.safetensors")
-    for layer in range(SMALL["num_hidden_layers"]):
-        for proj in LINEARS:
-            part = "self_attn" if proj in LINEARS[:4] else "mlp"
-            name = f"model.layers.{layer}.{part}.{proj}.weight"
-            assert written[name].dtype == torch.int8
-            scale = written[f"{name}_scale"]
-            assert scale.shape == (source[name].shape[0], 1) and scale.dtype == torch.float32
-            error = written[name].float() * scale - source[name]
-            assert (error.abs() <= scale / 2 + 1e-7).all()  # rounded to nearest
+    for name in _linear_weight_names():
+        assert written[name].dtype == torch.int8
+        scale = written[f"{name}_scale"]
+        assert scale.shape == (source[name].shape[0], 1) and scale.dtype == torch.float32
+        error = written[name].float() * scale - source[name]
+        assert (error.abs() <= scale / 2 + 1e-7).all()  # rounded to nearest
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
         assert torch.equal(written[name], source[name])  # left in float, as LLM Compressor does
 
@@ -293,13 +307,6 @@ def test_smoothquant_refuses_a_model_without_its_mappings(tmp_path, builtin_dir)
         quantize_checkpoint(str(folder), tmp_path / "out", smoothquant=0.5)
 
 
-@pytest.fixture(scope="module")
-def fp8_dir(float_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "out"
-    assert main(["quantize", str(float_dir), str(out), "--scheme", "FP8_DYNAMIC"]) == 0
-    return out
-
-
 def test_compressed_tensors_reads_the_fp8_checkpoint_as_fp8_dynamic(float_dir, fp8_dir):
     """LLM Compressor's FP8_DYNAMIC preset: float8 e4m3 weights with a scale per row, written
     byte for byte as compressed-tensors' own observer and quantizer compute them."""
@@ -318,17 +325,14 @@ def test_compressed_tensors_reads_the_fp8_checkpoint_as_fp8_dynamic(float_dir, f
         assert ours.model_dump(exclude={"observer"}) == theirs.model_dump(exclude={"observer"})
     source, written = load_file(float_dir / "model.safetensors"), load_file(
         fp8_dir / "model.safetensors")
-    for layer in range(SMALL["num_hidden_layers"]):
-        for proj in LINEARS:
-            part = "self_attn" if proj in LINEARS[:4] else "mlp"
-            name = f"model.layers.{layer}.{part}.{proj}.weight"
-            assert written[name].dtype == torch.float8_e4m3fn
-            scale, _ = calculate_qparams(source[name].amin(1, keepdim=True),
-                                         source[name].amax(1, keepdim=True), scheme.weights)
-            assert torch.equal(written[f"{name}_scale"], scale)
-            assert torch.equal(written[name].view(torch.uint8), quantize(
-                source[name], scale, None, scheme.weights,
-                dtype=torch.float8_e4m3fn).view(torch.uint8))
+    for name in _linear_weight_names():
+        assert written[name].dtype == torch.float8_e4m3fn
+        scale, _ = calculate_qparams(source[name].amin(1, keepdim=True),
+                                     source[name].amax(1, keepdim=True), scheme.weights)
+        assert torch.equal(written[f"{name}_scale"], scale)
+        assert torch.equal(written[name].view(torch.uint8), quantize(
+            source[name], scale, None, scheme.weights,
+            dtype=torch.float8_e4m3fn).view(torch.uint8))
     assert torch.equal(written["lm_head.weight"], source["lm_head.weight"])
 
 
