@@ -11,8 +11,9 @@ flight, or (`--request-rate R`) arriving as a Poisson process at R per second, a
 load does: an open loop, where a policy whose replicas cannot keep up queues without bound
 while one that can keeps TTFT flat. The tenants' prompts together about fill the replicas' KV caches, so a replica
 that sees every tenant evicts what the next request needs. Reported per policy (median of
-`--repeats`, policies interleaved): output tokens/s, TTFT p50/p90 and the replicas'
-prefix-cache hit rate (`/metrics`: hit tokens / queried tokens). Each run starts its own
+`--repeats`, policies interleaved): output tokens/s, requests/s served, TTFT p50/p90 and the
+replicas' prefix-cache hit rate (`/metrics`: hit tokens / queried tokens); each run's
+per-request TTFTs are kept in the JSON's "runs". Each run starts its own
 local Ray cluster: nothing else may run meanwhile (take the CPU lock exclusively).
 """
 
@@ -35,6 +36,7 @@ from fleetlm.cluster.config import ClusterConfig
 
 POLICIES = ("round_robin", "least_loaded", "approx_prefix", "precise_prefix")
 PORT = 8793
+REQUESTS = "requests"  # a run's per-request rows: kept in "runs", not in the medians
 
 
 def config_for(policy: str, args) -> ClusterConfig:
@@ -98,9 +100,13 @@ def measure(policy: str, args, seed: int) -> dict:
         ray.shutdown()
     return {
         "output_tok_s": point["output_throughput"],
+        "served_req_s": point["request_throughput"],
         "ttft_p50_ms": point["ttft_ms"]["median"], "ttft_p90_ms": point["ttft_ms"]["p90"],
         "prefix_hit_rate": (hits1 - hits0) / max(queries1 - queries0, 1.0),
         "num_failed": point["num_failed"], "duration_s": point["duration_s"],
+        # each request (conv_id "group<tenant>-user<n>"), to see what a tail is made of
+        REQUESTS: [{key: row.get(key) for key in ("conv_id", "ttft_ms", "e2el_ms", "error")}
+                   for row in point["requests"]],
     }
 
 
@@ -143,8 +149,10 @@ def main() -> None:
     for repeat in range(args.repeats):
         for policy, results in runs.items():  # interleaved, so drift hits every policy
             results.append(measure(policy, args, seed=repeat))
-            print(policy, json.dumps(results[-1]), flush=True)
-    medians = {policy: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            print(policy, json.dumps({k: v for k, v in results[-1].items() if k != REQUESTS}),
+                  flush=True)
+    medians = {policy: {key: statistics.median(r[key] for r in results)
+                        for key in results[0] if key != REQUESTS}
                for policy, results in runs.items()}
     report = {"cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)},
               "medians": medians, "runs": runs}
