@@ -33,9 +33,8 @@ class PagedAttention(nn.Module):
     """Writes this step's K/V into the cache, then attends over each request's blocks.
 
     Prompts without earlier context attend over their fresh K/V, except over an int8 or fp8
-    cache:
-    there every token reads the quantized KV, so a request's output does not depend on how
-    its prompt was split (chunks, prefix-cache hits, KV from a prefill engine), as vLLM's
+    cache: there every token reads the rounded KV, so a request's output does not depend on
+    how its prompt was split (chunks, prefix-cache hits, KV from a prefill engine), as vLLM's
     attention over an fp8 cache does."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
