@@ -76,18 +76,13 @@ class Fp8Matrix(Int8Matrix):
     """A layer's FP8 weight of `shape` on `device`, filled by row ranges like `Int8Matrix` (q,
     k and v, or gate and up, go into one matrix, so a fused projection is one product)."""
 
+    DTYPE = FP8
+
     def __init__(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> None:
         if shape[1] % 16 or shape[0] % 16:
             raise ValueError(f"an FP8 matrix needs both sides divisible by 16 (the FP8 GEMM's "
                              f"alignment); got {tuple(shape)}")
-        self.shape = torch.Size(shape)
-        self.data = torch.zeros(shape, dtype=FP8, device=device)
-        self.scale = torch.zeros(shape[0], device=device)
-        self._num_rows_loaded = 0
+        super().__init__(shape, device)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`x W^T + b` for x of any float dtype, returned in x's dtype."""
-        if self._num_rows_loaded != self.shape[0]:
-            raise RuntimeError(f"FP8 weight of shape {tuple(self.shape)} was not loaded whole")
-        y = fp8_linear(x.reshape(-1, self.shape[1]), self.data, self.scale, bias)
-        return y.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
+    def _multiply(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(rows, self.data, self.scale, bias)

@@ -145,7 +145,9 @@ def matmul(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
 class QuantizedMatrix:
     """A layer's weight of `shape`, held as GGUF row ranges (shards loaded one by one)."""
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> None:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"GGUF matrices run on CPUs only; got {device}")
         self.shape = torch.Size(shape)
         self.parts: list[tuple[int, GGUFWeight]] = []  # (first row, rows), sorted
         # The whole matrix as one part, once loaded so: a decode step's linear layers take it

@@ -177,13 +177,16 @@ class Int8Weight:
 
 
 class Int8Matrix:
-    """A layer's W8A8 weight of `shape`, filled by row ranges (q, k and v, or gate and up, are
-    loaded one by one into one matrix, so a fused projection is one kernel call)."""
+    """A layer's W8A8 weight of `shape` on `device`, filled by row ranges (q, k and v, or gate
+    and up, are loaded one by one into one matrix, so a fused projection is one kernel call).
+    Subclasses (`Fp8Matrix`) change the element type and the product."""
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    DTYPE = torch.int8
+
+    def __init__(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> None:
         self.shape = torch.Size(shape)
-        self.data = torch.zeros(shape, dtype=torch.int8)
-        self.scale = torch.zeros(shape[0])
+        self.data = torch.zeros(shape, dtype=self.DTYPE, device=device)
+        self.scale = torch.zeros(shape[0], device=device)
         self._num_rows_loaded = 0
 
     def put(self, row: int, weight: Int8Weight) -> None:
@@ -201,9 +204,13 @@ class Int8Matrix:
         return self.data.numel() + self.scale.numel() * self.scale.element_size()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`x W^T + b` for x of any float dtype (computed in fp32, returned in x's dtype)."""
+        """`x W^T + b` for x of any float dtype, returned in x's dtype."""
         if self._num_rows_loaded != self.shape[0]:
-            raise RuntimeError(f"int8 weight of shape {tuple(self.shape)} was not loaded whole")
-        rows = x.reshape(-1, self.shape[1]).float()
-        y = w8a8_linear(rows, self.data, self.scale, bias)
+            raise RuntimeError(f"{self.DTYPE} weight of shape {tuple(self.shape)} was not "
+                               f"loaded whole")
+        y = self._multiply(x.reshape(-1, self.shape[1]), bias)
         return y.view(*x.shape[:-1], self.shape[0]).to(x.dtype)
+
+    def _multiply(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """rows (m, k) times this matrix: computed in fp32 by the int8 kernel."""
+        return w8a8_linear(rows.float(), self.data, self.scale, bias)

@@ -51,8 +51,7 @@ def _load_rows(param: nn.Parameter, shape: tuple[int, int], row: int, loaded) ->
     matrix_class, devices = QUANTIZED_MATRICES.get(type(loaded), (None, ()))
     if param.device.type in devices:
         if getattr(param, "quantized", None) is None:
-            param.quantized = (Fp8Matrix(shape, param.device) if matrix_class is Fp8Matrix
-                               else matrix_class(shape))
+            param.quantized = matrix_class(shape, param.device)
             param.data = torch.empty(0, dtype=param.dtype)  # never filled: free it
         param.quantized.put(row, loaded)
         return

@@ -85,22 +85,24 @@ def w8a8_config(scheme: str = "W8A8") -> dict:
     }
 
 
+def _row_scales(weight: torch.Tensor, half_range: float) -> torch.Tensor:
+    """compressed-tensors' symmetric channel-wise min-max scales, (rows, 1) in the weight's
+    dtype: `max|w| / half_range`, a zero scale replaced by the dtype's eps."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / torch.tensor(half_range, dtype=weight.dtype)
+    return torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, scale of shape (rows, 1) in the weight's dtype), as compressed-tensors'
     symmetric channel-wise min-max quantization computes them."""
-    amax = weight.abs().amax(dim=1, keepdim=True)
-    scale = amax / torch.tensor(127.5, dtype=weight.dtype)
-    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
-    q = torch.round(weight / scale).clamp(-128, 127).to(torch.int8)
-    return q, scale
+    scale = _row_scales(weight, 127.5)
+    return torch.round(weight / scale).clamp(-128, 127).to(torch.int8), scale
 
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 e4m3 weight, scale of shape (rows, 1) in the weight's dtype), as
-    compressed-tensors' symmetric channel-wise min-max quantization to float8 computes them."""
-    amax = weight.abs().amax(dim=1, keepdim=True)
-    scale = amax / torch.tensor(FP8_MAX, dtype=weight.dtype)
-    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+    """(float8 e4m3 weight, scale of shape (rows, 1) in the weight's dtype), the same for
+    float8 (rounded to nearest by the cast)."""
+    scale = _row_scales(weight, FP8_MAX)
     return (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
