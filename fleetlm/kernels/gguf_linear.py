@@ -44,7 +44,12 @@ _int64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = cpu_build.load(SOURCE)
+    return load_library()
+
+
+def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDLL | None:
+    """The kernel built with `flags` (tests build it for other instruction sets too)."""
+    library = cpu_build.load(SOURCE, flags)
     if library is not None:
         library.fleet_gguf_matmul.argtypes = [
             _ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
@@ -129,9 +134,10 @@ def zeros(qtype: GGMLQuantizationType, rows: int, cols: int) -> GGUFWeight:
     return GGUFWeight(data, qtype, cols)
 
 
-def matmul(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: GGUFWeight,
+           library: ctypes.CDLL | None = None) -> torch.Tensor:
     """`x @ dequantize(weight).T` in fp32 for fp32 `x` of shape (m, cols)."""
-    library = _library()
+    library = library or _library()
     if library is None or x.device.type != "cpu":
         return F.linear(x, weight.dequantize().to(x.device))
     x = x.contiguous()

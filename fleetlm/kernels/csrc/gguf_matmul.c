@@ -5,10 +5,13 @@
  * for AVX2, AVX-512 or NEON as -march=native allows), compiled at first use by
  * fleetlm/kernels/cpu_build.py and called through ctypes by fleetlm/kernels/gguf_linear.py.
  *
- * A task is a tile of ROWS weight rows: each row is dequantized into a per-thread fp32 buffer
- * (a few KiB, so it stays in L1), then every input row is multiplied with the tile, three input
- * rows at a time (3 x 4 accumulators: 7 loads per 12 multiply-adds). The weight is read once
- * per call whatever the number of input rows; that, not the arithmetic, bounds a decode step.
+ * A task is a tile of ROWS weight rows. Q4_0, Q4_1 and Q8_0 tiles are multiplied straight
+ * from their blocks, two input rows at a time, each block turned into fp32 in registers
+ * (dot_tile_blocks; up to DIRECT_MAX_ROWS input rows). Otherwise each row is dequantized into
+ * a per-thread fp32 buffer (a few KiB, so it stays in L1), then every input row is multiplied
+ * with the tile, three input rows at a time (3 x 4 accumulators: 7 loads per 12 multiply-adds).
+ * Either way the weight is read from memory once per call whatever the number of input rows,
+ * and every path sums in one order, so a row's result is the same in any batch.
  *
  * Dequantization follows ggml (llama.cpp) and gguf-py operation by operation in fp32, so the
  * weights multiplied are exactly dequantize(W); only the order of the sums differs from a
@@ -26,6 +29,17 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_
 enum { OK = 0, ERR_TYPE = 1, ERR_SHAPE = 2, ERR_NO_MEMORY = 3 };
 
 #define ROWS 4 /* weight rows per task */
+#define PREFETCH_TILES 2 /* the direct path asks for the tile this many tiles ahead */
+#define DIRECT_ROWS 2 /* input rows per pass over a tile's blocks */
+/* Up to how many input rows Q4_0 / Q4_1 / Q8_0 skip the dequantized buffer. Measured on the
+ * built-in model's shapes (docs/benchmarks.md): with AVX-512's 32 vector registers the direct
+ * path is faster at every batch (1.4x at 1 row, 1.2x at 128); an AVX2 build (16 registers)
+ * is faster direct up to 8 rows and 5-10% slower from 32. */
+#ifdef __AVX512F__
+#define DIRECT_MAX_ROWS INT64_MAX
+#else
+#define DIRECT_MAX_ROWS 16
+#endif
 #define QK 32  /* elements per Q4_0 / Q4_1 / Q8_0 block */
 #define QK_K 256
 
@@ -73,7 +87,7 @@ static ALWAYS_INLINE void nibbles_to_f32(const uint8_t *qs, f32x8 out[4])
 }
 #endif
 
-static float fp16_to_fp32(const uint8_t *p)
+static ALWAYS_INLINE float fp16_to_fp32(const uint8_t *p)
 {
     uint16_t h;
     memcpy(&h, p, sizeof h);
@@ -109,6 +123,30 @@ static void scale_min_k4(int j, const uint8_t *q, int *scale, int *min)
     }
 }
 
+/* Bytes of one block of the 32-element types. */
+static ALWAYS_INLINE int64_t small_block_bytes(int type)
+{
+    return type == T_Q4_0 ? 2 + QK / 2 : type == T_Q4_1 ? 4 + QK / 2 : 2 + QK;
+}
+
+/* One Q4_0, Q4_1 or Q8_0 block at `src` as 4 x 8 fp32 values (elements 8j..8j+7 in out[j]). */
+static ALWAYS_INLINE void small_block_to_f32(const uint8_t *src, int type, f32x8 out[4])
+{
+    const float d = fp16_to_fp32(src);
+    if (type == T_Q8_0) {
+        for (int j = 0; j < 4; j++) out[j] = i8_to_f32x8((const int8_t *)(src + 2) + 8 * j) * d;
+        return;
+    }
+    f32x8 q[4];
+    nibbles_to_f32(src + (type == T_Q4_0 ? 2 : 4), q);
+    if (type == T_Q4_0) {
+        for (int j = 0; j < 4; j++) out[j] = (q[j] - 8.0f) * d;
+    } else {
+        const float m = fp16_to_fp32(src + 2);
+        for (int j = 0; j < 4; j++) out[j] = q[j] * d + m;
+    }
+}
+
 /* One row of `k` elements from its blocks at `src` into `out`. */
 static void dequantize_row(const uint8_t *src, int64_t k, int type, float *restrict out)
 {
@@ -120,28 +158,16 @@ static void dequantize_row(const uint8_t *src, int64_t k, int type, float *restr
         for (int64_t i = 0; i < k; i++) out[i] = fp16_to_fp32(src + 2 * i);
         return;
     case T_Q4_0:
-        for (int64_t b = 0; b < k / QK; b++, src += 18, out += QK) {
-            const float d = fp16_to_fp32(src);
-            f32x8 q[4];
-            nibbles_to_f32(src + 2, q);
-            for (int j = 0; j < 4; j++) store8(out + 8 * j, (q[j] - 8.0f) * d);
-        }
-        return;
     case T_Q4_1:
-        for (int64_t b = 0; b < k / QK; b++, src += 20, out += QK) {
-            const float d = fp16_to_fp32(src), m = fp16_to_fp32(src + 2);
-            f32x8 q[4];
-            nibbles_to_f32(src + 4, q);
-            for (int j = 0; j < 4; j++) store8(out + 8 * j, q[j] * d + m);
+    case T_Q8_0: {
+        const int64_t bytes = small_block_bytes(type);
+        for (int64_t b = 0; b < k / QK; b++, src += bytes, out += QK) {
+            f32x8 v[4];
+            small_block_to_f32(src, type, v);
+            for (int j = 0; j < 4; j++) store8(out + 8 * j, v[j]);
         }
         return;
-    case T_Q8_0:
-        for (int64_t b = 0; b < k / QK; b++, src += 34, out += QK) {
-            const float d = fp16_to_fp32(src);
-            const int8_t *qs = (const int8_t *)(src + 2);
-            for (int j = 0; j < 4; j++) store8(out + 8 * j, i8_to_f32x8(qs + 8 * j) * d);
-        }
-        return;
+    }
     case T_Q4_K:
         for (int64_t b = 0; b < k / QK_K; b++, src += 144) {
             const float d = fp16_to_fp32(src), dmin = fp16_to_fp32(src + 2);
@@ -198,7 +224,7 @@ static ALWAYS_INLINE void dot_tile(const float *x, int nx, const float *w, int64
         for (int j = 0; j < nx; j++) u[j] = load8(x + j * k + i);
         for (int r = 0; r < rows; r++) {
             const f32x8 wr = load8(w + r * k + i);
-            for (int j = 0; j < nx; j++) a[j][r] += u[j] * wr;
+            for (int j = 0; j < nx; j++) a[j][r] = fma8(u[j], wr, a[j][r]);
         }
     }
     for (int j = 0; j < nx; j++) {
@@ -206,6 +232,72 @@ static ALWAYS_INLINE void dot_tile(const float *x, int nx, const float *w, int64
             float s = hsum8(a[j][r]);
             for (int64_t l = i; l < k; l++) s += x[j * k + l] * w[r * k + l];
             y[j][r] = s;
+        }
+    }
+}
+
+/* dot_tile for the 32-element types read straight from their blocks: each block of the `rows`
+ * weight rows at w + r * row_bytes goes to registers and into the products at once, and the
+ * bytes PREFETCH_TILES tiles ahead are requested meanwhile, a slice per block (the interleaved
+ * reads of four rows defeat the hardware prefetcher: without this the lm_head ran at a third
+ * of the buffered path's bandwidth). The sums run in dot_tile's order (per lane, 8 elements
+ * at a time from the first, fused multiply-adds), so the result is bit for bit the buffered
+ * path's and a row's result does not depend on the rows batched with it. */
+static ALWAYS_INLINE void dot_tile_blocks(const float *x, int nx, const uint8_t *w,
+                                          int64_t row_bytes, int64_t k, int type, int rows,
+                                          float y[][ROWS])
+{
+    const int64_t bytes = small_block_bytes(type);
+    f32x8 a[DIRECT_ROWS][ROWS];
+    for (int j = 0; j < nx; j++)
+        for (int r = 0; r < rows; r++) a[j][r] = splat8(0.0f);
+    const int64_t blocks = k / QK, ahead = (rows * row_bytes + blocks - 1) / blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t p = b * ahead; p < (b + 1) * ahead; p += 64)
+            __builtin_prefetch(w + PREFETCH_TILES * rows * row_bytes + p);
+        f32x8 u[DIRECT_ROWS][4];
+        for (int j = 0; j < nx; j++)
+            for (int l = 0; l < 4; l++) u[j][l] = load8(x + j * k + b * QK + 8 * l);
+        for (int r = 0; r < rows; r++) {
+            f32x8 v[4];
+            small_block_to_f32(w + r * row_bytes + b * bytes, type, v);
+            for (int l = 0; l < 4; l++)
+                for (int j = 0; j < nx; j++) a[j][r] = fma8(u[j][l], v[l], a[j][r]);
+        }
+    }
+    for (int j = 0; j < nx; j++)
+        for (int r = 0; r < rows; r++) y[j][r] = hsum8(a[j][r]);
+}
+
+/* fleet_gguf_matmul for a Q4_0, Q4_1 or Q8_0 matrix without the buffer: per tile, the input
+ * rows two at a time. */
+static ALWAYS_INLINE void direct_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w,
+                                        int64_t n, int type, float *y, int num_threads)
+{
+    const int64_t row_bytes = k / QK * small_block_bytes(type);
+    const int64_t num_tiles = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tiles > 1)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const int64_t n0 = t * ROWS;
+        const uint8_t *tile = w + n0 * row_bytes;
+        float out[DIRECT_ROWS][ROWS];
+        if (n - n0 >= ROWS) {
+            int64_t i = 0;
+            for (; i + 2 <= m; i += 2) {
+                dot_tile_blocks(x + i * k, 2, tile, row_bytes, k, type, ROWS, out);
+                for (int j = 0; j < 2; j++) memcpy(y + (i + j) * n + n0, out[j], sizeof out[j]);
+            }
+            if (i < m) {
+                dot_tile_blocks(x + i * k, 1, tile, row_bytes, k, type, ROWS, out);
+                memcpy(y + i * n + n0, out[0], sizeof out[0]);
+            }
+        } else { /* the last, ragged tile: one weight row and one input row at a time */
+            for (int r = 0; r < n - n0; r++)
+                for (int j = 0; j < m; j++) {
+                    dot_tile_blocks(x + j * k, 1, tile + r * row_bytes, row_bytes, k, type, 1,
+                                    out);
+                    y[j * n + n0 + r] = out[0][0];
+                }
         }
     }
 }
@@ -228,6 +320,13 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
     int64_t elements, bytes;
     if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
     if (k % elements) return ERR_SHAPE;
+    if (m >= 1 && m <= DIRECT_MAX_ROWS) {
+        switch (type) { /* constant types, so that each gets its own unrolled loop */
+        case T_Q4_0: direct_matmul(x, m, k, w, n, T_Q4_0, y, num_threads); return OK;
+        case T_Q4_1: direct_matmul(x, m, k, w, n, T_Q4_1, y, num_threads); return OK;
+        case T_Q8_0: direct_matmul(x, m, k, w, n, T_Q8_0, y, num_threads); return OK;
+        }
+    }
     const int64_t row_bytes = k / elements * bytes;
     const int64_t num_tiles = (n + ROWS - 1) / ROWS;
     int status = OK;

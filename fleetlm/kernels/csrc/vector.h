@@ -58,6 +58,21 @@ static ALWAYS_INLINE f32x8 load8_i8(const int8_t *p)
 #endif
 }
 
+/* a * b + c with one rounding where the CPU has FMA. Spelled out because whether GCC fuses
+ * `c += a * b` depends on the code around it, and kernels that promise one sum order for
+ * every batch size need the same arithmetic at every call site. */
+static ALWAYS_INLINE f32x8 fma8(f32x8 a, f32x8 b, f32x8 c)
+{
+#if defined(__FMA__) && defined(__AVX2__)
+    __m256 r = _mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+    f32x8 out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+#else
+    return a * b + c;
+#endif
+}
+
 static ALWAYS_INLINE float hsum8(f32x8 a)
 {
     f32x4 lo, hi;
