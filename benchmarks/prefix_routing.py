@@ -42,7 +42,7 @@ REQUESTS = "requests"  # a run's per-request rows: kept in "runs", not in the me
 def config_for(policy: str, args) -> ClusterConfig:
     return ClusterConfig.model_validate({
         "name": "bench-routing",
-        "model": {"max_model_len": 2048},
+        "model": {"max_model_len": max(2048, args.prefix_len + 1024)},
         "engine": {"num_blocks": args.num_blocks, "max_num_seqs": 8,
                    "max_num_batched_tokens": 512},
         "replicas": {"count": 2, "num_cpus": 0.9, "num_threads": 1},
@@ -51,17 +51,26 @@ def config_for(policy: str, args) -> ClusterConfig:
     })
 
 
-def prefix_cache_counts(url: str) -> tuple[float, float]:
-    """(hit tokens, queried tokens) summed over the replicas."""
+def metric_counts(url: str) -> dict[str, float]:
+    """Counters summed over the replicas: prefix-cache hit and queried tokens, and the
+    affinity filter's decisions (`affinity_stuck`, `_spilled`, `_none`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    totals = {"fleetlm:prefix_cache_hits": 0.0, "fleetlm:prefix_cache_queries": 0.0}
+    totals = {"hits": 0.0, "queries": 0.0, **{f"affinity_{o}": 0.0
+                                              for o in ("stuck", "spilled", "none")}}
     for family in text_string_to_metric_families(text):
-        if family.name in totals:
-            totals[family.name] += sum(s.value for s in family.samples
-                                       if s.name.endswith("_total"))
-    return totals["fleetlm:prefix_cache_hits"], totals["fleetlm:prefix_cache_queries"]
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            if family.name == "fleetlm:prefix_cache_hits":
+                totals["hits"] += sample.value
+            elif family.name == "fleetlm:prefix_cache_queries":
+                totals["queries"] += sample.value
+            elif family.name == "fleetlm:router_decisions" and \
+                    sample.labels.get("stage") == "affinity":
+                totals[f"affinity_{sample.labels['outcome']}"] += sample.value
+    return totals
 
 
 def bench(url: str, args, seed: int, result_dir: Path) -> dict:
@@ -91,10 +100,10 @@ def measure(policy: str, args, seed: int) -> dict:
         start_http(config)
         serve.run(build_app(config), name=config.name, route_prefix="/")
         url = url_of(config)
-        hits0, queries0 = prefix_cache_counts(url)
+        before = metric_counts(url)
         with tempfile.TemporaryDirectory() as folder:
             point = bench(url, args, seed, Path(folder))
-        hits1, queries1 = prefix_cache_counts(url)
+        after = metric_counts(url)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -102,7 +111,10 @@ def measure(policy: str, args, seed: int) -> dict:
         "output_tok_s": point["output_throughput"],
         "served_req_s": point["request_throughput"],
         "ttft_p50_ms": point["ttft_ms"]["median"], "ttft_p90_ms": point["ttft_ms"]["p90"],
-        "prefix_hit_rate": (hits1 - hits0) / max(queries1 - queries0, 1.0),
+        "prefix_hit_rate": (after["hits"] - before["hits"])
+        / max(after["queries"] - before["queries"], 1.0),
+        # the prefix policies' routing decisions: kept on the prefix's replica, or spilled
+        **{key: after[key] - before[key] for key in after if key.startswith("affinity_")},
         "num_failed": point["num_failed"], "duration_s": point["duration_s"],
         # each request (conv_id "group<tenant>-user<n>"), to see what a tail is made of
         REQUESTS: [{key: row.get(key) for key in ("conv_id", "ttft_ms", "e2el_ms", "error")}

@@ -135,8 +135,9 @@ class RouterSection(Section):
         0.1, ge=0, description="Weight of the KV-usage scorer (more free KV cache) under the "
         "prefix policies.")
     saturation_threshold: int = Field(
-        8, ge=1, description="Requests in flight plus waiting at which a replica stops "
-        "attracting its prefixes' requests (the saturation valve): they spill to the others.")
+        8, ge=1, description="Requests at a replica (this ingress's in flight, or its engine's "
+        "running + waiting if more) at which it stops attracting its prefixes' requests (the "
+        "saturation valve): they spill to the others.")
     approx_history_blocks: int = Field(
         65536, ge=1, description="approx_prefix: block hashes the router remembers (least "
         "recently routed forgotten first); about the replicas' total KV blocks.")

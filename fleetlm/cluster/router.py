@@ -84,8 +84,11 @@ def healthy_filter(request: RoutingRequest, replicas: list[ReplicaState]) -> lis
 
 
 def load_of(replica: ReplicaState) -> int:
-    """Requests this ingress has in flight there plus those waiting in its engine."""
-    return replica.num_inflight + replica.stats.num_waiting
+    """Requests at the replica: this ingress's own in-flight count (always current) or its
+    engine's running + waiting (as of its last stats, other ingresses' requests included),
+    whichever is larger. Their sum would count this ingress's queued requests twice, and
+    the valve would open at about half its threshold's real load."""
+    return max(replica.num_inflight, replica.stats.num_running + replica.stats.num_waiting)
 
 
 def queue_scorer(request: RoutingRequest, replicas: list[ReplicaState]) -> list[float]:

@@ -63,6 +63,19 @@ def test_least_loaded_counts_engine_waiting_queue():
     assert router.pick(REQUEST).name == "r1"
 
 
+def test_a_replica_load_counts_each_request_once():
+    """This ingress's in-flight requests are among those its engine reports running or
+    waiting: the larger of the two counts is the load, not their sum."""
+    router = build_router(RouterSection(policy="precise_prefix", saturation_threshold=5), NAMES)
+    _cache_on(router, "r1", TENANT_A)
+    for _ in range(4):
+        router.on_start(router.replica("r1"))
+    router.update_stats(1, EngineStats(num_running=2, num_waiting=2))  # those same four
+    assert router.pick(_prefix_request("a", TENANT_A)).name == "r1"  # 4 < 5: not saturated
+    router.update_stats(1, EngineStats(num_running=2, num_waiting=3))  # another ingress's too
+    assert router.pick(_prefix_request("b", TENANT_A)).name != "r1"
+
+
 def test_unhealthy_replicas_are_skipped_unless_all_are():
     router = build_router("round_robin", NAMES)
     router.update_stats(1, EngineStats(), is_healthy=False)
