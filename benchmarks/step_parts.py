@@ -1,8 +1,9 @@
 """The decode step of the built-in model (SmolLM2-135M), split by part, against its
 memory-bandwidth floor (issue 12, item 1).
 
-For each weight path (float32: the file dequantized on load, oneDNN linear layers; gguf: the
-file's blocks kept quantized) and batch size, the script decodes `--output-len` tokens after
+For each weight path (float32: the file dequantized on load, oneDNN linear layers; bfloat16:
+the same in bf16, what `dtype: auto` picks on CPUs with AVX512-BF16 or AMX; gguf: the file's
+blocks kept quantized) and batch size, the script decodes `--output-len` tokens after
 4-token prompts and reports:
 
 - the median engine step, uninstrumented (one `LLMEngine.step()`, scheduling to detokenising);
@@ -155,8 +156,14 @@ def measure(llm: LLM, batch_size: int, output_len: int, repeats: int) -> dict:
             "model_ms": sum(parts_ms[p] for p in MODEL_PARTS)}
 
 
-def load(quantization: str | None, batch_size: int) -> LLM:
-    return LLM(MODEL, dtype="float32", quantization=quantization, max_num_seqs=batch_size,
+# --weights name -> (dtype, quantization)
+WEIGHTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
+           "gguf": ("float32", "gguf")}
+
+
+def load(weights: str, batch_size: int) -> LLM:
+    dtype, quantization = WEIGHTS[weights]
+    return LLM(MODEL, dtype=dtype, quantization=quantization, max_num_seqs=batch_size,
                kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False)
 
 
@@ -172,7 +179,8 @@ def print_table(label: str, figures: dict, floor_ms: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default="float32,gguf")
+    parser.add_argument("--weights", default="float32,gguf",
+                        help=f"comma-separated, of: {', '.join(WEIGHTS)}")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -186,7 +194,7 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"read bandwidth {bandwidth:.1f} GB/s on {result['threads']} threads")
     for weights in args.weights.split(","):
-        llm = load(None if weights == "float32" else weights, max(batch_sizes))
+        llm = load(weights, max(batch_sizes))
         weight_bytes_ = bytes_per_step(llm)
         floor_ms = weight_bytes_ / bandwidth / 1e6
         for batch_size in batch_sizes:
