@@ -1,10 +1,11 @@
 """Linear layers that keep GGUF-quantized weights quantized (`quantization: gguf`), for CPUs.
 
 A weight stays in the GGUF file's own blocks (`GGUFWeight`: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, and
-F16 / F32 matrices); `csrc/gguf_matmul.c` dequantizes a few rows at a time into L1 and
-multiplies them with fp32 activations, so a decode step reads the quantized bytes (0.56 byte
-per weight for Q4_1 against 4 for fp32) and the result is `x @ dequantize(W).T` up to the
-order of the sums. Where that kernel does not apply (no C compiler, not a CPU tensor) the
+F16 / F32 matrices); `csrc/gguf_matmul.c` multiplies Q4_0 / Q4_1 / Q8_0 blocks with the fp32
+activations straight from registers (other types through a few rows dequantized into L1), so
+a decode step reads the quantized bytes (0.56 byte per weight for Q4_1 against 4 for fp32)
+and the result is `x @ dequantize(W).T` up to the order of the sums, the same for a row in
+any batch. Where that kernel does not apply (no C compiler, not a CPU tensor) the
 weight is dequantized on the spot with gguf-py, llama.cpp's own reader: slow, but the same
 numbers.
 
