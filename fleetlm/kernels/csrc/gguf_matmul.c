@@ -103,15 +103,21 @@ static ALWAYS_INLINE float fp16_to_fp32(const uint8_t *p)
     return (float)f;
 }
 
+/* Bytes of one block of the 32-element types. */
+static ALWAYS_INLINE int64_t small_block_bytes(int type)
+{
+    return type == T_Q4_0 ? 2 + QK / 2 : type == T_Q4_1 ? 4 + QK / 2 : 2 + QK;
+}
+
 /* Elements per block and bytes per block of each type; 0 for an unknown type. */
 static int block_shape(int type, int64_t *elements, int64_t *bytes)
 {
     switch (type) {
     case T_F32: *elements = 1; *bytes = 4; return 1;
     case T_F16: *elements = 1; *bytes = 2; return 1;
-    case T_Q4_0: *elements = QK; *bytes = 2 + QK / 2; return 1;
-    case T_Q4_1: *elements = QK; *bytes = 4 + QK / 2; return 1;
-    case T_Q8_0: *elements = QK; *bytes = 2 + QK; return 1;
+    case T_Q4_0:
+    case T_Q4_1:
+    case T_Q8_0: *elements = QK; *bytes = small_block_bytes(type); return 1;
     case T_Q4_K: *elements = QK_K; *bytes = 4 + 12 + QK_K / 2; return 1;
     case T_Q6_K: *elements = QK_K; *bytes = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2; return 1;
     default: return 0;
@@ -128,12 +134,6 @@ static void scale_min_k4(int j, const uint8_t *q, int *scale, int *min)
         *scale = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
         *min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
-}
-
-/* Bytes of one block of the 32-element types. */
-static ALWAYS_INLINE int64_t small_block_bytes(int type)
-{
-    return type == T_Q4_0 ? 2 + QK / 2 : type == T_Q4_1 ? 4 + QK / 2 : 2 + QK;
 }
 
 /* One Q4_0, Q4_1 or Q8_0 block at `src` as 4 x 8 fp32 values (elements 8j..8j+7 in out[j]). */
