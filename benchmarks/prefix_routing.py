@@ -116,10 +116,26 @@ def measure(policy: str, args, seed: int) -> dict:
         # the prefix policies' routing decisions: kept on the prefix's replica, or spilled
         **{key: after[key] - before[key] for key in after if key.startswith("affinity_")},
         "num_failed": point["num_failed"], "duration_s": point["duration_s"],
-        # each request (conv_id "group<tenant>-user<n>"), to see what a tail is made of
-        REQUESTS: [{key: row.get(key) for key in ("conv_id", "ttft_ms", "e2el_ms", "error")}
+        # each request (conv_id "group<tenant>-user<n>") and the replica that served it (the
+        # server's x-fleetlm-replica header), to see what a tail is made of
+        REQUESTS: [{key: row.get(key)
+                    for key in ("conv_id", "replica", "ttft_ms", "e2el_ms", "error")}
                    for row in point["requests"]],
+        "tenant_replicas": tenant_replicas(point["requests"]),
     }
+
+
+def tenant_replicas(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Requests per tenant and replica (replicas named r0, r1, ... in order of first
+    appearance): a tenant that one replica served throughout has one entry."""
+    short: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        tenant = row["conv_id"].partition("-")[0]
+        replica = short.setdefault(row.get("replica") or "?", f"r{len(short)}")
+        by_replica = counts.setdefault(tenant, {})
+        by_replica[replica] = by_replica.get(replica, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def plot(medians: dict, path: Path) -> None:
@@ -164,7 +180,7 @@ def main() -> None:
             print(policy, json.dumps({k: v for k, v in results[-1].items() if k != REQUESTS}),
                   flush=True)
     medians = {policy: {key: statistics.median(r[key] for r in results)
-                        for key in results[0] if key != REQUESTS}
+                        for key, value in results[0].items() if isinstance(value, (int, float))}
                for policy, results in runs.items()}
     report = {"cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)},
               "medians": medians, "runs": runs}

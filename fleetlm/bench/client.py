@@ -27,6 +27,10 @@ from fleetlm.bench.workloads import Turn
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _BANNED_LOGIT_BIAS = -100  # OpenAI's minimum bias: the token is never sampled
 _MAX_ERROR_CHARS = 300
+# fleetlm's server names the engine replica that served a request in this header
+# (`fleetlm.cluster.ingress.REPLICA_HEADER`); other servers send none. The client stays
+# independent of the server's package: it benchmarks any OpenAI-compatible server.
+REPLICA_HEADER = "x-fleetlm-replica"
 _COMPLETION_SEPARATOR = "\n"  # between messages when a conversation is flattened to a prompt
 
 Message = dict[str, str]
@@ -77,6 +81,7 @@ class RequestRecord:
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
     num_tokenizer_tokens: int | None = None  # the tokenizer's count of `text`, set after the run
+    replica: str | None = None  # the engine replica that served it, if the server says
     error: str | None = None
 
     @property
@@ -138,6 +143,7 @@ async def send_request(
     record.send_time = time.perf_counter()
     try:
         async with session.post(config.url, json=payload) as response:
+            record.replica = response.headers.get(REPLICA_HEADER)
             if response.status != 200:
                 body = await response.text()
                 record.error = f"HTTP {response.status}: {body[:_MAX_ERROR_CHARS]}"

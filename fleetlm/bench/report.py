@@ -25,6 +25,7 @@ def request_row(record: RequestRecord) -> dict:
         "usage_prompt_tokens": record.usage_prompt_tokens,
         "usage_completion_tokens": record.usage_completion_tokens,
         "tokenizer_completion_tokens": record.num_tokenizer_tokens,
+        "replica": record.replica,
         "error": record.error,
     }
     if not record.is_success:

@@ -71,6 +71,9 @@ METRICS_TIMEOUT_S = 2.0
 # Serve call, about a millisecond of CPU on each side), and how long it waits for one.
 KV_EVENTS_INTERVAL_S = 0.1
 KV_EVENTS_TIMEOUT_S = 2.0
+# Names the engine replica the router picked for a request (the first, if it migrated), as
+# llm-d's gateway names the pod it chose: routing becomes visible per request to clients.
+REPLICA_HEADER = "x-fleetlm-replica"
 
 
 @dataclass(frozen=True)
@@ -212,14 +215,16 @@ class OpenAIIngress:
         request_id = random_id("chatcmpl" if method == "chat" else "cmpl")
         call = _Call(method, body, request_id, await self._routing_request(request_id, body))
         attempt, first = await self._start(call, None)
+        replica = None if attempt is None else attempt.replica
+        headers = {REPLICA_HEADER: replica} if replica else None
         if not isinstance(first, StreamChunk):  # an error or a whole response: nothing follows
             if attempt is not None:
                 attempt.close()
             if isinstance(first, OpenAIError):
                 raise first
-            return JSONResponse(first)
+            return JSONResponse(first, headers=headers)
         return StreamingResponse(
-            self._relay(call, attempt, first), media_type="text/event-stream"
+            self._relay(call, attempt, first), media_type="text/event-stream", headers=headers
         )
 
     async def _start(self, call: _Call, resume: Resume | None) -> tuple[ReplicaStream | None, Any]:

@@ -27,6 +27,7 @@ from fleetlm.bench.tokenizer import RawTokenizer
 from fleetlm.bench.workloads import Workload
 
 FAKE_MODEL = "fake-model"
+FAKE_REPLICA = "replica-a"  # named in x-fleetlm-replica, as fleetlm's ingress names its replicas
 TOKEN_TEXT = " tok"  # every generated token; one word, so the word tokenizer counts it as 1
 
 
@@ -111,7 +112,8 @@ class FakeOpenAIServer:
         self.served.append(served)
         self.num_in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.num_in_flight)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "x-fleetlm-replica": FAKE_REPLICA})
         await response.prepare(request)
         await self._stream(response, served)
         await response.write_eof()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 
 import pytest
-from bench_fake_server import FAKE_MODEL, TOKEN_TEXT, FakeBehaviour, run_against
+from bench_fake_server import FAKE_MODEL, FAKE_REPLICA, TOKEN_TEXT, FakeBehaviour, run_against
 
 from fleetlm.bench.client import EndpointConfig, build_payload
 from fleetlm.bench.metrics import attach_tokenizer_counts, compute_metrics, request_timings
+from fleetlm.bench.report import request_row
 from fleetlm.bench.prompts import WordPromptSource
 from fleetlm.bench.runner import LoadPoint
 from fleetlm.bench.workloads import Turn, WorkloadConfig, build_workload
@@ -66,6 +67,7 @@ def test_text_and_usage_are_recorded(fake_server, endpoint):
         assert record.usage_completion_tokens == OUTPUT_LEN
         assert record.usage_prompt_tokens == 5
         assert record.chunk_num_tokens == [1] * OUTPUT_LEN
+        assert record.replica == FAKE_REPLICA and request_row(record)["replica"] == FAKE_REPLICA
     assert [s.body["model"] for s in fake_server.served] == [FAKE_MODEL] * NUM_PROMPTS
 
 

@@ -2,7 +2,7 @@
 each): the ingress hashes each prompt as the engines do and, with `precise_prefix`, mirrors
 the replicas' prefix caches from their KV events; requests of one tenant (a long shared
 system prompt) then land on the replica that holds it, as the replicas' own prefix-cache
-counters show."""
+counters show, and each response names it (the `x-fleetlm-replica` header)."""
 
 from __future__ import annotations
 
@@ -48,14 +48,16 @@ def test_a_tenants_requests_stick_to_the_replica_holding_its_prefix(http_port, p
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/{app}/v1",
                                api_key="unused", timeout=300)
         landed: dict[str, set[int]] = {tenant: set() for tenant in TENANTS}
+        names = replicas.replica_ids(app)
         for i, tenant in enumerate(ORDER):
             before = [s.num_prompt_tokens for s in _stats(app)]
-            client.chat.completions.create(
+            response = client.chat.completions.with_raw_response.create(
                 model=config.model.served_name, max_tokens=2, temperature=0,
                 messages=[{"role": "system", "content": TENANTS[tenant]},
                           {"role": "user", "content": QUESTIONS[i // 2]}])
             after = [s.num_prompt_tokens for s in _stats(app)]
             [served] = [i for i in range(2) if after[i] > before[i]]
+            assert response.headers["x-fleetlm-replica"] == names[served]
             landed[tenant].add(served)
         hits = sum(s.prefix_cache_hits for s in _stats(app))
         num_repeats = len(ORDER) - len(TENANTS)  # requests after each tenant's first
@@ -63,6 +65,12 @@ def test_a_tenants_requests_stick_to_the_replica_holding_its_prefix(http_port, p
             assert any(len(replicas) == 2 for replicas in landed.values()), landed
             return
         assert all(len(replicas) == 1 for replicas in landed.values()), landed
+        streamed = client.chat.completions.with_raw_response.create(
+            model=config.model.served_name, max_tokens=2, temperature=0, stream=True,
+            messages=[{"role": "system", "content": TENANTS["bakery"]},
+                      {"role": "user", "content": QUESTIONS[0]}])
+        assert streamed.headers["x-fleetlm-replica"] == names[min(landed["bakery"])]
+        assert any(chunk.choices for chunk in streamed.parse())
         # Every request after a tenant's first hit its system prompt (~60 tokens) there.
         assert hits >= num_repeats * 48
     finally:
