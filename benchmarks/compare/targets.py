@@ -59,11 +59,11 @@ def evaluate(target: Target, summary: Mapping, system: str = OURS) -> dict:
 
 
 def our_systems(summary: Mapping) -> list[str]:
-    """fleetlm and the variants of it that the summary holds (fleetlm always), first-seen order."""
-    names = [OURS]
+    """fleetlm and its variants that the summary holds, first-seen order (fleetlm if none)."""
+    names: list[str] = []
     for point in summary.get("points", {}).values():
         names += [n for n in point.get("systems", {}) if is_ours(n) and n not in names]
-    return names
+    return names or [OURS]
 
 
 def evaluate_all(summary: Mapping) -> list[dict]:
