@@ -134,6 +134,10 @@ class RouterSection(Section):
     kv_usage_weight: float = Field(
         0.1, ge=0, description="Weight of the KV-usage scorer (more free KV cache) under the "
         "prefix policies.")
+    cached_blocks_weight: float = Field(
+        1.0, ge=0, description="Weight of the cached-blocks scorer (fewer blocks cached or "
+        "being computed) under the prefix policies: it places prefixes that no replica holds "
+        "where the caches have room.")
     saturation_threshold: int = Field(
         8, ge=1, description="Requests at a replica (this ingress's in flight, or its engine's "
         "running + waiting if more) at which it stops attracting its prefixes' requests (the "

@@ -58,6 +58,10 @@ class KVIndex:
         """The replica's cached blocks as the index knows them: hash -> parent hash."""
         return dict(self._blocks_of.get(replica, {}))
 
+    def num_blocks(self, replica: str) -> int:
+        """How many blocks the replica caches, as the index knows them."""
+        return len(self._blocks_of.get(replica, ()))
+
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Per replica holding the first block: how many leading blocks of the prompt it holds
         (replicas holding none are left out)."""

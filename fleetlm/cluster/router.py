@@ -10,7 +10,10 @@ a `PrefixMatcher` (how many leading blocks of the prompt each replica holds): pr
 where it sent which blocks (for engines without events). It feeds a prefix scorer (matched
 blocks / prompt blocks) and the affinity filter, which keeps a request on the replicas with
 its longest prefix unless they are saturated (load at or past a threshold): the saturation
-valve, so affinity never piles everything on one replica.
+valve, so affinity never piles everything on one replica. A cached-blocks scorer places a
+prefix that no replica holds where the fewest blocks are cached or on their way (SGLang's
+cache-aware router sends such a prompt to its smallest tree), so the prefixes, which stay
+where they land, spread over the caches rather than by the queues of the moment.
 
 Every decision is logged at debug level (each candidate's scores) and counted per scorer
 (`best`: the pick had that scorer's top score; `overruled`: it did not; `even`: the scorer
@@ -119,6 +122,10 @@ class PrefixMatcher(Protocol):
         """The replica is gone or unhealthy: nothing of its cache can be counted on."""
         ...
 
+    def num_blocks(self, replica_name: str) -> int:
+        """How many blocks the matcher counts the replica as holding or computing."""
+        ...
+
 
 class IndexMatcher:
     """Precise: the replicas' cached blocks as their KV events told the index, plus where
@@ -134,6 +141,7 @@ class IndexMatcher:
         self.pending_s = pending_s
         self.clock = clock
         self._pending: OrderedDict[int, dict[str, float]] = OrderedDict()  # hash -> until
+        self._num_pending: dict[str, int] = {}  # replica -> its entries in _pending
 
     def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
         matched = self.index.match(request.block_hashes)
@@ -151,17 +159,28 @@ class IndexMatcher:
     def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
         now = self.clock()
         for block_hash in request.block_hashes:
-            self._pending.setdefault(block_hash, {})[replica.name] = now + self.pending_s
+            holders = self._pending.setdefault(block_hash, {})
+            if replica.name not in holders:
+                self._num_pending[replica.name] = self._num_pending.get(replica.name, 0) + 1
+            holders[replica.name] = now + self.pending_s
             self._pending.move_to_end(block_hash)
         while self._pending and max(next(iter(self._pending.values())).values(),
                                     default=0.0) <= now:
-            self._pending.popitem(last=False)  # oldest first: the rest is newer
+            _, holders = self._pending.popitem(last=False)  # oldest first: the rest is newer
+            for name in holders:
+                self._num_pending[name] -= 1
 
     def forget(self, replica_name: str) -> None:
         if replica_name in self.index.replicas:
             self.index.remove_replica(replica_name)
         for holders in self._pending.values():
             holders.pop(replica_name, None)
+        self._num_pending.pop(replica_name, None)
+
+    def num_blocks(self, replica_name: str) -> int:
+        """Cached blocks as the KV events tell, plus blocks of prompts sent there lately
+        (some of which the events may already count)."""
+        return self.index.num_blocks(replica_name) + self._num_pending.get(replica_name, 0)
 
 
 class HistoryMatcher:
@@ -176,6 +195,7 @@ class HistoryMatcher:
             raise ValueError(f"capacity_blocks must be at least 1, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
         self._sent_to: OrderedDict[int, set[str]] = OrderedDict()  # block hash -> replicas
+        self._num_sent: dict[str, int] = {}  # replica -> block hashes remembered for it
 
     def matched_blocks(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[int]:
         matched = []
@@ -190,10 +210,15 @@ class HistoryMatcher:
 
     def on_pick(self, request: RoutingRequest, replica: ReplicaState) -> None:
         for block_hash in request.block_hashes:
-            self._sent_to.setdefault(block_hash, set()).add(replica.name)
+            holders = self._sent_to.setdefault(block_hash, set())
+            if replica.name not in holders:
+                holders.add(replica.name)
+                self._num_sent[replica.name] = self._num_sent.get(replica.name, 0) + 1
             self._sent_to.move_to_end(block_hash)
         while len(self._sent_to) > self.capacity_blocks:
-            self._sent_to.popitem(last=False)
+            _, holders = self._sent_to.popitem(last=False)
+            for name in holders:
+                self._num_sent[name] -= 1
 
     def forget(self, replica_name: str) -> None:
         for block_hash in list(self._sent_to):
@@ -201,6 +226,10 @@ class HistoryMatcher:
             holders.discard(replica_name)
             if not holders:
                 del self._sent_to[block_hash]
+        self._num_sent.pop(replica_name, None)
+
+    def num_blocks(self, replica_name: str) -> int:
+        return self._num_sent.get(replica_name, 0)
 
 
 class PrefixScorer:
@@ -215,6 +244,22 @@ class PrefixScorer:
         if not num_blocks:
             return [0.0] * len(replicas)
         return [m / num_blocks for m in self.matcher.matched_blocks(request, replicas)]
+
+
+class CachedBlocksScorer:
+    """Fewer blocks cached or on their way (as the matcher counts them) scores higher. It
+    decides where a prefix that no replica holds goes: there it stays, so placing it by the
+    queues of the moment can leave one replica with more prefixes than its cache holds."""
+
+    name = "cached_blocks"
+
+    def __init__(self, matcher: PrefixMatcher) -> None:
+        self.matcher = matcher
+
+    def __call__(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[float]:
+        sizes = [self.matcher.num_blocks(r.name) for r in replicas]
+        most = max(sizes)
+        return [1.0 - size / most if most else 1.0 for size in sizes]
 
 
 class AffinityFilter:
@@ -383,7 +428,8 @@ def build_router(config: str | RouterSection, replica_names: Sequence[str]) -> R
     matcher: PrefixMatcher = IndexMatcher(KVIndex()) if section.policy == "precise_prefix" \
         else HistoryMatcher(section.approx_history_blocks)
     filters = [healthy_filter, AffinityFilter(matcher, section.saturation_threshold)]
-    scorers = [(PrefixScorer(matcher), section.prefix_weight), *load_scorers]
+    scorers = [(PrefixScorer(matcher), section.prefix_weight), *load_scorers,
+               (CachedBlocksScorer(matcher), section.cached_blocks_weight)]
     return Router(replica_names, filters, scorers, prefix=matcher)
 
 

@@ -211,6 +211,51 @@ def test_approx_prefix_picks_the_replica_of_the_last_same_prefix_request():
     assert router.snapshot()["affinity"]["none"] == 3
 
 
+@pytest.mark.parametrize("policy", ["precise_prefix", "approx_prefix"])
+def test_a_new_prefix_goes_where_the_caches_have_room_not_only_where_the_queue_is_short(
+        policy):
+    def place_tenant_b(cached_blocks_weight: float) -> str:
+        router = build_router(RouterSection(policy=policy,
+                                            cached_blocks_weight=cached_blocks_weight), NAMES[:2])
+        r0, r1 = router.replicas
+        assert _start(router, _prefix_request("a0", TENANT_A)) == "r0"  # tenant A lives on r0
+        router.on_finish(r0)
+        for _ in range(2):  # r1 is busy with requests that share nothing
+            router.on_start(r1)
+        return router.pick(_prefix_request("b0", TENANT_B)).name
+
+    assert place_tenant_b(cached_blocks_weight=0.0) == "r0"  # by the queue of the moment
+    assert place_tenant_b(cached_blocks_weight=1.0) == "r1"  # where no prefix lives yet
+
+
+def test_the_matchers_count_each_replicas_blocks():
+    now = [0.0]
+    router = build_router("precise_prefix", NAMES)
+    matcher = router.prefix
+    matcher.clock = lambda: now[0]
+    a0, b0 = _prefix_request("a0", TENANT_A), _prefix_request("b0", TENANT_B[:8])
+    matcher.on_pick(a0, router.replicas[0])
+    matcher.on_pick(a0, router.replicas[0])  # the same blocks again: counted once
+    matcher.on_pick(b0, router.replicas[1])
+    assert [matcher.num_blocks(n) for n in NAMES] == [3, 2, 0]
+    _cache_on(router, "r2", TENANT_A)  # events: three blocks cached there
+    now[0] += matcher.pending_s + 1
+    matcher.on_pick(RoutingRequest("none"), router.replicas[2])  # pending entries expire
+    assert [matcher.num_blocks(n) for n in NAMES] == [0, 0, 3]
+    matcher.on_pick(b0, router.replicas[2])
+    router.update_stats(2, EngineStats(), is_healthy=False)
+    assert matcher.num_blocks("r2") == 0
+
+    history = HistoryMatcher(capacity_blocks=4)
+    replicas = [ReplicaState(0, "r0"), ReplicaState(1, "r1")]
+    history.on_pick(a0, replicas[0])
+    history.on_pick(a0, replicas[1])
+    history.on_pick(b0, replicas[1])  # the oldest block hash is forgotten for both
+    assert (history.num_blocks("r0"), history.num_blocks("r1")) == (2, 4)
+    history.forget("r1")
+    assert (history.num_blocks("r0"), history.num_blocks("r1")) == (2, 0)
+
+
 def test_approx_history_is_bounded_least_recently_routed_first():
     matcher = HistoryMatcher(capacity_blocks=3)
     replicas = [ReplicaState(0, "r0")]
