@@ -9,8 +9,8 @@ from bench_fake_server import FAKE_MODEL, FAKE_REPLICA, TOKEN_TEXT, FakeBehaviou
 
 from fleetlm.bench.client import EndpointConfig, build_payload
 from fleetlm.bench.metrics import attach_tokenizer_counts, compute_metrics, request_timings
-from fleetlm.bench.report import request_row
 from fleetlm.bench.prompts import WordPromptSource
+from fleetlm.bench.report import request_row
 from fleetlm.bench.runner import LoadPoint
 from fleetlm.bench.workloads import Turn, WorkloadConfig, build_workload
 
