@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.engine import LLMEngine
+from fleetlm.executor.openmp import in_passing_thread
 from fleetlm.executor.outputs import RequestOutput, coalesce
 from fleetlm.executor.protocol import EngineStats
 from fleetlm.executor.request import Request
@@ -54,7 +55,8 @@ class AsyncEngine:
     """Implements `fleetlm.executor.protocol.EngineClient`."""
 
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
-        self.engine = engine or LLMEngine(config)
+        # built in a thread of its own, so that the engine thread owns the only OpenMP team
+        self.engine = engine or in_passing_thread(LLMEngine, config)
         self.model_name = config.model.model
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer

@@ -33,6 +33,7 @@ from fleetlm.executor import wire
 from fleetlm.executor.config import EngineConfig
 from fleetlm.executor.control import ERROR, LOG, NEWS, OUTPUT, LinkAddress, WorkerEndpoint
 from fleetlm.executor.model_runner import ModelRunner, resolve_device
+from fleetlm.executor.openmp import in_passing_thread
 from fleetlm.executor.outputs import ModelRunnerOutput
 from fleetlm.parallel.state import (
     SINGLE_PROCESS_GROUPS,
@@ -103,13 +104,15 @@ class Worker:
                     backend, self.device)
 
     def load_model(self) -> int:
-        """Load this rank's share of the model; the KV blocks this rank could hold."""
-        self.runner = ModelRunner(self.config.model, self.config.cache, self.groups,
-                                  self.config.parallel, self.config.speculative)
-        return self.runner.num_available_blocks()
+        """Load this rank's share of the model; the KV blocks this rank could hold. Set-up
+        runs in passing threads, leaving the stepping thread the only OpenMP team."""
+        self.runner = in_passing_thread(ModelRunner, self.config.model, self.config.cache,
+                                        self.groups, self.config.parallel,
+                                        self.config.speculative)
+        return in_passing_thread(self.runner.num_available_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.runner.allocate_kv_cache(num_blocks)
+        in_passing_thread(self.runner.allocate_kv_cache, num_blocks)
 
     def start_kv_connector(self):
         """This rank's leases, KV server and loader; (its shard with the server's address,
