@@ -5,7 +5,9 @@ F16 / F32 matrices); `csrc/gguf_matmul.c` multiplies Q4_0 / Q4_1 / Q8_0 blocks w
 activations straight from registers (other types through a few rows dequantized into L1), so
 a decode step reads the quantized bytes (0.56 byte per weight for Q4_1 against 4 for fp32)
 and the result is `x @ dequantize(W).T` up to the order of the sums, the same for a row in
-any batch. Where that kernel does not apply (no C compiler, not a CPU tensor) the
+any batch of fewer than `GEMM_MIN_ROWS` rows. Larger batches (prefill) are compute-bound:
+there the weight is dequantized to fp32, a cache-sized slice at a time, and oneDNN's GEMM
+multiplies it. Where that kernel does not apply (no C compiler, not a CPU tensor) the
 weight is dequantized on the spot with gguf-py, llama.cpp's own reader: slow, but the same
 numbers.
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
-from fleetlm.kernels import cpu_build
+from fleetlm.kernels import cpu_build, cpu_linear
 
 SOURCE = Path(__file__).parent / "csrc" / "gguf_matmul.c"
 TYPES = tuple(GGMLQuantizationType[name]
@@ -41,6 +43,16 @@ STATUS_MESSAGES = {1: "unsupported GGUF type", 2: "row length not a whole number
                    3: "out of memory"}
 
 _int64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+# From this many input rows (a prefill chunk, a large decode batch) a product dequantizes the
+# weight to fp32 and runs a GEMM instead of the block kernel: on the 2-core EPYC of
+# docs/benchmarks.md dequantizing a 3072 x 576 Q4_1 matrix takes 0.13 ms and oneDNN then does
+# 256 rows in 2.0 ms where the kernel (which dequantizes every block once per 3 rows) takes
+# 6.4 ms; the two break even at about 13 rows.
+GEMM_MIN_ROWS = 16
+# Weights dequantized per GEMM call: 4 MiB of fp32, so that a slice is still in cache when
+# the GEMM reads it and a 49152-row LM head never needs its 113 MB fp32 copy at once.
+GEMM_SLICE_ELEMENTS = 1 << 20
 
 
 @functools.cache
@@ -54,7 +66,8 @@ def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDL
     if library is not None:
         library.fleet_gguf_matmul.argtypes = [
             _ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
-        library.fleet_gguf_dequantize.argtypes = [_ptr, _int64, _int64, ctypes.c_int, _ptr]
+        library.fleet_gguf_dequantize.argtypes = [
+            _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int]
         for function in (library.fleet_gguf_matmul, library.fleet_gguf_dequantize):
             function.restype = ctypes.c_int
     return library
@@ -122,10 +135,7 @@ class GGUFWeight:
         if library is None:
             rows = GGUFWeight(blocks, self.qtype, self.shape[1]).dequantize()
         else:
-            rows = torch.empty(blocks.shape[0], self.shape[1])
-            _check(library.fleet_gguf_dequantize(
-                blocks.data_ptr(), blocks.shape[0], self.shape[1], int(self.qtype),
-                rows.data_ptr()))
+            rows = _dequantize(library, GGUFWeight(blocks, self.qtype, self.shape[1]))
         return rows.view(*ids.shape, self.shape[1])
 
 
@@ -135,13 +145,49 @@ def zeros(qtype: GGMLQuantizationType, rows: int, cols: int) -> GGUFWeight:
     return GGUFWeight(data, qtype, cols)
 
 
+def _dequantize(library: ctypes.CDLL, weight: GGUFWeight) -> torch.Tensor:
+    """The whole of `weight` in fp32, by the C kernel on every thread."""
+    out = torch.empty(weight.shape[0], weight.shape[1])
+    _check(library.fleet_gguf_dequantize(weight.data.data_ptr(), weight.shape[0],
+                                         weight.shape[1], int(weight.qtype), out.data_ptr(),
+                                         torch.get_num_threads()))
+    return out
+
+
+def _dense_linear(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """x @ dense.T for a weight used once: oneDNN on the plain weight (packing it would cost
+    more than it saves), MKL where torch has no oneDNN."""
+    if cpu_linear.is_available():
+        return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")
+    return F.linear(x, dense)
+
+
+def _dequantized_matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL) -> torch.Tensor:
+    """matmul for many rows: the weight dequantized slice by slice (a few MB, so a slice is
+    still in cache when the GEMM reads it), each slice multiplied by oneDNN's fp32 GEMM."""
+    n, k = weight.shape
+    slice_rows = max(1, GEMM_SLICE_ELEMENTS // k)
+    if n <= slice_rows:
+        return _dense_linear(x, _dequantize(library, weight))
+    y = torch.empty(x.shape[0], n)
+    for start in range(0, n, slice_rows):
+        rows = min(slice_rows, n - start)
+        y[:, start:start + rows] = _dense_linear(x, _dequantize(library,
+                                                                weight.narrow(0, start, rows)))
+    return y
+
+
 def matmul(x: torch.Tensor, weight: GGUFWeight,
            library: ctypes.CDLL | None = None) -> torch.Tensor:
-    """`x @ dequantize(weight).T` in fp32 for fp32 `x` of shape (m, cols)."""
+    """`x @ dequantize(weight).T` in fp32 for fp32 `x` of shape (m, cols). Below
+    GEMM_MIN_ROWS rows the kernel multiplies the blocks (a row's result is the same in any
+    such batch); from there on the weight is dequantized and multiplied by a GEMM."""
     library = library or _library()
     if library is None or x.device.type != "cpu":
         return F.linear(x, weight.dequantize().to(x.device))
     x = x.contiguous()
+    if x.shape[0] >= GEMM_MIN_ROWS:
+        return _dequantized_matmul(x, weight, library)
     y = torch.empty(x.shape[0], weight.shape[0])
     _check(library.fleet_gguf_matmul(
         x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],

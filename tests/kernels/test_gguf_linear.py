@@ -49,12 +49,12 @@ def test_matmul_equals_dequantize_then_matmul(name, m):
 
 
 @pytest.mark.parametrize("build", ["native", "portable", "haswell"])
-def test_a_row_gets_the_same_bits_in_any_batch(build):
-    """Q4_0 / Q4_1 / Q8_0 rows are multiplied straight from the blocks (in an AVX2 build up to
-    16 input rows, past that through a dequantized buffer), other types through the buffer;
-    every path sums in one order, so a sequence's logits do not depend on what it is batched
-    with. The same source built for CPUs without AVX2 (plain loops) and for AVX2 (16 vector
-    registers) computes the same products."""
+def test_a_row_gets_the_same_bits_in_any_batch_below_the_gemm(build):
+    """Below GEMM_MIN_ROWS, Q4_0 / Q4_1 / Q8_0 rows are multiplied straight from the blocks,
+    other types through a dequantized buffer; every path sums in one order, so a decoding
+    sequence's logits do not depend on what it is batched with. The same source built for
+    CPUs without AVX2 (plain loops) and for AVX2 (16 vector registers) computes the same
+    products."""
     library = None  # this CPU's build
     if build != "native":
         if build == "haswell" and not {"avx2", "fma"} <= set(cpu_build._cpu_features().split()):
@@ -62,15 +62,31 @@ def test_a_row_gets_the_same_bits_in_any_batch(build):
         flags = tuple(f for f in cpu_build.COMPILE_FLAGS if not f.startswith("-march"))
         library = gguf_linear.load_library(flags + (("-march=haswell",) if build == "haswell"
                                                     else ()))
-    x = torch.randn(40, 512)  # more rows than an AVX2 build takes past the buffer (16)
+    x = torch.randn(gguf_linear.GEMM_MIN_ROWS - 1, 512)
     for name in [*QUANTIZED, "F16"]:
         weight = random_weight(name, 37, 512, seed=2)
         batch = gguf_linear.matmul(x, weight, library)
         reference = x @ weight.dequantize().T
         torch.testing.assert_close(batch, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
-        for start, stop in ((0, 1), (1, 3), (3, 4), (5, 22)):
+        for start, stop in ((0, 1), (1, 3), (3, 4), (5, len(x))):
             assert torch.equal(gguf_linear.matmul(x[start:stop], weight, library),
                                batch[start:stop])
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
+def test_many_rows_go_through_the_dequantized_weight_a_slice_at_a_time(name, monkeypatch):
+    """A prefill-sized product dequantizes the weight slice by slice (here 3 slices of 16
+    rows and a ragged one of 5) and multiplies each with a GEMM: the same products."""
+    monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 16 * 512)
+    weight = random_weight(name, 53, 512, seed=4)
+    x = torch.randn(gguf_linear.GEMM_MIN_ROWS + 7, 512)
+    reference = x @ weight.dequantize().T
+    got = gguf_linear.matmul(x, weight)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+    # a slice wider than the weight: one GEMM
+    monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 1 << 20)
+    torch.testing.assert_close(gguf_linear.matmul(x, weight), got, rtol=1e-5,
+                               atol=1e-5 * reference.abs().max())
 
 
 @pytest.mark.parametrize("name", [*QUANTIZED, "F16"])

@@ -314,12 +314,14 @@ static ALWAYS_INLINE void direct_matmul(const float *x, int64_t m, int64_t k, co
 }
 
 /* w: n rows of k elements in GGUF type `type`, row after row. out: n x k fp32. */
-int fleet_gguf_dequantize(const uint8_t *w, int64_t n, int64_t k, int type, float *out)
+int fleet_gguf_dequantize(const uint8_t *w, int64_t n, int64_t k, int type, float *out,
+                          int num_threads)
 {
     int64_t elements, bytes;
     if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
     if (k % elements) return ERR_SHAPE;
     const int64_t row_bytes = k / elements * bytes;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (n >= 64)
     for (int64_t r = 0; r < n; r++) dequantize_row(w + r * row_bytes, k, type, out + r * k);
     return OK;
 }
