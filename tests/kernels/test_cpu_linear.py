@@ -35,14 +35,29 @@ def test_repacks_when_the_loader_writes_the_weight():
             torch.testing.assert_close(layer(x), F.linear(x, new), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in cpu_linear.packed_dtypes(),
+                    reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_bf16_is_packed_and_gets_f_linears_bits(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    linear = PackedLinear()
+    with torch.inference_mode():
+        assert cpu_linear.supports(x, weight)
+        got = linear(x, weight)
+    assert linear._packed is not None
+    assert torch.equal(got, F.linear(x, weight))
+
+
 def test_falls_back_where_onednn_is_not_used():
     linear = PackedLinear()
     weight = torch.randn(16, 8)
     x = torch.randn(2, 8)
     with torch.inference_mode():
-        assert not cpu_linear.supports(x.bfloat16(), weight.bfloat16())
-        torch.testing.assert_close(linear(x.bfloat16(), weight.bfloat16()),
-                                   F.linear(x.bfloat16(), weight.bfloat16()))
+        assert not cpu_linear.supports(x.half(), weight.half())
+        torch.testing.assert_close(linear(x.half(), weight.half()), F.linear(x.half(), weight.half()))
+        assert not cpu_linear.supports(x.bfloat16(), weight)  # mixed dtypes
         assert not cpu_linear.supports(x[:0], weight)
         assert linear(x[:0], weight).shape == (0, 16)
     assert not cpu_linear.supports(x, weight)  # autograd on: torch's op keeps the graph
