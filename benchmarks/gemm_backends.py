@@ -1,8 +1,9 @@
 """The GEMM chain of SmolLM2-135M (every linear layer plus the lm_head, random fp32 weights)
-through MKL (`F.linear`) and through fleetlm's `PackedLinear` (oneDNN with weights prepacked
-once for PACK_ROWS_HINT rows, as vLLM's CPU build does), median of 7 timings per row count:
+through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16) and through fleetlm's
+`PackedLinear` (oneDNN with weights prepacked once for PACK_ROWS_HINT rows, as vLLM's CPU
+build does), median of 7 timings per row count; `--bf16` for bf16 weights and inputs:
 
-    .venv/bin/python benchmarks/gemm_backends.py 1 5 8 32 256
+    .venv/bin/python benchmarks/gemm_backends.py [--bf16] 1 5 8 32 256
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN),
           (HIDDEN, INTERMEDIATE)] * LAYERS + [(VOCAB, HIDDEN)]
 
 
-def median_ms(fn, rows: int, reps: int = 7) -> float:
-    inputs = {k: torch.randn(rows, k) for k in (HIDDEN, INTERMEDIATE)}
+def median_ms(fn, rows: int, dtype: torch.dtype, reps: int = 7) -> float:
+    inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (HIDDEN, INTERMEDIATE)}
     fn(inputs)
     fn(inputs)
     times = []
@@ -32,9 +33,9 @@ def median_ms(fn, rows: int, reps: int = 7) -> float:
     return sorted(times)[reps // 2] * 1e3
 
 
-def main(batch_sizes: list[int]) -> None:
+def main(batch_sizes: list[int], dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    weights = [torch.randn(n, k) for n, k in SHAPES]
+    weights = [torch.randn(n, k, dtype=dtype) for n, k in SHAPES]
 
     def mkl(inputs):
         for w in weights:
@@ -47,12 +48,15 @@ def main(batch_sizes: list[int]) -> None:
             linear(inputs[w.shape[1]], w)
 
     for rows in batch_sizes:
-        x = torch.randn(rows, HIDDEN)
+        x = torch.randn(rows, HIDDEN, dtype=dtype)
         with torch.inference_mode():
             diff = (linears[0](x, weights[0]) - F.linear(x, weights[0])).abs().max().item()
-            print(f"rows={rows}: MKL {median_ms(mkl, rows):.1f} ms, oneDNN prepacked "
-                  f"{median_ms(onednn, rows):.1f} ms (max abs diff {diff:.1e})", flush=True)
+            print(f"{dtype} rows={rows}: F.linear {median_ms(mkl, rows, dtype):.1f} ms, oneDNN "
+                  f"prepacked {median_ms(onednn, rows, dtype):.1f} ms (max abs diff {diff:.1e})",
+                  flush=True)
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [1, 5, 8, 32, 256])
+    args = sys.argv[1:]
+    dtype = torch.bfloat16 if "--bf16" in args else torch.float32
+    main([int(a) for a in args if a != "--bf16"] or [1, 5, 8, 32, 256], dtype)
