@@ -47,7 +47,18 @@ def link_view(worker) -> dict:
             "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
 
 
+def wait_for_free_cpus() -> None:
+    """SPREAD is best effort, so a group placed while the last one's CPUs are still being
+    released packs onto the nodes that have them: wait until Ray sees every CPU free."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while (free := ray.available_resources().get("CPU", 0)) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {free} CPUs free {NODE_WAIT_S} s after the last group")
+        time.sleep(0.2)
+
+
 def run_group(spec: dict, group_args: dict) -> dict:
+    wait_for_free_cpus()
     started = time.monotonic()
     with LLM(spec["model"], **spec["engine_args"], **group_args) as llm:
         ready = time.monotonic()
