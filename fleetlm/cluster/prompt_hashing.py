@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 TokenIds = tuple[tuple[int, ...], ...]
 
 
+# The block hash encodes token ids with msgpack, which takes integers below 2**64 only; a
+# client's id past that (never a real token) must reach the replica's validation, not crash here.
+_HASHABLE_TOKEN_LIMIT = 1 << 63
+
+
 class PromptHasher:
     def __init__(self, model: str, tokenizer: str | None, block_size: int,
                  hash_seed: int = 0, send_token_ids: bool = True) -> None:
@@ -65,6 +70,8 @@ class PromptHasher:
             return None, ()
         if not prompts:
             return None, ()
+        if any(not 0 <= token < _HASHABLE_TOKEN_LIMIT for prompt in prompts for token in prompt):
+            return None, ()  # no vocabulary's token: the replica answers the 400
         hashes = tuple(hash_prompt_blocks(list(prompts[0]), self.block_size, self.hash_seed))
         if not self.send_token_ids:
             is_exact = False

@@ -112,6 +112,18 @@ def test_the_openapi_schema_declares_the_request_bodies(gguf_server):
     assert requests.get(f"{base_url}/docs", timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("token_id", [2**70, -2**70, 49152])
+def test_a_token_id_outside_any_vocabulary_is_a_400(gguf_server, token_id):
+    """Found by the fuzzing below: ids past 64 bits in a whole block (16 tokens) crashed the
+    ingress's prompt hashing."""
+    base_url, _ = gguf_server
+    answer = requests.post(f"{base_url}/v1/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"prompt": [504] * 15 + [token_id], "max_tokens": 1})
+    assert answer.status_code == 400, answer.text
+    assert "prompt token ids must be in [0, 49152)" in answer.json()["error"]["message"]
+
+
 def test_schemathesis_finds_no_server_error_and_serving_goes_on(gguf_server, tmp_path):
     base_url, _ = gguf_server
     run = subprocess.run(
