@@ -70,7 +70,7 @@ class PromptHasher:
             return None, ()
         if not prompts:
             return None, ()
-        if any(not 0 <= token < _HASHABLE_TOKEN_LIMIT for prompt in prompts for token in prompt):
+        if not all(0 <= token < _HASHABLE_TOKEN_LIMIT for token in prompts[0]):
             return None, ()  # no vocabulary's token: the replica answers the 400
         hashes = tuple(hash_prompt_blocks(list(prompts[0]), self.block_size, self.hash_seed))
         if not self.send_token_ids:

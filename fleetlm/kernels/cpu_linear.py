@@ -78,3 +78,11 @@ class PackedLinear:
             self._key = key
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, bias, "none",
                                                   [], "")
+
+
+def linear_once(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x W^T` for a weight used once (a GGUF slice dequantized for one product): oneDNN on
+    the plain layout, since packing it would cost more than it saves; else `F.linear`."""
+    if not supports(x, weight):
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")

@@ -154,26 +154,18 @@ def _dequantize(library: ctypes.CDLL, weight: GGUFWeight) -> torch.Tensor:
     return out
 
 
-def _dense_linear(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """x @ dense.T for a weight used once: oneDNN on the plain weight (packing it would cost
-    more than it saves), MKL where torch has no oneDNN."""
-    if cpu_linear.is_available():
-        return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")
-    return F.linear(x, dense)
-
-
 def _dequantized_matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL) -> torch.Tensor:
     """matmul for many rows: the weight dequantized slice by slice (a few MB, so a slice is
     still in cache when the GEMM reads it), each slice multiplied by oneDNN's fp32 GEMM."""
     n, k = weight.shape
     slice_rows = max(1, GEMM_SLICE_ELEMENTS // k)
     if n <= slice_rows:
-        return _dense_linear(x, _dequantize(library, weight))
+        return cpu_linear.linear_once(x, _dequantize(library, weight))
     y = torch.empty(x.shape[0], n)
     for start in range(0, n, slice_rows):
         rows = min(slice_rows, n - start)
-        y[:, start:start + rows] = _dense_linear(x, _dequantize(library,
-                                                                weight.narrow(0, start, rows)))
+        dense = _dequantize(library, weight.narrow(0, start, rows))
+        y[:, start:start + rows] = cpu_linear.linear_once(x, dense)
     return y
 
 
