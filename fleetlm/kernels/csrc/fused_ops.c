@@ -15,7 +15,7 @@
 
 #include "vector.h"
 
-#define MIN_ELEMS_PER_THREAD 32768 /* below this a parallel region costs more than it saves */
+#define MIN_ELEMS_PER_THREAD 8192 /* below this a parallel region costs more than it saves */
 
 static ALWAYS_INLINE int threads_for(int64_t elems, int num_threads)
 {
@@ -52,8 +52,7 @@ static ALWAYS_INLINE void vstore(void *p, int64_t i, f32x8 v, const int is_bf16)
         store8((float *)p + i, v);
         return;
     }
-    for (int j = 0; j < 8; j++)
-        ((uint16_t *)p)[i + j] = to_bf16(v[j]);
+    store8_bf16((uint16_t *)p + i, v);
 }
 
 static ALWAYS_INLINE float sload(const void *p, int64_t i, const int is_bf16)
@@ -127,11 +126,35 @@ static ALWAYS_INLINE f32x8 silu8(f32x8 g)
     return select8(is_neg, g * e, g) / (1.0f + e);
 }
 
+static ALWAYS_INLINE fvec siluv(fvec g)
+{
+    const ivec is_neg = g < 0.0f;
+    fvec e = expv(selectv(is_neg, g, -g));
+    return selectv(is_neg, g * e, g) / (1.0f + e);
+}
+
+static ALWAYS_INLINE fvec wload(const void *p, int64_t i, const int is_bf16)
+{
+    return is_bf16 ? loadv_bf16((const uint16_t *)p + i) : loadv((const float *)p + i);
+}
+
+static ALWAYS_INLINE void wstore(void *p, int64_t i, fvec v, const int is_bf16)
+{
+    if (is_bf16)
+        storev_bf16((uint16_t *)p + i, v);
+    else
+        storev((float *)p + i, v);
+}
+
+/* In vectors as wide as the CPU's (the exp is most of the work), then 8 lanes, then one. */
 static ALWAYS_INLINE void silu_mul_row(const void *gate_up, void *out, int64_t n,
                                        const int is_bf16)
 {
-    const int64_t vn = n & ~(int64_t)7;
-    for (int64_t i = 0; i < vn; i += 8)
+    const int64_t wn = n - n % VLEN, vn = n & ~(int64_t)7;
+    for (int64_t i = 0; i < wn; i += VLEN)
+        wstore(out, i, siluv(wload(gate_up, i, is_bf16)) * wload(gate_up, n + i, is_bf16),
+               is_bf16);
+    for (int64_t i = wn; i < vn; i += 8)
         vstore(out, i, silu8(vload(gate_up, i, is_bf16)) * vload(gate_up, n + i, is_bf16),
                is_bf16);
     for (int64_t i = vn; i < n; i++) {

@@ -1,5 +1,6 @@
 /* The inner loops of paged attention over one kv tile: scores, online softmax, P @ V.
- * Rows are query rows of one kv head, tokens the tile's kv tokens (KV_TILE at most). */
+ * Rows are query rows of one kv head, tokens the tile's kv tokens (KV_TILE at most). Vectors
+ * are VLEN lanes (vector.h): 16 with AVX-512, which halves the instructions per kv row. */
 #ifndef FLEETLM_ONLINE_SOFTMAX_H
 #define FLEETLM_ONLINE_SOFTMAX_H
 
@@ -9,62 +10,95 @@
 
 #define KV_TILE 32    /* kv tokens per online-softmax step */
 #define ROW_GROUP 4   /* query rows that share each K/V vector load */
-#define DIM_CHUNK 16  /* head_dim slice (two vectors) held in registers during P @ V */
+#define DIM_CHUNK 16  /* head_dim slice held in registers during P @ V */
+#define CHUNK_VECS (DIM_CHUNK / VLEN)
+/* Independent P @ V sums per output vector: enough FMAs in flight to cover their latency,
+ * within the register file (32 vectors with AVX-512, 16 with AVX2). */
+#define ACC_STREAMS (VLEN == 16 ? 2 : 1)
+/* Loops over rows, tokens and vectors of a register tile, unrolled so that its values stay
+ * in registers. */
+#define UNROLLED _Pragma("GCC unroll 16")
 
-/* s[r][t] = q[r] . k[t] for num_rows (<= ROW_GROUP) rows, two tokens at a time; prefetches
- * the next_k rows along unless elem (the cache's bytes per element) is 0. */
-static ALWAYS_INLINE void score_rows(const float *q, int64_t dim, const int num_rows,
-                                     const float *const *k_rows, const char *const *next_k,
-                                     int64_t elem, int64_t n, float *s)
+/* VLEN values of a kv row, fp32 or (bf16_rows) bf16, from element d. */
+static ALWAYS_INLINE fvec load_row(const void *row, const int bf16_rows, int64_t d)
 {
-    for (int64_t t = 0; t < n; t += 2) {
-        const float *k0 = k_rows[t], *k1 = t + 1 < n ? k_rows[t + 1] : k0;
-        const char *p0 = next_k[t], *p1 = t + 1 < n ? next_k[t + 1] : p0;
-        f32x8 a0[ROW_GROUP] = {0}, a1[ROW_GROUP] = {0};
-        for (int64_t d = 0; d < dim; d += 8) {
-            if (elem && d % DIM_CHUNK == 0) {
-                __builtin_prefetch(p0 + d * elem, 0, 2);
-                __builtin_prefetch(p1 + d * elem, 0, 2);
-            }
-            f32x8 x0 = load8(k0 + d), x1 = load8(k1 + d);
-            for (int r = 0; r < num_rows; r++) {
-                f32x8 qv = load8(q + r * dim + d);
-                a0[r] += qv * x0;
-                a1[r] += qv * x1;
-            }
-        }
+    return bf16_rows ? loadv_bf16((const uint16_t *)row + d) : loadv((const float *)row + d);
+}
+
+/* s[r][t] = q[r] . k[t] for num_rows (<= ROW_GROUP) rows; prefetches the next_k rows along
+ * unless elem (the cache's bytes per element) is 0. Each dot product is one chain of FMAs
+ * in a register; the chains of a token's rows run side by side. */
+static ALWAYS_INLINE void score_rows(const float *q, int64_t dim, const int num_rows,
+                                     const void *const *k_rows, const int bf16_rows,
+                                     const char *const *next_k, int64_t elem, int64_t n,
+                                     float *s)
+{
+    for (int64_t t = 0; t < n; t++) {
+        if (elem)
+            for (int64_t d = 0; d < dim; d += DIM_CHUNK)
+                __builtin_prefetch(next_k[t] + d * elem, 0, 2);
+        UNROLLED
         for (int r = 0; r < num_rows; r++) {
-            s[r * KV_TILE + t] = hsum8(a0[r]);
-            if (t + 1 < n) s[r * KV_TILE + t + 1] = hsum8(a1[r]);
+            fvec a = {0};
+            for (int64_t d = 0; d < dim; d += VLEN)
+                a += loadv(q + r * dim + d) * load_row(k_rows[t], bf16_rows, d);
+            s[r * KV_TILE + t] = hsumv(a);
         }
     }
 }
 
 /* acc[r] += sum_t p[r][t] * v[t] for num_rows (<= ROW_GROUP) rows; prefetches the next_v
- * rows along unless elem is 0. */
-static ALWAYS_INLINE void accumulate_rows(const float *p, const float *const *v_rows,
-                                          const char *const *next_v, int64_t elem, int64_t n,
-                                          int64_t dim, const int num_rows, float *acc)
+ * rows along unless elem is 0. Token t adds into sum t % ACC_STREAMS, so a row's result is
+ * the same whichever rows share its call. */
+static ALWAYS_INLINE void accumulate_rows(const float *p, const void *const *v_rows,
+                                          const int bf16_rows, const char *const *next_v,
+                                          int64_t elem, int64_t n, int64_t dim,
+                                          const int num_rows, float *acc)
 {
     for (int64_t d = 0; d < dim; d += DIM_CHUNK) {
-        f32x8 a0[ROW_GROUP], a1[ROW_GROUP];
-        for (int r = 0; r < num_rows; r++) {
-            a0[r] = load8(acc + r * dim + d);
-            a1[r] = load8(acc + r * dim + d + 8);
-        }
-        for (int64_t t = 0; t < n; t++) {
-            if (elem) __builtin_prefetch(next_v[t] + d * elem, 0, 2);
-            f32x8 x0 = load8(v_rows[t] + d), x1 = load8(v_rows[t] + d + 8);
-            for (int r = 0; r < num_rows; r++) {
-                f32x8 pr = splat8(p[r * KV_TILE + t]);
-                a0[r] += pr * x0;
-                a1[r] += pr * x1;
+        fvec a[ACC_STREAMS][ROW_GROUP][CHUNK_VECS] = {{{{0}}}};
+        UNROLLED
+        for (int r = 0; r < num_rows; r++)
+            UNROLLED
+            for (int c = 0; c < CHUNK_VECS; c++) a[0][r][c] = loadv(acc + r * dim + d + c * VLEN);
+        int64_t t = 0;
+        for (; t + ACC_STREAMS <= n; t += ACC_STREAMS) {
+            UNROLLED
+            for (int j = 0; j < ACC_STREAMS; j++) {
+                if (elem) __builtin_prefetch(next_v[t + j] + d * elem, 0, 2);
+                fvec x[CHUNK_VECS];
+                UNROLLED
+                for (int c = 0; c < CHUNK_VECS; c++) x[c] = load_row(v_rows[t + j], bf16_rows, d + c * VLEN);
+                UNROLLED
+                for (int r = 0; r < num_rows; r++) {
+                    fvec pr = splatv(p[r * KV_TILE + t + j]);
+                    UNROLLED
+                    for (int c = 0; c < CHUNK_VECS; c++) a[j][r][c] += pr * x[c];
+                }
             }
         }
-        for (int r = 0; r < num_rows; r++) {
-            store8(acc + r * dim + d, a0[r]);
-            store8(acc + r * dim + d + 8, a1[r]);
+        for (; t < n; t++) { /* the tail, fewer tokens than streams */
+            const int j = (int)(t % ACC_STREAMS);
+            if (elem) __builtin_prefetch(next_v[t] + d * elem, 0, 2);
+            fvec x[CHUNK_VECS];
+            UNROLLED
+            for (int c = 0; c < CHUNK_VECS; c++) x[c] = load_row(v_rows[t], bf16_rows, d + c * VLEN);
+            UNROLLED
+            for (int r = 0; r < num_rows; r++) {
+                fvec pr = splatv(p[r * KV_TILE + t]);
+                UNROLLED
+                for (int c = 0; c < CHUNK_VECS; c++) a[j][r][c] += pr * x[c];
+            }
         }
+        UNROLLED
+        for (int r = 0; r < num_rows; r++)
+            UNROLLED
+            for (int c = 0; c < CHUNK_VECS; c++) {
+                fvec sum = a[0][r][c];
+                UNROLLED
+                for (int j = 1; j < ACC_STREAMS; j++) sum += a[j][r][c];
+                storev(acc + r * dim + d + c * VLEN, sum);
+            }
     }
 }
 
@@ -83,29 +117,132 @@ static ALWAYS_INLINE void accumulate_rows(const float *p, const float *const *v_
  * KV_TILE), rescales its accumulator and running sum when the running max grows. */
 static void softmax_row(float *s, int64_t n_valid, float *m, float *l, float *acc, int64_t dim)
 {
-    const i32x8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
-    const f32x8 minus_inf = splat8(-INFINITY);
-    f32x8 mx8 = minus_inf;
-    for (int64_t t = 0; t < KV_TILE; t += 8) {
-        f32x8 x = select8(iota + (int32_t)t < (int32_t)n_valid, load8(s + t), minus_inf);
-        mx8 = select8(x > mx8, x, mx8);
+    ivec iota;
+    for (int j = 0; j < VLEN; j++) iota[j] = j;
+    const fvec minus_inf = splatv(-INFINITY);
+    fvec mxv = minus_inf;
+    for (int64_t t = 0; t < KV_TILE; t += VLEN) {
+        fvec x = selectv(iota + (int32_t)t < (int32_t)n_valid, loadv(s + t), minus_inf);
+        mxv = selectv(x > mxv, x, mxv);
     }
     float mx = *m;
-    for (int j = 0; j < 8; j++) mx = mx8[j] > mx ? mx8[j] : mx;
-    f32x8 sum = {0};
-    for (int64_t t = 0; t < KV_TILE; t += 8) {
-        i32x8 is_valid = iota + (int32_t)t < (int32_t)n_valid;
-        f32x8 p = select8(is_valid, exp8(load8(s + t) - mx), splat8(0.0f));
-        store8(s + t, p);
+    for (int j = 0; j < VLEN; j++) mx = mxv[j] > mx ? mxv[j] : mx;
+    fvec sum = {0};
+    for (int64_t t = 0; t < KV_TILE; t += VLEN) {
+        ivec is_valid = iota + (int32_t)t < (int32_t)n_valid;
+        fvec p = selectv(is_valid, expv(loadv(s + t) - mx), splatv(0.0f));
+        storev(s + t, p);
         sum += p;
     }
     if (mx > *m) {
-        float corr = *m == -INFINITY ? 0.0f : exp8(splat8(*m - mx))[0];
+        float corr = *m == -INFINITY ? 0.0f : expv(splatv(*m - mx))[0];
         *l *= corr;
-        for (int64_t d = 0; d < dim; d += 8) store8(acc + d, load8(acc + d) * corr);
+        for (int64_t d = 0; d < dim; d += VLEN) storev(acc + d, loadv(acc + d) * corr);
         *m = mx;
     }
-    *l += hsum8(sum);
+    *l += hsumv(sum);
+}
+
+/* ---- Rows in lanes (prefill tiles) ----------------------------------------------------------
+ * LANE_ROWS query rows of one kv head, row r in lane r % VLEN of vector r / VLEN. Scores are
+ * stored token-major: st[t * LANE_ROWS + r]; q and acc dimension-major: qt[d * LANE_ROWS + r]. */
+#define LANE_VECS 2
+#define LANE_ROWS (LANE_VECS * VLEN)
+#define MIN_LANE_ROWS 8 /* fewer rows per kv head (decode: the GQA group) take the row path */
+#define LANE_TOKENS (VLEN == 16 ? 8 : 4) /* kv tokens scored at once */
+#define LANE_DIMS (VLEN == 16 ? 8 : 4)   /* head_dim columns accumulated at once */
+
+/* st[t][r] = q[r] . k[t] for the tile's n tokens; prefetches the next_k rows along. */
+static void score_lanes(const float *qt, int64_t dim, const float *const *k_rows,
+                        const char *const *next_k, int64_t elem, int64_t n, float *st)
+{
+    for (int64_t t = 0; t < n; t += LANE_TOKENS) {
+        const float *k[LANE_TOKENS];
+        const char *p[LANE_TOKENS];
+        UNROLLED
+        for (int j = 0; j < LANE_TOKENS; j++) { /* past the tile's end: the last row again */
+            k[j] = k_rows[t + j < n ? t + j : n - 1];
+            p[j] = next_k[t + j < n ? t + j : n - 1];
+        }
+        fvec a[LANE_TOKENS][LANE_VECS] = {{{0}}};
+        for (int64_t d = 0; d < dim; d++) {
+            if (d % DIM_CHUNK == 0)
+                UNROLLED
+                for (int j = 0; j < LANE_TOKENS; j++) __builtin_prefetch(p[j] + d * elem, 0, 2);
+            fvec q[LANE_VECS];
+            UNROLLED
+            for (int v = 0; v < LANE_VECS; v++) q[v] = loadv(qt + d * LANE_ROWS + v * VLEN);
+            UNROLLED
+            for (int j = 0; j < LANE_TOKENS; j++) {
+                const fvec x = splatv(k[j][d]);
+                UNROLLED
+                for (int v = 0; v < LANE_VECS; v++) a[j][v] += q[v] * x;
+            }
+        }
+        for (int j = 0; j < LANE_TOKENS; j++)
+            if (t + j < n)
+                for (int v = 0; v < LANE_VECS; v++)
+                    storev(st + (t + j) * LANE_ROWS + v * VLEN, a[j][v]);
+    }
+}
+
+/* Online-softmax step of one vector of rows (scores s[t * LANE_ROWS], t < n, for kv tokens
+ * start + t): a row sees tokens below its limit. Turns the scores into probabilities, updates
+ * the running max m and sum l, and gives the factor the accumulator must be scaled by. */
+static ALWAYS_INLINE void softmax_lanes(float *s, int64_t n, int64_t start, ivec limit,
+                                        fvec *m, fvec *l, fvec *corr)
+{
+    const fvec minus_inf = splatv(-INFINITY);
+    fvec mx = *m;
+    for (int64_t t = 0; t < n; t++) {
+        const ivec is_valid = (int32_t)(start + t) < limit;
+        const fvec x = selectv(is_valid, loadv(s + t * LANE_ROWS), minus_inf);
+        mx = selectv(x > mx, x, mx);
+    }
+    const ivec is_live = mx > minus_inf; /* the row has seen a token */
+    *corr = selectv(is_live, expv(*m - mx), splatv(1.0f));
+    fvec sum = {0};
+    for (int64_t t = 0; t < n; t++) {
+        const ivec is_valid = (int32_t)(start + t) < limit;
+        const fvec p = selectv(is_valid, expv(loadv(s + t * LANE_ROWS) - mx), splatv(0.0f));
+        storev(s + t * LANE_ROWS, p);
+        sum += p;
+    }
+    *l = *l * *corr + sum;
+    *m = mx;
+}
+
+/* acct[d][r] = acct[d][r] * corr[r] + sum_t p[t][r] * v[t][d]; prefetches the next_v rows
+ * along. */
+static void accumulate_lanes(const float *p, const float *const *v_rows,
+                             const char *const *next_v, int64_t elem, int64_t n, int64_t dim,
+                             const fvec *corr, float *acct)
+{
+    for (int64_t d = 0; d < dim; d += LANE_DIMS) {
+        fvec a[LANE_DIMS][LANE_VECS];
+        UNROLLED
+        for (int c = 0; c < LANE_DIMS; c++)
+            UNROLLED
+            for (int v = 0; v < LANE_VECS; v++)
+                a[c][v] = loadv(acct + (d + c) * LANE_ROWS + v * VLEN) * corr[v];
+        for (int64_t t = 0; t < n; t++) {
+            if (d % DIM_CHUNK == 0) __builtin_prefetch(next_v[t] + d * elem, 0, 2);
+            fvec pt[LANE_VECS];
+            UNROLLED
+            for (int v = 0; v < LANE_VECS; v++) pt[v] = loadv(p + t * LANE_ROWS + v * VLEN);
+            UNROLLED
+            for (int c = 0; c < LANE_DIMS; c++) {
+                const fvec x = splatv(v_rows[t][d + c]);
+                UNROLLED
+                for (int v = 0; v < LANE_VECS; v++) a[c][v] += pt[v] * x;
+            }
+        }
+        UNROLLED
+        for (int c = 0; c < LANE_DIMS; c++)
+            UNROLLED
+            for (int v = 0; v < LANE_VECS; v++)
+                storev(acct + (d + c) * LANE_ROWS + v * VLEN, a[c][v]);
+    }
 }
 
 #endif

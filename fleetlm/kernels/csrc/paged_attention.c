@@ -46,7 +46,8 @@ static inline int64_t row_elems(int kv_dtype, int64_t head_dim)
 
 typedef struct { /* per-thread scratch */
     float *q, *acc, *m, *l, *s, *k, *v; /* k, v: a bf16 or int8 tile converted to fp32 */
-    const float **k_rows, **v_rows;     /* the tile's rows, in the cache or in k, v */
+    float *qt, *acct, *st;              /* the lanes path's q, acc and scores, row-minor */
+    const void **k_rows, **v_rows;      /* the tile's rows, in the cache or in k, v */
     const char **next_k, **next_v;      /* the next tile's rows in the cache, to prefetch */
     int64_t *offsets;                   /* a tile's row offsets in the cache, in elements */
     int64_t *limit, *out_offset;        /* per row: kv tokens visible, where its output goes */
@@ -69,11 +70,12 @@ static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64
 }
 
 /* Points k_rows/v_rows at kv tokens [start, start + n) of kv_head (into the cache for fp32,
- * into converted copies for bf16 and int8), and next_k/next_v at the n_next tokens after them. Blocks
+ * and for bf16 when bf16_rows, else into fp32 copies), and next_k/next_v at the n_next tokens
+ * after them. Blocks
  * sit at random places the hardware prefetcher cannot guess, so the compute loops prefetch
  * the next tile a line at a time; a burst of prefetches would stall on the miss queue. */
 static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
-                      int64_t n_next, Scratch *sc)
+                      int64_t n_next, int bf16_rows, Scratch *sc)
 {
     const int64_t dim = kv->head_dim, elem = elem_bytes(kv->kv_dtype);
     tile_offsets(kv, kv_head, start + n, n_next, sc->offsets);
@@ -92,15 +94,20 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
             sc->v_rows[t] = (const float *)kv->v_cache + sc->offsets[t];
             continue;
         }
+        if (kv->kv_dtype == KV_BF16 && bf16_rows) {
+            sc->k_rows[t] = (const uint16_t *)kv->k_cache + sc->offsets[t];
+            sc->v_rows[t] = (const uint16_t *)kv->v_cache + sc->offsets[t];
+            continue;
+        }
         if (kv->kv_dtype == KV_INT8) {
             const int8_t *k = (const int8_t *)kv->k_cache + sc->offsets[t];
             const int8_t *v = (const int8_t *)kv->v_cache + sc->offsets[t];
             float k_scale, v_scale;
             memcpy(&k_scale, k + dim, sizeof k_scale);
             memcpy(&v_scale, v + dim, sizeof v_scale);
-            for (int64_t d = 0; d < dim; d += 8) {
-                store8(sc->k + t * dim + d, load8_i8(k + d) * k_scale);
-                store8(sc->v + t * dim + d, load8_i8(v + d) * v_scale);
+            for (int64_t d = 0; d < dim; d += VLEN) {
+                storev(sc->k + t * dim + d, loadv_i8(k + d) * k_scale);
+                storev(sc->v + t * dim + d, loadv_i8(v + d) * v_scale);
             }
             sc->k_rows[t] = sc->k + t * dim;
             sc->v_rows[t] = sc->v + t * dim;
@@ -108,24 +115,25 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
         }
         const uint16_t *k = (const uint16_t *)kv->k_cache + sc->offsets[t];
         const uint16_t *v = (const uint16_t *)kv->v_cache + sc->offsets[t];
-        for (int64_t d = 0; d < dim; d += 8) {
-            store8(sc->k + t * dim + d, load8_bf16(k + d));
-            store8(sc->v + t * dim + d, load8_bf16(v + d));
+        for (int64_t d = 0; d < dim; d += VLEN) {
+            storev(sc->k + t * dim + d, loadv_bf16(k + d));
+            storev(sc->v + t * dim + d, loadv_bf16(v + d));
         }
         sc->k_rows[t] = sc->k + t * dim;
         sc->v_rows[t] = sc->v + t * dim;
     }
 }
-/* One kv tile's work for the rows of one kv head (rows [0, num_rows) of the pointers); the
- * first row group prefetches the next tile. */
-static void attend_tile(Scratch *sc, int64_t first_row, int64_t num_rows, int64_t start,
-                        int64_t n, int64_t dim, int64_t elem)
+/* One kv tile's work for the rows of one kv head (rows [0, num_rows) of the pointers, bf16
+ * when bf16_rows, else fp32); the first row group prefetches the next tile. */
+static ALWAYS_INLINE void attend_tile(Scratch *sc, int64_t first_row, int64_t num_rows,
+                                      int64_t start, int64_t n, int64_t dim, int64_t elem,
+                                      const int bf16_rows)
 {
     float *q = sc->q + first_row * dim, *acc = sc->acc + first_row * dim;
     float *s = sc->s + first_row * KV_TILE;
 #define SCORE(rows)                                                                          \
-    score_rows(q + r0 * dim, dim, rows, sc->k_rows, sc->next_k, r0 == 0 ? elem : 0, n,      \
-               s + r0 * KV_TILE)
+    score_rows(q + r0 * dim, dim, rows, sc->k_rows, bf16_rows, sc->next_k,                  \
+               r0 == 0 ? elem : 0, n, s + r0 * KV_TILE)
     FOR_ROW_GROUPS(num_rows, SCORE)
 #undef SCORE
     for (int64_t r = first_row; r < first_row + num_rows; r++) {
@@ -134,10 +142,54 @@ static void attend_tile(Scratch *sc, int64_t first_row, int64_t num_rows, int64_
         softmax_row(sc->s + r * KV_TILE, n_valid, &sc->m[r], &sc->l[r], sc->acc + r * dim, dim);
     }
 #define ACCUMULATE(rows)                                                                     \
-    accumulate_rows(s + r0 * KV_TILE, sc->v_rows, sc->next_v, r0 == 0 ? elem : 0, n, dim,   \
-                    rows, acc + r0 * dim)
+    accumulate_rows(s + r0 * KV_TILE, sc->v_rows, bf16_rows, sc->next_v,                    \
+                    r0 == 0 ? elem : 0, n, dim, rows, acc + r0 * dim)
     FOR_ROW_GROUPS(num_rows, ACCUMULATE)
 #undef ACCUMULATE
+}
+
+/* Rows [first, first + num_rows) of sc->q (num_rows <= LANE_ROWS), all of kv head h, with
+ * rows in vector lanes: a prefill tile's rows share every K/V value, which is broadcast to
+ * all of them at once, so no dot product needs a horizontal sum (the decode path's cost per
+ * row and token). Same contract as attend_rows. */
+static void attend_lanes(const KvView *kv, Scratch *sc, int64_t h, int64_t first,
+                         int64_t num_rows, float *out)
+{
+    const int64_t dim = kv->head_dim, elem = elem_bytes(kv->kv_dtype);
+    float *qt = sc->qt, *acct = sc->acct, *st = sc->st;
+    ivec limit[LANE_VECS];
+    int64_t kv_len = 0;
+    for (int v = 0; v < LANE_VECS; v++)
+        for (int j = 0; j < VLEN; j++) {
+            const int64_t r = v * VLEN + j;
+            limit[v][j] = r < num_rows ? (int32_t)sc->limit[first + r] : 0;
+            kv_len = limit[v][j] > kv_len ? limit[v][j] : kv_len;
+        }
+    for (int64_t d = 0; d < dim; d++)
+        for (int64_t r = 0; r < LANE_ROWS; r++)
+            qt[d * LANE_ROWS + r] = r < num_rows ? sc->q[(first + r) * dim + d] : 0.0f;
+    memset(acct, 0, dim * LANE_ROWS * sizeof(float));
+    fvec m[LANE_VECS], l[LANE_VECS];
+    for (int v = 0; v < LANE_VECS; v++) {
+        m[v] = splatv(-INFINITY);
+        l[v] = splatv(0.0f);
+    }
+    for (int64_t start = 0; start < kv_len; start += KV_TILE) {
+        int64_t n = kv_len - start < KV_TILE ? kv_len - start : KV_TILE;
+        int64_t n_next = kv_len - start - n < KV_TILE ? kv_len - start - n : KV_TILE;
+        load_tile(kv, h, start, n, n_next, 0, sc);
+        score_lanes(qt, dim, (const float *const *)sc->k_rows, sc->next_k, elem, n, st);
+        fvec corr[LANE_VECS];
+        for (int v = 0; v < LANE_VECS; v++)
+            softmax_lanes(st + v * VLEN, n, start, limit[v], &m[v], &l[v], &corr[v]);
+        accumulate_lanes(st, (const float *const *)sc->v_rows, sc->next_v, elem, n, dim, corr,
+                         acct);
+    }
+    for (int64_t r = 0; r < num_rows; r++) {
+        const float sum = l[r / VLEN][r % VLEN], inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t d = 0; d < dim; d++)
+            out[sc->out_offset[first + r] + d] = acct[d * LANE_ROWS + r] * inv;
+    }
 }
 
 /* Attention of the scaled query rows in sc->q, rows_per_head of them for each of kv heads
@@ -148,6 +200,17 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
                         int64_t rows_per_head, float *out)
 {
     const int64_t dim = kv->head_dim, num_rows = (head_end - head_begin) * rows_per_head;
+    const int64_t elem = elem_bytes(kv->kv_dtype);
+    if (rows_per_head >= MIN_LANE_ROWS) { /* a prefill tile */
+        for (int64_t h = head_begin; h < head_end; h++)
+            for (int64_t r = 0; r < rows_per_head; r += LANE_ROWS)
+                attend_lanes(kv, sc, h, (h - head_begin) * rows_per_head + r,
+                             rows_per_head - r < LANE_ROWS ? rows_per_head - r : LANE_ROWS, out);
+        return;
+    }
+    /* A bf16 row read by one row group is converted as it is read; by several (a prefill
+     * tile), once into scratch. Either way the same fp32 values. */
+    const int bf16_rows = kv->kv_dtype == KV_BF16 && rows_per_head <= ROW_GROUP;
     int64_t kv_len = 0;
     for (int64_t r = 0; r < num_rows; r++) {
         kv_len = sc->limit[r] > kv_len ? sc->limit[r] : kv_len;
@@ -159,9 +222,12 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
         int64_t n = kv_len - start < KV_TILE ? kv_len - start : KV_TILE;
         int64_t n_next = kv_len - start - n < KV_TILE ? kv_len - start - n : KV_TILE;
         for (int64_t h = head_begin; h < head_end; h++) {
-            load_tile(kv, h, start, n, n_next, sc);
-            attend_tile(sc, (h - head_begin) * rows_per_head, rows_per_head, start, n, dim,
-                        elem_bytes(kv->kv_dtype));
+            const int64_t first_row = (h - head_begin) * rows_per_head;
+            load_tile(kv, h, start, n, n_next, bf16_rows, sc);
+            if (bf16_rows)
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, elem, 1);
+            else
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, elem, 0);
         }
     }
     for (int64_t r = 0; r < num_rows; r++) {
@@ -179,22 +245,27 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->s = malloc(max_rows * KV_TILE * sizeof(float));
     sc->k = malloc(KV_TILE * dim * sizeof(float));
     sc->v = malloc(KV_TILE * dim * sizeof(float));
-    sc->k_rows = malloc(KV_TILE * sizeof(float *));
-    sc->v_rows = malloc(KV_TILE * sizeof(float *));
+    sc->k_rows = malloc(KV_TILE * sizeof(void *));
+    sc->v_rows = malloc(KV_TILE * sizeof(void *));
     sc->next_k = malloc(KV_TILE * sizeof(char *));
     sc->next_v = malloc(KV_TILE * sizeof(char *));
     sc->offsets = malloc(KV_TILE * sizeof(int64_t));
     sc->limit = malloc(max_rows * sizeof(int64_t));
     sc->out_offset = malloc(max_rows * sizeof(int64_t));
+    sc->qt = malloc(dim * LANE_ROWS * sizeof(float));
+    sc->acct = malloc(dim * LANE_ROWS * sizeof(float));
+    sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
     return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_rows &&
-           sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit && sc->out_offset;
+           sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit &&
+           sc->out_offset && sc->qt && sc->acct && sc->st;
 }
 
 static void scratch_free(Scratch *sc)
 {
     free(sc->q); free(sc->acc); free(sc->m); free(sc->l); free(sc->s); free(sc->k);
     free(sc->v); free(sc->k_rows); free(sc->v_rows); free(sc->next_k); free(sc->next_v);
-    free(sc->offsets); free(sc->limit); free(sc->out_offset);
+    free(sc->offsets); free(sc->limit); free(sc->out_offset); free(sc->qt); free(sc->acct);
+    free(sc->st);
 }
 
 /* Checks every block id a sequence of kv_len tokens will read. */
@@ -280,6 +351,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
     const int64_t max_rows = tokens_per_task * heads_per_task * (num_heads / num_kv_heads);
 #pragma omp parallel num_threads(num_threads) if (num_tasks > 1)
     {
+        const unsigned fp_mode = flush_denormals();
         Scratch sc;
         int is_ready = scratch_alloc(&sc, max_rows, head_dim);
         int64_t s = 0;
@@ -305,6 +377,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                      scale);
         }
         scratch_free(&sc);
+        restore_fp_mode(fp_mode);
     }
     free(task_start);
     return status;

@@ -1,11 +1,12 @@
-/* Portable 8-lane fp32 vectors (GCC/Clang vector extensions): one source builds for AVX2,
- * AVX-512, NEON or plain SSE, as -march allows. Used by online_softmax.h. */
+/* Portable fp32 vectors (GCC/Clang vector extensions): one source builds for AVX2, AVX-512,
+ * NEON or plain SSE, as -march allows. 8-lane vectors (f32x8) for every kernel, and vectors
+ * as wide as the CPU's (fvec, VLEN lanes) for paged attention (online_softmax.h). */
 #ifndef FLEETLM_VECTOR_H
 #define FLEETLM_VECTOR_H
 
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -82,22 +83,143 @@ static ALWAYS_INLINE float hsum8(f32x8 a)
     return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
-/* exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); inputs below -87 give ~1e-38. */
-static ALWAYS_INLINE f32x8 exp8(f32x8 x)
+/* exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); inputs below -87 give ~1e-38. Defined
+ * once for each vector width, F the float vector type and I the int32 one of the same lanes. */
+#define DEFINE_EXP(NAME, F, I)                                                              \
+    static ALWAYS_INLINE F NAME(F x)                                                        \
+    {                                                                                       \
+        const F zero = {0}, round_magic = zero + 12582912.0f; /* 1.5 * 2^23 */            \
+        const I is_low = x < -87.0f;                                                       \
+        x = (F)(((I)(zero - 87.0f) & is_low) | ((I)x & ~is_low));                          \
+        F n = (x * 1.44269504088896341f + round_magic) - round_magic;                       \
+        F r = x - n * 0.693359375f + n * 2.12194440e-4f;                                    \
+        F p = zero + 1.9875691500e-4f;                                                      \
+        p = p * r + 1.3981999507e-3f;                                                       \
+        p = p * r + 8.3334519073e-3f;                                                       \
+        p = p * r + 4.1665795894e-2f;                                                       \
+        p = p * r + 1.6666665459e-1f;                                                       \
+        p = p * r + 5.0000001201e-1f;                                                       \
+        p = p * r * r + r + 1.0f;                                                           \
+        I bits = (__builtin_convertvector(n, I) + 127) << 23;                               \
+        return p * (F)bits;                                                                 \
+    }
+
+DEFINE_EXP(exp8, f32x8, i32x8)
+
+/* Stores a float vector as bf16, rounded to nearest even as torch rounds; a NaN stays a
+ * (quiet) NaN. F, U, I, H: the float, uint32, int32 and uint16 vector types of its lanes. */
+#define DEFINE_STORE_BF16(NAME, F, U, I, H)                                                  \
+    static ALWAYS_INLINE void NAME(uint16_t *p, F v)                                        \
+    {                                                                                       \
+        const U bits = (U)v;                                                                \
+        const U rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;                     \
+        const I is_nan = (I)((bits & 0x7fffffffu) > 0x7f800000u);                           \
+        const U half = (U)(((I)((bits >> 16) | 0x40u) & is_nan) | ((I)rounded & ~is_nan));  \
+        const H h = __builtin_convertvector(half, H);                                       \
+        memcpy(p, &h, sizeof h);                                                            \
+    }
+
+DEFINE_STORE_BF16(store8_bf16, f32x8, u32x8, i32x8, u16x8)
+
+/* Sets this thread to flush denormal results and inputs to zero, and returns the mode to
+ * restore. A softmax's smallest probabilities (exp of -87) times a value are denormal; on
+ * x86 every operation on them takes a slow microcode path, enough to slow a prefill's
+ * attention several times. Flushing changes only contributions below 1e-38. */
+static inline unsigned flush_denormals(void)
 {
-    const f32x8 round_magic = splat8(12582912.0f); /* 1.5 * 2^23: adds round to integer */
-    x = select8(x < -87.0f, splat8(-87.0f), x);
-    f32x8 n = (x * 1.44269504088896341f + round_magic) - round_magic;
-    f32x8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    f32x8 p = splat8(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
-    return p * (f32x8)bits;
+#ifdef __SSE2__
+    const unsigned mode = _mm_getcsr();
+    _mm_setcsr(mode | 0x8040); /* FTZ | DAZ */
+    return mode;
+#else
+    return 0;
+#endif
 }
+
+static inline void restore_fp_mode(unsigned mode)
+{
+#ifdef __SSE2__
+    _mm_setcsr(mode);
+#else
+    (void)mode;
+#endif
+}
+
+/* ---- Vectors as wide as the CPU's: VLEN lanes (16 with AVX-512, else 8) -------------------
+ * For loops over whole rows whose length is a multiple of 16 (paged attention's head_dim). */
+#ifdef __AVX512F__
+#define VLEN 16
+#else
+#define VLEN 8
+#endif
+typedef float fvec __attribute__((vector_size(VLEN * 4)));
+typedef int32_t ivec __attribute__((vector_size(VLEN * 4)));
+typedef uint32_t uvec __attribute__((vector_size(VLEN * 4)));
+typedef uint16_t hvec __attribute__((vector_size(VLEN * 2)));
+
+static ALWAYS_INLINE fvec loadv(const float *p)
+{
+    fvec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static ALWAYS_INLINE void storev(float *p, fvec v) { memcpy(p, &v, sizeof v); }
+
+static ALWAYS_INLINE fvec splatv(float x)
+{
+#if VLEN == 16
+    __m512 v = _mm512_set1_ps(x);
+    fvec out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+#else
+    return splat8(x);
+#endif
+}
+
+static ALWAYS_INLINE fvec selectv(ivec mask, fvec a, fvec b)
+{
+    return (fvec)(((ivec)a & mask) | ((ivec)b & ~mask));
+}
+
+static ALWAYS_INLINE fvec loadv_bf16(const uint16_t *p)
+{
+    hvec h;
+    memcpy(&h, p, sizeof h);
+    return (fvec)(__builtin_convertvector(h, uvec) << 16);
+}
+
+static ALWAYS_INLINE fvec loadv_i8(const int8_t *p)
+{
+#if VLEN == 16
+    __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    fvec out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+#else
+    f32x8 v = load8_i8(p);
+    fvec out;
+    memcpy(&out, &v, sizeof out);
+    return out;
+#endif
+}
+
+static ALWAYS_INLINE float hsumv(fvec a)
+{
+#if VLEN == 16
+    f32x8 lo, hi;
+    memcpy(&lo, &a, sizeof lo);
+    memcpy(&hi, (const char *)&a + sizeof lo, sizeof hi);
+    return hsum8(lo + hi);
+#else
+    f32x8 v;
+    memcpy(&v, &a, sizeof v);
+    return hsum8(v);
+#endif
+}
+
+DEFINE_EXP(expv, fvec, ivec)
+DEFINE_STORE_BF16(storev_bf16, fvec, uvec, ivec, hvec)
 
 #endif
