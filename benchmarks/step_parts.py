@@ -119,16 +119,20 @@ def bytes_per_step(llm: LLM) -> int:
                if name != "embed_tokens.weight")
 
 
-def decode_steps(llm: LLM, batch_size: int, output_len: int,
+def decode_steps(llm: LLM, batch_size: int, output_len: int, input_len: int = 4,
                  timer: PartTimer | None = None) -> list[float]:
     """Durations of the decode steps (every sequence past its prompt) of one run; `timer`
-    times their parts (not the prefill step's)."""
+    times their parts (not the prefill steps')."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     run = time.monotonic_ns()
     for i in range(batch_size):
-        engine.add_request(f"r{run}-{i}", [1, 100 + i, 200 + i, 300 + i], params)
-    engine.step()  # the prefill
+        prompt = [1] + [(100 + 7 * i + 13 * j) % 49000 + 2 for j in range(input_len - 1)]
+        engine.add_request(f"r{run}-{i}", prompt, params)
+    scheduler = engine.core.scheduler
+    while scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                       for r in scheduler.running):
+        engine.step()  # the prefills
     durations = []
     with timer.patched() if timer is not None else nullcontext():
         while engine.has_unfinished_requests():
@@ -142,11 +146,12 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def measure(llm: LLM, batch_size: int, output_len: int, repeats: int) -> dict:
-    decode_steps(llm, batch_size, 4)  # warm-up
-    plain = [median(decode_steps(llm, batch_size, output_len)) for _ in range(repeats)]
+def measure(llm: LLM, batch_size: int, output_len: int, input_len: int, repeats: int) -> dict:
+    decode_steps(llm, batch_size, 4, input_len)  # warm-up
+    plain = [median(decode_steps(llm, batch_size, output_len, input_len))
+             for _ in range(repeats)]
     timer = PartTimer()
-    steps = decode_steps(llm, batch_size, output_len, timer)
+    steps = decode_steps(llm, batch_size, output_len, input_len, timer)
     parts_ms = {part: timer.seconds[part] / len(steps) * 1e3 for part in PARTS}
     calls = {part: timer.calls[part] / len(steps) for part in PARTS}
     step_ms = median(plain) * 1e3
@@ -164,7 +169,7 @@ WEIGHTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
 def load(weights: str, batch_size: int) -> LLM:
     dtype, quantization = WEIGHTS[weights]
     return LLM(MODEL, dtype=dtype, quantization=quantization, max_num_seqs=batch_size,
-               kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False)
+               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False)
 
 
 def print_table(label: str, figures: dict, floor_ms: float) -> None:
@@ -183,13 +188,15 @@ def main() -> None:
                         help=f"comma-separated, of: {', '.join(WEIGHTS)}")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=4,
+                        help="prompt tokens per sequence (the context the decode attends to)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="", help="stored with the results (before/after)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/step_parts.json"))
     args = parser.parse_args()
     bandwidth = read_bandwidth_gbs()
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": MODEL,
-              "torch": torch.__version__, "label": args.label,
+              "torch": torch.__version__, "label": args.label, "input_len": args.input_len,
               "read_bandwidth_gb_s": bandwidth, "runs": []}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"read bandwidth {bandwidth:.1f} GB/s on {result['threads']} threads")
@@ -198,7 +205,7 @@ def main() -> None:
         weight_bytes_ = bytes_per_step(llm)
         floor_ms = weight_bytes_ / bandwidth / 1e6
         for batch_size in batch_sizes:
-            figures = measure(llm, batch_size, args.output_len, args.repeats)
+            figures = measure(llm, batch_size, args.output_len, args.input_len, args.repeats)
             figures.update(weights=weights, weight_bytes_per_step=weight_bytes_,
                            floor_ms=floor_ms, ratio_to_floor=figures["step_ms"] / floor_ms)
             result["runs"].append(figures)
