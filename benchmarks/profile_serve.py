@@ -45,6 +45,11 @@ PROCESS_GROUPS = (
 # Parts of the code, by the file of the innermost fleetlm frame; first match wins.
 CODE_PARTS = (
     ("fleetlm/parallel/layers.py", "linear layers (GEMM)"),
+    ("fleetlm/kernels/cpu_linear.py", "linear layers (GEMM)"),
+    ("fleetlm/kernels/gguf_linear.py", "linear layers (GEMM)"),
+    ("fleetlm/kernels/int8_linear.py", "linear layers (GEMM)"),
+    ("fleetlm/kernels/fp8_linear.py", "linear layers (GEMM)"),
+    ("fleetlm/kernels/fused_ops.py", "norms, RoPE, SiLU"),
     ("fleetlm/kernels/", "attention kernel"),
     ("fleetlm/executor/attention.py", "attention wrapper (metadata, KV writes)"),
     ("fleetlm/executor/models/ops.py", "norms, RoPE, SiLU"),

@@ -30,6 +30,10 @@ def test_a_sample_goes_to_its_innermost_fleetlm_frame():
     lines = [
         f"thread (0x1);{step};forward ({ROOT}/executor/models/llama.py:200);"
         f"forward ({ROOT}/parallel/layers.py:90) 7",
+        f"thread (0x1);{step};forward ({ROOT}/parallel/layers.py:90);"
+        f"__call__ ({ROOT}/kernels/cpu_linear.py:60) 2",
+        f"thread (0x1);{step};forward ({ROOT}/executor/models/ops.py:40);"
+        f"silu_mul ({ROOT}/kernels/fused_ops.py:102) 1",
         f"thread (0x1);{step};forward ({ROOT}/executor/attention.py:40);"
         f"decode ({ROOT}/kernels/cpu_attention.py:77) 3",
         f"thread (0x1);{step};schedule ({ROOT}/executor/scheduler.py:300) 2",
@@ -40,8 +44,8 @@ def test_a_sample_goes_to_its_innermost_fleetlm_frame():
         "",
     ]
     assert ps.parts_from_collapsed(lines) == Counter({
-        "linear layers (GEMM)": 7, "attention kernel": 3, "scheduler, KV blocks": 2,
-        "norms, RoPE, SiLU": 1, "engine (other)": 4, "Ray Serve (replica side)": 5,
+        "linear layers (GEMM)": 9, "attention kernel": 3, "scheduler, KV blocks": 2,
+        "norms, RoPE, SiLU": 2, "engine (other)": 4, "Ray Serve (replica side)": 5,
         "asyncio": 1})
 
 
