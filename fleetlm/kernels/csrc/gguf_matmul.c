@@ -6,7 +6,7 @@
  * fleetlm/kernels/cpu_build.py and called through ctypes by fleetlm/kernels/gguf_linear.py.
  *
  * A task is a tile of ROWS weight rows. Q4_0, Q4_1 and Q8_0 tiles are multiplied straight
- * from their blocks, two to four input rows at a time, each block turned into fp32 in registers
+ * from their blocks, two or three input rows at a time, each block turned into fp32 in registers
  * (dot_tile_blocks; up to DIRECT_MAX_ROWS input rows). Otherwise each row is dequantized into
  * a per-thread fp32 buffer (a few KiB, so it stays in L1), then every input row is multiplied
  * with the tile, three input rows at a time (3 x 4 accumulators: 7 loads per 12 multiply-adds).
@@ -32,14 +32,12 @@ enum { OK = 0, ERR_TYPE = 1, ERR_SHAPE = 2, ERR_NO_MEMORY = 3 };
 #define PREFETCH_TILES 2 /* the direct path asks for the tile this many tiles ahead */
 /* Input rows per pass over a tile's blocks: their accumulators, the rows' values and one
  * block must fit the vector registers (AVX-512 has 32, AVX2 16). Measured on the model's
- * shapes with AVX-512 (8-lane vectors then): 3 rows against 2 cut 8 rows from 18.2 to 15.7 ms,
- * 32 from 70 to 57. With 16-lane vectors a block takes 2 registers, which leaves room for 4. */
+ * shapes with AVX-512: 3 rows against 2 cut 8 rows from 18.2 to 15.7 ms, 32 from 70 to 57. */
 #ifdef __AVX512F__
-#define DIRECT_ROWS 4
+#define DIRECT_ROWS 3
 #else
 #define DIRECT_ROWS 2
 #endif
-#define BLOCK_VECS (32 / VLEN) /* vectors of one 32-element block */
 /* Up to how many input rows Q4_0 / Q4_1 / Q8_0 skip the dequantized buffer. Measured on the
  * built-in model's shapes (docs/benchmarks.md): with AVX-512's 32 vector registers the direct
  * path is faster at every batch (1.4x at 1 row, 1.2x at 128); an AVX2 build (16 registers)
@@ -156,38 +154,6 @@ static ALWAYS_INLINE void small_block_to_f32(const uint8_t *src, int type, f32x8
     }
 }
 
-/* small_block_to_f32 in vectors as wide as the CPU's: elements VLEN*j.. in out[j]. */
-static ALWAYS_INLINE void small_block_to_fvec(const uint8_t *src, int type, fvec out[BLOCK_VECS])
-{
-#if VLEN == 16
-    const float d = fp16_to_fp32(src);
-    if (type == T_Q8_0) {
-        for (int j = 0; j < 2; j++) {
-            const __m128i q = _mm_loadu_si128((const __m128i *)(src + 2 + 16 * j));
-            out[j] = (fvec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)) * d;
-        }
-        return;
-    }
-    const __m128i v = _mm_loadu_si128((const __m128i *)(src + (type == T_Q4_0 ? 2 : 4)));
-    const __m128i mask = _mm_set1_epi8(0xF);
-    const __m128i low = _mm_and_si128(v, mask), high = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    const fvec q0 = (fvec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low));
-    const fvec q1 = (fvec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high));
-    if (type == T_Q4_0) {
-        out[0] = (q0 - 8.0f) * d;
-        out[1] = (q1 - 8.0f) * d;
-    } else {
-        const float m = fp16_to_fp32(src + 2);
-        out[0] = q0 * d + m;
-        out[1] = q1 * d + m;
-    }
-#else
-    f32x8 v[4];
-    small_block_to_f32(src, type, v);
-    memcpy(out, v, sizeof v);
-#endif
-}
-
 /* One row of `k` elements from its blocks at `src` into `out`. */
 static void dequantize_row(const uint8_t *src, int64_t k, int type, float *restrict out)
 {
@@ -256,21 +222,21 @@ static void dequantize_row(const uint8_t *src, int64_t k, int type, float *restr
 static ALWAYS_INLINE void dot_tile(const float *x, int nx, const float *w, int64_t k, int rows,
                                    float y[][ROWS])
 {
-    fvec a[3][ROWS];
+    f32x8 a[3][ROWS];
     for (int j = 0; j < nx; j++)
-        for (int r = 0; r < rows; r++) a[j][r] = splatv(0.0f);
+        for (int r = 0; r < rows; r++) a[j][r] = splat8(0.0f);
     int64_t i = 0;
-    for (; i + VLEN <= k; i += VLEN) {
-        fvec u[3];
-        for (int j = 0; j < nx; j++) u[j] = loadv(x + j * k + i);
+    for (; i + 8 <= k; i += 8) {
+        f32x8 u[3];
+        for (int j = 0; j < nx; j++) u[j] = load8(x + j * k + i);
         for (int r = 0; r < rows; r++) {
-            const fvec wr = loadv(w + r * k + i);
-            for (int j = 0; j < nx; j++) a[j][r] = fmav(u[j], wr, a[j][r]);
+            const f32x8 wr = load8(w + r * k + i);
+            for (int j = 0; j < nx; j++) a[j][r] = fma8(u[j], wr, a[j][r]);
         }
     }
     for (int j = 0; j < nx; j++) {
         for (int r = 0; r < rows; r++) {
-            float s = hsumv(a[j][r]);
+            float s = hsum8(a[j][r]);
             for (int64_t l = i; l < k; l++) s += x[j * k + l] * w[r * k + l];
             y[j][r] = s;
         }
@@ -281,7 +247,7 @@ static ALWAYS_INLINE void dot_tile(const float *x, int nx, const float *w, int64
  * weight rows at w + r * row_bytes goes to registers and into the products at once, and the
  * bytes PREFETCH_TILES tiles ahead are requested meanwhile, a slice per block (the interleaved
  * reads of four rows defeat the hardware prefetcher: without this the lm_head ran at a third
- * of the buffered path's bandwidth). The sums run in dot_tile's order (per lane, VLEN elements
+ * of the buffered path's bandwidth). The sums run in dot_tile's order (per lane, 8 elements
  * at a time from the first, fused multiply-adds), so the result is bit for bit the buffered
  * path's and a row's result does not depend on the rows batched with it. */
 static ALWAYS_INLINE void dot_tile_blocks(const float *x, int nx, const uint8_t *w,
@@ -289,25 +255,25 @@ static ALWAYS_INLINE void dot_tile_blocks(const float *x, int nx, const uint8_t 
                                           float y[][ROWS])
 {
     const int64_t bytes = small_block_bytes(type);
-    fvec a[DIRECT_ROWS][ROWS];
+    f32x8 a[DIRECT_ROWS][ROWS];
     for (int j = 0; j < nx; j++)
-        for (int r = 0; r < rows; r++) a[j][r] = splatv(0.0f);
+        for (int r = 0; r < rows; r++) a[j][r] = splat8(0.0f);
     const int64_t blocks = k / QK, ahead = (rows * row_bytes + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t p = b * ahead; p < (b + 1) * ahead; p += 64)
             __builtin_prefetch(w + PREFETCH_TILES * rows * row_bytes + p);
-        fvec u[DIRECT_ROWS][BLOCK_VECS];
+        f32x8 u[DIRECT_ROWS][4];
         for (int j = 0; j < nx; j++)
-            for (int l = 0; l < BLOCK_VECS; l++) u[j][l] = loadv(x + j * k + b * QK + VLEN * l);
+            for (int l = 0; l < 4; l++) u[j][l] = load8(x + j * k + b * QK + 8 * l);
         for (int r = 0; r < rows; r++) {
-            fvec v[BLOCK_VECS];
-            small_block_to_fvec(w + r * row_bytes + b * bytes, type, v);
-            for (int l = 0; l < BLOCK_VECS; l++)
-                for (int j = 0; j < nx; j++) a[j][r] = fmav(u[j][l], v[l], a[j][r]);
+            f32x8 v[4];
+            small_block_to_f32(w + r * row_bytes + b * bytes, type, v);
+            for (int l = 0; l < 4; l++)
+                for (int j = 0; j < nx; j++) a[j][r] = fma8(u[j][l], v[l], a[j][r]);
         }
     }
     for (int j = 0; j < nx; j++)
-        for (int r = 0; r < rows; r++) y[j][r] = hsumv(a[j][r]);
+        for (int r = 0; r < rows; r++) y[j][r] = hsum8(a[j][r]);
 }
 
 /* fleet_gguf_matmul for a Q4_0, Q4_1 or Q8_0 matrix without the buffer: per tile, the input
@@ -328,10 +294,6 @@ static ALWAYS_INLINE void direct_matmul(const float *x, int64_t m, int64_t k, co
                 const float *xi = x + i * k; /* constant row counts: unrolled, in registers */
                 if (nx == DIRECT_ROWS)
                     dot_tile_blocks(xi, DIRECT_ROWS, tile, row_bytes, k, type, ROWS, out);
-#if DIRECT_ROWS > 3
-                else if (nx == 3)
-                    dot_tile_blocks(xi, 3, tile, row_bytes, k, type, ROWS, out);
-#endif
 #if DIRECT_ROWS > 2
                 else if (nx == 2)
                     dot_tile_blocks(xi, 2, tile, row_bytes, k, type, ROWS, out);

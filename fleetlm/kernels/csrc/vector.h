@@ -205,19 +205,6 @@ static ALWAYS_INLINE fvec loadv_i8(const int8_t *p)
 #endif
 }
 
-/* fma8 for fvec: one rounding where the CPU has FMA, at every call site alike. */
-static ALWAYS_INLINE fvec fmav(fvec a, fvec b, fvec c)
-{
-#if VLEN == 16
-    __m512 r = _mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-    fvec out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-#else
-    return fma8(a, b, c);
-#endif
-}
-
 static ALWAYS_INLINE float hsumv(fvec a)
 {
 #if VLEN == 16
