@@ -351,7 +351,6 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
     const int64_t max_rows = tokens_per_task * heads_per_task * (num_heads / num_kv_heads);
 #pragma omp parallel num_threads(num_threads) if (num_tasks > 1)
     {
-        const unsigned fp_mode = flush_denormals();
         Scratch sc;
         int is_ready = scratch_alloc(&sc, max_rows, head_dim);
         int64_t s = 0;
@@ -377,7 +376,6 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                      scale);
         }
         scratch_free(&sc);
-        restore_fp_mode(fp_mode);
     }
     free(task_start);
     return status;

@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__SSE2__)
+#ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
@@ -120,30 +120,6 @@ DEFINE_EXP(exp8, f32x8, i32x8)
     }
 
 DEFINE_STORE_BF16(store8_bf16, f32x8, u32x8, i32x8, u16x8)
-
-/* Sets this thread to flush denormal results and inputs to zero, and returns the mode to
- * restore. A softmax's smallest probabilities (exp of -87) times a value are denormal; on
- * x86 every operation on them takes a slow microcode path, enough to slow a prefill's
- * attention several times. Flushing changes only contributions below 1e-38. */
-static inline unsigned flush_denormals(void)
-{
-#ifdef __SSE2__
-    const unsigned mode = _mm_getcsr();
-    _mm_setcsr(mode | 0x8040); /* FTZ | DAZ */
-    return mode;
-#else
-    return 0;
-#endif
-}
-
-static inline void restore_fp_mode(unsigned mode)
-{
-#ifdef __SSE2__
-    _mm_setcsr(mode);
-#else
-    (void)mode;
-#endif
-}
 
 /* ---- Vectors as wide as the CPU's: VLEN lanes (16 with AVX-512, else 8) -------------------
  * For loops over whole rows whose length is a multiple of 16 (paged attention's head_dim). */
