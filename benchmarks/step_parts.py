@@ -4,7 +4,7 @@ memory-bandwidth floor (issue 12, item 1).
 For each weight path (float32: the file dequantized on load, oneDNN linear layers; bfloat16:
 the same in bf16, what `dtype: auto` picks on CPUs with AVX512-BF16 or AMX; gguf: the file's
 blocks kept quantized) and batch size, the script decodes `--output-len` tokens after
-4-token prompts and reports:
+prompts of `--input-len` tokens (4 unless told) and reports:
 
 - the median engine step, uninstrumented (one `LLMEngine.step()`, scheduling to detokenising);
 - the same step split by part, measured in a second run by wrapping the model's building
@@ -15,6 +15,9 @@ blocks kept quantized) and batch size, the script decodes `--output-len` tokens 
 
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/step_parts.py \
         --out docs/results/step_parts.json
+
+With `--prefill N` it times the prefill of N fresh prompts of `--input-len` tokens instead
+(the median of `--repeats` runs after one warm-up, then one run by part).
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ PARTS = {
     "rotary": [(llama, "apply_rotary"), (ops.RotaryEmbedding, "cos_sin")],
     "activation (silu * up)": [(ops.GatedMLP, "forward")],
     "KV-cache write": [(attention_kernels, "write_kv_cache")],
-    "attention kernel": [(attention_kernels, "paged_decode_attention")],
+    "attention kernel": [(attention_kernels, "paged_decode_attention"),
+                         (attention_kernels, "paged_prefill_attention"),
+                         (attention_kernels, "prefill_attention_no_cache")],
     "LM head": [(layers.ParallelLMHead, "compute_logits")],
     "sampler (metadata + sampling)": [(model_runner.ModelRunner, "_sample")],
 }
@@ -161,6 +166,35 @@ def measure(llm: LLM, batch_size: int, output_len: int, input_len: int, repeats:
             "model_ms": sum(parts_ms[p] for p in MODEL_PARTS)}
 
 
+def prefill(llm: LLM, num_prompts: int, input_len: int, timer: PartTimer | None = None
+            ) -> float:
+    """Seconds to prefill `num_prompts` fresh prompts of `input_len` tokens (and sample each
+    one token); `timer` times the parts."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    run = time.monotonic_ns()
+    for i in range(num_prompts):
+        prompt = [1] + [(100 + 7 * i + 13 * j) % 49000 + 2 for j in range(input_len - 1)]
+        engine.add_request(f"p{run}-{i}", prompt, params)
+    start = time.perf_counter()
+    with timer.patched() if timer is not None else nullcontext():
+        while engine.has_unfinished_requests():
+            engine.step()
+    return time.perf_counter() - start
+
+
+def measure_prefill(llm: LLM, num_prompts: int, input_len: int, repeats: int) -> dict:
+    prefill(llm, num_prompts, input_len)  # warm-up: first-touch of the activations' memory
+    plain = [prefill(llm, num_prompts, input_len) for _ in range(repeats)]
+    timer = PartTimer()
+    prefill(llm, num_prompts, input_len, timer)
+    return {"prefill_prompts": num_prompts, "input_len": input_len,
+            "prefill_ms": median(plain) * 1e3,
+            "tokens_per_s": num_prompts * input_len / median(plain),
+            "parts_ms": {part: timer.seconds[part] * 1e3 for part in PARTS},
+            "calls": dict(timer.calls)}
+
+
 # --weights name -> (dtype, quantization)
 WEIGHTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
            "gguf": ("float32", "gguf")}
@@ -190,6 +224,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=4,
                         help="prompt tokens per sequence (the context the decode attends to)")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="instead of decode steps: prefill N prompts of --input-len "
+                             "tokens at once, by part")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="", help="stored with the results (before/after)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/step_parts.json"))
@@ -201,9 +238,19 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"read bandwidth {bandwidth:.1f} GB/s on {result['threads']} threads")
     for weights in args.weights.split(","):
-        llm = load(weights, max(batch_sizes))
+        llm = load(weights, max(batch_sizes + [args.prefill]))
         weight_bytes_ = bytes_per_step(llm)
         floor_ms = weight_bytes_ / bandwidth / 1e6
+        if args.prefill:
+            figures = measure_prefill(llm, args.prefill, args.input_len, args.repeats)
+            figures.update(weights=weights)
+            result["runs"].append(figures)
+            print(f"\n{weights}, prefill {args.prefill} x {args.input_len} tokens: "
+                  f"{figures['prefill_ms']:.1f} ms ({figures['tokens_per_s']:.0f} tok/s)")
+            for part, ms in figures["parts_ms"].items():
+                print(f"  {part:40s} {ms:8.2f}")
+            llm.shutdown()
+            continue
         for batch_size in batch_sizes:
             figures = measure(llm, batch_size, args.output_len, args.input_len, args.repeats)
             figures.update(weights=weights, weight_bytes_per_step=weight_bytes_,
