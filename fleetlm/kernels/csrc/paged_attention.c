@@ -71,9 +71,9 @@ static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64
 
 /* Points k_rows/v_rows at kv tokens [start, start + n) of kv_head (into the cache for fp32,
  * and for bf16 when bf16_rows, else into fp32 copies), and next_k/next_v at the n_next tokens
- * after them. Blocks
- * sit at random places the hardware prefetcher cannot guess, so the compute loops prefetch
- * the next tile a line at a time; a burst of prefetches would stall on the miss queue. */
+ * after them. Blocks sit at random places the hardware prefetcher cannot guess, so the
+ * compute loops prefetch the next tile a line at a time; a burst of prefetches would stall
+ * on the miss queue. */
 static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
                       int64_t n_next, int bf16_rows, Scratch *sc)
 {

@@ -30,19 +30,22 @@ static ALWAYS_INLINE void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
 
 static ALWAYS_INLINE f32x8 splat8(float x) { return (f32x8){x, x, x, x, x, x, x, x}; }
 
-/* Lane-wise mask ? a : b, for a mask from a vector comparison (all ones or all zeros). */
-static ALWAYS_INLINE f32x8 select8(i32x8 mask, f32x8 a, f32x8 b)
-{
-    return (f32x8)(((i32x8)a & mask) | ((i32x8)b & ~mask));
-}
+/* Lane-wise mask ? a : b, for a mask from a vector comparison (all ones or all zeros); and a
+ * load of bf16 values (bf16 is the top half of an fp32). Defined once for each vector width:
+ * F, I, U, H the float, int32, uint32 and uint16 vector types of its lanes. */
+#define DEFINE_SELECT_AND_LOAD_BF16(SELECT, LOAD_BF16, F, I, U, H)                          \
+    static ALWAYS_INLINE F SELECT(I mask, F a, F b)                                         \
+    {                                                                                       \
+        return (F)(((I)a & mask) | ((I)b & ~mask));                                         \
+    }                                                                                       \
+    static ALWAYS_INLINE F LOAD_BF16(const uint16_t *p)                                     \
+    {                                                                                       \
+        H h;                                                                                \
+        memcpy(&h, p, sizeof h);                                                            \
+        return (F)(__builtin_convertvector(h, U) << 16);                                    \
+    }
 
-/* bf16 is the top half of an fp32. */
-static ALWAYS_INLINE f32x8 load8_bf16(const uint16_t *p)
-{
-    u16x8 h;
-    memcpy(&h, p, sizeof h);
-    return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
-}
+DEFINE_SELECT_AND_LOAD_BF16(select8, load8_bf16, f32x8, i32x8, u32x8, u16x8)
 
 /* GCC 12 scalarizes the generic int8 -> fp32 conversion, so AVX2 gets its two instructions. */
 static ALWAYS_INLINE f32x8 load8_i8(const int8_t *p)
@@ -154,17 +157,7 @@ static ALWAYS_INLINE fvec splatv(float x)
 #endif
 }
 
-static ALWAYS_INLINE fvec selectv(ivec mask, fvec a, fvec b)
-{
-    return (fvec)(((ivec)a & mask) | ((ivec)b & ~mask));
-}
-
-static ALWAYS_INLINE fvec loadv_bf16(const uint16_t *p)
-{
-    hvec h;
-    memcpy(&h, p, sizeof h);
-    return (fvec)(__builtin_convertvector(h, uvec) << 16);
-}
+DEFINE_SELECT_AND_LOAD_BF16(selectv, loadv_bf16, fvec, ivec, uvec, hvec)
 
 static ALWAYS_INLINE fvec loadv_i8(const int8_t *p)
 {
