@@ -1,6 +1,6 @@
 /* The inner loops of paged attention over one kv tile: scores, online softmax, P @ V.
  * Rows are query rows of one kv head, tokens the tile's kv tokens (KV_TILE at most). Vectors
- * are VLEN lanes (vector.h): 16 with AVX-512, which halves the instructions per kv row. */
+ * are VLEN lanes (vector.h): 16 with AVX-512, 8 otherwise. */
 #ifndef FLEETLM_ONLINE_SOFTMAX_H
 #define FLEETLM_ONLINE_SOFTMAX_H
 
