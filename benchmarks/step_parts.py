@@ -124,16 +124,21 @@ def bytes_per_step(llm: LLM) -> int:
                if name != "embed_tokens.weight")
 
 
+def add_prompts(engine: LLMEngine, count: int, input_len: int, params: SamplingParams) -> None:
+    """`count` distinct prompts of `input_len` tokens, none sharing a prefix block."""
+    run = time.monotonic_ns()
+    for i in range(count):
+        prompt = [1] + [(100 + 7 * i + 13 * j) % 49000 + 2 for j in range(input_len - 1)]
+        engine.add_request(f"r{run}-{i}", prompt, params)
+
+
 def decode_steps(llm: LLM, batch_size: int, output_len: int, input_len: int = 4,
                  timer: PartTimer | None = None) -> list[float]:
     """Durations of the decode steps (every sequence past its prompt) of one run; `timer`
     times their parts (not the prefill steps')."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    run = time.monotonic_ns()
-    for i in range(batch_size):
-        prompt = [1] + [(100 + 7 * i + 13 * j) % 49000 + 2 for j in range(input_len - 1)]
-        engine.add_request(f"r{run}-{i}", prompt, params)
+    add_prompts(engine, batch_size, input_len,
+                SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
     scheduler = engine.core.scheduler
     while scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                        for r in scheduler.running):
@@ -171,11 +176,8 @@ def prefill(llm: LLM, num_prompts: int, input_len: int, timer: PartTimer | None 
     """Seconds to prefill `num_prompts` fresh prompts of `input_len` tokens (and sample each
     one token); `timer` times the parts."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    run = time.monotonic_ns()
-    for i in range(num_prompts):
-        prompt = [1] + [(100 + 7 * i + 13 * j) % 49000 + 2 for j in range(input_len - 1)]
-        engine.add_request(f"p{run}-{i}", prompt, params)
+    add_prompts(engine, num_prompts, input_len,
+                SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     start = time.perf_counter()
     with timer.patched() if timer is not None else nullcontext():
         while engine.has_unfinished_requests():

@@ -117,15 +117,8 @@ int fleet_add_rms_norm(void *x, const void *residual, const void *weight, void *
 }
 
 /* ---- SiLU(gate) * up ------------------------------------------------------------------------- */
-/* silu(g) = g / (1 + exp(-g)); exp8 takes arguments <= 0, so a negative g is written
+/* silu(g) = g / (1 + exp(-g)); expv takes arguments <= 0, so a negative g is written
  * g * e / (1 + e) with e = exp(g). */
-static ALWAYS_INLINE f32x8 silu8(f32x8 g)
-{
-    const i32x8 is_neg = g < 0.0f;
-    f32x8 e = exp8(select8(is_neg, g, -g));
-    return select8(is_neg, g * e, g) / (1.0f + e);
-}
-
 static ALWAYS_INLINE fvec siluv(fvec g)
 {
     const ivec is_neg = g < 0.0f;
@@ -146,18 +139,15 @@ static ALWAYS_INLINE void wstore(void *p, int64_t i, fvec v, const int is_bf16)
         storev((float *)p + i, v);
 }
 
-/* In vectors as wide as the CPU's (the exp is most of the work), then 8 lanes, then one. */
+/* In vectors as wide as the CPU's (the exp is most of the work), then one at a time. */
 static ALWAYS_INLINE void silu_mul_row(const void *gate_up, void *out, int64_t n,
                                        const int is_bf16)
 {
-    const int64_t wn = n - n % VLEN, vn = n & ~(int64_t)7;
+    const int64_t wn = n - n % VLEN;
     for (int64_t i = 0; i < wn; i += VLEN)
         wstore(out, i, siluv(wload(gate_up, i, is_bf16)) * wload(gate_up, n + i, is_bf16),
                is_bf16);
-    for (int64_t i = wn; i < vn; i += 8)
-        vstore(out, i, silu8(vload(gate_up, i, is_bf16)) * vload(gate_up, n + i, is_bf16),
-               is_bf16);
-    for (int64_t i = vn; i < n; i++) {
+    for (int64_t i = wn; i < n; i++) {
         float g = sload(gate_up, i, is_bf16);
         sstore(out, i, g / (1.0f + expf(-g)) * sload(gate_up, n + i, is_bf16), is_bf16);
     }

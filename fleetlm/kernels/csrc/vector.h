@@ -86,29 +86,6 @@ static ALWAYS_INLINE float hsum8(f32x8 a)
     return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
-/* exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); inputs below -87 give ~1e-38. Defined
- * once for each vector width, F the float vector type and I the int32 one of the same lanes. */
-#define DEFINE_EXP(NAME, F, I)                                                              \
-    static ALWAYS_INLINE F NAME(F x)                                                        \
-    {                                                                                       \
-        const F zero = {0}, round_magic = zero + 12582912.0f; /* 1.5 * 2^23 */            \
-        const I is_low = x < -87.0f;                                                       \
-        x = (F)(((I)(zero - 87.0f) & is_low) | ((I)x & ~is_low));                          \
-        F n = (x * 1.44269504088896341f + round_magic) - round_magic;                       \
-        F r = x - n * 0.693359375f + n * 2.12194440e-4f;                                    \
-        F p = zero + 1.9875691500e-4f;                                                      \
-        p = p * r + 1.3981999507e-3f;                                                       \
-        p = p * r + 8.3334519073e-3f;                                                       \
-        p = p * r + 4.1665795894e-2f;                                                       \
-        p = p * r + 1.6666665459e-1f;                                                       \
-        p = p * r + 5.0000001201e-1f;                                                       \
-        p = p * r * r + r + 1.0f;                                                           \
-        I bits = (__builtin_convertvector(n, I) + 127) << 23;                               \
-        return p * (F)bits;                                                                 \
-    }
-
-DEFINE_EXP(exp8, f32x8, i32x8)
-
 /* Stores a float vector as bf16, rounded to nearest even as torch rounds; a NaN stays a
  * (quiet) NaN. F, U, I, H: the float, uint32, int32 and uint16 vector types of its lanes. */
 #define DEFINE_STORE_BF16(NAME, F, U, I, H)                                                  \
@@ -188,7 +165,24 @@ static ALWAYS_INLINE float hsumv(fvec a)
 #endif
 }
 
-DEFINE_EXP(expv, fvec, ivec)
+/* exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); inputs below -87 give ~1e-38. */
+static ALWAYS_INLINE fvec expv(fvec x)
+{
+    const fvec zero = {0}, round_magic = zero + 12582912.0f; /* 1.5 * 2^23 */
+    const ivec is_low = x < -87.0f;
+    x = (fvec)(((ivec)(zero - 87.0f) & is_low) | ((ivec)x & ~is_low));
+    fvec n = (x * 1.44269504088896341f + round_magic) - round_magic;
+    fvec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    fvec p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return p * (fvec)bits;
+}
 DEFINE_STORE_BF16(storev_bf16, fvec, uvec, ivec, hvec)
 
 #endif
