@@ -125,8 +125,8 @@ static void softmax_row(float *s, int64_t n_valid, float *m, float *l, float *ac
         fvec x = selectv(iota + (int32_t)t < (int32_t)n_valid, loadv(s + t), minus_inf);
         mxv = selectv(x > mxv, x, mxv);
     }
-    float mx = *m;
-    for (int j = 0; j < VLEN; j++) mx = mxv[j] > mx ? mxv[j] : mx;
+    const float tile_max = hmaxv(mxv);
+    const float mx = tile_max > *m ? tile_max : *m;
     fvec sum = {0};
     for (int64_t t = 0; t < KV_TILE; t += VLEN) {
         ivec is_valid = iota + (int32_t)t < (int32_t)n_valid;

@@ -32,8 +32,9 @@ static ALWAYS_INLINE f32x8 splat8(float x) { return (f32x8){x, x, x, x, x, x, x,
 
 /* Lane-wise mask ? a : b, for a mask from a vector comparison (all ones or all zeros); and a
  * load of bf16 values (bf16 is the top half of an fp32). Defined once for each vector width:
- * F, I, U, H the float, int32, uint32 and uint16 vector types of its lanes. */
-#define DEFINE_SELECT_AND_LOAD_BF16(SELECT, LOAD_BF16, F, I, U, H)                          \
+ * F, I, U, H the float, int32, uint32 and uint16 vector types of its lanes, WIDEN its
+ * uint16 -> uint32 conversion. */
+#define DEFINE_SELECT_AND_LOAD_BF16(SELECT, LOAD_BF16, F, I, U, H, WIDEN)                   \
     static ALWAYS_INLINE F SELECT(I mask, F a, F b)                                         \
     {                                                                                       \
         return (F)(((I)a & mask) | ((I)b & ~mask));                                         \
@@ -42,10 +43,11 @@ static ALWAYS_INLINE f32x8 splat8(float x) { return (f32x8){x, x, x, x, x, x, x,
     {                                                                                       \
         H h;                                                                                \
         memcpy(&h, p, sizeof h);                                                            \
-        return (F)(__builtin_convertvector(h, U) << 16);                                    \
+        return (F)(WIDEN(h) << 16);                                                         \
     }
 
-DEFINE_SELECT_AND_LOAD_BF16(select8, load8_bf16, f32x8, i32x8, u32x8, u16x8)
+static ALWAYS_INLINE u32x8 widen8(u16x8 h) { return __builtin_convertvector(h, u32x8); }
+DEFINE_SELECT_AND_LOAD_BF16(select8, load8_bf16, f32x8, i32x8, u32x8, u16x8, widen8)
 
 /* GCC 12 scalarizes the generic int8 -> fp32 conversion, so AVX2 gets its two instructions. */
 static ALWAYS_INLINE f32x8 load8_i8(const int8_t *p)
@@ -77,13 +79,23 @@ static ALWAYS_INLINE f32x8 fma8(f32x8 a, f32x8 b, f32x8 c)
 #endif
 }
 
+/* Halves are taken with shuffles, not memcpy: a vector whose bytes are copied is kept in
+ * memory, and the loop that sums into it then stores and reloads it on every step. */
 static ALWAYS_INLINE float hsum8(f32x8 a)
 {
-    f32x4 lo, hi;
-    memcpy(&lo, &a, sizeof lo);
-    memcpy(&hi, (const char *)&a + sizeof lo, sizeof hi);
-    f32x4 s = lo + hi;
+    f32x4 s = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+/* The largest lane of a vector without NaNs, by shuffles as hsum8 adds. */
+static ALWAYS_INLINE float hmax8(f32x8 a)
+{
+    f32x8 b = __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3);
+    a = select8(a > b, a, b);
+    b = __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5);
+    a = select8(a > b, a, b);
+    b = __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6);
+    return a[0] > b[0] ? a[0] : b[0];
 }
 
 /* Stores a float vector as bf16, rounded to nearest even as torch rounds; a NaN stays a
@@ -134,7 +146,13 @@ static ALWAYS_INLINE fvec splatv(float x)
 #endif
 }
 
-DEFINE_SELECT_AND_LOAD_BF16(selectv, loadv_bf16, fvec, ivec, uvec, hvec)
+#if VLEN == 16
+/* GCC 12 widens 16 lanes in two halves and joins them; AVX-512 has one instruction for it. */
+static ALWAYS_INLINE uvec widenv(hvec h) { return (uvec)_mm512_cvtepu16_epi32((__m256i)h); }
+#else
+static ALWAYS_INLINE uvec widenv(hvec h) { return __builtin_convertvector(h, uvec); }
+#endif
+DEFINE_SELECT_AND_LOAD_BF16(selectv, loadv_bf16, fvec, ivec, uvec, hvec, widenv)
 
 static ALWAYS_INLINE fvec loadv_i8(const int8_t *p)
 {
@@ -151,17 +169,24 @@ static ALWAYS_INLINE fvec loadv_i8(const int8_t *p)
 #endif
 }
 
+static ALWAYS_INLINE float hmaxv(fvec a)
+{
+#if VLEN == 16
+    f32x8 lo = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7);
+    f32x8 hi = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    return hmax8(select8(lo > hi, lo, hi));
+#else
+    return hmax8(a);
+#endif
+}
+
 static ALWAYS_INLINE float hsumv(fvec a)
 {
 #if VLEN == 16
-    f32x8 lo, hi;
-    memcpy(&lo, &a, sizeof lo);
-    memcpy(&hi, (const char *)&a + sizeof lo, sizeof hi);
-    return hsum8(lo + hi);
+    return hsum8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
 #else
-    f32x8 v;
-    memcpy(&v, &a, sizeof v);
-    return hsum8(v);
+    return hsum8(a);
 #endif
 }
 
