@@ -167,6 +167,7 @@ def _server(config: ClusterConfig, engine_factory: EngineFactory | None, pool: s
             **_placement_options(config),
         )
         .bind(engine_config, config.model.served_name, engine_factory, interval_s,
+              max_stream_messages_per_s=config.http.max_stream_messages_per_s,
               tool_call_parser=config.http.tool_call_parser, **pd_kwargs)
     )
 

@@ -27,6 +27,9 @@ from fleetlm.executor.settings import (
 # Each streamed message costs about a millisecond of CPU across the proxy, ingress and replica
 # hops; 50 ms (Ray Serve LLM's choice too) caps that at 20 messages/s per request.
 DEFAULT_STREAM_INTERVAL_MS = 50.0
+# What a replica's streams together may send: 200 messages/s is about a fifth of a core of
+# that CPU. Under load, each stream's messages are spaced further apart to stay within it.
+DEFAULT_MAX_STREAM_MESSAGES_PER_S = 200.0
 
 
 # Ray's own resources have their own keys (num_cpus, num_gpus, ...); custom ones must differ.
@@ -188,6 +191,14 @@ class HttpSection(Section):
         ge=0,
         description="Least time between two streamed messages of one request; tokens that come "
         "sooner share a message. The first token is never held back. 0: one message per step.",
+    )
+    max_stream_messages_per_s: float = Field(
+        DEFAULT_MAX_STREAM_MESSAGES_PER_S,
+        ge=0,
+        description="Most streamed messages per second one replica sends over all its "
+        "streaming requests: with more streams open than this allows at stream_interval_ms, "
+        "each stream's messages are spaced further apart (open streams / this), and more tokens "
+        "share each message. The first token is never held back. 0: no limit.",
     )
     tool_call_parser: Literal["hermes", "llama3_json"] = Field(
         "hermes",

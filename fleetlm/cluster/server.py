@@ -72,6 +72,7 @@ class LLMServer:
         served_model_name: str,
         engine_factory: EngineFactory | None = None,
         stream_interval_s: float = 0.0,
+        max_stream_messages_per_s: float = 0.0,
         replica_id: str = "",
         tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
         prefill_server: Any = None,
@@ -85,6 +86,8 @@ class LLMServer:
         self.model_name = served_model_name
         self.max_num_waiting = engine_config.scheduler.max_num_waiting
         self.stream_interval_s = stream_interval_s
+        self.max_stream_messages_per_s = max_stream_messages_per_s
+        self.num_streaming = 0  # streaming requests open on this replica
         self.metrics = MetricsRecorder(replica_id, self.engine.max_model_len)
         self.num_pending = 0  # engine requests sent that have not produced output yet
         self.tool_parser = make_tool_parser(tool_call_parser)
@@ -280,8 +283,10 @@ class LLMServer:
                              engine_ids[i], progress.get(i))
                 for i in choices
             ],
-            self.stream_interval_s,
+            self.current_stream_interval_s,
         )
+        is_streaming = bool(request.stream)
+        self.num_streaming += is_streaming
         try:
             async for by_stream in merged:
                 snapshot = {choices[k]: output for k, output in by_stream.items()}
@@ -298,10 +303,20 @@ class LLMServer:
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
             yield _as_openai_error(e, request_id, self.engine.is_healthy)
         finally:
+            self.num_streaming -= is_streaming
             await merged.aclose()
             self._release(pending, pending.copy())
             await self._abort_unfinished(engine_ids, latest)
             timer.on_end(latest)
+
+    def current_stream_interval_s(self) -> float:
+        """Least time between two messages of one stream now: stream_interval_s, or longer
+        while the open streams together would send more than max_stream_messages_per_s (each
+        message costs CPU in the replica, the ingress and the proxy: measured in
+        docs/benchmarks.md)."""
+        if self.max_stream_messages_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self.num_streaming / self.max_stream_messages_per_s)
 
     def _release(self, pending: set[int], indices) -> None:
         """Choices that produced output (or ended) no longer count as pending."""

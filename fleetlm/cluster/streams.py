@@ -10,7 +10,7 @@ one message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fleetlm.executor.outputs import RequestOutput, coalesce
 
@@ -18,7 +18,7 @@ _DONE = object()
 
 
 async def merge_streams(
-    streams: list[AsyncIterator[RequestOutput]], interval_s: float = 0.0
+    streams: list[AsyncIterator[RequestOutput]], interval_s: float | Callable[[], float] = 0.0
 ) -> AsyncIterator[dict[int, RequestOutput]]:
     """Yield `{stream index: output since the previous item}` until every stream has
     finished. Delta outputs are appended to in place: they must be this reader's own.
@@ -27,8 +27,10 @@ async def merge_streams(
     streams (each engine stream then aborts its request). With `interval_s > 0`, items are
     at least that far apart: the first goes out at once (time to first token is untouched),
     later outputs that come sooner wait and share the next item, unless the last stream
-    finishes or one fails meanwhile (nothing more is coming: no reason to wait).
+    finishes or one fails meanwhile (nothing more is coming: no reason to wait). A callable
+    `interval_s` is asked again after each item (an interval that follows the load).
     """
+    spacing = interval_s if callable(interval_s) else lambda: interval_s
     queue: asyncio.Queue = asyncio.Queue()
     ended = _Countdown(len(streams))
     tasks = [asyncio.create_task(_pump(i, s, queue, ended)) for i, s in enumerate(streams)]
@@ -45,7 +47,7 @@ async def merge_streams(
             latest, num_done = _collect(items)
             num_open -= num_done
             if latest:
-                next_time = loop.time() + interval_s
+                next_time = loop.time() + spacing()
                 yield latest
     finally:
         for task in tasks:

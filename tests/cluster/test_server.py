@@ -218,6 +218,33 @@ def test_stream_interval_coalesces_tokens():
         expected_text(3, 1), expected_text(3, 20)[1:]]
 
 
+def test_open_streams_share_a_message_budget():
+    """Two streams open: each may send every 2 / budget seconds (an hour here), so after the
+    first token the rest of each request goes out in one message; a stream that ends, or is
+    closed by its client, stops counting."""
+    budget = 2 / 3600.0
+    server = LLMServer(to_engine_config(small_config()), "fake", FakeEngine,
+                       stream_interval_s=0.0, max_stream_messages_per_s=budget)
+    assert server.current_stream_interval_s() == 0.0
+
+    async def scenario():
+        streams = [server.completions(CompletionRequest(prompt=p, max_tokens=20, stream=True))
+                   for p in ("abc", "defg")]  # fmt: skip
+        firsts = [await anext(s) for s in streams]
+        interval_while_open = server.current_stream_interval_s()
+        rests = await asyncio.gather(*(_collect(s) for s in streams))
+        return [[first, *rest] for first, rest in zip(firsts, rests)], interval_while_open
+
+    items, interval_while_open = asyncio.run(scenario())
+    assert interval_while_open == pytest.approx(2 / budget)
+    for prompt_len, request_items in zip((3, 4), items):
+        assert [e["choices"][0]["text"] for e in _events(request_items)] == [
+            expected_text(prompt_len, 1), expected_text(prompt_len, 20)[1:]]
+    assert server.num_streaming == 0 and server.current_stream_interval_s() == 0.0
+    _run_partial(server, CompletionRequest(prompt="abc", max_tokens=20, stream=True), 1)
+    assert server.num_streaming == 0  # its client went away after the first message
+
+
 def test_continuous_usage_counts_tokens_so_far():
     request = CompletionRequest(prompt="abc", max_tokens=4, stream=True,
                                 stream_options={"continuous_usage_stats": True})  # fmt: skip
