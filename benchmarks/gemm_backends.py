@@ -1,7 +1,9 @@
-"""The GEMM chain of SmolLM2-135M (every linear layer plus the lm_head, random fp32 weights)
-through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16) and through fleetlm's
-`PackedLinear` (oneDNN with weights prepacked once for PACK_ROWS_HINT rows, as vLLM's CPU
-build does), median of 7 timings per row count; `--bf16` for bf16 weights and inputs:
+"""The GEMM chain of SmolLM2-135M (its 120 linear layers, then the lm_head apart; random fp32
+weights) through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16), through oneDNN
+with weights prepacked once for PACK_ROWS_HINT rows (as vLLM's CPU build does, and fleetlm's
+`PackedLinear` beyond a decode batch) and, for bf16, through fleetlm's decode GEMV kernel
+(`fleetlm.kernels.bf16_gemv`, at any row count here), median of 7 timings per row count;
+`--bf16` for bf16 weights and inputs:
 
     .venv/bin/python benchmarks/gemm_backends.py [--bf16] 1 5 8 32 256
 """
@@ -13,7 +15,8 @@ import time
 
 import torch
 
-from fleetlm.kernels.cpu_linear import PackedLinear
+from fleetlm.kernels import bf16_gemv
+from fleetlm.kernels.cpu_linear import PACK_ROWS_HINT, packed_dtypes
 
 F = torch.nn.functional
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
@@ -36,24 +39,32 @@ def median_ms(fn, rows: int, dtype: torch.dtype, reps: int = 7) -> float:
 def main(batch_sizes: list[int], dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     weights = [torch.randn(n, k, dtype=dtype) for n, k in SHAPES]
+    backends = {"F.linear": lambda x, i: F.linear(x, weights[i])}
+    if dtype in packed_dtypes():
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in weights]
+        backends["oneDNN prepacked"] = lambda x, i: torch.ops.mkldnn._linear_pointwise(
+            x, packed[i], None, "none", [], "")
+    if dtype == torch.bfloat16 and bf16_gemv.is_available():
+        backends["fleetlm bf16 GEMV"] = lambda x, i: bf16_gemv.gemv(x, weights[i])
 
-    def mkl(inputs):
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+    def chain(backend, indices):
+        def run(inputs):
+            for i in indices:
+                backend(inputs[weights[i].shape[1]], i)
+        return run
 
-    linears = [PackedLinear() for _ in weights]
-
-    def onednn(inputs):
-        for w, linear in zip(weights, linears):
-            linear(inputs[w.shape[1]], w)
-
+    layers, lm_head = range(len(weights) - 1), [len(weights) - 1]
     for rows in batch_sizes:
-        x = torch.randn(rows, HIDDEN, dtype=dtype)
         with torch.inference_mode():
-            diff = (linears[0](x, weights[0]) - F.linear(x, weights[0])).abs().max().item()
-            print(f"{dtype} rows={rows}: F.linear {median_ms(mkl, rows, dtype):.1f} ms, oneDNN "
-                  f"prepacked {median_ms(onednn, rows, dtype):.1f} ms (max abs diff {diff:.1e})",
-                  flush=True)
+            x = torch.randn(rows, HIDDEN, dtype=dtype)
+            want = F.linear(x.float(), weights[0].float())
+            parts = []
+            for name, backend in backends.items():
+                diff = (backend(x, 0).float() - want).abs().max().item()
+                parts.append(f"{name} {median_ms(chain(backend, layers), rows, dtype):.2f} + "
+                             f"{median_ms(chain(backend, lm_head), rows, dtype):.2f} ms "
+                             f"(max abs diff from fp32 {diff:.1e})")
+        print(f"{dtype} rows={rows}, 120 layers + lm_head: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

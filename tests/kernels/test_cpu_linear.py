@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleetlm.kernels import cpu_linear
+from fleetlm.kernels import bf16_gemv, cpu_linear
 from fleetlm.kernels.cpu_linear import PackedLinear
 from fleetlm.parallel.layers import ColumnParallelLinear
 
@@ -37,8 +37,9 @@ def test_repacks_when_the_loader_writes_the_weight():
 
 @pytest.mark.skipif(torch.bfloat16 not in cpu_linear.packed_dtypes(),
                     reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
-@pytest.mark.parametrize("rows", [1, 8, 37])
+@pytest.mark.parametrize("rows", [bf16_gemv.MAX_ROWS + 1, 37])
 def test_bf16_is_packed_and_gets_f_linears_bits(rows):
+    """Beyond a decode batch's rows (those take bf16_gemv: the next test)."""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
     x = torch.randn(rows, 64, generator=generator).bfloat16()
@@ -48,6 +49,21 @@ def test_bf16_is_packed_and_gets_f_linears_bits(rows):
         got = linear(x, weight)
     assert linear._packed is not None
     assert torch.equal(got, F.linear(x, weight))
+
+
+@pytest.mark.skipif(not bf16_gemv.is_available(), reason="no C compiler for the kernel")
+@pytest.mark.parametrize("rows", [1, bf16_gemv.MAX_ROWS])
+def test_bf16_decode_rows_take_the_gemv_kernel(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    linear = PackedLinear()
+    with torch.inference_mode():
+        got = linear(x, weight)
+        assert torch.equal(got, bf16_gemv.gemv(x, weight))
+        assert linear._packed is None  # no packed copy made for it
+        linear(x, weight, torch.zeros(96).bfloat16())  # a bias: oneDNN's GEMM takes it
+    assert linear._packed is not None or not cpu_linear.supports(x, weight)
 
 
 def test_falls_back_where_onednn_is_not_used():

@@ -24,15 +24,6 @@ static ALWAYS_INLINE int threads_for(int64_t elems, int num_threads)
 }
 
 /* ---- fp32 / bf16 loads and stores --------------------------------------------------------- */
-static ALWAYS_INLINE uint16_t to_bf16(float x)
-{
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it a (quiet) NaN */
-        return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 static ALWAYS_INLINE float from_bf16(uint16_t h)
 {
     uint32_t bits = (uint32_t)h << 16;

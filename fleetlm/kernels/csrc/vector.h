@@ -98,6 +98,16 @@ static ALWAYS_INLINE float hmax8(f32x8 a)
     return a[0] > b[0] ? a[0] : b[0];
 }
 
+/* One float as bf16, rounded to nearest even as torch rounds; a NaN stays a (quiet) NaN. */
+static ALWAYS_INLINE uint16_t to_bf16(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 /* Stores a float vector as bf16, rounded to nearest even as torch rounds; a NaN stays a
  * (quiet) NaN. F, U, I, H: the float, uint32, int32 and uint16 vector types of its lanes. */
 #define DEFINE_STORE_BF16(NAME, F, U, I, H)                                                  \
@@ -188,6 +198,34 @@ static ALWAYS_INLINE float hsumv(fvec a)
 #else
     return hsum8(a);
 #endif
+}
+
+/* ---- VLEN vectors of partial sums folded into one vector of their sums ----------------------
+ * fold_sums(v)[i] is hsumv(v[FOLD_ORDER[i]]), the same float, for half the shuffles and a
+ * quarter of the adds of VLEN horizontal sums: pairs of vectors are folded with lane i added to
+ * lane i + w in each block of 2w lanes (w = VLEN/2, ..., 1), hsumv's order. */
+#define FOLD_LO(i, w) ((i) % (2 * (w)) < (w) ? (i) : VLEN + (i) - (w))
+#define FOLD_HI(i, w) ((i) % (2 * (w)) < (w) ? (i) + (w) : VLEN + (i))
+#if VLEN == 16
+#define FOLD_MASK(F, w)                                                                     \
+    ((ivec){F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w),         \
+            F(8, w), F(9, w), F(10, w), F(11, w), F(12, w), F(13, w), F(14, w), F(15, w)})
+static const int FOLD_ORDER[VLEN] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+#else
+#define FOLD_MASK(F, w) ((ivec){F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w)})
+static const int FOLD_ORDER[VLEN] = {0, 4, 2, 6, 1, 5, 3, 7};
+#endif
+#define FOLD_PAIR(x, y, w) \
+    (__builtin_shuffle(x, y, FOLD_MASK(FOLD_LO, w)) + __builtin_shuffle(x, y, FOLD_MASK(FOLD_HI, w)))
+
+static ALWAYS_INLINE fvec fold_sums(fvec v[VLEN])
+{
+#if VLEN == 16
+    for (int i = 0; i < 8; i++) v[i] = FOLD_PAIR(v[2 * i], v[2 * i + 1], 8);
+#endif
+    for (int i = 0; i < 4; i++) v[i] = FOLD_PAIR(v[2 * i], v[2 * i + 1], 4);
+    for (int i = 0; i < 2; i++) v[i] = FOLD_PAIR(v[2 * i], v[2 * i + 1], 2);
+    return FOLD_PAIR(v[0], v[1], 1);
 }
 
 /* exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); inputs below -87 give ~1e-38. */
