@@ -1,8 +1,9 @@
 """The GEMM chain of SmolLM2-135M (its 120 linear layers, then the lm_head apart; random fp32
 weights) through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16), through oneDNN
 with weights prepacked once for PACK_ROWS_HINT rows (as vLLM's CPU build does, and fleetlm's
-`PackedLinear` beyond a decode batch) and, for bf16, through fleetlm's decode GEMV kernel
-(`fleetlm.kernels.bf16_gemv`, at any row count here), median of 7 timings per row count;
+`PackedLinear` beyond one bf16 row) and, for bf16, through fleetlm's GEMV kernel
+(`fleetlm.kernels.bf16_gemv`, which fleetlm runs at one row, timed here at every count), median
+of 7 timings per row count;
 `--bf16` for bf16 weights and inputs:
 
     .venv/bin/python benchmarks/gemm_backends.py [--bf16] 1 5 8 32 256

@@ -6,9 +6,9 @@ second. oneDNN's packed bf16 GEMM (cpu_linear.py) reached about 30 GB/s on the b
 model's layers at one row on the 2-core EPYC of docs/benchmarks.md, where the machine streams
 about 42; this kernel reads the weight's plain [n, k] layout (the parameter itself: no second
 copy) in order and reaches about 42. It runs any number of rows (a tile's weight rows are
-reread from cache for each), but oneDNN is faster from two rows on. The products are exact in
-fp32 and summed in fp32, as oneDNN sums them, in another order; the result is rounded to bf16
-to nearest even. A row's result does not depend on the other rows of the batch.
+reread from cache for each), but in the model's step oneDNN is faster from two rows on. The
+products are exact in fp32 and summed in fp32, as oneDNN sums them, in another order; the
+result is rounded to bf16 to nearest even. A row's result does not depend on the other rows.
 
 `gemv` runs when `supports` says so: CPU bf16 input and weight, at most MAX_ROWS rows, k a
 multiple of 32 and n of 16, no autograd, the library built, and FLEETLM_BF16_GEMV not 0.

@@ -1,4 +1,4 @@
-"""The bf16 decode GEMV kernel against its fp32 reference, and what it takes."""
+"""The bf16 GEMV kernel against its fp32 reference, and what it takes."""
 
 from __future__ import annotations
 

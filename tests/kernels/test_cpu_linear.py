@@ -39,7 +39,7 @@ def test_repacks_when_the_loader_writes_the_weight():
                     reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
 @pytest.mark.parametrize("rows", [bf16_gemv.MAX_ROWS + 1, 37])
 def test_bf16_is_packed_and_gets_f_linears_bits(rows):
-    """Beyond a decode batch's rows (those take bf16_gemv: the next test)."""
+    """Beyond bf16_gemv's rows (those take the kernel: the next test)."""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
     x = torch.randn(rows, 64, generator=generator).bfloat16()
@@ -52,11 +52,10 @@ def test_bf16_is_packed_and_gets_f_linears_bits(rows):
 
 
 @pytest.mark.skipif(not bf16_gemv.is_available(), reason="no C compiler for the kernel")
-@pytest.mark.parametrize("rows", [1, bf16_gemv.MAX_ROWS])
-def test_bf16_decode_rows_take_the_gemv_kernel(rows):
-    generator = torch.Generator().manual_seed(rows)
+def test_a_bf16_row_takes_the_gemv_kernel():
+    generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
-    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    x = torch.randn(bf16_gemv.MAX_ROWS, 64, generator=generator).bfloat16()
     linear = PackedLinear()
     with torch.inference_mode():
         got = linear(x, weight)

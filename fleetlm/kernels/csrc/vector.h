@@ -207,16 +207,17 @@ static ALWAYS_INLINE float hsumv(fvec a)
 #define FOLD_LO(i, w) ((i) % (2 * (w)) < (w) ? (i) : VLEN + (i) - (w))
 #define FOLD_HI(i, w) ((i) % (2 * (w)) < (w) ? (i) + (w) : VLEN + (i))
 #if VLEN == 16
-#define FOLD_MASK(F, w)                                                                     \
-    ((ivec){F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w),         \
-            F(8, w), F(9, w), F(10, w), F(11, w), F(12, w), F(13, w), F(14, w), F(15, w)})
+#define FOLD_LANES(F, w)                                                                    \
+    F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w), F(8, w), F(9, w), \
+        F(10, w), F(11, w), F(12, w), F(13, w), F(14, w), F(15, w)
 static const int FOLD_ORDER[VLEN] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 #else
-#define FOLD_MASK(F, w) ((ivec){F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w)})
+#define FOLD_LANES(F, w) F(0, w), F(1, w), F(2, w), F(3, w), F(4, w), F(5, w), F(6, w), F(7, w)
 static const int FOLD_ORDER[VLEN] = {0, 4, 2, 6, 1, 5, 3, 7};
 #endif
-#define FOLD_PAIR(x, y, w) \
-    (__builtin_shuffle(x, y, FOLD_MASK(FOLD_LO, w)) + __builtin_shuffle(x, y, FOLD_MASK(FOLD_HI, w)))
+#define FOLD_PAIR(x, y, w)                                                                  \
+    (__builtin_shufflevector(x, y, FOLD_LANES(FOLD_LO, w)) +                                \
+     __builtin_shufflevector(x, y, FOLD_LANES(FOLD_HI, w)))
 
 static ALWAYS_INLINE fvec fold_sums(fvec v[VLEN])
 {
