@@ -3,8 +3,7 @@ weights) through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16),
 with weights prepacked once for PACK_ROWS_HINT rows (as vLLM's CPU build does, and fleetlm's
 `PackedLinear` beyond one bf16 row) and, for bf16, through fleetlm's GEMV kernel
 (`fleetlm.kernels.bf16_gemv`, which fleetlm runs at one row, timed here at every count), median
-of 7 timings per row count;
-`--bf16` for bf16 weights and inputs:
+of 7 timings per row count; `--bf16` for bf16 weights and inputs:
 
     .venv/bin/python benchmarks/gemm_backends.py [--bf16] 1 5 8 32 256
 """

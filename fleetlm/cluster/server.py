@@ -285,8 +285,7 @@ class LLMServer:
             ],
             self.current_stream_interval_s,
         )
-        is_streaming = bool(request.stream)
-        self.num_streaming += is_streaming
+        self.num_streaming += request.stream
         try:
             async for by_stream in merged:
                 snapshot = {choices[k]: output for k, output in by_stream.items()}
@@ -303,7 +302,7 @@ class LLMServer:
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
             yield _as_openai_error(e, request_id, self.engine.is_healthy)
         finally:
-            self.num_streaming -= is_streaming
+            self.num_streaming -= request.stream
             await merged.aclose()
             self._release(pending, pending.copy())
             await self._abort_unfinished(engine_ids, latest)

@@ -233,8 +233,7 @@ static ALWAYS_INLINE fvec fold_sums(fvec v[VLEN])
 static ALWAYS_INLINE fvec expv(fvec x)
 {
     const fvec zero = {0}, round_magic = zero + 12582912.0f; /* 1.5 * 2^23 */
-    const ivec is_low = x < -87.0f;
-    x = (fvec)(((ivec)(zero - 87.0f) & is_low) | ((ivec)x & ~is_low));
+    x = selectv(x < -87.0f, zero - 87.0f, x);
     fvec n = (x * 1.44269504088896341f + round_magic) - round_magic;
     fvec r = x - n * 0.693359375f + n * 2.12194440e-4f;
     fvec p = zero + 1.9875691500e-4f;
