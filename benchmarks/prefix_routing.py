@@ -53,12 +53,12 @@ def config_for(policy: str, args) -> ClusterConfig:
 
 def metric_counts(url: str) -> dict[str, float]:
     """Counters summed over the replicas: prefix-cache hit and queried tokens, and the
-    affinity filter's decisions (`affinity_stuck`, `_spilled`, `_none`)."""
+    affinity filter's decisions (`affinity_stuck`, `_spilled`, `_placed`, `_none`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
     totals = {"hits": 0.0, "queries": 0.0, **{f"affinity_{o}": 0.0
-                                              for o in ("stuck", "spilled", "none")}}
+                                              for o in ("stuck", "spilled", "placed", "none")}}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not sample.name.endswith("_total"):

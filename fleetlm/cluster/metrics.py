@@ -79,7 +79,7 @@ PD_PREFILLS_HELP = ("Prompts of a P/D deployment by where they were prefilled: r
                     "prefill pool) or local (the decode replica: short or cached).")
 ACCEPTED_PER_POSITION_HELP = "Accepted tokens per draft position."
 ROUTER_DECISIONS_HELP = ("Routing decisions by stage (a scorer: best, overruled or even; the "
-                         "affinity filter: stuck, spilled or none) and outcome.")
+                         "affinity filter: stuck, spilled, placed by room or none) and outcome.")
 HISTOGRAMS = (
     ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
     ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),

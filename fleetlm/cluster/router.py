@@ -265,7 +265,15 @@ class CachedBlocksScorer:
 class AffinityFilter:
     """Keep the replicas holding the prompt's longest prefix, unless every one of them is
     saturated (`load_of` at or past `saturation_threshold`): then keep the unsaturated
-    others (the valve; the scorers still prefer longer prefixes among them)."""
+    others (the valve; the scorers still prefer longer prefixes among them).
+
+    A prompt that no replica holds is placed by room: where it is first computed, its later
+    requests stick. While the emptiest unsaturated replica's cache (its `num_kv_blocks`)
+    still has room for the whole prompt, keep only the unsaturated replicas holding less
+    than half a prompt more than that one; placed by the queues of the moment, cold
+    prefixes arriving together could leave one replica more than its cache holds. Once the
+    caches are full, room says nothing (a busy replica holds more blocks not yet hashed, so
+    it would look roomier), and the scorers decide."""
 
     name = "affinity"
 
@@ -275,21 +283,35 @@ class AffinityFilter:
                              f"{saturation_threshold}")
         self.matcher = matcher
         self.saturation_threshold = saturation_threshold
-        self.counts = {"stuck": 0, "spilled": 0, "none": 0}
+        self.counts = {"stuck": 0, "spilled": 0, "placed": 0, "none": 0}
 
     def __call__(self, request: RoutingRequest, replicas: list[ReplicaState]) -> list[ReplicaState]:
         matched = self.matcher.matched_blocks(request, replicas)
         longest = max(matched, default=0)
+        unsaturated = [r for r in replicas if load_of(r) < self.saturation_threshold]
         if not longest:
-            self.counts["none"] += 1
-            return replicas
+            placed = self._by_room(len(request.block_hashes), unsaturated)
+            self.counts["placed" if placed else "none"] += 1
+            return placed or replicas
         preferred = [r for r, m in zip(replicas, matched, strict=True) if m == longest]
         keep = [r for r in preferred if load_of(r) < self.saturation_threshold]
         if keep:
             self.counts["stuck"] += 1
             return keep
         self.counts["spilled"] += 1
-        return [r for r in replicas if load_of(r) < self.saturation_threshold]
+        return unsaturated
+
+    def _by_room(self, num_blocks: int, replicas: list[ReplicaState]) -> list[ReplicaState]:
+        """The replicas with room for a new prompt of `num_blocks` blocks (see the class);
+        empty: room does not decide."""
+        if not num_blocks or not replicas or not all(r.stats.num_kv_blocks for r in replicas):
+            return []
+        held = [self.matcher.num_blocks(r.name) for r in replicas]
+        fewest = min(held)
+        emptiest = replicas[held.index(fewest)]
+        if fewest + num_blocks > emptiest.stats.num_kv_blocks:
+            return []
+        return [r for r, h in zip(replicas, held, strict=True) if 2 * (h - fewest) < num_blocks]
 
 
 def _name_of(part) -> str:

@@ -175,7 +175,8 @@ def _stats_of(routing_stats: dict[str, Any] | None) -> EngineStats:
     stats = routing_stats or {}
     return EngineStats(num_running=int(stats.get("num_running", 0)),
                        num_waiting=int(stats.get("num_waiting", 0)),
-                       kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)))
+                       kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)),
+                       num_kv_blocks=int(stats.get("num_kv_blocks", 0)))
 
 
 def routing_of(pending_request: PendingRequest | None) -> RoutingRequest | None:

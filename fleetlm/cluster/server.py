@@ -167,10 +167,11 @@ class LLMServer:
         return getattr(self, question)(*args)
 
     def record_routing_stats(self) -> dict[str, float]:
-        """Ray Serve's hook: the load the request router weighs (serve_router.py)."""
+        """Ray Serve's hook: the load the request router weighs and the KV cache's size
+        (serve_router.py)."""
         stats = self.engine.stats()
         return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
-                "kv_cache_usage": stats.kv_cache_usage}
+                "kv_cache_usage": stats.kv_cache_usage, "num_kv_blocks": stats.num_kv_blocks}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook: what the autoscaling policy reads (autoscaling.py)."""

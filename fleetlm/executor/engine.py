@@ -105,7 +105,7 @@ class LLMEngine:
         s = self.core.scheduler.stats()
         return EngineStats(
             num_running=s["num_running"], num_waiting=s["num_waiting"],
-            kv_cache_usage=s["kv_cache_usage"],
+            kv_cache_usage=s["kv_cache_usage"], num_kv_blocks=s["num_kv_blocks"],
             prefix_cache_queries=s["prefix_cache_queries"],
             prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
             num_prompt_tokens=self.num_prompt_tokens,

@@ -470,6 +470,7 @@ class Scheduler:
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "kv_cache_usage": kv.usage,
+            "num_kv_blocks": kv.num_blocks,
             "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "num_preemptions": self.num_preemptions,

@@ -165,6 +165,14 @@ def test_echo_gives_prompt_logprobs(real):
     assert all(len(top) >= 1 for top in logprobs["top_logprobs"][1:])
 
 
+def test_the_router_learns_each_replicas_cache_size(real, offline):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment_name(), APP)
+    stats = handle.record_routing_stats.remote().result()
+    assert stats["num_kv_blocks"] == offline.engine.stats().num_kv_blocks > 0
+
+
 def test_disconnect_leaves_no_blocks_in_use(real):
     from ray import serve
 

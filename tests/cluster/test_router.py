@@ -151,7 +151,7 @@ def test_precise_prefix_sticks_until_the_replica_saturates_then_spills():
     assert _start(router, same_tenant[3]) == spilled
     router.on_finish(router.replicas[1])
     assert router.pick(same_tenant[0]).name == "r1"  # below the threshold again: sticks
-    assert router.snapshot()["affinity"] == {"stuck": 4, "spilled": 1, "none": 0}
+    assert router.snapshot()["affinity"] == {"stuck": 4, "spilled": 1, "placed": 0, "none": 0}
     # Among the replicas the filter left, the prefix and queue scorers could not tell the
     # candidates apart (the spill went to an idle replica, in turn).
     assert router.snapshot()["precise_prefix"] == {"best": 0, "overruled": 0, "even": 5}
@@ -226,6 +226,51 @@ def test_a_new_prefix_goes_where_the_caches_have_room_not_only_where_the_queue_i
 
     assert place_tenant_b(cached_blocks_weight=0.0) == "r0"  # by the queue of the moment
     assert place_tenant_b(cached_blocks_weight=1.0) == "r1"  # where no prefix lives yet
+
+
+def _with_caches(router: Router, num_kv_blocks: int) -> None:
+    """The replicas' stats arrive: each has a cache of `num_kv_blocks` blocks."""
+    for replica in router.replicas:
+        router.update_stats(replica.index, EngineStats(num_kv_blocks=num_kv_blocks))
+
+
+def _tenant(i: int) -> list[int]:
+    return list(range(1000 * (i + 1), 1000 * (i + 1) + 3 * BLOCK))  # three blocks
+
+
+@pytest.mark.parametrize("policy", ["precise_prefix", "approx_prefix"])
+def test_cold_prefixes_arriving_together_are_placed_by_room_not_by_the_queue(policy):
+    # Only the queue scorer ranks: without the filter every tenant would go to r0.
+    section = RouterSection(policy=policy, cached_blocks_weight=0.0, kv_usage_weight=0.0,
+                            saturation_threshold=100)
+    router = build_router(section, NAMES[:2])
+    _with_caches(router, num_kv_blocks=6)  # two tenants each
+    for _ in range(3):  # r1 is busy with requests that share nothing
+        router.on_start(router.replicas[1])
+    placed = [_start(router, _prefix_request(f"t{i}", _tenant(i))) for i in range(4)]
+    assert placed == ["r0", "r1", "r0", "r1"]
+    # Later requests of each tenant stick to where its prefix is being computed.
+    assert [_start(router, _prefix_request(f"t{i}b", _tenant(i))) for i in range(4)] == placed
+    assert router.snapshot()["affinity"] == {"stuck": 4, "spilled": 0, "placed": 4, "none": 0}
+    # The caches are full: room no longer decides, the queues do (r0 has 4, r1 has 7).
+    assert router.pick(_prefix_request("t4", _tenant(4))).name == "r0"
+    assert router.snapshot()["affinity"]["none"] == 1
+
+
+def test_room_is_not_weighed_before_the_cache_sizes_are_known_nor_on_saturated_replicas():
+    section = RouterSection(policy="precise_prefix", cached_blocks_weight=0.0,
+                            saturation_threshold=3)
+    router = build_router(section, NAMES[:2])
+    r0, r1 = router.replicas
+    for _ in range(2):
+        router.on_start(r1)
+    assert _start(router, _prefix_request("a", _tenant(0))) == "r0"
+    assert router.pick(_prefix_request("b", _tenant(1))).name == "r0"  # sizes unknown: queue
+    _with_caches(router, num_kv_blocks=100)
+    assert router.pick(_prefix_request("c", _tenant(2))).name == "r1"  # the room
+    router.on_start(r1)  # r1, the roomier, is saturated: the other one takes it
+    assert router.pick(_prefix_request("d", _tenant(3))).name == "r0"
+    assert router.snapshot()["affinity"]["placed"] == 2
 
 
 def test_the_matchers_count_each_replicas_blocks():

@@ -66,9 +66,11 @@ def test_questions_are_not_counted_as_load():
 
 def test_replica_stats_from_serve_reach_the_scorers():
     table, running = _table("least_loaded")
-    running[0].routing_stats = {"num_waiting": 5, "num_running": 1, "kv_cache_usage": 0.5}
+    running[0].routing_stats = {"num_waiting": 5, "num_running": 1, "kv_cache_usage": 0.5,
+                                "num_kv_blocks": 640}
     assert _names(table.rank(running, RoutingRequest("r")))[0] == ["b"]
     assert table.router.replica("a").stats.num_waiting == 5
+    assert table.router.replica("a").stats.num_kv_blocks == 640
 
 
 def test_a_timed_mark_down_ends_by_itself():

@@ -227,6 +227,7 @@ def test_stats():
         "num_running": 1,
         "num_waiting": 1,
         "kv_cache_usage": 0.25,
+        "num_kv_blocks": 4,
         "prefix_cache_queries": 5,
         "prefix_cache_hits": 0,
         "num_preemptions": 0,
