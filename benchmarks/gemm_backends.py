@@ -2,8 +2,10 @@
 weights) through `F.linear` (MKL for fp32; oneDNN on the plain weight for bf16), through oneDNN
 with weights prepacked once for PACK_ROWS_HINT rows (as vLLM's CPU build does, and fleetlm's
 `PackedLinear` beyond one bf16 row) and, for bf16, through fleetlm's GEMV kernel
-(`fleetlm.kernels.bf16_gemv`, which fleetlm runs at one row, timed here at every count), median
-of 7 timings per row count; `--bf16` for bf16 weights and inputs:
+(`fleetlm.kernels.bf16_gemv`, which fleetlm runs at one row) and its small-batch GEMM
+(`fleetlm.kernels.bf16_gemm`, weights packed by k pairs; AVX512-BF16 without AMX only), each
+timed here at every count, median of 7 timings per row count; `--bf16` for bf16 weights and
+inputs:
 
     .venv/bin/python benchmarks/gemm_backends.py [--bf16] 1 5 8 32 256
 """
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from fleetlm.kernels import bf16_gemv
+from fleetlm.kernels import bf16_gemm, bf16_gemv
 from fleetlm.kernels.cpu_linear import PACK_ROWS_HINT, packed_dtypes
 
 F = torch.nn.functional
@@ -46,6 +48,9 @@ def main(batch_sizes: list[int], dtype: torch.dtype) -> None:
             x, packed[i], None, "none", [], "")
     if dtype == torch.bfloat16 and bf16_gemv.is_available():
         backends["fleetlm bf16 GEMV"] = lambda x, i: bf16_gemv.gemv(x, weights[i])
+    if dtype == torch.bfloat16 and bf16_gemm.is_available():
+        gemm_packed = [bf16_gemm.pack(w) for w in weights]
+        backends["fleetlm bf16 GEMM"] = lambda x, i: bf16_gemm.gemm(x, gemm_packed[i])
 
     def chain(backend, indices):
         def run(inputs):

@@ -52,6 +52,11 @@ def find_compiler() -> str:
     raise BuildError(f"no C compiler found (tried {', '.join(candidates)})")
 
 
+def has_cpu_flag(flag: str) -> bool:
+    """Whether this host's CPU lists `flag` (as /proc/cpuinfo names it: avx512_bf16, amx_bf16)."""
+    return flag in _cpu_features().split()
+
+
 def _cpu_features() -> str:
     """This host's CPU flags, since `-march=native` binaries are only valid on the same CPU."""
     try:

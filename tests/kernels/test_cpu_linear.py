@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleetlm.kernels import bf16_gemv, cpu_linear
+from fleetlm.kernels import bf16_gemm, bf16_gemv, cpu_linear
 from fleetlm.kernels.cpu_linear import PackedLinear
 from fleetlm.parallel.layers import ColumnParallelLinear
 
@@ -37,21 +37,27 @@ def test_repacks_when_the_loader_writes_the_weight():
 
 @pytest.mark.skipif(torch.bfloat16 not in cpu_linear.packed_dtypes(),
                     reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
-@pytest.mark.parametrize("rows", [bf16_gemv.MAX_ROWS + 1, 37])
-def test_bf16_is_packed_and_gets_f_linears_bits(rows):
-    """Beyond bf16_gemv's rows (those take the kernel: the next test)."""
+@pytest.mark.parametrize("rows", [2, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_is_packed_and_gets_f_linears_bits(rows, bias):
+    """What fleetlm's kernels leave to oneDNN: products with a bias, and where bf16_gemm does
+    not run (AMX; the next tests), bias-free ones of two rows or more."""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
+    b = torch.randn(96, generator=generator).bfloat16() if bias else None
+    if not bias and bf16_gemm.is_available():
+        pytest.skip("bias-free bf16 products take bf16_gemm here")
     x = torch.randn(rows, 64, generator=generator).bfloat16()
     linear = PackedLinear()
     with torch.inference_mode():
         assert cpu_linear.supports(x, weight)
-        got = linear(x, weight)
+        got = linear(x, weight, b)
     assert linear._packed is not None
-    assert torch.equal(got, F.linear(x, weight))
+    assert torch.equal(got, F.linear(x, weight, b))
 
 
-@pytest.mark.skipif(not bf16_gemv.is_available(), reason="no C compiler for the kernel")
+@pytest.mark.skipif(not bf16_gemv.is_available() or bf16_gemm.is_available(),
+                    reason="no C compiler, or bf16_gemm takes the row here")
 def test_a_bf16_row_takes_the_gemv_kernel():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
@@ -63,6 +69,29 @@ def test_a_bf16_row_takes_the_gemv_kernel():
         assert linear._packed is None  # no packed copy made for it
         linear(x, weight, torch.zeros(96).bfloat16())  # a bias: oneDNN's GEMM takes it
     assert linear._packed is not None or not cpu_linear.supports(x, weight)
+
+
+@pytest.mark.skipif(not bf16_gemm.is_available(),
+                    reason="needs a C compiler and AVX512-BF16 without AMX")
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_bias_free_bf16_products_take_fleetlms_gemm(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    linear = PackedLinear()
+    with torch.inference_mode():
+        got = linear(x, weight)
+        assert torch.equal(got, bf16_gemm.gemm(x, bf16_gemm.pack(weight)))
+        assert linear._packed is None and linear._gemm_packed is not None
+        packed = linear._gemm_packed
+        linear(x, weight)
+        assert linear._gemm_packed is packed  # packed once
+    with torch.no_grad():  # a loader writes the weight: its version counter moves
+        weight.copy_(torch.randn(96, 64, generator=generator).bfloat16())
+    with torch.inference_mode():
+        got = linear(x, weight)
+        assert linear._gemm_packed is not packed  # packed again
+        assert torch.equal(got, bf16_gemm.gemm(x, bf16_gemm.pack(weight)))
 
 
 def test_falls_back_where_onednn_is_not_used():
