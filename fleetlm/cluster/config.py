@@ -139,8 +139,9 @@ class RouterSection(Section):
         "prefix policies.")
     cached_blocks_weight: float = Field(
         1.0, ge=0, description="Weight of the cached-blocks scorer (fewer blocks cached or "
-        "being computed) under the prefix policies: it places prefixes that no replica holds "
-        "where the caches have room.")
+        "being computed) under the prefix policies. A prefix that no replica holds is placed "
+        "by room while the caches have it (the affinity filter); this scorer still leans the "
+        "same way once they are full.")
     saturation_threshold: int = Field(
         8, ge=1, description="Requests at a replica (this ingress's in flight, or its engine's "
         "running + waiting if more) at which it stops attracting its prefixes' requests (the "
