@@ -6,9 +6,10 @@ and loses to oneDNN's packed GEMM from two rows on; oneDNN reached about two thi
 CPU's bf16 rate at 8-32 rows on the built-in model's shapes. This kernel keeps the weight
 packed by pairs of k (`pack`: one zmm load is a k pair of 16 outputs) and multiplies up to 8
 rows by up to 6 blocks of 16 outputs per tile with `vdpbf16ps`, all sums in registers. On the
-AVX-512 EPYC of docs/benchmarks.md it was as fast as the GEMV at one row and faster than
-oneDNN's packed GEMM at every row count from 1 to 2048 ("One bf16 GEMM for every batch"), so
-it takes every bias-free bf16 product there. The products are exact in fp32 and summed in
+AVX-512 EPYC of docs/benchmarks.md it ran the model's layers faster than the GEMV at one row
+and than oneDNN's packed GEMM at every row count from 1 to 2048, the LM head within 5% of
+oneDNN's either way ("One bf16 GEMM for every batch"), so it takes every bias-free bf16
+product there. The products are exact in fp32 and summed in
 fp32, in k order, rounded to bf16 to nearest even; a row's result does not depend on the other
 rows, so a token computes the same whatever batch it is in.
 

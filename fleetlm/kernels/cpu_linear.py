@@ -12,8 +12,9 @@ from 2.2 to 0.7 ms, bit for bit the same results. The packed copy is a second co
 weight in memory.
 
 On a CPU with AVX512-BF16 and no AMX a bias-free bf16 product goes to fleetlm's own GEMM
-instead (`bf16_gemm.py`, on a copy of the weight packed by k pairs), which measured faster
-than oneDNN's at every row count from 1 to 2048 there; elsewhere one of one row (a decode step
+instead (`bf16_gemm.py`, on a copy of the weight packed by k pairs, which takes the place of
+oneDNN's), which ran the model's layers faster than oneDNN at every row count from 1 to 2048
+there; elsewhere one of one row (a decode step
 of one sequence) goes to fleetlm's GEMV (`bf16_gemv.py`), which streams the plain weight
 faster than oneDNN reads its packed copy.
 
