@@ -69,7 +69,7 @@ class PackedLinear:
     """`y = x W^T + b` with W packed for oneDNN (or for fleetlm's bf16 GEMM) once per
     weight version."""
 
-    __slots__ = ("_key", "_packed", "_gemm_key", "_gemm_packed")
+    __slots__ = ("_gemm_key", "_gemm_packed", "_key", "_packed")
 
     def __init__(self) -> None:
         self._key: tuple | None = None

@@ -261,7 +261,7 @@ def test_room_is_not_weighed_before_the_cache_sizes_are_known_nor_on_saturated_r
     section = RouterSection(policy="precise_prefix", cached_blocks_weight=0.0,
                             saturation_threshold=3)
     router = build_router(section, NAMES[:2])
-    r0, r1 = router.replicas
+    _, r1 = router.replicas
     for _ in range(2):
         router.on_start(r1)
     assert _start(router, _prefix_request("a", _tenant(0))) == "r0"
