@@ -67,7 +67,8 @@ def _greedy(max_tokens: int = NUM_TOKENS) -> SamplingParams:
 
 def test_greedy_completions_equal_the_offline_engine(real, offline):
     # One prompt at a time, as the client sends them: in bf16 a token's rounding may depend on
-    # its batch (a one-row product takes fleetlm's GEMV, a batch oneDNN's GEMM).
+    # its batch where the CPU has no bf16_gemm (a one-row product takes fleetlm's GEMV, a batch
+    # oneDNN's GEMM).
     expected = [offline.generate([p], _greedy())[0].outputs[0].text for p in PROMPTS]
     client = _client(real)
     got = [

@@ -51,9 +51,10 @@ TEXT = ("The history of the city begins with a small settlement on the river, wh
         "wide streets, parks and a railway station that connected it to the capital. ") * 4
 
 
-# float32: a bf16 product of one row (a decode replica recomputing a prompt's last token alone)
-# runs fleetlm's GEMV, which sums in another order than the batch's oneDNN GEMM, so in bf16
-# the answers may part by rounding; float32 keeps one sum order per row.
+# float32: where the CPU has no bf16_gemm, a bf16 product of one row (a decode replica
+# recomputing a prompt's last token alone) runs fleetlm's GEMV, which sums in another order
+# than the batch's oneDNN GEMM, so in bf16 the answers may part by rounding; float32 keeps one
+# sum order per row on every CPU.
 DTYPE = "float32"
 
 
