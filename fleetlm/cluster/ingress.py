@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -67,9 +68,10 @@ HEALTH_PROBE_TIMEOUT_S = 0.5
 UNARY_TIMEOUT_S = 10.0  # other questions to a replica (model length)
 # A live replica answers /metrics in milliseconds; Prometheus gives a whole scrape 10 s.
 METRICS_TIMEOUT_S = 2.0
-# How often the precise prefix router asks each replica for its KV events (each ask is a
-# Serve call, about a millisecond of CPU on each side), and how long it waits for one.
-KV_EVENTS_INTERVAL_S = 0.1
+# How long the precise prefix router goes without hearing a replica's KV events before it
+# asks (each ask is a Serve call, a millisecond or two of CPU on each side; a busy replica
+# sends them unasked with each stream's first chunk), and how long it waits for an answer.
+KV_EVENTS_INTERVAL_S = 0.25
 KV_EVENTS_TIMEOUT_S = 2.0
 # Names the engine replica the router picked for a request (the first, if it migrated), as
 # llm-d's gateway names the pod it chose: routing becomes visible per request to clients.
@@ -112,6 +114,7 @@ class OpenAIIngress:
         self.table = routing_table(server.app_name, server.deployment_name, section)
         self.hasher = hasher
         self._kv_events_task: asyncio.Task | None = None  # feeds the router's KV index
+        self._kv_heard_at: dict[str, float] = {}  # replica -> when its events last came
         self.api_keys = [key.encode() for key in api_keys]
         self.migration = migration or MigrationSection()
         self._max_model_len: int | None = None
@@ -245,6 +248,8 @@ class OpenAIIngress:
                 raise
             if not (isinstance(first, OpenAIError) and is_replica_failure(first)):
                 replica = attempt.replica
+                if isinstance(first, StreamChunk) and first.kv_events and replica is not None:
+                    self._apply_kv_events(replica, first.kv_events)
                 if replica is not None and not self.table.is_healthy(replica):
                     self.table.set_health(replica, True)
                 return attempt, first
@@ -297,20 +302,40 @@ class OpenAIIngress:
             text = body.prompt if isinstance(body.prompt, str) else ""
         if self.hasher is None:
             return RoutingRequest(request_id, text)
-        if self.table.router.kv_index is not None and self._kv_events_task is None:
-            self._kv_events_task = asyncio.create_task(self._follow_kv_events())
+        index = self.table.router.kv_index
         token_ids, block_hashes = await self.hasher.tokenize(body)
-        return RoutingRequest(request_id, text, block_hashes, token_ids)
+        if index is None:
+            return RoutingRequest(request_id, text, block_hashes, token_ids)
+        if self._kv_events_task is None:
+            self._kv_events_task = asyncio.create_task(self._follow_kv_events())
+        with self.table.lock:
+            cursors = index.cursors()
+        return RoutingRequest(request_id, text, block_hashes, token_ids, kv_cursors=cursors)
+
+    def _apply_kv_events(self, name: str, reply: dict) -> None:
+        """Fold one replica's KV events (asked for, or sent with a stream) into the index."""
+        with self.table.lock:
+            if self.table.router.replica(name) is not None:
+                self.table.router.kv_index.apply(name, reply)
+                self._kv_heard_at[name] = time.monotonic()
 
     async def _follow_kv_events(self) -> None:
-        """Mirror every replica's prefix cache into the router's index: ask each for its KV
-        events since the last reply every KV_EVENTS_INTERVAL_S; a replica that does not
-        answer is dropped from the index (its next reply is a snapshot), and one Serve
-        removed is dropped by the router (serve_router.py)."""
+        """Mirror every replica's prefix cache into the router's index: ask each replica
+        whose events have not come for KV_EVENTS_INTERVAL_S (with a stream, or asked) for
+        those since the last reply; a replica that does not answer is dropped from the index
+        (its next reply is a snapshot), and one Serve removed is dropped by the router
+        (serve_router.py)."""
         index, lock, pool = self.table.router.kv_index, self.table.lock, self.pools[0]
         while True:
-            for name in await self._names(pool):
+            names = await self._names(pool)
+            for name in self._kv_heard_at.keys() - set(names):  # replaced or scaled down
+                del self._kv_heard_at[name]
+            for name in names:
                 with lock:
+                    heard_at = self._kv_heard_at.get(name)
+                    if heard_at is not None and time.monotonic() - heard_at < \
+                            KV_EVENTS_INTERVAL_S:
+                        continue
                     cursor = index.cursor(name)
                 try:
                     reply = await self._ask(pool, name, "kv_events_since", KV_EVENTS_TIMEOUT_S,
@@ -320,9 +345,7 @@ class OpenAIIngress:
                         if name in index.replicas:
                             index.remove_replica(name)
                     continue
-                with lock:
-                    if self.table.router.replica(name) is not None:
-                        index.apply(name, reply)
+                self._apply_kv_events(name, reply)
             await asyncio.sleep(KV_EVENTS_INTERVAL_S)
 
     def _mark_unhealthy(self, name: str | None) -> None:

@@ -1,15 +1,17 @@
 """The router's prefix index: which replicas hold each KV block, mirrored from KV events.
 
     replica's engine ──kv_events_since(cursor)──> reply ──apply(replica, reply)──> index
-                                                                              │
-    prompt block hashes ──match──> leading blocks cached per replica <────────┘
+                     ──a stream's first chunk, given the cursors: unseen(cursors)──┘ │
+    prompt block hashes ──match──> leading blocks cached per replica <────────────────┘
 
 Each replica's view is rebuilt exactly from its replies (`fleetlm.executor.kv_events`):
 batches are applied in seq order; a snapshot (the engine could not answer from its ring, or
-it is another engine: the replica restarted) replaces the replica's blocks wholesale. A reply
-that does not follow on from the cursor (lost or reordered) drops the cursor, so the next ask
-gets a snapshot. `remove_replica` purges a dead replica. No torch, no Ray: the ingress owns
-the polling; not thread-safe (the routing table's lock guards it, serve_router.py).
+it is another engine: the replica restarted) replaces the replica's blocks wholesale. Replies
+come from the ingress's asks and, unasked, with the first chunk of each stream (the request
+carried the index's cursors); one that comes late is skipped where the index has it already,
+and one that leaves a gap drops the cursor, so the next ask gets a snapshot.
+`remove_replica` purges a dead replica. No torch, no Ray: the ingress owns the asking; not
+thread-safe (the routing table's lock guards it, serve_router.py).
 """
 
 from __future__ import annotations
@@ -40,13 +42,23 @@ class KVIndex:
         return self._cursors.get(replica, (None, 0))
 
     def apply(self, replica: str, reply: dict) -> None:
-        """Apply one `kv_events_since` reply of `replica`."""
+        """Apply one `kv_events_since` reply of `replica`. Replies may come late (a
+        stream's first chunk and an ask cross): what the index has applied already is
+        skipped, and a reply that holds nothing newer changes nothing."""
+        engine_id, seq = self.cursor(replica)
+        if reply["engine_id"] == engine_id and reply["seq"] <= seq:
+            return
         if "snapshot" in reply:
             self._replace(replica, {h: parent for h, parent in reply["snapshot"]})
             self.num_snapshots += 1
         elif not self._apply_batches(replica, reply):
             return
         self._cursors[replica] = (reply["engine_id"], reply["seq"])
+
+    def cursors(self) -> tuple[tuple[str, int], ...]:
+        """Every replica's cursor as (engine id, last seq): what a request carries for its
+        replica to answer with the batches the index lacks (`RoutingRequest.kv_cursors`)."""
+        return tuple(self._cursors.values())
 
     def remove_replica(self, replica: str) -> None:
         """Forget a replica (dead, replaced, scaled down): its blocks match nothing now."""
@@ -76,9 +88,10 @@ class KVIndex:
         return matched
 
     def _apply_batches(self, replica: str, reply: dict) -> bool:
-        """Apply batches that follow on from the cursor; drop the cursor if they do not."""
+        """Apply the batches after the cursor if they follow on from it; drop the cursor
+        if they do not (the next ask gets a snapshot)."""
         engine_id, seq = self.cursor(replica)
-        batches = [KVEventBatch.from_wire(wire) for wire in reply["batches"]]
+        batches = [KVEventBatch.from_wire(wire) for wire in reply["batches"] if wire[0] > seq]
         expected = [seq + 1 + i for i in range(len(batches))]
         if reply["engine_id"] != engine_id or [b.seq for b in batches] != expected or (
                 seq + len(batches) != reply["seq"]):

@@ -50,6 +50,9 @@ class StreamChunk:
     text: str
     progress: dict[int, ChoiceProgress] = field(default_factory=dict)
     is_last: bool = False  # the text ends the stream ([DONE])
+    # The replica's KV event batches the router had not seen (a `kv_events_since` reply,
+    # for the ingress's index; only on a first chunk, see `RoutingRequest.kv_cursors`).
+    kv_events: dict | None = None
 
 
 @dataclass

@@ -68,6 +68,10 @@ class RoutingRequest:
     prompt_token_ids: tuple[tuple[int, ...], ...] | None = None
     # A question for one replica in particular (its metrics, KV events, health): only it.
     target: str | None = None
+    # Precise routing: the last KV event batch the router's index applied of each engine
+    # (engine id, seq); the replica sends its newer batches back with the stream's first
+    # chunk (`StreamChunk.kv_events`), so that a busy replica needs no asking.
+    kv_cursors: tuple[tuple[str, int], ...] = ()
 
 
 class Filter(Protocol):

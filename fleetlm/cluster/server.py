@@ -117,7 +117,7 @@ class LLMServer:
         formatter = ChatFormatter(request, request_id, self.model_name, tokenizer,
                                   self.tool_parser if request.is_tool_use else None)
         async for item in self._generate(formatter, request_id, [prompt], params, request,
-                                         resume):  # fmt: skip
+                                         resume, routing):  # fmt: skip
             yield item
 
     async def completions(
@@ -135,7 +135,8 @@ class LLMServer:
             return
         formatter = CompletionFormatter(request, request_id, self.model_name, self.engine.tokenizer)
         prompts = _token_ids_of(routing) or request.prompts()
-        async for item in self._generate(formatter, request_id, prompts, params, request, resume):
+        async for item in self._generate(formatter, request_id, prompts, params, request, resume,
+                                         routing):  # fmt: skip
             yield item
 
     async def prefill(self, prompt_token_ids: list[int], request_id: str,
@@ -260,6 +261,7 @@ class LLMServer:
         params: SamplingParams,
         request: ChatCompletionRequest | CompletionRequest,
         resume: Resume | None,
+        routing: RoutingRequest | None = None,
     ) -> AsyncIterator[Any]:
         if not self.engine.is_healthy:
             yield errors.engine_dead()
@@ -287,6 +289,7 @@ class LLMServer:
             self.current_stream_interval_s,
         )
         self.num_streaming += request.stream
+        kv_cursors = routing.kv_cursors if routing is not None else ()
         try:
             async for by_stream in merged:
                 snapshot = {choices[k]: output for k, output in by_stream.items()}
@@ -298,7 +301,11 @@ class LLMServer:
                 self._release(pending, snapshot)
                 if request.stream:
                     text = sse(self._chunks(formatter, snapshot, latest, request))
-                    yield StreamChunk(text, formatter.take_progress(snapshot))
+                    chunk = StreamChunk(text, formatter.take_progress(snapshot))
+                    if kv_cursors:  # the first chunk: the prompt's blocks are cached now
+                        chunk.kv_events = self._unseen_kv_events(kv_cursors)
+                        kv_cursors = ()
+                    yield chunk
             yield self._final(formatter, latest, request)
         except Exception as e:  # noqa: BLE001 - this client hears of it, others go on
             yield _as_openai_error(e, request_id, self.engine.is_healthy)
@@ -308,6 +315,12 @@ class LLMServer:
             self._release(pending, pending.copy())
             await self._abort_unfinished(engine_ids, latest)
             timer.on_end(latest)
+
+    def _unseen_kv_events(self, cursors: tuple[tuple[str, int], ...]) -> dict | None:
+        """The engine's KV event batches the router (whose cursors these are) has not
+        seen; None where it must ask for them or the engine keeps no events."""
+        unseen = getattr(self.engine, "kv_events_unseen", None)  # another engine: none
+        return unseen(dict(cursors)) if unseen is not None else None
 
     def current_stream_interval_s(self) -> float:
         """Least time between two messages of one stream now: stream_interval_s, or longer

@@ -14,7 +14,7 @@ import logging
 import queue
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from fleetlm.executor.config import EngineConfig
@@ -129,6 +129,11 @@ class AsyncEngine:
         """What this engine's prefix cache cached and evicted after batch `seq` (or a
         snapshot); see `fleetlm.executor.kv_events`. Any thread; needs enable_kv_events."""
         return self.engine.kv_events_since(engine_id, seq)
+
+    def kv_events_unseen(self, cursors: Mapping[str, int]) -> dict | None:
+        """The batches of KV events a router with `cursors` has not seen (None: it must
+        ask `kv_events_since`); any thread. See `LLMEngine.kv_events_unseen`."""
+        return self.engine.kv_events_unseen(cursors)
 
     def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """Leading tokens of `token_ids` whose KV this engine's prefix cache holds now."""

@@ -5,6 +5,7 @@ The offline `LLM` drives it directly; `AsyncEngine` drives it from a background 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 from fleetlm.executor.config import EngineConfig
@@ -129,6 +130,14 @@ class LLMEngine:
         if self.core.kv_events is None:
             raise ValueError("KV events are off: set engine.enable_kv_events")
         return self.core.kv_events.since(engine_id, seq)
+
+    def kv_events_unseen(self, cursors: Mapping[str, int]) -> dict | None:
+        """The prefix cache's changes a router with `cursors` (engine id -> last batch it
+        applied) has not seen, as `kv_events_since` batches; None: no cursor of this
+        engine's, too far behind (`KVEventBuffer.unseen`), or events are off. Any thread."""
+        if self.core.kv_events is None:
+            return None
+        return self.core.kv_events.unseen(cursors)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block if none is in use (`BlockPool.reset_prefix_cache`);

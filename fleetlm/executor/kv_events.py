@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
@@ -142,11 +142,29 @@ class KVEventBuffer:
         told from the ring. Reply: {"engine_id", "seq": the last seq it covers, and either
         "batches": [KVEventBatch.to_wire(), ...] or "snapshot": [[hash, parent], ...]}."""
         with self._lock:
-            reply = {"engine_id": self.engine_id, "seq": self._seq}
-            oldest = self._batches[0].seq if self._batches else self._seq + 1
-            if engine_id == self.engine_id and oldest - 1 <= seq <= self._seq:
-                newer = islice(self._batches, seq - oldest + 1, None)
-                reply["batches"] = [batch.to_wire() for batch in newer]
-            else:
-                reply["snapshot"] = [[h, parent] for h, parent in self._blocks.items()]
+            reply = self._batches_after(seq) if engine_id == self.engine_id else None
+            if reply is None:
+                reply = {"engine_id": self.engine_id, "seq": self._seq,
+                         "snapshot": [[h, parent] for h, parent in self._blocks.items()]}
             return reply
+
+    def unseen(self, cursors: Mapping[str, int]) -> dict | None:
+        """The batches a consumer has not seen, given its cursors (engine id -> last seq it
+        applied): a `since` reply (no batches: it is up to date), or None when it holds no
+        cursor for this engine or is too far behind for the ring (its own `since` gets a
+        snapshot). What a replica sends back along with a response, unasked."""
+        seq = cursors.get(self.engine_id)
+        if seq is None:
+            return None
+        with self._lock:
+            return self._batches_after(seq)
+
+    def _batches_after(self, seq: int) -> dict | None:
+        """The reply of batches after `seq` of this engine; None if the ring does not hold
+        them all. Under the lock."""
+        oldest = self._batches[0].seq if self._batches else self._seq + 1
+        if not oldest - 1 <= seq <= self._seq:
+            return None
+        newer = islice(self._batches, seq - oldest + 1, None)
+        return {"engine_id": self.engine_id, "seq": self._seq,
+                "batches": [batch.to_wire() for batch in newer]}

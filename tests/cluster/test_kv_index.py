@@ -1,6 +1,7 @@
 """The router's prefix index mirrors a real engine's prefix cache from its KV events: the
 built-in model with a KV cache small enough that blocks get evicted, a ring small enough
-that a slow consumer misses batches, and an engine restart."""
+that a slow consumer misses batches, an engine restart, and batches that come unasked with
+a replica's stream."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import random
 import pytest
 
 from fleetlm.cluster.kv_index import KVIndex, hash_prompt_blocks
+from fleetlm.cluster.migration import StreamChunk
+from fleetlm.cluster.openai_protocol import CompletionRequest
+from fleetlm.cluster.router import RoutingRequest
+from fleetlm.cluster.server import LLMServer
 from fleetlm.executor.async_engine import AsyncEngine
 from fleetlm.executor.block_pool import hash_block_tokens
 from fleetlm.executor.engine import LLMEngine
-from fleetlm.executor.kv_events import BlockRemoved, KVEventBatch, KVEventBuffer
+from fleetlm.executor.kv_events import BlockRemoved, BlockStored, KVEventBatch, KVEventBuffer
 from fleetlm.executor.llm import make_engine_config
 from fleetlm.executor.sampling_params import SamplingParams
 
@@ -159,3 +164,55 @@ def test_polling_the_async_engine_while_its_loop_runs(config, first_engine):
     asyncio.run(scenario())
     assert index.num_batches > 0
     _assert_mirrors(index, engine.engine)
+
+
+def test_unseen_answers_from_the_ring_only_for_its_own_engine():
+    buffer = KVEventBuffer(max_batches=2)
+    for block_hash in (1, 2, 3):
+        buffer.record(BlockStored((block_hash,), block_hash - 1 or None, ((block_hash,),)))
+        buffer.end_step()
+    engine_id = buffer.engine_id
+    assert buffer.unseen({"another engine": 0}) is None
+    assert buffer.unseen({engine_id: 0}) is None  # batch 1 left the ring: ask for a snapshot
+    reply = buffer.unseen({"another engine": 0, engine_id: 1})
+    assert [wire[0] for wire in reply["batches"]] == [2, 3] and reply["seq"] == 3
+    assert buffer.unseen({engine_id: 3}) == {"engine_id": engine_id, "seq": 3, "batches": []}
+
+
+def test_a_streams_first_chunk_brings_the_batches_the_router_lacks(config, first_engine):
+    """A replica answers a request's KV cursors with the batches after them on the stream's
+    first chunk, its prompt's blocks among them; replies that come late change nothing
+    already applied, and one overlapping the index adds only what is new."""
+    engine = AsyncEngine(config, engine=_fresh_engine(config, first_engine, max_batches=1024))
+    server = LLMServer(config, "m", lambda _: engine)
+    index = KVIndex()
+    first, second = _prompts(num_tenants=2, num_users=1, seed=5)
+
+    async def first_chunk(prompt: list[int]) -> StreamChunk:
+        routing = RoutingRequest("r", prompt_token_ids=(tuple(prompt),),
+                                 kv_cursors=index.cursors())
+        body = CompletionRequest(prompt=prompt, max_tokens=3, stream=True)
+        items = [item async for item in server.completions(body, routing=routing)]
+        assert all(item.kv_events is None for item in items[1:])
+        return items[0]
+
+    async def scenario() -> None:
+        index.apply(REPLICA, engine.kv_events_since())  # an empty cache: the cursor
+        start = index.cursor(REPLICA)
+        chunk = await first_chunk(first)
+        assert "batches" in chunk.kv_events
+        index.apply(REPLICA, chunk.kv_events)
+        blocks = hash_prompt_blocks(first, BLOCK_SIZE)
+        assert index.match(blocks) == {REPLICA: len(blocks)}
+        seen = index.cursor(REPLICA)
+        index.apply(REPLICA, chunk.kv_events)  # again, as if late: nothing to do
+        assert index.cursor(REPLICA) == seen and index.num_snapshots == 1
+
+        await first_chunk(second)  # not applied: the index is behind
+        index.apply(REPLICA, engine.kv_events_since(*start))  # overlaps what it has
+        assert index.cursor(REPLICA)[1] == engine.engine.core.kv_events.seq
+        await engine.shutdown()
+
+    asyncio.run(scenario())
+    _assert_mirrors(index, engine.engine)
+    assert index.num_snapshots == 1

@@ -53,8 +53,11 @@ def test_a_tenants_requests_stick_to_the_replica_holding_its_prefix(http_port, p
             before = [s.num_prompt_tokens for s in _stats(app)]
             response = client.chat.completions.with_raw_response.create(
                 model=config.model.served_name, max_tokens=2, temperature=0,
+                stream=i % 2 == 1,  # a stream's first chunk brings the replica's KV events
                 messages=[{"role": "system", "content": TENANTS[tenant]},
                           {"role": "user", "content": QUESTIONS[i // 2]}])
+            if i % 2 == 1:
+                assert any(chunk.choices for chunk in response.parse())
             after = [s.num_prompt_tokens for s in _stats(app)]
             [served] = [i for i in range(2) if after[i] > before[i]]
             assert response.headers["x-fleetlm-replica"] == names[served]
