@@ -13,7 +13,8 @@ Stream contract of `chat` / `completions` (what the ingress relays):
               (code "engine_dead": the ingress moves it to another replica).
 Given `resume`, a request goes on from where another replica left it. Given `routing` (the
 ingress's `RoutingRequest`, which Serve's router read to pick this replica) with the prompts'
-token ids, the replica does not tokenize them again.
+token ids, the replica does not tokenize them again; given its `kv_cursors`, a stream's first
+chunk carries the engine's KV events after them (`StreamChunk.kv_events`).
 """
 
 from __future__ import annotations
