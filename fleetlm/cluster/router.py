@@ -269,7 +269,10 @@ class CachedBlocksScorer:
 class AffinityFilter:
     """Keep the replicas holding the prompt's longest prefix, unless every one of them is
     saturated (`load_of` at or past `saturation_threshold`): then keep the unsaturated
-    others (the valve; the scorers still prefer longer prefixes among them).
+    others (the valve; the scorers still prefer longer prefixes among them). When every
+    replica is saturated, spilling would only move the queue and cost the cache its
+    prefixes: the holders are kept unless they hold `saturation_threshold` requests more
+    than the least loaded replica.
 
     A prompt that no replica holds is placed by room: where it is first computed, its later
     requests stick. While the emptiest unsaturated replica's cache (its `num_kv_blocks`)
@@ -299,6 +302,9 @@ class AffinityFilter:
             return placed or replicas
         preferred = [r for r, m in zip(replicas, matched, strict=True) if m == longest]
         keep = [r for r in preferred if load_of(r) < self.saturation_threshold]
+        if not keep and not unsaturated:  # all busy: spill only from a far longer queue
+            least = min(load_of(r) for r in replicas)
+            keep = [r for r in preferred if load_of(r) - least < self.saturation_threshold]
         if keep:
             self.counts["stuck"] += 1
             return keep

@@ -340,3 +340,21 @@ def test_rank_puts_the_pick_first_and_the_filtered_out_last():
     ranked = router.rank(REQUEST)
     assert [r.name for r in ranked][-1] == "r0" and len(ranked) == 3
     assert router.rank(REQUEST, names=["r2"])[0].name == "r2"
+
+
+def test_when_every_replica_is_saturated_the_prefix_stays_unless_its_queue_is_far_longer():
+    """Spilling from one busy replica to another only moves the queue and splits the tenant
+    over two caches: with every replica saturated, the prefix's replica keeps its requests
+    until it holds a threshold more than the least loaded one."""
+    section = RouterSection(policy="precise_prefix", saturation_threshold=2)
+    router = build_router(section, NAMES)
+    _cache_on(router, "r1", TENANT_A)
+    for replica in router.replicas:  # every replica at the threshold
+        replica.stats = EngineStats(num_running=2)
+    request = _prefix_request("a", TENANT_A + [1] * BLOCK)
+    assert router.pick(request).name == "r1"
+    router.replicas[1].stats = EngineStats(num_running=3)  # one more: still within 2
+    assert router.pick(request).name == "r1"
+    router.replicas[1].stats = EngineStats(num_running=4)  # two more than the others
+    assert router.pick(request).name != "r1"
+    assert router.snapshot()["affinity"] == {"stuck": 2, "spilled": 1, "placed": 0, "none": 0}
