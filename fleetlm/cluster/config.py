@@ -145,7 +145,8 @@ class RouterSection(Section):
     saturation_threshold: int = Field(
         8, ge=1, description="Requests at a replica (this ingress's in flight, or its engine's "
         "running + waiting if more) at which it stops attracting its prefixes' requests (the "
-        "saturation valve): they spill to the others.")
+        "saturation valve): they spill to the others; when every replica is that busy, "
+        "only from a replica with this many more than the least loaded.")
     approx_history_blocks: int = Field(
         65536, ge=1, description="approx_prefix: block hashes the router remembers (least "
         "recently routed forgotten first); about the replicas' total KV blocks.")
