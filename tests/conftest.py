@@ -47,6 +47,9 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray cluster on 127.0.0.1 for the whole session (started on first use)."""
     import ray
 
+    from fleetlm.cluster.launcher import set_ray_env_defaults
+
+    set_ray_env_defaults()  # the Ray settings `fleetlm serve` gives a cluster it starts
     ray.init(
         num_cpus=NUM_CPUS,
         object_store_memory=OBJECT_STORE_BYTES,

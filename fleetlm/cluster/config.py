@@ -27,9 +27,12 @@ from fleetlm.executor.settings import (
 # Each streamed message costs about a millisecond of CPU across the proxy, ingress and replica
 # hops; 50 ms (Ray Serve LLM's choice too) caps that at 20 messages/s per request.
 DEFAULT_STREAM_INTERVAL_MS = 50.0
-# What a replica's streams together may send: 200 messages/s is about a fifth of a core of
-# that CPU. Under load, each stream's messages are spaced further apart to stay within it.
-DEFAULT_MAX_STREAM_MESSAGES_PER_S = 200.0
+# What a replica's streams together may send. Under load, each stream's messages are spaced
+# further apart to stay within it: at 50 messages/s, below 3 open streams nothing changes, 8
+# streams get a message every 160 ms, 32 every 640 ms. On a 2-core machine 50 against 200 gave
+# 10% more throughput at 8 streams and 7% at 32 (docs/benchmarks.md): the engine's threads get
+# the CPU the hops would have used.
+DEFAULT_MAX_STREAM_MESSAGES_PER_S = 50.0
 
 
 # Ray's own resources have their own keys (num_cpus, num_gpus, ...); custom ones must differ.

@@ -106,13 +106,18 @@ class OpenAIIngress:
         each prompt's block hashes."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
-        self.server = server.options(stream=True)
+        # Streams come over gRPC straight from the replica, not as Ray actor-task items: each
+        # message costs the ingress about a third less CPU (docs/benchmarks.md). Serve's own
+        # throughput-optimized mode makes the same choice for every handle.
+        self.server = server.options(stream=True, _by_reference=False)
         self.pools = [server.options(stream=False)]  # every engine deployment, for questions
         if prefill_server is not None:
             self.pools.append(prefill_server.options(stream=False))
         section = router if isinstance(router, RouterSection) else RouterSection(policy=router)
         self.table = routing_table(server.app_name, server.deployment_name, section)
         self.hasher = hasher
+        if hasher is not None:
+            hasher.preload()  # else the first request waits seconds for transformers' import
         self._kv_events_task: asyncio.Task | None = None  # feeds the router's KV index
         self._kv_heard_at: dict[str, float] = {}  # replica -> when its events last came
         self.api_keys = [key.encode() for key in api_keys]

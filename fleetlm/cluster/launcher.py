@@ -30,7 +30,23 @@ FAILED_STATES = ("DEPLOY_FAILED", "UNHEALTHY")
 UNSCHEDULABLE_PATTERN = re.compile(r"taken more than \S+ to be scheduled")
 
 
-WORKER_NICENESS_ENV = "RAY_worker_niceness"
+# What a local cluster's Ray processes get unless the environment says otherwise; a cluster
+# started with `ray start` takes them from its start commands (deploy/ray-cluster-*.yaml).
+RAY_ENV_DEFAULTS = {
+    # Ray runs workers at nice 15; an engine replica's OpenMP threads then lose the CPU to every
+    # Ray daemon, and each preempted thread stalls the whole parallel region.
+    "RAY_worker_niceness": "0",
+    # Serve's HTTP proxy calls the ingress over gRPC instead of as Ray actor tasks: every
+    # streamed message costs the proxy less CPU, which the engine's threads get back.
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+}
+
+
+def set_ray_env_defaults() -> None:
+    """RAY_ENV_DEFAULTS into this process's environment (a Ray cluster it starts inherits
+    them), where not already set."""
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def connect(address: str | None, is_local_allowed: bool) -> bool:
@@ -54,9 +70,7 @@ def connect(address: str | None, is_local_allowed: bool) -> bool:
             ) from e
         return False
     logger.info("Starting a local Ray cluster on %s", LOCAL_HOST)
-    # Ray runs workers at nice 15; an engine replica's OpenMP threads then lose the CPU to every
-    # Ray daemon, and each preempted thread stalls the whole parallel region.
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    set_ray_env_defaults()
     ray.init(_node_ip_address=LOCAL_HOST, include_dashboard=False, logging_level=logging.WARNING)
     return True
 

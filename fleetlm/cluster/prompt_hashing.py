@@ -55,6 +55,10 @@ class PromptHasher:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
+    def preload(self) -> None:
+        """Load the tokenizer in a thread of its own now; `tokenize` waits for it."""
+        threading.Thread(target=self._load, name="fleetlm-tokenizer-load", daemon=True).start()
+
     async def tokenize(self, body: ChatCompletionRequest | CompletionRequest
                        ) -> tuple[TokenIds | None, tuple[int, ...]]:
         """(every prompt's token ids, or None to leave them to the replica; the first

@@ -13,6 +13,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from fleetlm.cluster.config import load_config
+from fleetlm.cluster.launcher import RAY_ENV_DEFAULTS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CLUSTER_YAMLS = ["ray-cluster-local.yaml", "ray-cluster-aws.yaml"]
@@ -45,7 +46,8 @@ def test_every_node_installs_and_starts_fleetlm_like_the_readme(name):
                       ("worker_start_ray_commands", "--address=$RAY_HEAD_IP:6379")):
         start = next(c for c in config[key] if "ray start" in c)
         assert flag in start and "RAY_AUTH_MODE=token" in start
-        assert "RAY_worker_niceness=0" in start  # see README: nice 15 starves the engine
+        # what `fleetlm serve` gives a local cluster (nice 0, the proxy's gRPC): launcher.py
+        assert all(f"{name}={value}" in start for name, value in RAY_ENV_DEFAULTS.items())
 
 
 def test_cloud_node_types_carry_the_pool_resources_configs_ask_for():
