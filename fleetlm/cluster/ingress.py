@@ -106,9 +106,9 @@ class OpenAIIngress:
         each prompt's block hashes."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name
-        # Streams come over gRPC straight from the replica, not as Ray actor-task items: each
-        # message costs the ingress about a third less CPU (docs/benchmarks.md). Serve's own
-        # throughput-optimized mode makes the same choice for every handle.
+        # Streams come over Serve's gRPC channel from the replica, not as Ray actor-task items,
+        # for less CPU per message (docs/benchmarks.md, "The served path: gRPC hops"); Serve's
+        # own throughput-optimized mode makes the same choice for every handle.
         self.server = server.options(stream=True, _by_reference=False)
         self.pools = [server.options(stream=False)]  # every engine deployment, for questions
         if prefill_server is not None:

@@ -55,9 +55,12 @@ class PromptHasher:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
 
-    def preload(self) -> None:
-        """Load the tokenizer in a thread of its own now; `tokenize` waits for it."""
-        threading.Thread(target=self._load, name="fleetlm-tokenizer-load", daemon=True).start()
+    def preload(self) -> threading.Thread:
+        """Load the tokenizer in a thread of its own now (returned, started); `tokenize` waits
+        for it."""
+        thread = threading.Thread(target=self._load, name="fleetlm-tokenizer-load", daemon=True)
+        thread.start()
+        return thread
 
     async def tokenize(self, body: ChatCompletionRequest | CompletionRequest
                        ) -> tuple[TokenIds | None, tuple[int, ...]]:
