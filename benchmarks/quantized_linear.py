@@ -5,7 +5,8 @@ head left float as LLM Compressor leaves it):
 
 1. GEMV/GEMM per linear shape of the model at 1, 8 and 32 input rows: fp32 oneDNN with the
    weight prepacked (`PackedLinear`, the float path) against the GGUF kernel on the file's
-   own blocks (`gguf_linear.matmul`), the W8A8 kernel (`int8_linear.w8a8_linear`: per-token
+   own blocks (`gguf_linear.matmul`, with fp32 activations and with int8 ones: integer dot
+   products, the default below 16 rows), the W8A8 kernel (`int8_linear.w8a8_linear`: per-token
    quantization of the input included) and torch's own int8 GEMM (`torch._int_mm`, on
    already quantized inputs), median of several timings;
 2. offline decode throughput of the whole model, float32 against each quantized variant, at
@@ -79,17 +80,20 @@ def gemm_figures(float_llm: LLM, quantized_llm: LLM, rows_list: list[int], reps:
             x = torch.randn(rows, dense.shape[1])
             with torch.inference_mode():
                 onednn = median_ms(functools.partial(packed, x, dense), reps)
-                gguf = median_ms(functools.partial(gguf_linear.matmul, x, weight), reps)
+                gguf = median_ms(functools.partial(gguf_linear.matmul, x, weight,
+                                                   int8_dot=False), reps)
+                gguf_int8 = median_ms(functools.partial(gguf_linear.matmul, x, weight,
+                                                        int8_dot=True), reps)
                 w8a8 = median_ms(functools.partial(int8_linear.w8a8_linear, x, *int8), reps)
                 xq, _ = int8_linear.quantize_rows(x)
                 int_mm = median_ms(functools.partial(torch._int_mm, xq, int8[0].T), reps)
             results.append({"linear": name, "shape": list(dense.shape), "rows": rows,
                             "qtype": weight.qtype.name, "onednn_fp32_ms": onednn,
-                            "gguf_ms": gguf, "w8a8_ms": w8a8, "torch_int_mm_ms": int_mm,
+                            "gguf_ms": gguf, "gguf_int8_dot_ms": gguf_int8, "w8a8_ms": w8a8, "torch_int_mm_ms": int_mm,
                             "fp32_bytes": dense.numel() * 4, "gguf_bytes": weight.nbytes,
                             "int8_bytes": dense.numel() + 4 * dense.shape[0]})
             print(f"{name} {tuple(dense.shape)} rows={rows}: oneDNN fp32 {onednn:.3f} ms, "
-                  f"{weight.qtype.name} kernel {gguf:.3f} ms, W8A8 kernel {w8a8:.3f} ms, "
+                  f"{weight.qtype.name} kernel {gguf:.3f} ms (int8 dot {gguf_int8:.3f} ms), W8A8 kernel {w8a8:.3f} ms, "
                   f"torch._int_mm {int_mm:.3f} ms", flush=True)
     return results
 

@@ -9,7 +9,11 @@ on 127.0.0.1 that lm-eval's `local-completions` backend queries (token ids in, `
 `logprobs` back, as lm-eval does against any OpenAI-compatible server):
 
 - float:   float32 weights (the file dequantized on load), float32 KV cache;
-- gguf:    `--quantization gguf`: the file's Q4_1 / Q8_0 blocks multiplied as they are;
+- gguf:    `--quantization gguf`: the file's Q4_1 / Q8_0 blocks multiplied as they are
+           (steps of 64 tokens or more by the dequantized weights' GEMM, smaller ones by
+           integer dot products on int8 activations);
+- gguf_int8_dot: the same with `--max-num-batched-tokens 48`, so that every product, prompt
+           tokens included, goes through the integer dot products of a decode step;
 - w8a8:    a `fleetlm quantize --scheme W8A8` checkpoint (int8 weights, int8 activations);
 - w8a8_smoothquant: the same after SmoothQuant (`--smoothquant 0.5`);
 - int8_kv: float32 weights, `--kv-cache-dtype int8`;
@@ -49,6 +53,7 @@ SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memor
 VARIANTS = {  # name -> the flags `fleetlm serve` gets
     "float": [],
     "gguf": ["--quantization", "gguf"],
+    "gguf_int8_dot": ["--quantization", "gguf", "--max-num-batched-tokens", "48"],
     "w8a8": [],
     "w8a8_smoothquant": [],
     "int8_kv": ["--kv-cache-dtype", "int8"],

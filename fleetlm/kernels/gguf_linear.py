@@ -1,15 +1,22 @@
 """Linear layers that keep GGUF-quantized weights quantized (`quantization: gguf`), for CPUs.
 
 A weight stays in the GGUF file's own blocks (`GGUFWeight`: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, and
-F16 / F32 matrices); `csrc/gguf_matmul.c` multiplies Q4_0 / Q4_1 / Q8_0 blocks with the fp32
-activations straight from registers (other types through a few rows dequantized into L1), so
-a decode step reads the quantized bytes (0.56 byte per weight for Q4_1 against 4 for fp32)
-and the result is `x @ dequantize(W).T` up to the order of the sums, the same for a row in
-any batch of fewer than `GEMM_MIN_ROWS` rows. Larger batches (prefill) are compute-bound:
-there the weight is dequantized to fp32, a cache-sized slice at a time, and oneDNN's GEMM
-multiplies it. Where that kernel does not apply (no C compiler, not a CPU tensor) the
-weight is dequantized on the spot with gguf-py, llama.cpp's own reader: slow, but the same
-numbers.
+F16 / F32 matrices), so a decode step reads the quantized bytes (0.56 byte per weight for Q4_1
+against 4 for fp32). `csrc/gguf_matmul.c` multiplies them in one of three ways:
+
+- Q4_0 / Q4_1 / Q8_0 below `INT8_GEMM_MIN_ROWS` rows (decode steps, short prompt chunks): the
+  input is quantized to int8 per 32-element block and multiplied by integer dot products,
+  llama.cpp's arithmetic (`quantize_input_reference` says how the input is rounded);
+  `FLEETLM_GGUF_INT8_DOT=0` turns this off;
+- otherwise below `GEMM_MIN_ROWS` rows: fp32 activations times the blocks turned into fp32 in
+  registers (other types through a few rows dequantized into L1), so the result is
+  `x @ dequantize(W).T` up to the order of the sums;
+- larger batches (prefill), which are compute-bound: the weight is dequantized to fp32, a
+  cache-sized slice at a time, and oneDNN's GEMM multiplies it.
+
+Below the GEMM a row's result is the same in any batch. Where the kernel does not apply (no C
+compiler, not a CPU tensor) the weight is dequantized on the spot with gguf-py, llama.cpp's
+own reader: slow, but the same numbers as the fp32 path.
 
 Measured against torch's own CPU ops on the 2-core EPYC of docs/benchmarks.md (built-in
 model's shapes): `_weight_int4pack_mm_for_cpu` is exact for Q4_0 / Q4_1 only with fp32
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +58,18 @@ _int64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # 256 rows in 2.0 ms where the kernel (which dequantizes every block once per 3 rows) takes
 # 6.4 ms; the two break even at about 13 rows.
 GEMM_MIN_ROWS = 16
+# Q4_0 / Q4_1 / Q8_0 products quantize each input row to int8 per 32-element block and
+# multiply by integer dot products: llama.cpp's arithmetic for these types. On the AVX2 EPYC
+# of docs/benchmarks.md ("Integer dot products") the model's linear layers took 1.3x less
+# time than with fp32 activations at 1 row, 1.9x at 8, and beat the dequantized weight's
+# GEMM up to 64 rows (182 against 242 ms at 64, 383 against 345 at 128).
+# FLEETLM_GGUF_INT8_DOT=0 keeps fp32 activations: then the products are exactly those of
+# x @ dequantize(W).T.
+INT8_DOT_ENV = "FLEETLM_GGUF_INT8_DOT"
+INT8_DOT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                  GGMLQuantizationType.Q8_0)
+INT8_GEMM_MIN_ROWS = 64
+XQMAX = 127  # input blocks are quantized to [-127, 127]
 # Weights dequantized per GEMM call: 4 MiB of fp32, so that a slice is still in cache when
 # the GEMM reads it and a 49152-row LM head never needs its 113 MB fp32 copy at once.
 GEMM_SLICE_ELEMENTS = 1 << 20
@@ -66,11 +86,29 @@ def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDL
     if library is not None:
         library.fleet_gguf_matmul.argtypes = [
             _ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
+        library.fleet_gguf_matmul_q8.argtypes = library.fleet_gguf_matmul.argtypes
         library.fleet_gguf_dequantize.argtypes = [
             _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int]
-        for function in (library.fleet_gguf_matmul, library.fleet_gguf_dequantize):
+        library.fleet_gguf_quantize_input.argtypes = [_ptr, _int64, _int64, _ptr]
+        for function in (library.fleet_gguf_matmul, library.fleet_gguf_matmul_q8,
+                         library.fleet_gguf_dequantize, library.fleet_gguf_quantize_input):
             function.restype = ctypes.c_int
     return library
+
+
+def int8_dot_enabled() -> bool:
+    """Whether Q4_0 / Q4_1 / Q8_0 decode products take int8 activations ($FLEETLM_GGUF_INT8_DOT,
+    default on)."""
+    return os.environ.get(INT8_DOT_ENV, "1") != "0"
+
+
+def quantize_input_reference(x: torch.Tensor) -> torch.Tensor:
+    """x (m, k) as the int8 kernel sees it: each 32-element block rounded to d * q with
+    d = max|x| / 127 and q = round-half-even(x / d), in the kernel's fp32 operations."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / XQMAX
+    q = torch.round(blocks / torch.where(d > 0, d, torch.ones_like(d))).clamp(-XQMAX, XQMAX)
+    return (q * d).reshape(x.shape)
 
 
 def is_available() -> bool:
@@ -169,22 +207,32 @@ def _dequantized_matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDL
     return y
 
 
-def matmul(x: torch.Tensor, weight: GGUFWeight,
-           library: ctypes.CDLL | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = None,
+           int8_dot: bool | None = None) -> torch.Tensor:
     """`x @ dequantize(weight).T` in fp32 for fp32 `x` of shape (m, cols). Below
-    GEMM_MIN_ROWS rows the kernel multiplies the blocks (a row's result is the same in any
-    such batch); from there on the weight is dequantized and multiplied by a GEMM."""
+    GEMM_MIN_ROWS rows (INT8_GEMM_MIN_ROWS for int8 activations) the kernel multiplies the
+    blocks, and a row's result is the same in any such batch: for Q4_0 / Q4_1 / Q8_0 with `x`
+    quantized per block to int8 when `int8_dot` (default: `int8_dot_enabled()`; the result
+    is then `quantize_input_reference(x) @ dequantize(weight).T` up to the order of the
+    sums). From there on the weight is dequantized and multiplied by a GEMM."""
     library = library or _library()
     if library is None or x.device.type != "cpu":
         return F.linear(x, weight.dequantize().to(x.device))
     x = x.contiguous()
-    if x.shape[0] >= GEMM_MIN_ROWS:
+    if int8_dot is None:
+        int8_dot = _INT8_DOT
+    int8_dot = int8_dot and weight.qtype in INT8_DOT_TYPES
+    if x.shape[0] >= (INT8_GEMM_MIN_ROWS if int8_dot else GEMM_MIN_ROWS):
         return _dequantized_matmul(x, weight, library)
+    kernel = library.fleet_gguf_matmul_q8 if int8_dot else library.fleet_gguf_matmul
     y = torch.empty(x.shape[0], weight.shape[0])
-    _check(library.fleet_gguf_matmul(
+    _check(kernel(
         x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],
         int(weight.qtype), y.data_ptr(), torch.get_num_threads()))
     return y
+
+
+_INT8_DOT = int8_dot_enabled()  # read once: matmul runs 121 times a decode step
 
 
 class QuantizedMatrix:

@@ -17,6 +17,7 @@ from fleetlm.executor.weights import (
     load_hf_config,
     resolve_model,
 )
+from fleetlm.kernels import gguf_linear
 from fleetlm.kernels.gguf_linear import GGUFWeight
 from fleetlm.parallel.layers import whole
 
@@ -52,7 +53,13 @@ def test_blocks_keep_their_types_and_dequantize_to_the_converted_folder(mixed_gg
         assert torch.equal(whole(converted[name]), whole(tensor)), name
 
 
-def test_quantized_model_follows_the_dequantized_one(mixed_gguf):
+@pytest.mark.parametrize(("int8_dot", "tolerance"), [(False, 1e-4), (True, 2e-2)])
+def test_quantized_model_follows_the_dequantized_one(mixed_gguf, monkeypatch, int8_dot,
+                                                     tolerance):
+    """Greedy tokens equal the dequantized model's; logprobs equal them to summation order
+    with fp32 activations, and move by at most 0.02 nats (measured: 0.005) when decode
+    steps round the activations to int8 per block for integer dot products."""
+    monkeypatch.setattr(gguf_linear, "_INT8_DOT", int8_dot)
     common = {"dtype": "float32", "kv_cache_memory_bytes": 4 << 20, "seed": 0}
     quantized = LLM(str(mixed_gguf), quantization="gguf", **common)
     reference = LLM(str(mixed_gguf), **common)
@@ -66,4 +73,4 @@ def test_quantized_model_follows_the_dequantized_one(mixed_gguf):
         assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
         assert len(ours.outputs[0].logprobs) == 8
         for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs):
-            assert a[0][1] == pytest.approx(b[0][1], abs=1e-4)  # sampled token's logprob
+            assert a[0][1] == pytest.approx(b[0][1], abs=tolerance)  # sampled token's logprob

@@ -37,49 +37,111 @@ def compiled():
     assert gguf_linear.is_available(), "the C compiler is part of the test environment"
 
 
+def other_build(build: str):
+    """The kernel built for this CPU (None), for CPUs without AVX2 (plain loops) or for AVX2
+    (16 vector registers)."""
+    if build == "native":
+        return None
+    if build == "haswell" and not {"avx2", "fma"} <= set(cpu_build._cpu_features().split()):
+        pytest.skip("this CPU cannot run an AVX2 build")
+    flags = tuple(f for f in cpu_build.COMPILE_FLAGS if not f.startswith("-march"))
+    return gguf_linear.load_library(flags + (("-march=haswell",) if build == "haswell" else ()))
+
+
+def int8_reference(x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
+    """What the int8 path computes: x rounded per block to int8, times dequantize(W), in fp64."""
+    xq = gguf_linear.quantize_input_reference(x).double()
+    return (xq @ weight.dequantize().double().T).float()
+
+
 @pytest.mark.parametrize("name", [*QUANTIZED, "F16", "F32"])
 @pytest.mark.parametrize("m", [1, 2, 5, 33])
 def test_matmul_equals_dequantize_then_matmul(name, m):
     weight = random_weight(name, 37, 512)  # 37 rows: whole tiles of 4 and a ragged one
     x = torch.randn(m, 512)
     reference = x @ weight.dequantize().T
-    got = gguf_linear.matmul(x, weight)
+    got = gguf_linear.matmul(x, weight, int8_dot=False)
     # The same products; only the order of the fp32 sums differs.
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
 
 
 @pytest.mark.parametrize("build", ["native", "portable", "haswell"])
-def test_a_row_gets_the_same_bits_in_any_batch_below_the_gemm(build):
-    """Below GEMM_MIN_ROWS, Q4_0 / Q4_1 / Q8_0 rows are multiplied straight from the blocks,
-    other types through a dequantized buffer; every path sums in one order, so a decoding
-    sequence's logits do not depend on what it is batched with. The same source built for
-    CPUs without AVX2 (plain loops) and for AVX2 (16 vector registers) computes the same
-    products."""
-    library = None  # this CPU's build
-    if build != "native":
-        if build == "haswell" and not {"avx2", "fma"} <= set(cpu_build._cpu_features().split()):
-            pytest.skip("this CPU cannot run an AVX2 build")
-        flags = tuple(f for f in cpu_build.COMPILE_FLAGS if not f.startswith("-march"))
-        library = gguf_linear.load_library(flags + (("-march=haswell",) if build == "haswell"
-                                                    else ()))
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 15, 40])
+def test_int8_dot_equals_rounded_input_times_dequantized_weight(build, name, m):
+    """Below INT8_GEMM_MIN_ROWS (decode steps, short prompt chunks), Q4_0 / Q4_1 / Q8_0
+    take int8 activations by default: the products
+    are exact integers, so the result is the block-rounded input times dequantize(W) up to
+    fp32 rounding, on every build (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain loops). The
+    rounding itself costs what llama.cpp's does: under 1% of the exact product."""
+    library = other_build(build)
+    weight = random_weight(name, 37, 512, seed=5)
+    x = torch.randn(m, 512) * torch.linspace(0.01, 3, 512)  # blocks of different magnitudes
+    x[0, 64:96] = 0  # a block of zeros: scale 0
+    got = gguf_linear.matmul(x, weight, library, int8_dot=True)
+    reference = int8_reference(x, weight)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+    exact = x @ weight.dequantize().T
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    assert not torch.equal(got, exact)  # it did take the int8 path
+
+
+def test_input_blocks_round_as_the_reference_does():
+    """The kernel's own rounding of an input row, read back: the same scales and int8 values
+    as quantize_input_reference, ties rounded to even, a block of zeros with scale 0."""
+    x = torch.randn(3, 96)
+    x[1, 32:64] = 0
+    x[2, :32] = torch.arange(32) - 15.5  # halves, and with a max of 127 the scale is 1:
+    x[2, 0] = 127                         # x / d is a tie for every other value
+    blocks = np.zeros(3 * 3, dtype=[("d", "<f4"), ("s", "<f4"), ("q", "i1", 32)])
+    gguf_linear._library().fleet_gguf_quantize_input(x.data_ptr(), 3, 96, blocks.ctypes.data)
+    d = torch.from_numpy(blocks["d"].copy()).view(3, 3, 1)
+    q = torch.from_numpy(blocks["q"].astype(np.float32)).view(3, 3, 32)
+    assert torch.equal((q * d).view(3, 96), gguf_linear.quantize_input_reference(x))
+    sums = torch.from_numpy(blocks["s"].copy()).view(3, 3, 1)
+    assert torch.equal(sums, d * q.sum(-1, keepdim=True))
+    assert d[1, 1].item() == 0 and not q[1, 1].any()
+    assert d[2, 0].item() == 1 and q[2, 0, 1:5].tolist() == [-14, -14, -12, -12]
+
+
+def test_int8_dot_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(gguf_linear.INT8_DOT_ENV, "0")
+    assert not gguf_linear.int8_dot_enabled()
+    monkeypatch.delenv(gguf_linear.INT8_DOT_ENV)
+    assert gguf_linear.int8_dot_enabled()
+
+
+@pytest.mark.parametrize("build", ["native", "portable", "haswell"])
+@pytest.mark.parametrize("int8_dot", [False, True])
+def test_a_row_gets_the_same_bits_in_any_batch_below_the_gemm(build, int8_dot):
+    """Below GEMM_MIN_ROWS, Q4_0 / Q4_1 / Q8_0 rows are multiplied straight from the blocks
+    (fp32 or int8 activations), other types through a dequantized buffer; every path sums in
+    one order, so a decoding sequence's logits do not depend on what it is batched with. The
+    same source built for CPUs without AVX2 (plain loops) and for AVX2 (16 vector registers)
+    computes the same products."""
+    library = other_build(build)
     x = torch.randn(gguf_linear.GEMM_MIN_ROWS - 1, 512)
     for name in [*QUANTIZED, "F16"]:
         weight = random_weight(name, 37, 512, seed=2)
-        batch = gguf_linear.matmul(x, weight, library)
-        reference = x @ weight.dequantize().T
+        batch = gguf_linear.matmul(x, weight, library, int8_dot=int8_dot)
+        if int8_dot and weight.qtype in gguf_linear.INT8_DOT_TYPES:
+            reference = int8_reference(x, weight)
+        else:
+            reference = x @ weight.dequantize().T
         torch.testing.assert_close(batch, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
         for start, stop in ((0, 1), (1, 3), (3, 4), (5, len(x))):
-            assert torch.equal(gguf_linear.matmul(x[start:stop], weight, library),
+            assert torch.equal(gguf_linear.matmul(x[start:stop], weight, library, int8_dot),
                                batch[start:stop])
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
 def test_many_rows_go_through_the_dequantized_weight_a_slice_at_a_time(name, monkeypatch):
-    """A prefill-sized product dequantizes the weight slice by slice (here 3 slices of 16
-    rows and a ragged one of 5) and multiplies each with a GEMM: the same products."""
+    """A prefill-sized product (from INT8_GEMM_MIN_ROWS rows for the types that take int8
+    activations) dequantizes the weight slice by slice (here 3 slices of 16 rows and a
+    ragged one of 5) and multiplies each with a GEMM: the same products."""
     monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 16 * 512)
     weight = random_weight(name, 53, 512, seed=4)
-    x = torch.randn(gguf_linear.GEMM_MIN_ROWS + 7, 512)
+    x = torch.randn(max(gguf_linear.GEMM_MIN_ROWS, gguf_linear.INT8_GEMM_MIN_ROWS) + 7, 512)
     reference = x @ weight.dequantize().T
     with torch.inference_mode():  # as in the engine: oneDNN's GEMM where torch has it
         got = gguf_linear.matmul(x, weight)
@@ -99,8 +161,9 @@ def test_rows_dequantize_exactly(name):
     assert torch.equal(rows, weight.dequantize()[ids])
 
 
-def test_shards_stack_into_one_matrix_per_type():
+def test_shards_stack_into_one_matrix_per_type(monkeypatch):
     """q, k and v arrive one by one; neighbours of one type merge, another type stays apart."""
+    monkeypatch.setattr(gguf_linear, "_INT8_DOT", False)  # the exact products
     q, k, v = (random_weight("Q4_1", 8, 64, 1), random_weight("Q4_1", 4, 64, 2),
                random_weight("Q8_0", 4, 64, 3))
     matrix = QuantizedMatrix((16, 64))

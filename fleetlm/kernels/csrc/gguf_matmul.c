@@ -13,12 +13,16 @@
  * Either way the weight is read from memory once per call whatever the number of input rows,
  * and every path sums in one order, so a row's result is the same in any batch.
  *
+ * fleet_gguf_matmul_q8 (at the end) is llama.cpp's arithmetic instead: the input quantized to
+ * int8 per block and integer dot products, for Q4_0, Q4_1 and Q8_0.
+ *
  * Dequantization follows ggml (llama.cpp) and gguf-py operation by operation in fp32, so the
  * weights multiplied are exactly dequantize(W); only the order of the sums differs from a
  * float matmul. (Every product of a scale and a quantized value below is exact in fp32: an
  * fp16 scale has 11 significant bits, times at most 8 bits of a quantized value or 6 of a
  * sub-block scale, so whether the compiler fuses the following add changes nothing.)
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -381,4 +385,248 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
         free(buffer);
     }
     return status;
+}
+
+/* ---- Integer dot products: Q4_0, Q4_1 and Q8_0 times int8 activations --------------------
+ * llama.cpp's arithmetic for these types: each input row is quantized per 32-element block
+ * (d = max|x| / 127, q = round-half-even(x / d): the q8_0 / q8_1 rounding, with d kept in
+ * fp32), and a weight block times an input block is summed exactly in integers before one
+ * fp32 multiply-add by the two blocks' scales. A weight block's offset (Q4_0's -8, Q4_1's
+ * min) multiplies the input block's sum, d * sum(q), once per block. Blocks are read as
+ * bytes, never turned into fp32.
+ *
+ * A tile's four weight rows go through together: their four integer block products are
+ * reduced into one vector (lanes r and r + 4: the two halves of row r's block) with
+ * horizontal adds, so one conversion and one multiply-add per input row and block cover all
+ * four rows, and one accumulator per input row leaves AVX2's 16 registers for the decoded
+ * blocks. Every build forms the same integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain
+ * loops), and a row's result does not depend on the rows batched with it. On the AVX2 EPYC
+ * of docs/benchmarks.md: the model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32
+ * activations) and 20 ms at eight (35). */
+
+#define XQMAX 127
+#ifndef Q8_ROWS
+#define Q8_ROWS 4 /* input rows per pass: one accumulator each, beside four decoded blocks */
+#endif
+
+typedef struct {
+    float d;      /* the block's scale */
+    float s;      /* d * sum(q), for the weights' offsets */
+    int8_t q[QK]; /* round-half-even(x / d), in [-127, 127] */
+} xblock;
+
+/* One input row of k elements into k / QK blocks (a block of zeros gets d = 0, q = 0). */
+static void quantize_row_blocks(const float *x, int64_t k, xblock *out)
+{
+    for (int64_t b = 0; b < k / QK; b++, x += QK, out++) {
+        float amax = 0.0f;
+        for (int l = 0; l < QK; l++) amax = fmaxf(amax, fabsf(x[l]));
+        const float d = amax / (float)XQMAX, divisor = d > 0.0f ? d : 1.0f;
+        int sum = 0;
+        for (int l = 0; l < QK; l++) {
+            const int q = (int)fminf(fmaxf(nearbyintf(x[l] / divisor), -XQMAX), XQMAX);
+            out->q[l] = (int8_t)q;
+            sum += q;
+        }
+        out->d = d;
+        out->s = d * (float)sum;
+    }
+}
+
+/* Four weight blocks (one per row of a tile) times one input block: lane r (r < 4) is the
+ * integer dot product of elements 0..15 of row r's block with the input's, lane r + 4 that of
+ * elements 16..31, as fp32 (exact: at most 16 * 255 * 127). Q4 blocks are their nibbles,
+ * 0..15, unsigned; Q8_0's are signed bytes. */
+#if defined(__AVX2__)
+typedef __m256i qbytes; /* a block's 32 quantized values, one per byte */
+
+static ALWAYS_INLINE qbytes load_qbytes(const void *p) { return _mm256_loadu_si256(p); }
+
+/* A Q4_0 / Q4_1 block's 32 nibbles as bytes 0..15 in element order (the low nibbles of its 16
+ * bytes are elements 0..15, the high nibbles 16..31). */
+static ALWAYS_INLINE qbytes nibble_bytes(const uint8_t *qs)
+{
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+/* Lane l: the sum of products 4l..4l+3 of unsigned bytes u and signed bytes s. vpmaddubsw's
+ * int16 pairs never saturate here: a pair is at most 2 * 128 * 127 (Q8_0's |w| may be 128). */
+static ALWAYS_INLINE __m256i quad_sums(qbytes u, qbytes s)
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static ALWAYS_INLINE __m256i block_sums(qbytes w, qbytes x, int is_signed)
+{   /* signed weights: |w| times x carrying w's sign */
+    return is_signed ? quad_sums(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+                     : quad_sums(w, x);
+}
+
+static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_signed)
+{
+#if !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
+    if (!is_signed) { /* nibbles: int16 sums of 8 products (at most 8 * 15 * 127) do not wrap,
+                       * so the pairs add as int16 and widen once */
+        const __m256i p01 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[0], x),
+                                              _mm256_maddubs_epi16(w[1], x));
+        const __m256i p23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[2], x),
+                                              _mm256_maddubs_epi16(w[3], x));
+        return (f32x8)_mm256_cvtepi32_ps(
+            _mm256_madd_epi16(_mm256_hadd_epi16(p01, p23), _mm256_set1_epi16(1)));
+    }
+#endif
+    const __m256i s01 = _mm256_hadd_epi32(block_sums(w[0], x, is_signed),
+                                          block_sums(w[1], x, is_signed));
+    const __m256i s23 = _mm256_hadd_epi32(block_sums(w[2], x, is_signed),
+                                          block_sums(w[3], x, is_signed));
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_hadd_epi32(s01, s23));
+}
+#else /* portable: the same sums from plain loops */
+typedef struct { int8_t v[QK]; } qbytes;
+
+static ALWAYS_INLINE qbytes load_qbytes(const void *p)
+{
+    qbytes out;
+    memcpy(out.v, p, QK);
+    return out;
+}
+
+static ALWAYS_INLINE qbytes nibble_bytes(const uint8_t *qs)
+{
+    qbytes out;
+    for (int l = 0; l < QK / 2; l++) {
+        out.v[l] = (int8_t)(qs[l] & 0xF);
+        out.v[l + QK / 2] = (int8_t)(qs[l] >> 4);
+    }
+    return out;
+}
+
+static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_signed)
+{
+    (void)is_signed; /* nibbles are stored as non-negative int8 */
+    f32x8 out;
+    for (int r = 0; r < ROWS; r++)
+        for (int half = 0; half < 2; half++) {
+            int32_t s = 0;
+            for (int e = 16 * half; e < 16 * half + 16; e++)
+                s += (int32_t)w[r].v[e] * (int32_t)x.v[e];
+            out[r + 4 * half] = (float)s;
+        }
+    return out;
+}
+#endif
+
+/* The fp16 at byte `offset` of block b of each of the four rows, as fp32 lanes 0..3 and,
+ * unless `low_only` (then 0), again 4..7. */
+static ALWAYS_INLINE f32x8 tile_halves(const uint8_t *const rows[ROWS], int64_t b,
+                                       int64_t bytes, int offset, int low_only)
+{
+    f32x8 out;
+    for (int r = 0; r < ROWS; r++) {
+        out[r] = fp16_to_fp32(rows[r] + b * bytes + offset);
+        out[r + 4] = low_only ? 0.0f : out[r];
+    }
+    return out;
+}
+
+/* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
+ * at rows[r] (a ragged tile repeats its last row). One vector accumulator per input row:
+ * lanes r and r + 4 hold the two halves of row r's blocks, scaled, and lane r also the
+ * blocks' offsets (Q4_0's -8 * d, Q4_1's min) times the input blocks' d * sum(q). Few
+ * accumulators leave AVX2's 16 registers for the four decoded blocks. */
+static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *const rows[ROWS],
+                                      int64_t row_bytes, int64_t blocks, int type,
+                                      float y[][ROWS])
+{
+    const int64_t bytes = small_block_bytes(type);
+    const f32x8 low_minus_8 = {-8.0f, -8.0f, -8.0f, -8.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    f32x8 a[Q8_ROWS];
+    for (int j = 0; j < nx; j++) a[j] = splat8(0.0f);
+    const int64_t ahead = (ROWS * row_bytes + blocks - 1) / blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t p = b * ahead; p < (b + 1) * ahead; p += 64)
+            __builtin_prefetch(rows[0] + PREFETCH_TILES * ROWS * row_bytes + p);
+        qbytes w[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            w[r] = type == T_Q8_0 ? load_qbytes(rows[r] + b * bytes + 2)
+                                  : nibble_bytes(rows[r] + b * bytes + (type == T_Q4_0 ? 2 : 4));
+        const f32x8 dw = tile_halves(rows, b, bytes, 0, 0);
+        for (int j = 0; j < nx; j++) {
+            const xblock *xb = x + j * blocks + b;
+            a[j] = fma8(tile_dots(w, load_qbytes(xb->q), type == T_Q8_0), dw * splat8(xb->d),
+                        a[j]);
+        }
+        if (type != T_Q8_0) {
+            const f32x8 c = type == T_Q4_0 ? dw * low_minus_8 : tile_halves(rows, b, bytes, 2, 1);
+            for (int j = 0; j < nx; j++) a[j] = fma8(c, splat8(x[j * blocks + b].s), a[j]);
+        }
+    }
+    for (int j = 0; j < nx; j++)
+        for (int r = 0; r < ROWS; r++) y[j][r] = a[j][r] + a[j][r + 4];
+}
+
+/* fleet_gguf_matmul_q8 on quantized input rows: per tile of four weight rows, the input rows
+ * Q8_ROWS at a time (direct_matmul's layout). */
+static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k,
+                                           const uint8_t *w, int64_t n, int type, float *y,
+                                           int num_threads)
+{
+    const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
+    const int64_t num_tiles = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tiles > 1)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
+        const uint8_t *rows[ROWS];
+        for (int r = 0; r < ROWS; r++) rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
+        float out[Q8_ROWS][ROWS];
+        for (int64_t i = 0; i < m; i += Q8_ROWS) {
+            const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
+            const xblock *xi = x + i * blocks;
+            if (nx == Q8_ROWS)
+                dot_tile_q8(xi, Q8_ROWS, rows, row_bytes, blocks, type, out);
+            else if (nx == 3)
+                dot_tile_q8(xi, 3, rows, row_bytes, blocks, type, out);
+            else if (nx == 2)
+                dot_tile_q8(xi, 2, rows, row_bytes, blocks, type, out);
+            else
+                dot_tile_q8(xi, 1, rows, row_bytes, blocks, type, out);
+            for (int j = 0; j < nx; j++)
+                memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
+        }
+    }
+}
+
+/* xq: m * k / QK blocks: x (m x k, fp32) quantized per block as the kernel below does it
+ * (d, s = d * sum(q), then the 32 q; 40 bytes a block). For tests. */
+int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
+{
+    if (k % QK) return ERR_SHAPE;
+    for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, (xblock *)xq + i * (k / QK));
+    return OK;
+}
+
+/* y (m x n, fp32) = x (m x k, fp32), quantized per 32-element block to int8, times the
+ * transpose of w (n x k, Q4_0 / Q4_1 / Q8_0) by integer dot products. */
+int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                         int type, float *y, int num_threads)
+{
+    if (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0) return ERR_TYPE;
+    if (k % QK) return ERR_SHAPE;
+    xblock *xq = malloc((size_t)(m * (k / QK)) * sizeof(xblock) + 1);
+    if (xq == NULL) return ERR_NO_MEMORY;
+    fleet_gguf_quantize_input(x, m, k, xq);
+    switch (type) { /* constant types, so that each gets its own unrolled loop */
+    case T_Q4_0: direct_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads); break;
+    case T_Q4_1: direct_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads); break;
+    default: direct_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads); break;
+    }
+    free(xq);
+    return OK;
 }
