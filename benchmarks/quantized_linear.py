@@ -89,11 +89,13 @@ def gemm_figures(float_llm: LLM, quantized_llm: LLM, rows_list: list[int], reps:
                 int_mm = median_ms(functools.partial(torch._int_mm, xq, int8[0].T), reps)
             results.append({"linear": name, "shape": list(dense.shape), "rows": rows,
                             "qtype": weight.qtype.name, "onednn_fp32_ms": onednn,
-                            "gguf_ms": gguf, "gguf_int8_dot_ms": gguf_int8, "w8a8_ms": w8a8, "torch_int_mm_ms": int_mm,
+                            "gguf_ms": gguf, "gguf_int8_dot_ms": gguf_int8, "w8a8_ms": w8a8,
+                            "torch_int_mm_ms": int_mm,
                             "fp32_bytes": dense.numel() * 4, "gguf_bytes": weight.nbytes,
                             "int8_bytes": dense.numel() + 4 * dense.shape[0]})
             print(f"{name} {tuple(dense.shape)} rows={rows}: oneDNN fp32 {onednn:.3f} ms, "
-                  f"{weight.qtype.name} kernel {gguf:.3f} ms (int8 dot {gguf_int8:.3f} ms), W8A8 kernel {w8a8:.3f} ms, "
+                  f"{weight.qtype.name} kernel {gguf:.3f} ms (int8 dot {gguf_int8:.3f} ms), "
+                  f"W8A8 kernel {w8a8:.3f} ms, "
                   f"torch._int_mm {int_mm:.3f} ms", flush=True)
     return results
 

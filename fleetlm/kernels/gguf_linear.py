@@ -60,9 +60,9 @@ _int64, _ptr = ctypes.c_int64, ctypes.c_void_p
 GEMM_MIN_ROWS = 16
 # Q4_0 / Q4_1 / Q8_0 products quantize each input row to int8 per 32-element block and
 # multiply by integer dot products: llama.cpp's arithmetic for these types. On the AVX2 EPYC
-# of docs/benchmarks.md ("Integer dot products") the model's linear layers took 1.3x less
-# time than with fp32 activations at 1 row, 1.9x at 8, and beat the dequantized weight's
-# GEMM up to 64 rows (182 against 242 ms at 64, 383 against 345 at 128).
+# of docs/benchmarks.md ("Integer dot products") a decode step's linear layers took 1.35x
+# less time than with fp32 activations at 1 row and 1.44x at 8, and the kernel beat the
+# dequantized weight's GEMM up to 64 rows (182 against 242 ms at 64, 383 against 345 at 128).
 # FLEETLM_GGUF_INT8_DOT=0 keeps fp32 activations: then the products are exactly those of
 # x @ dequantize(W).T.
 INT8_DOT_ENV = "FLEETLM_GGUF_INT8_DOT"

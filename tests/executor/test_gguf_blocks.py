@@ -57,8 +57,8 @@ def test_blocks_keep_their_types_and_dequantize_to_the_converted_folder(mixed_gg
 def test_quantized_model_follows_the_dequantized_one(mixed_gguf, monkeypatch, int8_dot,
                                                      tolerance):
     """Greedy tokens equal the dequantized model's; logprobs equal them to summation order
-    with fp32 activations, and move by at most 0.02 nats (measured: 0.005) when decode
-    steps round the activations to int8 per block for integer dot products."""
+    with fp32 activations, and move by at most 0.02 nats (measured: 0.005) when steps under
+    64 tokens round the activations to int8 per block for integer dot products."""
     monkeypatch.setattr(gguf_linear, "_INT8_DOT", int8_dot)
     common = {"dtype": "float32", "kv_cache_memory_bytes": 4 << 20, "seed": 0}
     quantized = LLM(str(mixed_gguf), quantization="gguf", **common)

@@ -584,7 +584,8 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
     for (int64_t t = 0; t < num_tiles; t++) {
         const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
         const uint8_t *rows[ROWS];
-        for (int r = 0; r < ROWS; r++) rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
+        for (int r = 0; r < ROWS; r++) /* a ragged tile repeats its last row */
+            rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
         float out[Q8_ROWS][ROWS];
         for (int64_t i = 0; i < m; i += Q8_ROWS) {
             const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
