@@ -37,6 +37,7 @@ from fleetlm.executor import attention, model_runner
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.models import llama, ops
 from fleetlm.kernels import attention as attention_kernels
+from fleetlm.kernels import decode_stack
 from fleetlm.parallel import layers
 from fleetlm.parallel.layers import weight_bytes
 
@@ -60,12 +61,13 @@ PARTS = {
     "attention kernel": [(attention_kernels, "paged_decode_attention"),
                          (attention_kernels, "paged_prefill_attention"),
                          (attention_kernels, "prefill_attention_no_cache")],
+    "decode stack (one native call: every layer)": [(decode_stack.DecodeStack, "run")],
     "LM head": [(layers.ParallelLMHead, "compute_logits")],
     "sampler (metadata + sampling)": [(model_runner.ModelRunner, "_sample")],
 }
 MODEL_PARTS = ("model Python (layer loop, views)", "embedding", "linear layers",
                "norms + residual", "rotary", "activation (silu * up)", "KV-cache write",
-               "attention kernel")
+               "attention kernel", "decode stack (one native call: every layer)")
 
 
 class PartTimer:

@@ -69,28 +69,33 @@ def _cpu_features() -> str:
     return os.uname().machine
 
 
-def library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
-    """The cache path of `source` built by `compiler` with `flags` on this host."""
+def library_path(source: Path, compiler: str, flags: tuple[str, ...],
+                 linked: tuple[Path, ...] = ()) -> Path:
+    """The cache path of `source` (with the sources `linked` into it) built by `compiler`
+    with `flags` on this host."""
     digest = hashlib.sha256()
     headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]
-    for part in (source.read_bytes(), *headers, compiler.encode(), " ".join(flags).encode()):
+    sources = [path.read_bytes() for path in (source, *linked)]
+    for part in (*sources, *headers, compiler.encode(), " ".join(flags).encode()):
         digest.update(part)
         digest.update(b"\0")
     digest.update(_cpu_features().encode())
     return cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 
 
-def build(source: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
-    """Compile `source` unless the cache already holds it; returns the library's path."""
+def build(source: Path, flags: tuple[str, ...] = COMPILE_FLAGS,
+          linked: tuple[Path, ...] = ()) -> Path:
+    """Compile `source` (with the sources `linked` into the same library, whose functions it
+    calls) unless the cache already holds it; returns the library's path."""
     compiler = find_compiler()
-    target = library_path(source, compiler, flags)
+    target = library_path(source, compiler, flags, linked)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        _compile(compiler, source, flags, Path(tmp_name))
+        _compile(compiler, (source, *linked), flags, Path(tmp_name))
         os.replace(tmp_name, target)
     finally:
         if os.path.exists(tmp_name):
@@ -99,8 +104,9 @@ def build(source: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> Path:
     return target
 
 
-def _compile(compiler: str, source: Path, flags: tuple[str, ...], output: Path) -> None:
-    command = [compiler, *flags, str(source), "-o", str(output), "-lm"]
+def _compile(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...],
+             output: Path) -> None:
+    command = [compiler, *flags, *map(str, sources), "-o", str(output), "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -109,13 +115,15 @@ def _compile(compiler: str, source: Path, flags: tuple[str, ...], output: Path) 
         raise BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
 
 
-def load(source: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> ctypes.CDLL | None:
-    """Build (if needed) and load `source`; on any failure log a warning and return None.
+def load(source: Path, flags: tuple[str, ...] = COMPILE_FLAGS,
+         linked: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+    """Build (if needed) and load `source` (and `linked`); on any failure log a warning and
+    return None.
 
     Callers cache the result, so the warning appears once per process and source.
     """
     try:
-        return ctypes.CDLL(str(build(source, flags)))
+        return ctypes.CDLL(str(build(source, flags, linked)))
     except (BuildError, OSError) as exc:
         logger.warning("C kernels in %s unavailable, using the torch reference: %s",
                        source.name, exc)

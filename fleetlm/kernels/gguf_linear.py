@@ -271,6 +271,11 @@ class QuantizedMatrix:
         return sum(part.nbytes for _, part in self.parts)
 
     @property
+    def whole(self) -> GGUFWeight | None:
+        """The matrix as one block matrix, where it was loaded so (one type, no gaps)."""
+        return self._single
+
+    @property
     def qtypes(self) -> list[str]:
         return [part.qtype.name for _, part in self.parts]
 

@@ -11,13 +11,14 @@ from gguf import GGMLQuantizationType as T
 from test_weights import NUM_LAYERS, gguf_tensors, tiny_hf_tensors, write_tiny_gguf
 
 from fleetlm import LLM, SamplingParams
+from fleetlm.executor.attention import AttentionMetadata
 from fleetlm.executor.weights import (
     iterate_gguf_weights,
     iterate_weights,
     load_hf_config,
     resolve_model,
 )
-from fleetlm.kernels import gguf_linear
+from fleetlm.kernels import decode_stack, gguf_linear
 from fleetlm.kernels.gguf_linear import GGUFWeight
 from fleetlm.parallel.layers import whole
 
@@ -74,3 +75,105 @@ def test_quantized_model_follows_the_dequantized_one(mixed_gguf, monkeypatch, in
         assert len(ours.outputs[0].logprobs) == 8
         for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs):
             assert a[0][1] == pytest.approx(b[0][1], abs=tolerance)  # sampled token's logprob
+
+
+# Every matrix of a layer whole in one integer-dot type: the native decode stack's case.
+PLAIN_TYPES = {f"blk.{i}.{name}.weight": qtype for i in range(NUM_LAYERS)
+               for name, qtype in {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q4_0,
+                                   "attn_output": T.Q4_1, "ffn_gate": T.Q8_0,
+                                   "ffn_up": T.Q8_0, "ffn_down": T.Q4_1}.items()}
+
+
+@pytest.fixture(scope="module")
+def plain_llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plain") / "plain.gguf"
+    hf = tiny_hf_tensors(np.random.default_rng(1))
+    for name, w in hf.items():
+        hf[name] = w * 0.1 if w.ndim == 2 else w
+    write_tiny_gguf(path, hf, PLAIN_TYPES)
+    # No prefix caching: a second run of a prompt must prefill it the same way.
+    return LLM(str(path), quantization="gguf", dtype="float32", block_size=4,
+               enable_prefix_caching=False, kv_cache_memory_bytes=4 << 20, seed=0)
+
+
+def _count_stack_runs(monkeypatch) -> list[int]:
+    """Patches DecodeStack.run to count its calls (rows of each)."""
+    calls: list[int] = []
+    run = decode_stack.DecodeStack.run
+
+    def counted(self, hidden, *args):
+        calls.append(hidden.shape[0])
+        return run(self, hidden, *args)
+
+    monkeypatch.setattr(decode_stack.DecodeStack, "run", counted)
+    return calls
+
+
+def test_native_decode_stack_equals_the_layer_loop(plain_llm, monkeypatch):
+    """Decode steps through the one native call give the layer loop's logprobs bit for bit,
+    over prompts of different lengths crossing 4-token blocks; prefill steps, and decode
+    steps without int8 products, keep the loop."""
+    calls = _count_stack_runs(monkeypatch)
+    prompts = [[1, 3, 4, 5], [1, 7, 8], [2, 3, 3, 3, 6, 7, 8, 4, 5, 6]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+
+    def run(native: str) -> list:
+        monkeypatch.setenv(decode_stack.ENV, native)
+        return [(out.outputs[0].token_ids, out.outputs[0].logprobs)
+                for out in plain_llm.generate(prompts, params)]
+
+    native = run("1")
+    assert calls and max(calls) == 3  # every decode step of the three, none of the prefills
+    assert plain_llm.engine.executor.runner.model._native_stack is not None
+    calls.clear()
+    assert run("0") == native and not calls
+    monkeypatch.setattr(gguf_linear, "_INT8_DOT", False)
+    run("1")
+    assert not calls
+
+
+def test_stack_errors_name_the_layer_and_stage(plain_llm):
+    plain_llm.generate([[1, 3, 4]], SamplingParams(max_tokens=2))
+    runner = plain_llm.engine.executor.runner
+    stack = runner.model._native_stack
+    hidden, cos = torch.randn(1, 64), torch.zeros(1, 1, 8)
+    num_slots = runner.kv_caches[0][0].shape[0] * runner.kv_caches[0][0].shape[1]
+    args = (cos, cos, runner.kv_caches)
+    with pytest.raises(ValueError, match="layer 0, KV-cache write: a slot is outside"):
+        stack.run(hidden.clone(), None, *args, torch.tensor([num_slots]),
+                  torch.tensor([1]), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="layer 0, attention: a block table row"):
+        stack.run(hidden.clone(), None, *args, torch.tensor([0]),
+                  torch.tensor([1]), torch.tensor([[1 << 20]]))
+
+
+def test_stack_only_for_whole_int8_dot_matrices(mixed_gguf, plain_llm):
+    """A fused qkv of two types, or float weights, keep the layer loop."""
+    common = {"dtype": "float32", "kv_cache_memory_bytes": 4 << 20}
+    mixed = LLM(str(mixed_gguf), quantization="gguf", **common).engine.executor.runner.model
+    assert mixed._make_decode_stack() is None
+    dense = LLM(str(mixed_gguf), **common).engine.executor.runner.model
+    assert dense._make_decode_stack() is None
+    assert plain_llm.engine.executor.runner.model._make_decode_stack() is not None
+
+
+def test_stack_takes_a_residual_as_a_later_pipeline_stage_does(plain_llm):
+    """Given a residual (what a pipeline stage after the first receives), the stack equals
+    the layer loop over two rows, bit for bit."""
+    model = plain_llm.engine.executor.runner.model
+    caches = plain_llm.engine.executor.runner.kv_caches
+    plain_llm.generate([[1, 3, 4]], SamplingParams(max_tokens=2))
+    stack = model._native_stack
+    generator = torch.Generator().manual_seed(0)
+    hidden, residual = torch.randn(2, 2, 64, generator=generator)
+    cos, sin = model.rotary.cos_sin(torch.tensor([3, 5]))
+    slots, seq_lens = torch.tensor([1, 5]), torch.tensor([2, 2], dtype=torch.int32)
+    tables = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    meta = AttentionMetadata(slots, 2, tables, seq_lens, 0, torch.zeros(1, dtype=torch.int32),
+                             torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(0, 1, dtype=torch.int32), False)
+    ours = stack.run(hidden.clone(), residual.clone(), cos, sin, caches, slots, seq_lens, tables)
+    theirs = (hidden.clone(), residual.clone())
+    for layer, kv_cache in zip(model.layers.values(), caches):
+        theirs = layer((cos, sin), *theirs, kv_cache, meta)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

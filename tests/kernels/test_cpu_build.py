@@ -85,3 +85,18 @@ def test_compile_error_warns_with_the_compiler_message(source, has_compiler, cap
         assert cpu_build.load(source, FLAGS) is None
     assert "answer.c" in caplog.text and "error" in caplog.text
     assert not list(cpu_build.cache_dir().iterdir())
+
+
+def test_a_linked_source_is_compiled_in_and_keys_the_library(source, has_compiler):
+    """A library built with `linked` sources calls their functions, and a changed linked
+    source builds a new library."""
+    helper = source.with_name("twice.c")
+    helper.write_text("int fleet_twice(int x) { return 2 * x; }\n")
+    main = source.with_name("main.c")
+    main.write_text("int fleet_twice(int x);\nint fleet_quad(int x) { return fleet_twice(fleet_twice(x)); }\n")
+    library = cpu_build.load(main, FLAGS, linked=(helper,))
+    assert library.fleet_quad(5) == 20
+    first = cpu_build.library_path(main, "/usr/bin/cc", FLAGS, (helper,))
+    assert first != cpu_build.library_path(main, "/usr/bin/cc", FLAGS)
+    helper.write_text("int fleet_twice(int x) { return x + x; }\n")
+    assert first != cpu_build.library_path(main, "/usr/bin/cc", FLAGS, (helper,))

@@ -13,6 +13,8 @@ from torch import nn
 from fleetlm.executor.attention import AttentionMetadata, PagedAttention
 from fleetlm.executor.config import ParallelConfig
 from fleetlm.executor.models.ops import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from fleetlm.kernels import decode_stack
+from fleetlm.kernels.gguf_linear import QuantizedMatrix
 from fleetlm.parallel.group import ParallelGroup
 from fleetlm.parallel.layers import (
     ParallelLMHead,
@@ -118,6 +120,7 @@ class LlamaForCausalLM(nn.Module):
         self.hf_config = hf_config
         parallel = parallel or ParallelConfig()
         tp, pp = groups.tp, groups.pp
+        self.tp_size = tp.world_size
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
         self.layer_range = stage_layer_range(hf_config.num_hidden_layers, pp,
                                              parallel.pipeline_layer_partition)
@@ -130,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
             str(i): LlamaDecoderLayer(hf_config, tp, self.make_mlp(hf_config, i, groups, parallel))
             for i in self.layer_range})
         self.is_tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._native_stack: decode_stack.DecodeStack | None = None
+        self._is_stack_made = False  # made at the first decode step, after loading
         if self.is_last_stage:
             self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
             self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp)
@@ -151,12 +156,55 @@ class LlamaForCausalLM(nn.Module):
         else:
             hidden, residual = intermediate
         cos_sin = self.rotary.cos_sin(positions)
-        for layer, kv_cache in zip(self.layers.values(), kv_caches):
-            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        stack = self._decode_stack(hidden, kv_caches, meta)
+        if stack is not None:
+            hidden, residual = stack.run(hidden, residual, *cos_sin, kv_caches, meta.slot_mapping,
+                                         meta.decode_seq_lens, meta.decode_block_tables)
+        else:
+            for layer, kv_cache in zip(self.layers.values(), kv_caches):
+                hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         if not self.is_last_stage:
             return hidden, residual
         hidden, _ = self.norm.add_and_norm(hidden, residual)
         return hidden
+
+    def _decode_stack(self, hidden, kv_caches, meta: AttentionMetadata):
+        """The native stack of this model's layers (`decode_stack`), where this step is
+        decode rows only and both qualify; else None, and the layer loop runs."""
+        if meta.num_prefill_tokens or meta.num_decode_tokens != hidden.shape[0] \
+                or not kv_caches or not decode_stack.enabled():
+            return None
+        if not self._is_stack_made:
+            self._native_stack, self._is_stack_made = self._make_decode_stack(), True
+        stack = self._native_stack
+        return stack if stack is not None and stack.accepts(hidden, kv_caches) else None
+
+    def _make_decode_stack(self) -> decode_stack.DecodeStack | None:
+        """The layers as a `DecodeStack` (built once, after loading), or None where a layer
+        is not plain Llama with whole GGUF matrices."""
+        if self.tp_size != 1 or not self.layers:
+            return None
+        specs = []
+        for layer in self.layers.values():
+            attn, mlp = layer.self_attn, layer.mlp
+            if type(mlp) is not GatedMLP or attn.has_qk_norm or attn.qkv_proj.bias is not None \
+                    or attn.o_proj.bias is not None:
+                return None
+            matrices = [getattr(linear.weight, "quantized", None) for linear in (
+                attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if not all(isinstance(m, QuantizedMatrix) and m.whole is not None for m in matrices):
+                return None
+            specs.append(decode_stack.LayerSpec(
+                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                *(m.whole for m in matrices)))
+        first = next(iter(self.layers.values()))
+        eps = {norm.eps for layer in self.layers.values()
+               for norm in (layer.input_layernorm, layer.post_attention_layernorm)}
+        if len(eps) != 1:
+            return None
+        return decode_stack.DecodeStack.make(specs, first.self_attn.num_heads,
+                                             first.self_attn.num_kv_heads,
+                                             first.self_attn.head_dim, eps.pop())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

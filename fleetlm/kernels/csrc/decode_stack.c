@@ -1,0 +1,134 @@
+/* A decode step through a stack of Llama decoder layers whose matrices are GGUF Q4_0 / Q4_1 /
+ * Q8_0 blocks, in one call: per layer residual add + RMSNorm, the qkv product, rotary on q and
+ * k, the K/V write, paged decode attention, the o product, add + RMSNorm, the gate/up product,
+ * SiLU(gate) * up and the down product.
+ *
+ * It calls the very kernels the Python layer loop calls (fused_ops.c, gguf_matmul.c,
+ * paged_attention.c are linked into the same library), with the same arguments and thread
+ * counts, so its results equal that loop's bit for bit. What it removes is the loop itself:
+ * at one row a layer's arithmetic is a few hundred microseconds, and the Python around its
+ * ten kernel calls (modules, views, entry checks, ctypes) was a third of a step.
+ *
+ * Compiled at first use by fleetlm/kernels/cpu_build.py with those three sources and called
+ * through ctypes by fleetlm/kernels/decode_stack.py, which states the contract.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The kernels, from the sources linked beside this one. */
+int fleet_add_rms_norm(void *x, const void *residual, const void *weight, void *out,
+                       int64_t rows, int64_t dim, float eps, int is_bf16, int num_threads);
+int fleet_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int is_bf16,
+                   int num_threads);
+int fleet_rotary(void *x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride,
+                 const float *cos, const float *sin, int is_bf16, int num_threads);
+int fleet_write_kv(const void *key, const void *value, int64_t token_stride_k,
+                   int64_t head_stride_k, int64_t token_stride_v, int64_t head_stride_v,
+                   const int64_t *slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
+                   int64_t head_dim, int64_t num_slots, void *k_cache, void *v_cache,
+                   int is_bf16, int num_threads);
+int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                         int type, float *y, int num_threads);
+int fleet_paged_attention(const float *query, const void *k_cache, const void *v_cache,
+                          int kv_dtype, int64_t num_blocks, int64_t block_size,
+                          int64_t num_kv_heads, int64_t head_dim, const int32_t *cu_seqlens_q,
+                          const int32_t *seq_lens, const int32_t *block_tables,
+                          int64_t max_blocks, int64_t num_seqs, int64_t num_heads,
+                          int64_t tokens_per_task, float scale, float *out, int num_threads);
+
+/* Status codes: a kernel's own code is returned as STAGE * 16 + code with the failing layer
+ * in *failed_layer (decode_stack.py names them). */
+enum { OK = 0, ERR_NO_MEMORY = 1 };
+enum { STAGE_QKV = 1, STAGE_KV_WRITE, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN };
+
+/* One layer: its norms' fp32 weights, its four matrices (GGUF blocks and type), its caches
+ * (fp32, [num_blocks, block_size, num_kv_heads, head_dim]). Mirrored by LayerWeights in
+ * decode_stack.py. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const uint8_t *qkv, *o, *gate_up, *down;
+    int32_t qkv_type, o_type, gate_up_type, down_type;
+    float *k_cache, *v_cache;
+} LayerWeights;
+
+/* The stack's shapes; mirrored by StackShape in decode_stack.py. */
+typedef struct {
+    int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    int64_t num_blocks, block_size;
+    float eps, scale;
+} StackShape;
+
+/* m decode rows (one token of each of m sequences) through the layers. hidden [m, hidden]:
+ * the stack's input on entry, the last layer's output (its MLP's) on return. residual
+ * [m, hidden]: the running residual, read on entry if has_residual (otherwise hidden is the
+ * residual, as in the first layer of a model) and the stack's residual on return. cos / sin
+ * [m, head_dim / 2] of each row's position; slot_mapping [m]; seq_lens [m] (kv length with
+ * this token); block_tables [m, max_blocks]. Returns 0, or a stage's failure with nothing
+ * further computed. */
+int fleet_decode_stack(const LayerWeights *layers, int64_t num_layers, const StackShape *s,
+                       int64_t m, float *hidden, float *residual, int has_residual,
+                       const float *cos, const float *sin, const int64_t *slot_mapping,
+                       const int32_t *seq_lens, const int32_t *block_tables,
+                       int64_t max_blocks, int num_threads, int64_t *failed_layer)
+{
+    const int64_t q_width = s->num_heads * s->head_dim, kv_width = s->num_kv_heads * s->head_dim;
+    const int64_t qkv_width = q_width + 2 * kv_width, hidden_width = s->hidden;
+    const int64_t num_slots = s->num_blocks * s->block_size;
+    /* Scratch rows: the normed input, qkv, the query heads gathered, attention's output, the
+     * o product, gate|up, the activation, the down product. */
+    const int64_t row = hidden_width + qkv_width + 2 * q_width + hidden_width +
+                        2 * s->intermediate + s->intermediate + hidden_width;
+    float *scratch = malloc((size_t)(m * row) * sizeof(float));
+    if (!scratch) return ERR_NO_MEMORY;
+    float *normed = scratch, *qkv = normed + m * hidden_width, *query = qkv + m * qkv_width;
+    float *attended = query + m * q_width, *o = attended + m * q_width;
+    float *gate_up = o + m * hidden_width, *act = gate_up + m * 2 * s->intermediate;
+    float *down = act + m * s->intermediate;
+    const float *out = hidden; /* the previous layer's output */
+    int status = OK;
+    if (!has_residual) memcpy(residual, hidden, (size_t)(m * hidden_width) * sizeof(float));
+    for (int64_t l = 0; l < num_layers && status == OK; l++) {
+        const LayerWeights *w = &layers[l];
+        *failed_layer = l;
+        /* residual += out (the sum is commutative, so this is the loop's out += residual),
+         * except where hidden itself is the residual. */
+        const int is_first = l == 0 && !has_residual;
+        fleet_add_rms_norm(residual, is_first ? NULL : out, w->input_norm, normed, m,
+                           hidden_width, s->eps, 0, num_threads);
+        status = fleet_gguf_matmul_q8(normed, m, hidden_width, w->qkv, qkv_width, w->qkv_type,
+                                      qkv, num_threads);
+        if (status) { status += STAGE_QKV * 16; break; }
+        fleet_rotary(qkv, m, s->num_heads + s->num_kv_heads, s->head_dim, qkv_width, cos, sin,
+                     0, num_threads);
+        status = fleet_write_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width,
+                                s->head_dim, qkv_width, s->head_dim, slot_mapping, m,
+                                s->num_kv_heads, s->head_dim, num_slots, w->k_cache,
+                                w->v_cache, 0, num_threads);
+        if (status) { status += STAGE_KV_WRITE * 16; break; }
+        for (int64_t t = 0; t < m; t++)
+            memcpy(query + t * q_width, qkv + t * qkv_width, (size_t)q_width * sizeof(float));
+        status = fleet_paged_attention(query, w->k_cache, w->v_cache, 0, s->num_blocks,
+                                       s->block_size, s->num_kv_heads, s->head_dim, NULL,
+                                       seq_lens, block_tables, max_blocks, m, s->num_heads, 1,
+                                       s->scale, attended, num_threads);
+        if (status) { status += STAGE_ATTENTION * 16; break; }
+        status = fleet_gguf_matmul_q8(attended, m, q_width, w->o, hidden_width, w->o_type, o,
+                                      num_threads);
+        if (status) { status += STAGE_O * 16; break; }
+        fleet_add_rms_norm(residual, o, w->post_norm, normed, m, hidden_width, s->eps, 0,
+                           num_threads);
+        status = fleet_gguf_matmul_q8(normed, m, hidden_width, w->gate_up, 2 * s->intermediate,
+                                      w->gate_up_type, gate_up, num_threads);
+        if (status) { status += STAGE_GATE_UP * 16; break; }
+        fleet_silu_mul(gate_up, act, m, s->intermediate, 0, num_threads);
+        status = fleet_gguf_matmul_q8(act, m, s->intermediate, w->down, hidden_width,
+                                      w->down_type, down, num_threads);
+        if (status) { status += STAGE_DOWN * 16; break; }
+        out = down;
+    }
+    if (status == OK && out != hidden)
+        memcpy(hidden, out, (size_t)(m * hidden_width) * sizeof(float));
+    free(scratch);
+    return status;
+}

@@ -1,0 +1,201 @@
+"""A decode step through a stack of Llama decoder layers in one native call
+(csrc/decode_stack.c through ctypes), for `quantization: gguf` on CPUs.
+
+At one row a small model's decode step is mostly the Python around its kernels: the layer
+loop, module calls, views and each kernel's entry checks, about ten calls a layer. Where a
+stack qualifies, `DecodeStack.run` replaces the whole loop by one call that runs the same
+kernels (`fused_ops`, `gguf_linear`'s integer dot products, `cpu_attention`) in the same order
+with the same arguments, so its hidden states equal the loop's bit for bit. The loop stays the
+reference and runs everything else: prefill rows, other weights and KV-cache dtypes, tensor
+parallelism, `FLEETLM_NATIVE_DECODE=0`.
+
+A stack qualifies when each layer is plain (no biases, no q/k norm, a gated MLP) with all four
+matrices held whole in one of the integer-dot types (Q4_0 / Q4_1 / Q8_0) and fp32 norm
+weights; a call qualifies when every row is a decode row, there are fewer than
+`gguf_linear.INT8_GEMM_MIN_ROWS` of them, activations and KV caches are fp32 and the int8
+products are on (`FLEETLM_GGUF_INT8_DOT`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fleetlm.kernels import cpu_build, gguf_linear
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "decode_stack.c"
+LINKED = (CSRC / "fused_ops.c", CSRC / "gguf_matmul.c", CSRC / "paged_attention.c")
+ENV = "FLEETLM_NATIVE_DECODE"
+STAGES = {1: "qkv product", 2: "KV-cache write", 3: "attention", 4: "o product",
+          5: "gate/up product", 6: "down product"}
+
+_ptr, _int64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class LayerWeights(ctypes.Structure):
+    """One layer's pointers, as csrc/decode_stack.c reads them."""
+
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _ptr), ("o", _ptr),
+                ("gate_up", _ptr), ("down", _ptr), ("qkv_type", ctypes.c_int32),
+                ("o_type", ctypes.c_int32), ("gate_up_type", ctypes.c_int32),
+                ("down_type", ctypes.c_int32), ("k_cache", _ptr), ("v_cache", _ptr)]
+
+
+class StackShape(ctypes.Structure):
+    _fields_ = [("hidden", _int64), ("num_heads", _int64), ("num_kv_heads", _int64),
+                ("head_dim", _int64), ("intermediate", _int64), ("num_blocks", _int64),
+                ("block_size", _int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = cpu_build.load(SOURCE, linked=LINKED)
+    if library is not None:
+        library.fleet_decode_stack.argtypes = [
+            ctypes.POINTER(LayerWeights), _int64, ctypes.POINTER(StackShape), _int64, _ptr,
+            _ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _int64, ctypes.c_int,
+            ctypes.POINTER(_int64)]
+        library.fleet_decode_stack.restype = ctypes.c_int
+    return library
+
+
+def enabled() -> bool:
+    """Whether decode steps may take the native stack ($FLEETLM_NATIVE_DECODE, default on)."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the stack needs of one layer: its norms' weights and its four matrices."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: gguf_linear.GGUFWeight
+    o: gguf_linear.GGUFWeight
+    gate_up: gguf_linear.GGUFWeight
+    down: gguf_linear.GGUFWeight
+
+
+class DecodeStack:
+    """The layers of one model (or pipeline stage), ready for `run`. Build with `make`, which
+    says None where the layers do not qualify."""
+
+    def __init__(self, library: ctypes.CDLL, specs: list[LayerSpec], num_heads: int,
+                 num_kv_heads: int, head_dim: int, eps: float) -> None:
+        self._library = library
+        self._specs = specs  # keeps the weights the pointers below point into alive
+        first = specs[0]
+        self.hidden = first.qkv.shape[1]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.intermediate = first.down.shape[1]
+        self.eps = eps
+        self.scale = head_dim ** -0.5
+        self._layers = (LayerWeights * len(specs))()
+        for layer, spec in zip(self._layers, specs):
+            layer.input_norm = spec.input_norm.data_ptr()
+            layer.post_norm = spec.post_norm.data_ptr()
+            for name in ("qkv", "o", "gate_up", "down"):
+                weight = getattr(spec, name)
+                setattr(layer, name, weight.data.data_ptr())
+                setattr(layer, f"{name}_type", int(weight.qtype))
+        self._caches: tuple[int, ...] = ()
+        self._shape = StackShape()
+
+    @classmethod
+    def make(cls, specs: list[LayerSpec], num_heads: int, num_kv_heads: int, head_dim: int,
+             eps: float) -> DecodeStack | None:
+        """The stack, or None where a layer does not qualify or the library does not load."""
+        if not specs or head_dim % 16:
+            return None
+        hidden, q_width = specs[0].qkv.shape[1], num_heads * head_dim
+        intermediate = specs[0].down.shape[1]
+        shapes = {"qkv": (q_width + 2 * num_kv_heads * head_dim, hidden),
+                  "o": (hidden, q_width), "gate_up": (2 * intermediate, hidden),
+                  "down": (hidden, intermediate)}
+        for spec in specs:
+            for norm in (spec.input_norm, spec.post_norm):
+                if norm.dtype != torch.float32 or not norm.is_contiguous() or (
+                        norm.shape != (hidden,)):
+                    return None
+            for name, shape in shapes.items():
+                weight = getattr(spec, name)
+                if weight.qtype not in gguf_linear.INT8_DOT_TYPES or weight.shape != shape \
+                        or not weight.data.is_contiguous():
+                    return None
+        library = _library()
+        return None if library is None else cls(library, specs, num_heads, num_kv_heads,
+                                                 head_dim, eps)
+
+    def accepts(self, hidden: torch.Tensor, kv_caches) -> bool:
+        """Whether `run` can take this call (the layout of the rows is the caller's check)."""
+        k_cache = kv_caches[0][0]
+        return (hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+                and hidden.shape[0] < gguf_linear.INT8_GEMM_MIN_ROWS
+                and gguf_linear._INT8_DOT and k_cache.dtype == torch.float32
+                and k_cache.device.type == "cpu")
+
+    def run(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+            sin: torch.Tensor, kv_caches, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+            block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) after the stack, for decode rows `hidden` [m, hidden] (one token
+        of each of m sequences; `residual` None where hidden is it, as in a model's first
+        layer). cos / sin [m, 1, head_dim / 2] fp32 of the rows' positions, `kv_caches` one
+        (k, v) fp32 cache per layer, slot_mapping [m] int64, seq_lens [m] and block_tables
+        [m, max_blocks] int32 (the decode part of `AttentionMetadata`)."""
+        self._bind_caches(kv_caches)
+        hidden = hidden.contiguous()
+        out_residual = torch.empty_like(hidden) if residual is None else residual.contiguous()
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+        seq_lens = seq_lens.to(torch.int32).contiguous()
+        block_tables = block_tables.to(torch.int32).contiguous()
+        failed = _int64(0)
+        status = self._library.fleet_decode_stack(
+            self._layers, len(self._layers), ctypes.byref(self._shape), hidden.shape[0],
+            hidden.data_ptr(), out_residual.data_ptr(), residual is not None,
+            cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slot_mapping.data_ptr(),
+            seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            torch.get_num_threads(), ctypes.byref(failed))
+        if status:
+            self._raise(status, failed.value)
+        return hidden, out_residual
+
+    def _bind_caches(self, kv_caches) -> None:
+        """Point the layers at these caches (once per set of caches)."""
+        pointers = tuple(cache.data_ptr() for pair in kv_caches for cache in pair)
+        if pointers == self._caches:
+            return
+        if len(kv_caches) != len(self._layers):
+            raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
+        shape = kv_caches[0][0].shape
+        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
+            if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or (
+                    k_cache.shape != shape or v_cache.shape != shape
+                    or shape[2:] != (self.num_kv_heads, self.head_dim)):
+                raise ValueError(f"KV cache of shape {tuple(k_cache.shape)} does not fit "
+                                 f"{self.num_kv_heads} kv heads of {self.head_dim}")
+            layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        num_blocks, block_size = kv_caches[0][0].shape[:2]
+        self._shape = StackShape(self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
+                                 self.intermediate, num_blocks, block_size, self.eps,
+                                 self.scale)
+        self._caches = pointers
+
+    @staticmethod
+    def _raise(status: int, layer: int) -> None:
+        stage, code = divmod(status, 16)
+        if stage == 0:
+            raise RuntimeError("decode stack: out of memory")
+        if stage == 3:
+            from fleetlm.kernels.cpu_attention import STATUS_MESSAGES as messages
+        elif stage == 2:
+            messages = {1: "a slot is outside the cache"}
+        else:
+            messages = gguf_linear.STATUS_MESSAGES
+        raise ValueError(f"decode stack, layer {layer}, {STAGES.get(stage, stage)}: "
+                         f"{messages.get(code, code)}")
