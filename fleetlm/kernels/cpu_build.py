@@ -1,10 +1,13 @@
 """Compile a plain C source into a shared library at first use and load it with ctypes.
 
 The library lands in a cache directory keyed by a hash of the source (with the `*.h` headers
-beside it), the compiler and its flags, and this host's CPU features (the flags include `-march=native`), so each build
-happens once per machine and a changed source never loads a stale binary. Concurrent
-builders are safe: each compiles into its own temporary file and renames it into place
-atomically, so a reader only ever sees a whole library.
+beside it), the compiler and its flags, and this host's CPU features (the flags include
+`-march=native`), so each build happens once per machine and a changed source never loads a
+stale binary. Concurrent builders are safe: each compiles into its own temporary file and
+renames it into place atomically, so a reader only ever sees a whole library.
+
+A library may link several sources (`linked`): one that calls the kernels of the others,
+as `csrc/decode_stack.c` does; all of them key its cache entry.
 
 Cache directory: `$FLEETLM_CACHE_DIR/kernels`, else `~/.cache/fleetlm/kernels`.
 Compiler: `$CC`, else `cc`, `gcc` or `clang` from PATH.

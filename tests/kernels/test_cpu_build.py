@@ -93,7 +93,8 @@ def test_a_linked_source_is_compiled_in_and_keys_the_library(source, has_compile
     helper = source.with_name("twice.c")
     helper.write_text("int fleet_twice(int x) { return 2 * x; }\n")
     main = source.with_name("main.c")
-    main.write_text("int fleet_twice(int x);\nint fleet_quad(int x) { return fleet_twice(fleet_twice(x)); }\n")
+    main.write_text("int fleet_twice(int x);\n"
+                    "int fleet_quad(int x) { return fleet_twice(fleet_twice(x)); }\n")
     library = cpu_build.load(main, FLAGS, linked=(helper,))
     assert library.fleet_quad(5) == 20
     first = cpu_build.library_path(main, "/usr/bin/cc", FLAGS, (helper,))

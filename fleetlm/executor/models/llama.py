@@ -194,9 +194,9 @@ class LlamaForCausalLM(nn.Module):
                 attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if not all(isinstance(m, QuantizedMatrix) and m.whole is not None for m in matrices):
                 return None
-            specs.append(decode_stack.LayerSpec(
-                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                *(m.whole for m in matrices)))
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            specs.append(decode_stack.LayerSpec(*(norm.detach() for norm in norms),
+                                                *(m.whole for m in matrices)))
         first = next(iter(self.layers.values()))
         eps = {norm.eps for layer in self.layers.values()
                for norm in (layer.input_layernorm, layer.post_attention_layernorm)}

@@ -523,17 +523,32 @@ static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_sign
 }
 #endif
 
-/* The fp16 at byte `offset` of block b of each of the four rows, as fp32 lanes 0..3 and,
- * unless `low_only` (then 0), again 4..7. */
-static ALWAYS_INLINE f32x8 tile_halves(const uint8_t *const rows[ROWS], int64_t b,
-                                       int64_t bytes, int offset, int low_only)
+/* The fp16 scales at the start of block b of each of the four rows, as fp32: *dw gets each
+ * row's d (byte 0) in lanes r and r + 4; *mins, where asked for, Q4_1's m (byte 2) in lanes
+ * 0..3 and 0 in 4..7. With F16C one conversion takes all eight halves (the four rows' first
+ * four bytes: d, and m or the first quantized bytes) and two permutes sort them; otherwise
+ * one at a time. Either way the conversion is exact. */
+static ALWAYS_INLINE void tile_scales(const uint8_t *const rows[ROWS], int64_t b, int64_t bytes,
+                                      f32x8 *dw, f32x8 *mins)
 {
-    f32x8 out;
+#if defined(__AVX2__) && defined(__F16C__)
+    int32_t heads[ROWS];
+    for (int r = 0; r < ROWS; r++) memcpy(&heads[r], rows[r] + b * bytes, sizeof heads[r]);
+    const __m256 halves = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)heads));
+    *dw = (f32x8)_mm256_permutevar8x32_ps(halves, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    if (mins)
+        *mins = (f32x8)_mm256_blend_ps(
+            _mm256_permutevar8x32_ps(halves, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7)),
+            _mm256_setzero_ps(), 0xF0);
+#else
     for (int r = 0; r < ROWS; r++) {
-        out[r] = fp16_to_fp32(rows[r] + b * bytes + offset);
-        out[r + 4] = low_only ? 0.0f : out[r];
+        (*dw)[r] = (*dw)[r + 4] = fp16_to_fp32(rows[r] + b * bytes);
+        if (mins) {
+            (*mins)[r] = fp16_to_fp32(rows[r] + b * bytes + 2);
+            (*mins)[r + 4] = 0.0f;
+        }
     }
-    return out;
+#endif
 }
 
 /* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
@@ -557,14 +572,15 @@ static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *co
         for (int r = 0; r < ROWS; r++)
             w[r] = type == T_Q8_0 ? load_qbytes(rows[r] + b * bytes + 2)
                                   : nibble_bytes(rows[r] + b * bytes + (type == T_Q4_0 ? 2 : 4));
-        const f32x8 dw = tile_halves(rows, b, bytes, 0, 0);
+        f32x8 dw, mins;
+        tile_scales(rows, b, bytes, &dw, type == T_Q4_1 ? &mins : NULL);
         for (int j = 0; j < nx; j++) {
             const xblock *xb = x + j * blocks + b;
             a[j] = fma8(tile_dots(w, load_qbytes(xb->q), type == T_Q8_0), dw * splat8(xb->d),
                         a[j]);
         }
         if (type != T_Q8_0) {
-            const f32x8 c = type == T_Q4_0 ? dw * low_minus_8 : tile_halves(rows, b, bytes, 2, 1);
+            const f32x8 c = type == T_Q4_0 ? dw * low_minus_8 : mins;
             for (int j = 0; j < nx; j++) a[j] = fma8(c, splat8(x[j * blocks + b].s), a[j]);
         }
     }
