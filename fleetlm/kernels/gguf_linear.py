@@ -12,7 +12,7 @@ against 4 for fp32). `csrc/gguf_matmul.c` multiplies them in one of three ways:
   registers (other types through a few rows dequantized into L1), so the result is
   `x @ dequantize(W).T` up to the order of the sums;
 - larger batches (prefill), which are compute-bound: the weight is dequantized to fp32, a
-  cache-sized slice at a time, and oneDNN's GEMM multiplies it.
+  slice of up to 16 MiB at a time, and oneDNN's GEMM multiplies it.
 
 Below the GEMM a row's result is the same in any batch. Where the kernel does not apply (no C
 compiler, not a CPU tensor) the weight is dequantized on the spot with gguf-py, llama.cpp's
@@ -70,9 +70,11 @@ INT8_DOT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                   GGMLQuantizationType.Q8_0)
 INT8_GEMM_MIN_ROWS = 64
 XQMAX = 127  # input blocks are quantized to [-127, 127]
-# Weights dequantized per GEMM call: 4 MiB of fp32, so that a slice is still in cache when
-# the GEMM reads it and a 49152-row LM head never needs its 113 MB fp32 copy at once.
-GEMM_SLICE_ELEMENTS = 1 << 20
+# Weights dequantized per GEMM call: up to 16 MiB of fp32, so every layer matrix of the built-in
+# model (gate_up: 3072 x 576) is one GEMM, and a 49152-row LM head never needs its 113 MB fp32
+# copy at once. A 256-token prefill's linear layers on the AVX2 EPYC of docs/benchmarks.md:
+# 395-434 ms with 4 MiB slices (gate_up in two GEMMs), 365-372 ms with 16 MiB.
+GEMM_SLICE_ELEMENTS = 1 << 22
 
 
 @functools.cache
@@ -193,8 +195,8 @@ def _dequantize(library: ctypes.CDLL, weight: GGUFWeight) -> torch.Tensor:
 
 
 def _dequantized_matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL) -> torch.Tensor:
-    """matmul for many rows: the weight dequantized slice by slice (a few MB, so a slice is
-    still in cache when the GEMM reads it), each slice multiplied by oneDNN's fp32 GEMM."""
+    """matmul for many rows: the weight dequantized slice by slice (a layer matrix at once;
+    an LM head in 16 MiB slices), each slice multiplied by oneDNN's fp32 GEMM."""
     n, k = weight.shape
     slice_rows = max(1, GEMM_SLICE_ELEMENTS // k)
     if n <= slice_rows:
