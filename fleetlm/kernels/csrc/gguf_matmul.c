@@ -551,72 +551,123 @@ static ALWAYS_INLINE void tile_scales(const uint8_t *const rows[ROWS], int64_t b
 #endif
 }
 
-/* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
- * at rows[r] (a ragged tile repeats its last row). One vector accumulator per input row:
- * lanes r and r + 4 hold the two halves of row r's blocks, scaled, and lane r also the
- * blocks' offsets (Q4_0's -8 * d, Q4_1's min) times the input blocks' d * sum(q). Few
- * accumulators leave AVX2's 16 registers for the four decoded blocks. */
-static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *const rows[ROWS],
-                                      int64_t row_bytes, int64_t blocks, int type,
-                                      float y[][ROWS])
+/* Block b of a tile's four weight rows, decoded: the quantized values, each row's d in lanes
+ * r and r + 4, and the offsets that multiply the input block's d * sum(q) (Q4_0's -8 * d,
+ * Q4_1's min, in lanes 0..3; none for Q8_0). */
+typedef struct {
+    qbytes w[ROWS];
+    f32x8 dw, c;
+} tile_block;
+
+static ALWAYS_INLINE void decode_tile_block(const uint8_t *const rows[ROWS], int64_t b,
+                                            int type, tile_block *out)
 {
     const int64_t bytes = small_block_bytes(type);
     const f32x8 low_minus_8 = {-8.0f, -8.0f, -8.0f, -8.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < ROWS; r++)
+        out->w[r] = type == T_Q8_0 ? load_qbytes(rows[r] + b * bytes + 2)
+                                   : nibble_bytes(rows[r] + b * bytes + (type == T_Q4_0 ? 2 : 4));
+    f32x8 mins = splat8(0.0f);
+    tile_scales(rows, b, bytes, &out->dw, type == T_Q4_1 ? &mins : NULL);
+    out->c = type == T_Q4_0 ? out->dw * low_minus_8 : mins;
+}
+
+/* a[j] += block b's products with input row j (x + j * blocks), for j < nx. */
+static ALWAYS_INLINE void accumulate_block(const tile_block *tb, const xblock *x, int nx,
+                                           int64_t blocks, int64_t b, int type, f32x8 a[])
+{
+    for (int j = 0; j < nx; j++) {
+        const xblock *xb = x + j * blocks + b;
+        a[j] = fma8(tile_dots(tb->w, load_qbytes(xb->q), type == T_Q8_0), tb->dw * splat8(xb->d),
+                    a[j]);
+    }
+    if (type != T_Q8_0)
+        for (int j = 0; j < nx; j++) a[j] = fma8(tb->c, splat8(x[j * blocks + b].s), a[j]);
+}
+
+/* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
+ * at rows[r] (a ragged tile repeats its last row), or their blocks already decoded into
+ * `decoded` (not NULL). One vector accumulator per input row: lanes r and r + 4 hold the two
+ * halves of row r's blocks, scaled, and lane r also the blocks' offsets times the input
+ * blocks' d * sum(q). Few accumulators leave AVX2's 16 registers for the four decoded blocks.
+ * Either way the same operations in the same order, so a row's result does not depend on
+ * which. */
+static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *const rows[ROWS],
+                                      const tile_block *decoded, int64_t row_bytes,
+                                      int64_t blocks, int type, float y[][ROWS])
+{
     f32x8 a[Q8_ROWS];
     for (int j = 0; j < nx; j++) a[j] = splat8(0.0f);
     const int64_t ahead = (ROWS * row_bytes + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; b++) {
+        if (decoded) {
+            accumulate_block(&decoded[b], x, nx, blocks, b, type, a);
+            continue;
+        }
         for (int64_t p = b * ahead; p < (b + 1) * ahead; p += 64)
             __builtin_prefetch(rows[0] + PREFETCH_TILES * ROWS * row_bytes + p);
-        qbytes w[ROWS];
-        for (int r = 0; r < ROWS; r++)
-            w[r] = type == T_Q8_0 ? load_qbytes(rows[r] + b * bytes + 2)
-                                  : nibble_bytes(rows[r] + b * bytes + (type == T_Q4_0 ? 2 : 4));
-        f32x8 dw, mins;
-        tile_scales(rows, b, bytes, &dw, type == T_Q4_1 ? &mins : NULL);
-        for (int j = 0; j < nx; j++) {
-            const xblock *xb = x + j * blocks + b;
-            a[j] = fma8(tile_dots(w, load_qbytes(xb->q), type == T_Q8_0), dw * splat8(xb->d),
-                        a[j]);
-        }
-        if (type != T_Q8_0) {
-            const f32x8 c = type == T_Q4_0 ? dw * low_minus_8 : mins;
-            for (int j = 0; j < nx; j++) a[j] = fma8(c, splat8(x[j * blocks + b].s), a[j]);
-        }
+        tile_block tb;
+        decode_tile_block(rows, b, type, &tb);
+        accumulate_block(&tb, x, nx, blocks, b, type, a);
     }
     for (int j = 0; j < nx; j++)
         for (int r = 0; r < ROWS; r++) y[j][r] = a[j][r] + a[j][r + 4];
 }
 
 /* fleet_gguf_matmul_q8 on quantized input rows: per tile of four weight rows, the input rows
- * Q8_ROWS at a time (direct_matmul's layout). */
+ * Q8_ROWS at a time (direct_matmul's layout). With more input rows than one pass takes, the
+ * tile's blocks are decoded once into a per-thread buffer (a few KiB: it stays in L1) and
+ * every pass reads them there. */
 static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k,
                                            const uint8_t *w, int64_t n, int type, float *y,
-                                           int num_threads)
+                                           int num_threads, int *status)
 {
     const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
     const int64_t num_tiles = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tiles > 1)
-    for (int64_t t = 0; t < num_tiles; t++) {
-        const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
-        const uint8_t *rows[ROWS];
-        for (int r = 0; r < ROWS; r++) /* a ragged tile repeats its last row */
-            rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
-        float out[Q8_ROWS][ROWS];
-        for (int64_t i = 0; i < m; i += Q8_ROWS) {
-            const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
-            const xblock *xi = x + i * blocks;
-            if (nx == Q8_ROWS)
-                dot_tile_q8(xi, Q8_ROWS, rows, row_bytes, blocks, type, out);
-            else if (nx == 3)
-                dot_tile_q8(xi, 3, rows, row_bytes, blocks, type, out);
-            else if (nx == 2)
-                dot_tile_q8(xi, 2, rows, row_bytes, blocks, type, out);
-            else
-                dot_tile_q8(xi, 1, rows, row_bytes, blocks, type, out);
-            for (int j = 0; j < nx; j++)
-                memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
+    const int is_decoded_once = m > Q8_ROWS;
+#pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
+    {
+        tile_block *decoded = NULL;
+        if (is_decoded_once) {
+            size_t size = ((size_t)blocks * sizeof(tile_block) + 63) / 64 * 64;
+            decoded = aligned_alloc(64, size);
+            if (!decoded) {
+#pragma omp atomic write
+                *status = ERR_NO_MEMORY;
+            }
         }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (is_decoded_once && !decoded) continue;
+            const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
+            const uint8_t *rows[ROWS];
+            for (int r = 0; r < ROWS; r++) /* a ragged tile repeats its last row */
+                rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
+            if (decoded) {
+                const int64_t ahead = (ROWS * row_bytes + blocks - 1) / blocks;
+                for (int64_t b = 0; b < blocks; b++) {
+                    for (int64_t p = b * ahead; p < (b + 1) * ahead; p += 64)
+                        __builtin_prefetch(rows[0] + PREFETCH_TILES * ROWS * row_bytes + p);
+                    decode_tile_block(rows, b, type, &decoded[b]);
+                }
+            }
+            float out[Q8_ROWS][ROWS];
+            for (int64_t i = 0; i < m; i += Q8_ROWS) {
+                const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
+                const xblock *xi = x + i * blocks;
+                if (nx == Q8_ROWS)
+                    dot_tile_q8(xi, Q8_ROWS, rows, decoded, row_bytes, blocks, type, out);
+                else if (nx == 3)
+                    dot_tile_q8(xi, 3, rows, decoded, row_bytes, blocks, type, out);
+                else if (nx == 2)
+                    dot_tile_q8(xi, 2, rows, decoded, row_bytes, blocks, type, out);
+                else
+                    dot_tile_q8(xi, 1, rows, decoded, row_bytes, blocks, type, out);
+                for (int j = 0; j < nx; j++)
+                    memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
+            }
+        }
+        free(decoded);
     }
 }
 
@@ -639,11 +690,12 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     xblock *xq = malloc((size_t)(m * (k / QK)) * sizeof(xblock) + 1);
     if (xq == NULL) return ERR_NO_MEMORY;
     fleet_gguf_quantize_input(x, m, k, xq);
+    int status = OK;
     switch (type) { /* constant types, so that each gets its own unrolled loop */
-    case T_Q4_0: direct_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads); break;
-    case T_Q4_1: direct_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads); break;
-    default: direct_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads); break;
+    case T_Q4_0: direct_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status); break;
+    case T_Q4_1: direct_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status); break;
+    default: direct_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status); break;
     }
     free(xq);
-    return OK;
+    return status;
 }
