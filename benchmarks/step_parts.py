@@ -204,10 +204,11 @@ WEIGHTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
            "gguf": ("float32", "gguf")}
 
 
-def load(weights: str, batch_size: int) -> LLM:
+def load(weights: str, batch_size: int, kv_cache_dtype: str = "auto") -> LLM:
     dtype, quantization = WEIGHTS[weights]
     return LLM(MODEL, dtype=dtype, quantization=quantization, max_num_seqs=batch_size,
-               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False)
+               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False,
+               kv_cache_dtype=kv_cache_dtype)
 
 
 def print_table(label: str, figures: dict, floor_ms: float) -> None:
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, metavar="N",
                         help="instead of decode steps: prefill N prompts of --input-len "
                              "tokens at once, by part")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--label", default="", help="stored with the results (before/after)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/step_parts.json"))
@@ -238,11 +240,12 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": MODEL,
               "torch": torch.__version__, "label": args.label, "input_len": args.input_len,
+              "kv_cache_dtype": args.kv_cache_dtype,
               "read_bandwidth_gb_s": bandwidth, "runs": []}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"read bandwidth {bandwidth:.1f} GB/s on {result['threads']} threads")
     for weights in args.weights.split(","):
-        llm = load(weights, max(batch_sizes + [args.prefill]))
+        llm = load(weights, max(batch_sizes + [args.prefill]), args.kv_cache_dtype)
         weight_bytes_ = bytes_per_step(llm)
         floor_ms = weight_bytes_ / bandwidth / 1e6
         if args.prefill:

@@ -12,8 +12,8 @@ parallelism, `FLEETLM_NATIVE_DECODE=0`.
 A stack qualifies when each layer is plain (no biases, no q/k norm, a gated MLP) with all four
 matrices held whole in one of the integer-dot types (Q4_0 / Q4_1 / Q8_0) and fp32 norm
 weights; a call qualifies when every row is a decode row, there are fewer than
-`gguf_linear.INT8_GEMM_MIN_ROWS` of them, activations and KV caches are fp32 and the int8
-products are on (`FLEETLM_GGUF_INT8_DOT`).
+`gguf_linear.INT8_GEMM_MIN_ROWS` of them, activations are fp32, the KV caches fp32 or int8
+(`kv_cache_dtype: int8`) and the int8 products are on (`FLEETLM_GGUF_INT8_DOT`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from fleetlm.kernels import cpu_build, gguf_linear
+from fleetlm.kernels import cpu_build, gguf_linear, kv_quant
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "decode_stack.c"
 LINKED = (CSRC / "fused_ops.c", CSRC / "gguf_matmul.c", CSRC / "paged_attention.c")
 ENV = "FLEETLM_NATIVE_DECODE"
+KV_DTYPE_CODES = {torch.float32: 0, torch.int8: 2}  # paged_attention.c's codes
 STAGES = {1: "qkv product", 2: "KV-cache write", 3: "attention", 4: "o product",
           5: "gate/up product", 6: "down product"}
 
@@ -50,7 +51,8 @@ class LayerWeights(ctypes.Structure):
 class StackShape(ctypes.Structure):
     _fields_ = [("hidden", _int64), ("num_heads", _int64), ("num_kv_heads", _int64),
                 ("head_dim", _int64), ("intermediate", _int64), ("num_blocks", _int64),
-                ("block_size", _int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                ("block_size", _int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("kv_dtype", ctypes.c_int32)]
 
 
 @functools.cache
@@ -104,7 +106,7 @@ class DecodeStack:
                 weight = getattr(spec, name)
                 setattr(layer, name, weight.data.data_ptr())
                 setattr(layer, f"{name}_type", int(weight.qtype))
-        self._caches: tuple[int, ...] = ()
+        self._caches: tuple = ()  # the dtype, data pointers and shapes of the caches bound
         self._shape = StackShape()
 
     @classmethod
@@ -137,7 +139,7 @@ class DecodeStack:
         k_cache = kv_caches[0][0]
         return (hidden.dtype == torch.float32 and hidden.device.type == "cpu"
                 and hidden.shape[0] < gguf_linear.INT8_GEMM_MIN_ROWS
-                and gguf_linear._INT8_DOT and k_cache.dtype == torch.float32
+                and gguf_linear._INT8_DOT and k_cache.dtype in KV_DTYPE_CODES
                 and k_cache.device.type == "cpu")
 
     def run(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
@@ -146,19 +148,21 @@ class DecodeStack:
         """(hidden, residual) after the stack, for decode rows `hidden` [m, hidden] (one token
         of each of m sequences; `residual` None where hidden is it, as in a model's first
         layer). cos / sin [m, 1, head_dim / 2] fp32 of the rows' positions, `kv_caches` one
-        (k, v) fp32 cache per layer, slot_mapping [m] int64, seq_lens [m] and block_tables
-        [m, max_blocks] int32 (the decode part of `AttentionMetadata`)."""
+        (k, v) cache per layer (fp32, or int8 rows with their scales: `kv_quant`),
+        slot_mapping [m] int64, seq_lens [m] and block_tables [m, max_blocks] int32 (the decode
+        part of `AttentionMetadata`)."""
         self._bind_caches(kv_caches)
         hidden = hidden.contiguous()
         out_residual = torch.empty_like(hidden) if residual is None else residual.contiguous()
         slot_mapping = slot_mapping.to(torch.int64).contiguous()
         seq_lens = seq_lens.to(torch.int32).contiguous()
         block_tables = block_tables.to(torch.int32).contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()  # held: the call reads them
         failed = _int64(0)
         status = self._library.fleet_decode_stack(
             self._layers, len(self._layers), ctypes.byref(self._shape), hidden.shape[0],
             hidden.data_ptr(), out_residual.data_ptr(), residual is not None,
-            cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slot_mapping.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
             seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             torch.get_num_threads(), ctypes.byref(failed))
         if status:
@@ -167,23 +171,25 @@ class DecodeStack:
 
     def _bind_caches(self, kv_caches) -> None:
         """Point the layers at these caches (once per set of caches)."""
-        pointers = tuple(cache.data_ptr() for pair in kv_caches for cache in pair)
+        pointers = (kv_caches[0][0].dtype, *((cache.data_ptr(), cache.shape, cache.stride())
+                                             for pair in kv_caches for cache in pair))
         if pointers == self._caches:
             return
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
-        shape = kv_caches[0][0].shape
-        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
-            if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or (
-                    k_cache.shape != shape or v_cache.shape != shape
-                    or shape[2:] != (self.num_kv_heads, self.head_dim)):
-                raise ValueError(f"KV cache of shape {tuple(k_cache.shape)} does not fit "
+        first = kv_caches[0][0]
+        row = kv_quant.row_width(self.head_dim, first.dtype)
+        for cache in (cache for pair in kv_caches for cache in pair):
+            if not cache.is_contiguous() or cache.shape != first.shape \
+                    or cache.dtype != first.dtype or first.shape[2:] != (self.num_kv_heads, row):
+                raise ValueError(f"KV cache of shape {tuple(cache.shape)} does not fit "
                                  f"{self.num_kv_heads} kv heads of {self.head_dim}")
+        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
             layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         num_blocks, block_size = kv_caches[0][0].shape[:2]
         self._shape = StackShape(self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
                                  self.intermediate, num_blocks, block_size, self.eps,
-                                 self.scale)
+                                 self.scale, KV_DTYPE_CODES[first.dtype])
         self._caches = pointers
 
     @staticmethod

@@ -85,15 +85,22 @@ PLAIN_TYPES = {f"blk.{i}.{name}.weight": qtype for i in range(NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")
-def plain_llm(tmp_path_factory):
+def plain_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("plain") / "plain.gguf"
     hf = tiny_hf_tensors(np.random.default_rng(1))
     for name, w in hf.items():
         hf[name] = w * 0.1 if w.ndim == 2 else w
     write_tiny_gguf(path, hf, PLAIN_TYPES)
+    return path
+
+
+@pytest.fixture(scope="module", params=["auto", "int8"])
+def plain_llm(plain_gguf, request):
+    """The plain model over an fp32 KV cache and over an int8 one."""
     # No prefix caching: a second run of a prompt must prefill it the same way.
-    return LLM(str(path), quantization="gguf", dtype="float32", block_size=4,
-               enable_prefix_caching=False, kv_cache_memory_bytes=4 << 20, seed=0)
+    return LLM(str(plain_gguf), quantization="gguf", dtype="float32", block_size=4,
+               kv_cache_dtype=request.param, enable_prefix_caching=False,
+               kv_cache_memory_bytes=4 << 20, seed=0)
 
 
 def _count_stack_runs(monkeypatch) -> list[int]:
@@ -145,6 +152,15 @@ def test_stack_errors_name_the_layer_and_stage(plain_llm):
     with pytest.raises(ValueError, match="layer 0, attention: a block table row"):
         stack.run(hidden.clone(), None, *args, torch.tensor([0]),
                   torch.tensor([1]), torch.tensor([[1 << 20]]))
+    with pytest.raises(ValueError, match="1 KV caches for 2 layers"):
+        stack.run(hidden.clone(), None, cos, cos, runner.kv_caches[:1], torch.tensor([0]),
+                  torch.tensor([1]), torch.tensor([[0]]))
+    wrong = [(k[..., :-1], v) for k, v in runner.kv_caches]  # not contiguous, a row too short
+    with pytest.raises(ValueError, match="does not fit 2 kv heads of 16"):
+        stack.run(hidden.clone(), None, cos, cos, wrong, torch.tensor([0]),
+                  torch.tensor([1]), torch.tensor([[0]]))
+    out = plain_llm.generate([[1, 3, 4]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out[0].outputs[0].token_ids) == 3  # the stack's own caches again
 
 
 def test_stack_only_for_whole_int8_dot_matrices(mixed_gguf, plain_llm):
@@ -159,7 +175,8 @@ def test_stack_only_for_whole_int8_dot_matrices(mixed_gguf, plain_llm):
 
 def test_stack_takes_a_residual_as_a_later_pipeline_stage_does(plain_llm):
     """Given a residual (what a pipeline stage after the first receives), the stack equals
-    the layer loop over two rows, bit for bit."""
+    the layer loop over two rows, bit for bit (the KV written and read back through either
+    cache dtype)."""
     model = plain_llm.engine.executor.runner.model
     caches = plain_llm.engine.executor.runner.kv_caches
     plain_llm.generate([[1, 3, 4]], SamplingParams(max_tokens=2))

@@ -1,7 +1,7 @@
 /* A decode step through a stack of Llama decoder layers whose matrices are GGUF Q4_0 / Q4_1 /
- * Q8_0 blocks, in one call: per layer residual add + RMSNorm, the qkv product, rotary on q and
- * k, the K/V write, paged decode attention, the o product, add + RMSNorm, the gate/up product,
- * SiLU(gate) * up and the down product.
+ * Q8_0 blocks, over an fp32 or int8 KV cache, in one call: per layer residual add + RMSNorm,
+ * the qkv product, rotary on q and k, the K/V write, paged decode attention, the o product,
+ * add + RMSNorm, the gate/up product, SiLU(gate) * up and the down product.
  *
  * It calls the very kernels the Python layer loop calls (fused_ops.c, gguf_matmul.c,
  * paged_attention.c are linked into the same library), with the same arguments and thread
@@ -30,6 +30,11 @@ int fleet_write_kv(const void *key, const void *value, int64_t token_stride_k,
                    int is_bf16, int num_threads);
 int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                          int type, float *y, int num_threads);
+int fleet_write_kv_int8(const void *key, const void *value, int is_bf16, int64_t token_stride_k,
+                        int64_t head_stride_k, int64_t token_stride_v, int64_t head_stride_v,
+                        const int64_t *slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t num_slots, int8_t *k_cache, int8_t *v_cache,
+                        int num_threads);
 int fleet_paged_attention(const float *query, const void *k_cache, const void *v_cache,
                           int kv_dtype, int64_t num_blocks, int64_t block_size,
                           int64_t num_kv_heads, int64_t head_dim, const int32_t *cu_seqlens_q,
@@ -43,21 +48,25 @@ enum { OK = 0, ERR_NO_MEMORY = 1 };
 enum { STAGE_QKV = 1, STAGE_KV_WRITE, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN };
 
 /* One layer: its norms' fp32 weights, its four matrices (GGUF blocks and type), its caches
- * (fp32, [num_blocks, block_size, num_kv_heads, head_dim]). Mirrored by LayerWeights in
- * decode_stack.py. */
+ * ([num_blocks, block_size, num_kv_heads, row]: fp32 rows of head_dim, or int8 rows of
+ * head_dim + 4, kv_quant.py's layout). Mirrored by LayerWeights in decode_stack.py. */
 typedef struct {
     const float *input_norm, *post_norm;
     const uint8_t *qkv, *o, *gate_up, *down;
     int32_t qkv_type, o_type, gate_up_type, down_type;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
 } LayerWeights;
 
-/* The stack's shapes; mirrored by StackShape in decode_stack.py. */
+/* The stack's shapes and its caches' dtype (paged_attention.c's code: 0 fp32, 2 int8);
+ * mirrored by StackShape in decode_stack.py. */
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
     int64_t num_blocks, block_size;
     float eps, scale;
+    int32_t kv_dtype;
 } StackShape;
+
+enum { KV_F32 = 0, KV_INT8 = 2 };
 
 /* m decode rows (one token of each of m sequences) through the layers. hidden [m, hidden]:
  * the stack's input on entry, the last layer's output (its MLP's) on return. residual
@@ -101,17 +110,23 @@ int fleet_decode_stack(const LayerWeights *layers, int64_t num_layers, const Sta
         if (status) { status += STAGE_QKV * 16; break; }
         fleet_rotary(qkv, m, s->num_heads + s->num_kv_heads, s->head_dim, qkv_width, cos, sin,
                      0, num_threads);
-        status = fleet_write_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width,
-                                s->head_dim, qkv_width, s->head_dim, slot_mapping, m,
-                                s->num_kv_heads, s->head_dim, num_slots, w->k_cache,
-                                w->v_cache, 0, num_threads);
+        if (s->kv_dtype == KV_INT8)
+            status = fleet_write_kv_int8(qkv + q_width, qkv + q_width + kv_width, 0, qkv_width,
+                                         s->head_dim, qkv_width, s->head_dim, slot_mapping, m,
+                                         s->num_kv_heads, s->head_dim, num_slots, w->k_cache,
+                                         w->v_cache, num_threads);
+        else
+            status = fleet_write_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width,
+                                    s->head_dim, qkv_width, s->head_dim, slot_mapping, m,
+                                    s->num_kv_heads, s->head_dim, num_slots, w->k_cache,
+                                    w->v_cache, 0, num_threads);
         if (status) { status += STAGE_KV_WRITE * 16; break; }
         for (int64_t t = 0; t < m; t++)
             memcpy(query + t * q_width, qkv + t * qkv_width, (size_t)q_width * sizeof(float));
-        status = fleet_paged_attention(query, w->k_cache, w->v_cache, 0, s->num_blocks,
-                                       s->block_size, s->num_kv_heads, s->head_dim, NULL,
-                                       seq_lens, block_tables, max_blocks, m, s->num_heads, 1,
-                                       s->scale, attended, num_threads);
+        status = fleet_paged_attention(query, w->k_cache, w->v_cache, s->kv_dtype,
+                                       s->num_blocks, s->block_size, s->num_kv_heads,
+                                       s->head_dim, NULL, seq_lens, block_tables, max_blocks,
+                                       m, s->num_heads, 1, s->scale, attended, num_threads);
         if (status) { status += STAGE_ATTENTION * 16; break; }
         status = fleet_gguf_matmul_q8(attended, m, q_width, w->o, hidden_width, w->o_type, o,
                                       num_threads);
