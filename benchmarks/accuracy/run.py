@@ -9,9 +9,10 @@ on 127.0.0.1 that lm-eval's `local-completions` backend queries (token ids in, `
 `logprobs` back, as lm-eval does against any OpenAI-compatible server):
 
 - float:   float32 weights (the file dequantized on load), float32 KV cache;
-- gguf:    `--quantization gguf`: the file's Q4_1 / Q8_0 blocks multiplied as they are
-           (steps of 64 tokens or more by the dequantized weights' GEMM, smaller ones by
-           integer dot products on int8 activations);
+- gguf:    `--quantization gguf`: the file's Q4_1 / Q8_0 blocks multiplied as they are, by
+           integer dot products on int8 activations (in an AVX2 build every Q4_1 product;
+           the Q8_0 LM head from 64 rows, and everything elsewhere, by the dequantized
+           weights' GEMM);
 - gguf_int8_dot: the same with `--max-num-batched-tokens 48`, so that every product, prompt
            tokens included, goes through the integer dot products of a decode step;
 - w8a8:    a `fleetlm quantize --scheme W8A8` checkpoint (int8 weights, int8 activations);

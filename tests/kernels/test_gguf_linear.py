@@ -134,11 +134,61 @@ def test_a_row_gets_the_same_bits_in_any_batch_below_the_gemm(build, int8_dot):
                                batch[start:stop])
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
+def int8_kernel(library, x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
+    """fleet_gguf_matmul_q8 called directly, at any number of rows."""
+    y = torch.empty(x.shape[0], weight.shape[0])
+    gguf_linear._check(library.fleet_gguf_matmul_q8(
+        x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],
+        int(weight.qtype), y.data_ptr(), torch.get_num_threads()))
+    return y
+
+
+@pytest.mark.parametrize("build", ["native", "haswell"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_wide_tiles_sum_as_the_four_row_tiles_do(build, name):
+    """AVX2 builds multiply Q4_0 / Q4_1 by tiles of eight weight rows across a vector's lanes
+    (no horizontal adds); the same source built without them keeps the four-row tiles. Both
+    form the same integer sums per half block and add them in the same order, so every
+    output is bit-equal: at one row and at a prompt's hundreds, in whole tiles and in a ragged
+    one (37 rows: four tiles of eight and five), over long and single-block rows."""
+    library = other_build(build) or gguf_linear._library()
+    if not library.has_wide_tiles:
+        pytest.skip("no AVX2 on this CPU: no wide tiles")
+    flags = tuple(f for f in cpu_build.COMPILE_FLAGS if not f.startswith("-march"))
+    march = "-march=haswell" if build == "haswell" else "-march=native"
+    four_row = gguf_linear.load_library(flags + (march, "-DFLEET_NO_WIDE_TILES"))
+    assert not four_row.has_wide_tiles
+    for cols in (512, 32):
+        weight = random_weight(name, 37, cols, seed=7)
+        for m in (1, 2, 3, 8, 33, 70):
+            x = torch.randn(m, cols) * torch.linspace(0.01, 3, cols)
+            x[0, :32] = 0  # a block of zeros: scale 0
+            assert torch.equal(int8_kernel(library, x, weight), int8_kernel(four_row, x, weight))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_a_prompt_of_q4_takes_the_integer_kernel_with_the_bits_of_a_decode_step(name):
+    """Where the build has wide tiles, a Q4_0 / Q4_1 product of any size takes int8
+    activations (no GEMM): a prompt of INT8_GEMM_MIN_ROWS rows and more gets, row by row, the
+    bits that row gets alone, as a decode step would compute it."""
+    if not gguf_linear._library().has_wide_tiles:
+        pytest.skip("no AVX2 on this CPU: no wide tiles")
+    weight = random_weight(name, 37, 512, seed=3)
+    x = torch.randn(gguf_linear.INT8_GEMM_MIN_ROWS + 7, 512)
+    with torch.inference_mode():
+        batch = gguf_linear.matmul(x, weight, int8_dot=True)
+        for row in (0, 40, len(x) - 1):
+            assert torch.equal(gguf_linear.matmul(x[row:row + 1], weight, int8_dot=True),
+                               batch[row:row + 1])
+    reference = int8_reference(x, weight)
+    torch.testing.assert_close(batch, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q6_K"])
 def test_many_rows_go_through_the_dequantized_weight_a_slice_at_a_time(name, monkeypatch):
-    """A prefill-sized product (from INT8_GEMM_MIN_ROWS rows for the types that take int8
-    activations) dequantizes the weight slice by slice (here 3 slices of 16 rows and a
-    ragged one of 5) and multiplies each with a GEMM: the same products."""
+    """A prefill-sized product (from INT8_GEMM_MIN_ROWS rows for Q8_0, which takes int8
+    activations below it) dequantizes the weight slice by slice (here 3 slices of 16 rows and
+    a ragged one of 5) and multiplies each with a GEMM: the same products."""
     monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 16 * 512)
     weight = random_weight(name, 53, 512, seed=4)
     x = torch.randn(max(gguf_linear.GEMM_MIN_ROWS, gguf_linear.INT8_GEMM_MIN_ROWS) + 7, 512)

@@ -415,9 +415,46 @@ typedef struct {
     int8_t q[QK]; /* round-half-even(x / d), in [-127, 127] */
 } xblock;
 
-/* One input row of k elements into k / QK blocks (a block of zeros gets d = 0, q = 0). */
+/* One input row of k elements into k / QK blocks (a block of zeros gets d = 0, q = 0). With
+ * AVX2 eight elements at a time: the same division, the same round-half-even and the same
+ * clamp, so the same blocks. */
 static void quantize_row_blocks(const float *x, int64_t k, xblock *out)
 {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.0f), lowest = _mm256_set1_ps(-XQMAX),
+                 highest = _mm256_set1_ps(XQMAX);
+    for (int64_t b = 0; b < k / QK; b++, x += QK, out++) {
+        __m256 v[4], amax8 = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + 8 * i);
+            amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
+        amax4 = _mm_max_ss(amax4, _mm_shuffle_ps(amax4, amax4, 1));
+        const float d = _mm_cvtss_f32(amax4) / (float)XQMAX, divisor = d > 0.0f ? d : 1.0f;
+        const __m256 divisor8 = _mm256_set1_ps(divisor);
+        __m256i q[4], sum8 = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            const __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], divisor8),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lowest), highest));
+            sum8 = _mm256_add_epi32(sum8, q[i]);
+        }
+        /* packs interleave 128-bit lanes: bytes come out as groups of four of q0 q1 q2 q3 (low
+         * halves), then the high halves; the permute restores element order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                                 _mm256_packs_epi32(q[2], q[3]));
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        _mm256_storeu_si256((__m256i *)out->q, _mm256_permutevar8x32_epi32(bytes, order));
+        __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8),
+                                     _mm256_extracti128_si256(sum8, 1));
+        sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, _MM_SHUFFLE(1, 0, 3, 2)));
+        sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, _MM_SHUFFLE(2, 3, 0, 1)));
+        out->d = d;
+        out->s = d * (float)_mm_cvtsi128_si32(sum4);
+    }
+#else
     for (int64_t b = 0; b < k / QK; b++, x += QK, out++) {
         float amax = 0.0f;
         for (int l = 0; l < QK; l++) amax = fmaxf(amax, fabsf(x[l]));
@@ -431,6 +468,7 @@ static void quantize_row_blocks(const float *x, int64_t k, xblock *out)
         out->d = d;
         out->s = d * (float)sum;
     }
+#endif
 }
 
 /* Four weight blocks (one per row of a tile) times one input block: lane r (r < 4) is the
@@ -671,6 +709,183 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
     }
 }
 
+/* ---- Wide tiles: eight weight rows across a vector, for many input rows (AVX2) -------------
+ * The tiles above reduce four rows' block products with horizontal adds, which costs as much
+ * again as the products themselves; worth it for a decode step's few rows, where the weight's
+ * bytes are the limit, not for a prefill's hundreds, where the arithmetic is. Here a tile is
+ * eight weight rows, decoded once per call into a per-thread buffer (a few KiB, in L1) with
+ * the rows interleaved by four-element groups: byte 4r + e of group g is element 4g + e of
+ * row r. One vpmaddubsw of a group with four bytes of an input block broadcast to every lane
+ * then leaves row r's products in lane r, and the block's eight groups add up without any
+ * horizontal step: an int16 sum of eight products of a nibble (at most 15) and an input byte
+ * (127) does not wrap.
+ *
+ * The sums are those of dot_tile_q8, in its order: per half block (elements 0..15 and
+ * 16..31) an exact integer, converted and multiplied by d_w * d_x into that half's
+ * accumulator, then the weights' offsets times the input block's d * sum(q) into the first
+ * half's; a row's result is the two accumulators' sum. So a product is bit-equal whichever
+ * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only: Q8_0's
+ * signed weights would need the sign trick per input row. */
+#define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
+/* Input rows per pass: two accumulators and one integer sum each. Measured on the model's
+ * Q4_1 matrices (AVX2 EPYC, docs/benchmarks.md), a layer's four products at 8 / 32 / 256
+ * rows: 0.48 / 1.38 / 8.6 ms with 2, 0.54 / 1.63 / 11.4 with 3, 0.58 / 1.72 / 12.5 with 4
+ * (the four-row tiles: 1.05 / 3.67 / 28.1; dequantize + oneDNN GEMM at 256: 14.3-14.8). */
+#ifndef WIDE_X_ROWS
+#define WIDE_X_ROWS 2
+#endif
+
+#if defined(__AVX2__) && !defined(FLEET_NO_WIDE_TILES) /* the flag: for the tests' comparison */
+#define HAS_WIDE_TILES 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define WIDE_VNNI 1 /* vpdpbusd: four products into an int32 lane in one instruction */
+#else
+#define WIDE_VNNI 0
+#endif
+
+typedef struct {
+    uint8_t q[QK / 4][WIDE_ROWS * 4]; /* group g: four nibbles of each row, 0..15 */
+    f32x8 dw;                         /* row r's d in lane r */
+    f32x8 c;                          /* the offset: Q4_0's -8 * d, Q4_1's min */
+} wide_block;
+
+/* Four rows' dwords (a 4 x 4 block of 32-bit groups in each 128-bit lane) transposed, so that
+ * v[g] holds group g of rows 0..3 (low lane) and 4..7 (high lane). */
+static ALWAYS_INLINE void transpose_groups(__m256i v[4])
+{
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Block b of eight weight rows (rows[r]), decoded into the interleaved layout. */
+static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS], int64_t b,
+                                            int type, wide_block *out)
+{
+    const int64_t bytes = small_block_bytes(type), at = b * bytes;
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    __m256i low[4], high[4]; /* elements 0..15 and 16..31: rows r and r + 4 */
+    for (int r = 0; r < 4; r++) {
+        const int64_t qs = at + (type == T_Q4_0 ? 2 : 4);
+        const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(rows[r + 4] + qs)),
+                                           _mm_loadu_si128((const __m128i *)(rows[r] + qs)));
+        low[r] = _mm256_and_si256(v, mask);
+        high[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+    transpose_groups(low);
+    transpose_groups(high);
+    for (int g = 0; g < 4; g++) {
+        _mm256_store_si256((__m256i *)out->q[g], low[g]);
+        _mm256_store_si256((__m256i *)out->q[g + 4], high[g]);
+    }
+    f32x8 mins = splat8(0.0f);
+#if defined(__F16C__) /* each row's first four bytes (d, then Q4_1's m) in two conversions */
+    int32_t heads[WIDE_ROWS];
+    for (int r = 0; r < WIDE_ROWS; r++) memcpy(&heads[r], rows[r] + at, sizeof heads[r]);
+    const __m256 h0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)heads));
+    const __m256 h1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(heads + 4)));
+    /* lanes d0 d1 d4 d5 | d2 d3 d6 d7 (and the m's), then pairs 0 2 1 3 into row order */
+    out->dw = (f32x8)_mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(h0, h1, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+    if (type == T_Q4_1)
+        mins = (f32x8)_mm256_castpd_ps(_mm256_permute4x64_pd(
+            _mm256_castps_pd(_mm256_shuffle_ps(h0, h1, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
+#else
+    for (int r = 0; r < WIDE_ROWS; r++) {
+        out->dw[r] = fp16_to_fp32(rows[r] + at);
+        if (type == T_Q4_1) mins[r] = fp16_to_fp32(rows[r] + at + 2);
+    }
+#endif
+    out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
+}
+
+/* y[j][r] = <x_j, w_r> for nx input rows and a wide tile's decoded blocks. */
+static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
+                                   int type, float y[][WIDE_ROWS])
+{
+    f32x8 first[WIDE_X_ROWS], second[WIDE_X_ROWS]; /* each half block's accumulator */
+    for (int j = 0; j < nx; j++) first[j] = second[j] = splat8(0.0f);
+    for (int64_t b = 0; b < blocks; b++, w++) {
+        for (int half = 0; half < 2; half++) {
+            __m256i sums[WIDE_X_ROWS]; /* int32 with VNNI, else int16 pairs */
+            for (int j = 0; j < nx; j++) sums[j] = _mm256_setzero_si256();
+            for (int g = 4 * half; g < 4 * half + 4; g++) {
+                const __m256i wq = _mm256_load_si256((const __m256i *)w->q[g]);
+                for (int j = 0; j < nx; j++) {
+                    int32_t group;
+                    memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
+                    const __m256i xg = _mm256_set1_epi32(group);
+#if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    sums[j] = _mm256_dpbusd_epi32(sums[j], wq, xg);
+#elif WIDE_VNNI
+                    sums[j] = _mm256_dpbusd_avx_epi32(sums[j], wq, xg);
+#else
+                    sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(wq, xg));
+#endif
+                }
+            }
+            for (int j = 0; j < nx; j++) {
+#if WIDE_VNNI
+                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j]);
+#else
+                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(
+                    _mm256_madd_epi16(sums[j], _mm256_set1_epi16(1)));
+#endif
+                const f32x8 scale = w->dw * splat8(x[j * blocks + b].d);
+                if (half == 0) first[j] = fma8(dots, scale, first[j]);
+                else second[j] = fma8(dots, scale, second[j]);
+            }
+        }
+        for (int j = 0; j < nx; j++) first[j] = fma8(w->c, splat8(x[j * blocks + b].s), first[j]);
+    }
+    for (int j = 0; j < nx; j++)
+        for (int r = 0; r < WIDE_ROWS; r++) y[j][r] = first[j][r] + second[j][r];
+}
+
+static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
+                                         const uint8_t *w, int64_t n, int type, float *y,
+                                         int num_threads, int *status)
+{
+    const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
+    const int64_t num_tiles = (n + WIDE_ROWS - 1) / WIDE_ROWS;
+#pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
+    {
+        const size_t size = ((size_t)blocks * sizeof(wide_block) + 63) / 64 * 64;
+        wide_block *decoded = aligned_alloc(64, size);
+        if (!decoded) {
+#pragma omp atomic write
+            *status = ERR_NO_MEMORY;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tiles; t++) {
+            if (!decoded) continue;
+            const int64_t n0 = t * WIDE_ROWS, rows_here = n - n0 < WIDE_ROWS ? n - n0 : WIDE_ROWS;
+            const uint8_t *rows[WIDE_ROWS];
+            for (int r = 0; r < WIDE_ROWS; r++) /* a ragged tile repeats its last row */
+                rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
+            for (int64_t b = 0; b < blocks; b++) decode_wide_block(rows, b, type, &decoded[b]);
+            float out[WIDE_X_ROWS][WIDE_ROWS];
+            for (int64_t i = 0; i < m; i += WIDE_X_ROWS) {
+                const int nx = (int)(m - i < WIDE_X_ROWS ? m - i : WIDE_X_ROWS);
+                const xblock *xi = x + i * blocks;
+                if (nx == WIDE_X_ROWS) wide_dot(decoded, xi, WIDE_X_ROWS, blocks, type, out);
+                else if (nx == 3) wide_dot(decoded, xi, 3, blocks, type, out);
+                else if (nx == 2) wide_dot(decoded, xi, 2, blocks, type, out);
+                else wide_dot(decoded, xi, 1, blocks, type, out);
+                for (int j = 0; j < nx; j++)
+                    memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
+            }
+        }
+        free(decoded);
+    }
+}
+#else
+#define HAS_WIDE_TILES 0
+#endif
+
 /* xq: m * k / QK blocks: x (m x k, fp32) quantized per block as the kernel below does it
  * (d, s = d * sum(q), then the 32 q; 40 bytes a block). For tests. */
 int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
@@ -689,8 +904,17 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     if (k % QK) return ERR_SHAPE;
     xblock *xq = malloc((size_t)(m * (k / QK)) * sizeof(xblock) + 1);
     if (xq == NULL) return ERR_NO_MEMORY;
-    fleet_gguf_quantize_input(x, m, k, xq);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (m >= 8)
+    for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
     int status = OK;
+#if HAS_WIDE_TILES
+    if (type != T_Q8_0) {
+        if (type == T_Q4_0) wide_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status);
+        else wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status);
+        free(xq);
+        return status;
+    }
+#endif
     switch (type) { /* constant types, so that each gets its own unrolled loop */
     case T_Q4_0: direct_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status); break;
     case T_Q4_1: direct_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status); break;
@@ -699,3 +923,7 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     free(xq);
     return status;
 }
+
+/* 1 where Q4_0 / Q4_1 products take the wide tiles at any number of input rows (AVX2 builds):
+ * then they never need the dequantized weight's GEMM. */
+int fleet_gguf_wide_tiles(void) { return HAS_WIDE_TILES; }
