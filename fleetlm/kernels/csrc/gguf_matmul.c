@@ -725,7 +725,8 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * accumulator, then the weights' offsets times the input block's d * sum(q) into the first
  * half's; a row's result is the two accumulators' sum. So a product is bit-equal whichever
  * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only: Q8_0's
- * signed weights would need the sign trick per input row. */
+ * signed weights would need the sign trick per input row, or int16 pairs through vpmaddwd,
+ * which measured slower than the four-row tiles (the LM head at 32 rows: 30 against 22 ms). */
 #define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
 /* Input rows per pass: two accumulators and one integer sum each. Measured on the model's
  * Q4_1 matrices (AVX2 EPYC, docs/benchmarks.md), a layer's four products at 8 / 32 / 256
@@ -804,7 +805,7 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
 
 /* y[j][r] = <x_j, w_r> for nx input rows and a wide tile's decoded blocks. */
 static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
-                                   int type, float y[][WIDE_ROWS])
+                                   float y[][WIDE_ROWS])
 {
     f32x8 first[WIDE_X_ROWS], second[WIDE_X_ROWS]; /* each half block's accumulator */
     for (int j = 0; j < nx; j++) first[j] = second[j] = splat8(0.0f);
@@ -871,10 +872,14 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
             for (int64_t i = 0; i < m; i += WIDE_X_ROWS) {
                 const int nx = (int)(m - i < WIDE_X_ROWS ? m - i : WIDE_X_ROWS);
                 const xblock *xi = x + i * blocks;
-                if (nx == WIDE_X_ROWS) wide_dot(decoded, xi, WIDE_X_ROWS, blocks, type, out);
-                else if (nx == 3) wide_dot(decoded, xi, 3, blocks, type, out);
-                else if (nx == 2) wide_dot(decoded, xi, 2, blocks, type, out);
-                else wide_dot(decoded, xi, 1, blocks, type, out);
+                if (nx == WIDE_X_ROWS) wide_dot(decoded, xi, WIDE_X_ROWS, blocks, out);
+#if WIDE_X_ROWS > 3
+                else if (nx == 3) wide_dot(decoded, xi, 3, blocks, out);
+#endif
+#if WIDE_X_ROWS > 2
+                else if (nx == 2) wide_dot(decoded, xi, 2, blocks, out);
+#endif
+                else wide_dot(decoded, xi, 1, blocks, out);
                 for (int j = 0; j < nx; j++)
                     memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
             }
