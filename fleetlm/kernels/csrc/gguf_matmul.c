@@ -14,7 +14,8 @@
  * and every path sums in one order, so a row's result is the same in any batch.
  *
  * fleet_gguf_matmul_q8 (at the end) is llama.cpp's arithmetic instead: the input quantized to
- * int8 per block and integer dot products, for Q4_0, Q4_1 and Q8_0.
+ * int8 per block and integer dot products, for Q4_0, Q4_1 and Q8_0; in AVX2 builds Q4_0 and
+ * Q4_1 go through "wide tiles" (eight weight rows across a vector's lanes) at any batch.
  *
  * Dequantization follows ggml (llama.cpp) and gguf-py operation by operation in fp32, so the
  * weights multiplied are exactly dequantize(W); only the order of the sums differs from a
@@ -402,7 +403,9 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
  * blocks. Every build forms the same integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain
  * loops), and a row's result does not depend on the rows batched with it. On the AVX2 EPYC
  * of docs/benchmarks.md: the model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32
- * activations) and 20 ms at eight (35). */
+ * activations) and 20 ms at eight (35). AVX2 builds now take these four-row tiles for Q8_0
+ * only (and for all three types with -DFLEET_NO_WIDE_TILES); Q4_0 / Q4_1 take the wide tiles
+ * further below, which form the same sums in the same order. */
 
 #define XQMAX 127
 #ifndef Q8_ROWS
