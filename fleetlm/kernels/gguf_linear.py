@@ -73,7 +73,7 @@ INT8_GEMM_MIN_ROWS = 64
 # ... except Q4_0 / Q4_1 in an AVX2 build, whose "wide tiles" (eight weight rows across a
 # vector's lanes, no horizontal adds) beat the GEMM at every size: on the same EPYC a layer's
 # four products at 256 rows take 8.6-10.5 ms against 14.3-14.9 (dequantize + oneDNN), at 32
-# rows 1.3-1.4 against 3.6-3.7 for the four-row tiles. Then a prompt's products are the same
+# rows 1.3-1.4 against 2.8-3.7 for the four-row tiles. Then a prompt's products are the same
 # integer sums as a decode step's, bit for bit.
 WIDE_TILE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 XQMAX = 127  # input blocks are quantized to [-127, 127]
