@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from fleetlm.kernels import cpu_build, gguf_linear, kv_quant
+from fleetlm.kernels import cpu_attention, cpu_build, gguf_linear, kv_quant
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "decode_stack.c"
 LINKED = (CSRC / "fused_ops.c", CSRC / "gguf_matmul.c", CSRC / "paged_attention.c")
 ENV = "FLEETLM_NATIVE_DECODE"
-KV_DTYPE_CODES = {torch.float32: 0, torch.int8: 2}  # paged_attention.c's codes
+KV_DTYPES = (torch.float32, torch.int8)  # the caches the stack writes and reads
 STAGES = {1: "qkv product", 2: "KV-cache write", 3: "attention", 4: "o product",
           5: "gate/up product", 6: "down product"}
 
@@ -139,7 +139,7 @@ class DecodeStack:
         k_cache = kv_caches[0][0]
         return (hidden.dtype == torch.float32 and hidden.device.type == "cpu"
                 and hidden.shape[0] < gguf_linear.INT8_GEMM_MIN_ROWS
-                and gguf_linear._INT8_DOT and k_cache.dtype in KV_DTYPE_CODES
+                and gguf_linear._INT8_DOT and k_cache.dtype in KV_DTYPES
                 and k_cache.device.type == "cpu")
 
     def run(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
@@ -171,9 +171,9 @@ class DecodeStack:
 
     def _bind_caches(self, kv_caches) -> None:
         """Point the layers at these caches (once per set of caches)."""
-        pointers = (kv_caches[0][0].dtype, *((cache.data_ptr(), cache.shape, cache.stride())
-                                             for pair in kv_caches for cache in pair))
-        if pointers == self._caches:
+        key = (kv_caches[0][0].dtype, *((cache.data_ptr(), cache.shape, cache.stride())
+                                        for pair in kv_caches for cache in pair))
+        if key == self._caches:
             return
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
@@ -186,11 +186,11 @@ class DecodeStack:
                                  f"{self.num_kv_heads} kv heads of {self.head_dim}")
         for layer, (k_cache, v_cache) in zip(self._layers, kv_caches):
             layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-        num_blocks, block_size = kv_caches[0][0].shape[:2]
+        num_blocks, block_size = first.shape[:2]
         self._shape = StackShape(self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
                                  self.intermediate, num_blocks, block_size, self.eps,
-                                 self.scale, KV_DTYPE_CODES[first.dtype])
-        self._caches = pointers
+                                 self.scale, cpu_attention.KV_DTYPE_CODES[first.dtype])
+        self._caches = key
 
     @staticmethod
     def _raise(status: int, layer: int) -> None:

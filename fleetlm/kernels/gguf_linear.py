@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -238,10 +239,10 @@ def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = No
         int8_dot = _INT8_DOT
     int8_dot = int8_dot and weight.qtype in INT8_DOT_TYPES
     if int8_dot and library.has_wide_tiles and weight.qtype in WIDE_TILE_TYPES:
-        gemm_min_rows = None  # the integer kernel is faster at any number of rows
+        gemm_min_rows = math.inf  # the integer kernel is faster at any number of rows
     else:
         gemm_min_rows = INT8_GEMM_MIN_ROWS if int8_dot else GEMM_MIN_ROWS
-    if gemm_min_rows is not None and x.shape[0] >= gemm_min_rows:
+    if x.shape[0] >= gemm_min_rows:
         return _dequantized_matmul(x, weight, library)
     kernel = library.fleet_gguf_matmul_q8 if int8_dot else library.fleet_gguf_matmul
     y = torch.empty(x.shape[0], weight.shape[0])

@@ -66,7 +66,7 @@ typedef struct {
     int32_t kv_dtype;
 } StackShape;
 
-enum { KV_F32 = 0, KV_INT8 = 2 };
+enum { KV_INT8 = 2 }; /* paged_attention.c's code for an int8 cache */
 
 /* m decode rows (one token of each of m sequences) through the layers. hidden [m, hidden]:
  * the stack's input on entry, the last layer's output (its MLP's) on return. residual
