@@ -4,8 +4,8 @@ A weight stays in the GGUF file's own blocks (`GGUFWeight`: Q4_0, Q4_1, Q8_0, Q4
 F16 / F32 matrices), so a decode step reads the quantized bytes (0.56 byte per weight for Q4_1
 against 4 for fp32). `csrc/gguf_matmul.c` multiplies them in one of three ways:
 
-- Q4_0 / Q4_1 / Q8_0 below `INT8_GEMM_MIN_ROWS` rows (decode steps, short prompt chunks), and
-  Q4_0 / Q4_1 at any number of rows where the build has AVX2 (`WIDE_TILE_TYPES`): the input is
+- Q4_0 / Q4_1 / Q8_0 at any number of rows where the build has AVX2 (`has_wide_tiles`), else
+  below `INT8_GEMM_MIN_ROWS` rows (decode steps, short prompt chunks): the input is
   quantized to int8 per 32-element block and multiplied by integer dot products, llama.cpp's
   arithmetic (`quantize_input_reference` says how the input is rounded);
   `FLEETLM_GGUF_INT8_DOT=0` turns this off;
@@ -71,12 +71,13 @@ INT8_DOT_ENV = "FLEETLM_GGUF_INT8_DOT"
 INT8_DOT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
                   GGMLQuantizationType.Q8_0)
 INT8_GEMM_MIN_ROWS = 64
-# ... except Q4_0 / Q4_1 in an AVX2 build, whose "wide tiles" (eight weight rows across a
-# vector's lanes, no horizontal adds) beat the GEMM at every size: on the same EPYC a layer's
-# four products at 256 rows take 8.6-10.5 ms against 14.3-14.9 (dequantize + oneDNN), at 32
-# rows 1.3-1.4 against 2.8-3.7 for the four-row tiles. Then a prompt's products are the same
-# integer sums as a decode step's, bit for bit.
-WIDE_TILE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+# ... except in an AVX2 build (`has_wide_tiles`), whose integer kernels beat the GEMM at every
+# size. Q4_0 / Q4_1 take the "wide tiles" (eight weight rows across a vector's lanes, no
+# horizontal adds): on the same EPYC a layer's four products at 256 rows take 6.0-10.5 ms
+# against 12.8-14.9 (dequantize + oneDNN). Q8_0 keeps the four-row tiles, which still beat
+# the GEMM: the LM head (49152 x 576) at 64 / 256 rows in 24.0 / 114.7 ms against 52.9 /
+# 177.9, a 3072 x 576 Q8_0 matrix in 1.83 / 6.44 against 3.62 / 7.46. Then a prompt's
+# products are the same integer sums as a decode step's, bit for bit.
 XQMAX = 127  # input blocks are quantized to [-127, 127]
 # Weights dequantized per GEMM call: up to 16 MiB of fp32, so every layer matrix of the built-in
 # model (gate_up: 3072 x 576) is one GEMM, and a 49152-row LM head never needs its 113 MB fp32
@@ -228,9 +229,9 @@ def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = No
     blocks, and a row's result is the same in any such batch: for Q4_0 / Q4_1 / Q8_0 with `x`
     quantized per block to int8 when `int8_dot` (default: `int8_dot_enabled()`; the result
     is then `quantize_input_reference(x) @ dequantize(weight).T` up to the order of the
-    sums). From there on the weight is dequantized and multiplied by a GEMM, except for
-    Q4_0 / Q4_1 with int8 activations in an AVX2 build: their integer kernel takes any
-    number of rows, a prompt's with the same bits per row as a decode step's."""
+    sums). From there on the weight is dequantized and multiplied by a GEMM, except with
+    int8 activations in an AVX2 build: there the integer kernel takes any number of rows, a
+    prompt's with the same bits per row as a decode step's."""
     library = library or _library()
     if library is None or x.device.type != "cpu":
         return F.linear(x, weight.dequantize().to(x.device))
@@ -238,7 +239,7 @@ def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = No
     if int8_dot is None:
         int8_dot = _INT8_DOT
     int8_dot = int8_dot and weight.qtype in INT8_DOT_TYPES
-    if int8_dot and library.has_wide_tiles and weight.qtype in WIDE_TILE_TYPES:
+    if int8_dot and library.has_wide_tiles:
         gemm_min_rows = math.inf  # the integer kernel is faster at any number of rows
     else:
         gemm_min_rows = INT8_GEMM_MIN_ROWS if int8_dot else GEMM_MIN_ROWS

@@ -149,8 +149,9 @@ def test_wide_tiles_sum_as_the_four_row_tiles_do(build, name):
     """AVX2 builds multiply Q4_0 / Q4_1 by tiles of eight weight rows across a vector's lanes
     (no horizontal adds); the same source built without them keeps the four-row tiles. Both
     form the same integer sums per half block and add them in the same order, so every
-    output is bit-equal: at one row and at a prompt's hundreds, in whole tiles and in a ragged
-    one (37 rows: four tiles of eight and five), over long and single-block rows."""
+    output is bit-equal: at one row and at a prompt's hundreds, over long and single-block
+    rows, in whole tiles and ragged ones. A pass takes two tiles (16 rows): 37 rows end in a
+    pass of a tile of five and one of repeats, 45 rows in a tile of eight and one of five."""
     library = other_build(build) or gguf_linear._library()
     if not library.has_wide_tiles:
         pytest.skip("no AVX2 on this CPU: no wide tiles")
@@ -158,19 +159,19 @@ def test_wide_tiles_sum_as_the_four_row_tiles_do(build, name):
     march = "-march=haswell" if build == "haswell" else "-march=native"
     four_row = gguf_linear.load_library(flags + (march, "-DFLEET_NO_WIDE_TILES"))
     assert not four_row.has_wide_tiles
-    for cols in (512, 32):
-        weight = random_weight(name, 37, cols, seed=7)
+    for rows, cols in ((37, 512), (45, 512), (37, 32)):
+        weight = random_weight(name, rows, cols, seed=7)
         for m in (1, 2, 3, 8, 33, 70):
             x = torch.randn(m, cols) * torch.linspace(0.01, 3, cols)
             x[0, :32] = 0  # a block of zeros: scale 0
             assert torch.equal(int8_kernel(library, x, weight), int8_kernel(four_row, x, weight))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
-def test_a_prompt_of_q4_takes_the_integer_kernel_with_the_bits_of_a_decode_step(name):
-    """Where the build has wide tiles, a Q4_0 / Q4_1 product of any size takes int8
-    activations (no GEMM): a prompt of INT8_GEMM_MIN_ROWS rows and more gets, row by row, the
-    bits that row gets alone, as a decode step would compute it."""
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_a_prompt_takes_the_integer_kernel_with_the_bits_of_a_decode_step(name):
+    """Where the build has wide tiles (AVX2), a Q4_0 / Q4_1 / Q8_0 product of any size takes
+    int8 activations (no GEMM): a prompt of INT8_GEMM_MIN_ROWS rows and more gets, row by row,
+    the bits that row gets alone, as a decode step would compute it."""
     if not gguf_linear._library().has_wide_tiles:
         pytest.skip("no AVX2 on this CPU: no wide tiles")
     weight = random_weight(name, 37, 512, seed=3)
@@ -186,17 +187,18 @@ def test_a_prompt_of_q4_takes_the_integer_kernel_with_the_bits_of_a_decode_step(
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q6_K"])
 def test_many_rows_go_through_the_dequantized_weight_a_slice_at_a_time(name, monkeypatch):
-    """A prefill-sized product (from INT8_GEMM_MIN_ROWS rows for Q8_0, which takes int8
-    activations below it) dequantizes the weight slice by slice (here 3 slices of 16 rows and
-    a ragged one of 5) and multiplies each with a GEMM: the same products."""
+    """A prefill-sized product with fp32 activations (Q8_0 takes int8 ones by default, and
+    then the GEMM only from INT8_GEMM_MIN_ROWS rows and only without AVX2) dequantizes the
+    weight slice by slice (here 3 slices of 16 rows and a ragged one of 5) and multiplies each
+    with a GEMM: the same products."""
     monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 16 * 512)
     weight = random_weight(name, 53, 512, seed=4)
     x = torch.randn(max(gguf_linear.GEMM_MIN_ROWS, gguf_linear.INT8_GEMM_MIN_ROWS) + 7, 512)
     reference = x @ weight.dequantize().T
     with torch.inference_mode():  # as in the engine: oneDNN's GEMM where torch has it
-        got = gguf_linear.matmul(x, weight)
+        got = gguf_linear.matmul(x, weight, int8_dot=False)
         monkeypatch.setattr(gguf_linear, "GEMM_SLICE_ELEMENTS", 1 << 20)
-        whole = gguf_linear.matmul(x, weight)  # a slice wider than the weight: one GEMM
+        whole = gguf_linear.matmul(x, weight, int8_dot=False)  # wider than the weight: one GEMM
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
     torch.testing.assert_close(whole, got, rtol=1e-5,
                                atol=1e-5 * reference.abs().max())

@@ -727,17 +727,26 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * 16..31) an exact integer, converted and multiplied by d_w * d_x into that half's
  * accumulator, then the weights' offsets times the input block's d * sum(q) into the first
  * half's; a row's result is the two accumulators' sum. So a product is bit-equal whichever
- * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only: Q8_0's
- * signed weights would need the sign trick per input row, or int16 pairs through vpmaddwd,
- * which measured slower than the four-row tiles (the LM head at 32 rows: 30 against 22 ms). */
+ * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only. Q8_0's
+ * signed products do not fit int16 sums: each pair must widen at once. Built both ways, it
+ * measured slower than the four-row tiles or even with them (the LM head at 1 / 32 rows:
+ * int16 pairs through vpmaddwd 30 against 22 ms at 32; the sign trick, |w| against x
+ * carrying w's sign, bit-equal, 2.28 against 0.89 ms at 1 and 13.5 against 13.6 at 32). */
 #define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
-/* Input rows per pass: two accumulators and one integer sum each. Measured on the model's
- * Q4_1 matrices (AVX2 EPYC, docs/benchmarks.md), a layer's four products at 8 / 32 / 256
- * rows: 0.48 / 1.38 / 8.6 ms with 2, 0.54 / 1.63 / 11.4 with 3, 0.58 / 1.72 / 12.5 with 4
- * (the four-row tiles: 1.05 / 3.67 / 28.1; dequantize + oneDNN GEMM at 256: 14.3-14.8). */
+/* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with two accumulators and one
+ * integer sum per pair, so that each broadcast of an input group feeds both tiles. Measured
+ * on the model's Q4_1 layer 0 (AVX2 EPYC, docs/benchmarks.md), its four products at 1 / 32 /
+ * 256 rows, the builds alternating in one process: 0.114 / 0.816 / 6.05 ms with two tiles of
+ * one row, 0.120 / 0.898 / 6.81 with one tile of two rows (one tile of three or four rows
+ * measured 12-45% slower than of two). Three or four tiles of one row, or two or three of
+ * two rows, were no faster than two of one. */
 #ifndef WIDE_X_ROWS
-#define WIDE_X_ROWS 2
+#define WIDE_X_ROWS 1
 #endif
+#ifndef WIDE_TILES
+#define WIDE_TILES 2
+#endif
+#define WIDE_TILE_ROWS (WIDE_ROWS * WIDE_TILES)
 
 #if defined(__AVX2__) && !defined(FLEET_NO_WIDE_TILES) /* the flag: for the tests' comparison */
 #define HAS_WIDE_TILES 1
@@ -806,47 +815,59 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
     out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
 }
 
-/* y[j][r] = <x_j, w_r> for nx input rows and a wide tile's decoded blocks. */
+/* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and WIDE_TILES tiles' decoded
+ * blocks (block b of tile t at w[b * WIDE_TILES + t]). */
 static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
-                                   float y[][WIDE_ROWS])
+                                   float y[][WIDE_TILE_ROWS])
 {
-    f32x8 first[WIDE_X_ROWS], second[WIDE_X_ROWS]; /* each half block's accumulator */
-    for (int j = 0; j < nx; j++) first[j] = second[j] = splat8(0.0f);
-    for (int64_t b = 0; b < blocks; b++, w++) {
+    f32x8 first[WIDE_X_ROWS][WIDE_TILES], second[WIDE_X_ROWS][WIDE_TILES];
+    for (int j = 0; j < nx; j++)
+        for (int t = 0; t < WIDE_TILES; t++) first[j][t] = second[j][t] = splat8(0.0f);
+    for (int64_t b = 0; b < blocks; b++, w += WIDE_TILES) {
         for (int half = 0; half < 2; half++) {
-            __m256i sums[WIDE_X_ROWS]; /* int32 with VNNI, else int16 pairs */
-            for (int j = 0; j < nx; j++) sums[j] = _mm256_setzero_si256();
+            __m256i sums[WIDE_X_ROWS][WIDE_TILES]; /* int32 with VNNI, else int16 pairs */
+            for (int j = 0; j < nx; j++)
+                for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
             for (int g = 4 * half; g < 4 * half + 4; g++) {
-                const __m256i wq = _mm256_load_si256((const __m256i *)w->q[g]);
+                __m256i wq[WIDE_TILES];
+                for (int t = 0; t < WIDE_TILES; t++)
+                    wq[t] = _mm256_load_si256((const __m256i *)w[t].q[g]);
                 for (int j = 0; j < nx; j++) {
                     int32_t group;
                     memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
                     const __m256i xg = _mm256_set1_epi32(group);
+                    for (int t = 0; t < WIDE_TILES; t++) {
 #if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                    sums[j] = _mm256_dpbusd_epi32(sums[j], wq, xg);
+                        sums[j][t] = _mm256_dpbusd_epi32(sums[j][t], wq[t], xg);
 #elif WIDE_VNNI
-                    sums[j] = _mm256_dpbusd_avx_epi32(sums[j], wq, xg);
+                        sums[j][t] = _mm256_dpbusd_avx_epi32(sums[j][t], wq[t], xg);
 #else
-                    sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(wq, xg));
+                        sums[j][t] = _mm256_add_epi16(sums[j][t], _mm256_maddubs_epi16(wq[t], xg));
 #endif
+                    }
                 }
             }
-            for (int j = 0; j < nx; j++) {
+            for (int j = 0; j < nx; j++)
+                for (int t = 0; t < WIDE_TILES; t++) {
 #if WIDE_VNNI
-                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j]);
+                    const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j][t]);
 #else
-                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(
-                    _mm256_madd_epi16(sums[j], _mm256_set1_epi16(1)));
+                    const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(
+                        _mm256_madd_epi16(sums[j][t], _mm256_set1_epi16(1)));
 #endif
-                const f32x8 scale = w->dw * splat8(x[j * blocks + b].d);
-                if (half == 0) first[j] = fma8(dots, scale, first[j]);
-                else second[j] = fma8(dots, scale, second[j]);
-            }
+                    const f32x8 scale = w[t].dw * splat8(x[j * blocks + b].d);
+                    if (half == 0) first[j][t] = fma8(dots, scale, first[j][t]);
+                    else second[j][t] = fma8(dots, scale, second[j][t]);
+                }
         }
-        for (int j = 0; j < nx; j++) first[j] = fma8(w->c, splat8(x[j * blocks + b].s), first[j]);
+        for (int j = 0; j < nx; j++)
+            for (int t = 0; t < WIDE_TILES; t++)
+                first[j][t] = fma8(w[t].c, splat8(x[j * blocks + b].s), first[j][t]);
     }
     for (int j = 0; j < nx; j++)
-        for (int r = 0; r < WIDE_ROWS; r++) y[j][r] = first[j][r] + second[j][r];
+        for (int t = 0; t < WIDE_TILES; t++)
+            for (int r = 0; r < WIDE_ROWS; r++)
+                y[j][t * WIDE_ROWS + r] = first[j][t][r] + second[j][t][r];
 }
 
 static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
@@ -854,24 +875,30 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
                                          int num_threads, int *status)
 {
     const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
-    const int64_t num_tiles = (n + WIDE_ROWS - 1) / WIDE_ROWS;
+    const int64_t num_tiles = (n + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS;
 #pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
     {
-        const size_t size = ((size_t)blocks * sizeof(wide_block) + 63) / 64 * 64;
+        const size_t size = ((size_t)blocks * WIDE_TILES * sizeof(wide_block) + 63) / 64 * 64;
         wide_block *decoded = aligned_alloc(64, size);
         if (!decoded) {
 #pragma omp atomic write
             *status = ERR_NO_MEMORY;
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; t++) {
+        for (int64_t tile = 0; tile < num_tiles; tile++) {
             if (!decoded) continue;
-            const int64_t n0 = t * WIDE_ROWS, rows_here = n - n0 < WIDE_ROWS ? n - n0 : WIDE_ROWS;
-            const uint8_t *rows[WIDE_ROWS];
-            for (int r = 0; r < WIDE_ROWS; r++) /* a ragged tile repeats its last row */
-                rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
-            for (int64_t b = 0; b < blocks; b++) decode_wide_block(rows, b, type, &decoded[b]);
-            float out[WIDE_X_ROWS][WIDE_ROWS];
+            const int64_t n0 = tile * WIDE_TILE_ROWS;
+            const int64_t rows_here = n - n0 < WIDE_TILE_ROWS ? n - n0 : WIDE_TILE_ROWS;
+            for (int t = 0; t < WIDE_TILES; t++) {
+                const uint8_t *rows[WIDE_ROWS];
+                for (int r = 0; r < WIDE_ROWS; r++) { /* a ragged tile repeats its last row */
+                    const int64_t row = t * WIDE_ROWS + r;
+                    rows[r] = w + (n0 + (row < rows_here ? row : rows_here - 1)) * row_bytes;
+                }
+                for (int64_t b = 0; b < blocks; b++)
+                    decode_wide_block(rows, b, type, &decoded[b * WIDE_TILES + t]);
+            }
+            float out[WIDE_X_ROWS][WIDE_TILE_ROWS];
             for (int64_t i = 0; i < m; i += WIDE_X_ROWS) {
                 const int nx = (int)(m - i < WIDE_X_ROWS ? m - i : WIDE_X_ROWS);
                 const xblock *xi = x + i * blocks;
