@@ -8,7 +8,8 @@ For each matrix and row count, the median time of:
 - `int8[BUILD]`: `fleet_gguf_matmul_q8` called directly (input rounding to int8 included), in
   each build of `--builds`: `native` (this CPU's flags: on AVX2, Q4_0/Q4_1 take the wide
   tiles) and `four-row` (the same source with `-DFLEET_NO_WIDE_TILES`: the four-row tiles
-  every type took before), so both are timed on one commit, alternately;
+  every type took before), so both are timed on one commit, alternately; `one-tile` (asked
+  for by name) is the wide tiles as first built, one tile of two input rows a pass;
 - `gemm`: what `gguf_linear.matmul` did from 64 rows before the wide tiles: the weight
   dequantized to fp32 (16 MiB slices) and oneDNN's GEMM (from 16 rows only).
 A layer's four matrices are also summed ("layer").
@@ -34,7 +35,9 @@ MATRICES = {"qkv_proj": "layers.0.self_attn.qkv_proj", "o_proj": "layers.0.self_
             "gate_up_proj": "layers.0.mlp.gate_up_proj", "down_proj": "layers.0.mlp.down_proj",
             "lm_head": "lm_head"}
 LAYER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-BUILDS = {"native": (), "four-row": ("-DFLEET_NO_WIDE_TILES",)}
+BUILDS = {"native": (), "four-row": ("-DFLEET_NO_WIDE_TILES",),
+          # the wide tiles as first built: one tile of two input rows a pass
+          "one-tile": ("-DWIDE_TILES=1", "-DWIDE_X_ROWS=2")}
 
 
 def median_ms(fn, reps: int) -> float:
@@ -53,7 +56,7 @@ def int8_product(library, x: torch.Tensor, weight: gguf_linear.GGUFWeight) -> to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,8,32,64,256")
-    parser.add_argument("--builds", default=",".join(BUILDS))
+    parser.add_argument("--builds", default="native,four-row")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]

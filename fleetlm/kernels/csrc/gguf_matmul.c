@@ -15,7 +15,7 @@
  *
  * fleet_gguf_matmul_q8 (at the end) is llama.cpp's arithmetic instead: the input quantized to
  * int8 per block and integer dot products, for Q4_0, Q4_1 and Q8_0; in AVX2 builds Q4_0 and
- * Q4_1 go through "wide tiles" (eight weight rows across a vector's lanes) at any batch.
+ * Q4_1 go through "wide tiles" (eight weight rows across a vector's lanes).
  *
  * Dequantization follows ggml (llama.cpp) and gguf-py operation by operation in fp32, so the
  * weights multiplied are exactly dequantize(W); only the order of the sums differs from a
@@ -728,10 +728,10 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * accumulator, then the weights' offsets times the input block's d * sum(q) into the first
  * half's; a row's result is the two accumulators' sum. So a product is bit-equal whichever
  * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only. Q8_0's
- * signed products do not fit int16 sums: each pair must widen at once. Built both ways, it
- * measured slower than the four-row tiles or even with them (the LM head at 1 / 32 rows:
- * int16 pairs through vpmaddwd 30 against 22 ms at 32; the sign trick, |w| against x
- * carrying w's sign, bit-equal, 2.28 against 0.89 ms at 1 and 13.5 against 13.6 at 32). */
+ * signed products do not fit int16 sums, so each pair must widen at once; built two ways, a
+ * Q8_0 wide tile was no faster than the four-row tiles. Int16 pairs through vpmaddwd took
+ * the LM head at 32 rows in 30 against 22 ms; the sign trick (|w| against x carrying w's
+ * sign, bit-equal) in 13.5 against 13.6 ms, and at one row in 2.28 against 0.89. */
 #define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
 /* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with two accumulators and one
  * integer sum per pair, so that each broadcast of an input group feeds both tiles. Measured
