@@ -8,7 +8,7 @@ the layer loop, `decode_stack.c` with the kernels it links) are built from its o
 `fleetlm/kernels/csrc` and loaded side by side, and the model switches between them step by
 step, so every version sees the same machine at the same time.
 
-    git archive OLD fleetlm/kernels/csrc | tar -x -C /tmp/old
+    mkdir -p /tmp/old && git archive OLD fleetlm/kernels/csrc | tar -x -C /tmp/old
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/kernel_ab.py \\
         before=/tmp/old/fleetlm/kernels/csrc after=fleetlm/kernels/csrc --out F
 
