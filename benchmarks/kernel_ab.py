@@ -6,7 +6,9 @@ next, which hides a kernel change of that size when each version runs in a proce
 own (`step_parts.py` before and after). Here every version's libraries (`gguf_matmul.c` for
 the layer loop, `decode_stack.c` with the kernels it links) are built from its own copy of
 `fleetlm/kernels/csrc` and loaded side by side, and the model switches between them step by
-step, so every version sees the same machine at the same time.
+step, so every version sees the same machine at the same time. (A prefill's attention runs in
+the current tree's attention library whatever the version; a decode step's, in the version's
+decode stack.)
 
     mkdir -p /tmp/old && git archive OLD fleetlm/kernels/csrc | tar -x -C /tmp/old
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/kernel_ab.py \\
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--prefills", type=int, default=8)
     parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     versions = dict(v.split("=", 1) for v in args.versions)
@@ -65,7 +68,7 @@ def main() -> None:
         raise SystemExit("a version's kernels did not build (no C compiler?)")
     llm = LLM(MODEL, quantization="gguf", dtype="float32", max_num_seqs=32,
               max_num_batched_tokens=8192, kv_cache_memory_bytes=2 << 30,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype)
     engine, model = llm.engine, llm.engine.executor.runner.model
 
     def use(name: str) -> None:
@@ -81,7 +84,7 @@ def main() -> None:
         return [rng.randrange(100, 40000) for _ in range(args.input_len)]
 
     results = {"cpu": cpu_name(), "versions": versions, "input_len": args.input_len,
-               "prefill_ms": {}, "decode_ms": {}}
+               "kv_cache_dtype": args.kv_cache_dtype, "prefill_ms": {}, "decode_ms": {}}
     times = {name: [] for name in libraries}
     one_token = SamplingParams(max_tokens=1, temperature=0)
     for _ in range(args.prefills):

@@ -12,6 +12,7 @@ needs_c_kernel = pytest.mark.skipif(not cpu_attention.is_available(),
                                     reason="the C kernel did not compile here")
 BLOCKS = pytest.mark.parametrize("block_size", [1, 8, 16])
 GROUPS = pytest.mark.parametrize("group", [1, 3])
+DECODE_GROUPS = pytest.mark.parametrize("group", [1, 2, 3, 4, 5])  # one row group, and more
 DECODE_SEQ_LENS = [1, 8, 17, 33, 16, 70]
 PREFILL_CASES = {  # name: (q_lens, seq_lens)
     "fresh_prompts": ([5, 16, 9], [5, 16, 9]),
@@ -91,7 +92,7 @@ def test_c_write_rejects_a_slot_outside_the_cache():
 
 @needs_c_kernel
 @BLOCKS
-@GROUPS
+@DECODE_GROUPS
 def test_decode_over_int8_matches_the_reference_and_float(group, block_size, paged_batch):
     batch = paged_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, group=group,
                         block_size=block_size, dtype=torch.float32)

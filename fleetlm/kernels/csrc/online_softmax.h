@@ -19,40 +19,86 @@
  * in registers. */
 #define UNROLLED _Pragma("GCC unroll 16")
 
-/* VLEN values of a kv row, fp32 or (bf16_rows) bf16, from element d. */
-static ALWAYS_INLINE fvec load_row(const void *row, const int bf16_rows, int64_t d)
+/* How the row path reads a tile's kv rows: fp32, bf16 or int8 values straight from the
+ * cache (paged_attention.c's KV_* codes; int8 unscaled: its scales are applied to the scores
+ * and the probabilities instead). */
+enum { ROWS_F32 = 0, ROWS_BF16 = 1, ROWS_INT8 = 2 };
+
+/* VLEN values of a kv row as fp32, from element d. */
+static ALWAYS_INLINE fvec load_row(const void *row, const int kind, int64_t d)
 {
-    return bf16_rows ? loadv_bf16((const uint16_t *)row + d) : loadv((const float *)row + d);
+    return kind == ROWS_BF16   ? loadv_bf16((const uint16_t *)row + d)
+           : kind == ROWS_INT8 ? loadv_i8((const int8_t *)row + d)
+                               : loadv((const float *)row + d);
 }
 
-/* s[r][t] = q[r] . k[t] for num_rows (<= ROW_GROUP) rows; prefetches the next_k rows along
- * unless elem (the cache's bytes per element) is 0. Each dot product is one chain of FMAs
- * in a register; the chains of a token's rows run side by side. */
-static ALWAYS_INLINE void score_rows(const float *q, int64_t dim, const int num_rows,
-                                     const void *const *k_rows, const int bf16_rows,
-                                     const char *const *next_k, int64_t elem, int64_t n,
-                                     float *s)
+/* Part i of prefetching a row of bytes (nothing when bytes is 0): the line at byte 64 i, and
+ * with the last of them the row's last byte, which may sit on one line more (an int8 row of
+ * 68 bytes spans two or three lines). Spread over a loop, so that the row's lines are not
+ * asked for in one burst, which would stall on the miss queue. */
+static ALWAYS_INLINE void prefetch_part(const char *row, int64_t bytes, int64_t i)
 {
-    for (int64_t t = 0; t < n; t++) {
-        if (elem)
-            for (int64_t d = 0; d < dim; d += DIM_CHUNK)
-                __builtin_prefetch(next_k[t] + d * elem, 0, 2);
+    if (64 * i >= bytes) return;
+    __builtin_prefetch(row + 64 * i, 0, 2);
+    if (64 * (i + 1) >= bytes) __builtin_prefetch(row + bytes - 1, 0, 2);
+}
+
+#define SCORE_TOKENS 4 /* kv tokens scored at once: ROW_GROUP x 4 sums in registers */
+
+/* The sums of a[0..3]'s lanes, in hsumv's order: three levels of fold_sums' pairs. */
+static ALWAYS_INLINE void fold4(const fvec a[SCORE_TOKENS], float out[SCORE_TOKENS])
+{
+#if VLEN == 16
+    fvec v = FOLD_PAIR(FOLD_PAIR(a[0], a[1], 8), FOLD_PAIR(a[2], a[3], 8), 4);
+    v = FOLD_PAIR(v, v, 2);
+#else
+    fvec v = FOLD_PAIR(FOLD_PAIR(a[0], a[1], 4), FOLD_PAIR(a[2], a[3], 4), 2);
+#endif
+    v = FOLD_PAIR(v, v, 1); /* a[0]'s sum in lane 0, a[1]'s at VLEN / 2, a[2]'s at VLEN / 4 */
+    out[0] = v[0];
+    out[1] = v[VLEN / 2];
+    out[2] = v[VLEN / 4];
+    out[3] = v[3 * VLEN / 4];
+}
+
+/* s[r][t] = q[r] . k[t] (times k_scale[t] for int8 rows) for num_rows (<= ROW_GROUP) rows and
+ * the tile's n tokens, k_rows padded to a multiple of SCORE_TOKENS; prefetches the next_k
+ * rows along, row_bytes each. Four tokens at a time: each kv vector is loaded (and converted)
+ * once for all rows, and the 4 x rows dot products are summed across lanes together, where
+ * one horizontal sum per row and token cost as much as the products. A row's sums do not
+ * depend on the other rows. */
+static ALWAYS_INLINE void score_rows(const float *q, int64_t dim, const int num_rows,
+                                     const void *const *k_rows, const int kind,
+                                     const float *k_scale, const char *const *next_k,
+                                     int64_t row_bytes, int64_t n, float *s)
+{
+    for (int64_t t0 = 0; t0 < n; t0 += SCORE_TOKENS) {
+        fvec a[ROW_GROUP][SCORE_TOKENS] = {{{0}}};
+        for (int64_t d = 0; d < dim; d += VLEN)
+            UNROLLED
+            for (int j = 0; j < SCORE_TOKENS; j++) {
+                prefetch_part(next_k[t0 + j], row_bytes, d / VLEN);
+                const fvec k = load_row(k_rows[t0 + j], kind, d);
+                UNROLLED
+                for (int r = 0; r < num_rows; r++) a[r][j] += loadv(q + r * dim + d) * k;
+            }
         UNROLLED
         for (int r = 0; r < num_rows; r++) {
-            fvec a = {0};
-            for (int64_t d = 0; d < dim; d += VLEN)
-                a += loadv(q + r * dim + d) * load_row(k_rows[t], bf16_rows, d);
-            s[r * KV_TILE + t] = hsumv(a);
+            float sums[SCORE_TOKENS];
+            fold4(a[r], sums);
+            UNROLLED
+            for (int j = 0; j < SCORE_TOKENS; j++)
+                s[r * KV_TILE + t0 + j] = kind == ROWS_INT8 ? sums[j] * k_scale[t0 + j] : sums[j];
         }
     }
 }
 
 /* acc[r] += sum_t p[r][t] * v[t] for num_rows (<= ROW_GROUP) rows; prefetches the next_v
- * rows along unless elem is 0. Token t adds into sum t % ACC_STREAMS, so a row's result is
+ * rows along, row_bytes each. Token t adds into sum t % ACC_STREAMS, so a row's result is
  * the same whichever rows share its call. */
 static ALWAYS_INLINE void accumulate_rows(const float *p, const void *const *v_rows,
-                                          const int bf16_rows, const char *const *next_v,
-                                          int64_t elem, int64_t n, int64_t dim,
+                                          const int kind, const char *const *next_v,
+                                          int64_t row_bytes, int64_t n, int64_t dim,
                                           const int num_rows, float *acc)
 {
     for (int64_t d = 0; d < dim; d += DIM_CHUNK) {
@@ -65,10 +111,11 @@ static ALWAYS_INLINE void accumulate_rows(const float *p, const void *const *v_r
         for (; t + ACC_STREAMS <= n; t += ACC_STREAMS) {
             UNROLLED
             for (int j = 0; j < ACC_STREAMS; j++) {
-                if (elem) __builtin_prefetch(next_v[t + j] + d * elem, 0, 2);
+                prefetch_part(next_v[t + j], row_bytes, d / DIM_CHUNK);
                 fvec x[CHUNK_VECS];
                 UNROLLED
-                for (int c = 0; c < CHUNK_VECS; c++) x[c] = load_row(v_rows[t + j], bf16_rows, d + c * VLEN);
+                for (int c = 0; c < CHUNK_VECS; c++)
+                    x[c] = load_row(v_rows[t + j], kind, d + c * VLEN);
                 UNROLLED
                 for (int r = 0; r < num_rows; r++) {
                     fvec pr = splatv(p[r * KV_TILE + t + j]);
@@ -79,10 +126,10 @@ static ALWAYS_INLINE void accumulate_rows(const float *p, const void *const *v_r
         }
         for (; t < n; t++) { /* the tail, fewer tokens than streams */
             const int j = (int)(t % ACC_STREAMS);
-            if (elem) __builtin_prefetch(next_v[t] + d * elem, 0, 2);
+            prefetch_part(next_v[t], row_bytes, d / DIM_CHUNK);
             fvec x[CHUNK_VECS];
             UNROLLED
-            for (int c = 0; c < CHUNK_VECS; c++) x[c] = load_row(v_rows[t], bf16_rows, d + c * VLEN);
+            for (int c = 0; c < CHUNK_VECS; c++) x[c] = load_row(v_rows[t], kind, d + c * VLEN);
             UNROLLED
             for (int r = 0; r < num_rows; r++) {
                 fvec pr = splatv(p[r * KV_TILE + t]);

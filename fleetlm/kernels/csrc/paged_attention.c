@@ -46,6 +46,7 @@ static inline int64_t row_elems(int kv_dtype, int64_t head_dim)
 
 typedef struct { /* per-thread scratch */
     float *q, *acc, *m, *l, *s, *k, *v; /* k, v: a bf16 or int8 tile converted to fp32 */
+    float *k_scale, *v_scale;           /* an int8 tile's row scales, when read as it is */
     float *qt, *acct, *st;              /* the lanes path's q, acc and scores, row-minor */
     const void **k_rows, **v_rows;      /* the tile's rows, in the cache or in k, v */
     const char **next_k, **next_v;      /* the next tile's rows in the cache, to prefetch */
@@ -70,12 +71,13 @@ static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64
 }
 
 /* Points k_rows/v_rows at kv tokens [start, start + n) of kv_head (into the cache for fp32,
- * and for bf16 when bf16_rows, else into fp32 copies), and next_k/next_v at the n_next tokens
- * after them. Blocks sit at random places the hardware prefetcher cannot guess, so the
- * compute loops prefetch the next tile a line at a time; a burst of prefetches would stall
- * on the miss queue. */
+ * and for bf16 and int8 when direct, with an int8 row's scales in k_scale/v_scale; else into
+ * scaled fp32 copies), and next_k/next_v at the n_next tokens after them. Blocks sit at random
+ * places the hardware prefetcher cannot guess, so the compute loops prefetch the next tile a
+ * line at a time; a burst of prefetches would stall on the miss queue. The arrays are padded
+ * to a multiple of SCORE_TOKENS by repeating the last token. */
 static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
-                      int64_t n_next, int bf16_rows, Scratch *sc)
+                      int64_t n_next, int direct, Scratch *sc)
 {
     const int64_t dim = kv->head_dim, elem = elem_bytes(kv->kv_dtype);
     tile_offsets(kv, kv_head, start + n, n_next, sc->offsets);
@@ -94,7 +96,7 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
             sc->v_rows[t] = (const float *)kv->v_cache + sc->offsets[t];
             continue;
         }
-        if (kv->kv_dtype == KV_BF16 && bf16_rows) {
+        if (kv->kv_dtype == KV_BF16 && direct) {
             sc->k_rows[t] = (const uint16_t *)kv->k_cache + sc->offsets[t];
             sc->v_rows[t] = (const uint16_t *)kv->v_cache + sc->offsets[t];
             continue;
@@ -105,6 +107,13 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
             float k_scale, v_scale;
             memcpy(&k_scale, k + dim, sizeof k_scale);
             memcpy(&v_scale, v + dim, sizeof v_scale);
+            if (direct) {
+                sc->k_rows[t] = k;
+                sc->v_rows[t] = v;
+                sc->k_scale[t] = k_scale;
+                sc->v_scale[t] = v_scale;
+                continue;
+            }
             for (int64_t d = 0; d < dim; d += VLEN) {
                 storev(sc->k + t * dim + d, loadv_i8(k + d) * k_scale);
                 storev(sc->v + t * dim + d, loadv_i8(v + d) * v_scale);
@@ -122,28 +131,41 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
         sc->k_rows[t] = sc->k + t * dim;
         sc->v_rows[t] = sc->v + t * dim;
     }
+    for (int64_t t = n; t % SCORE_TOKENS; t++) {
+        sc->k_rows[t] = sc->k_rows[n - 1];
+        sc->v_rows[t] = sc->v_rows[n - 1];
+        sc->next_k[t] = sc->next_k[n - 1];
+        sc->next_v[t] = sc->next_v[n - 1];
+        if (kv->kv_dtype == KV_INT8 && direct) sc->k_scale[t] = sc->v_scale[t] = 0.0f;
+    }
 }
-/* One kv tile's work for the rows of one kv head (rows [0, num_rows) of the pointers, bf16
- * when bf16_rows, else fp32); the first row group prefetches the next tile. */
+
+/* One kv tile's work for the rows of one kv head (rows [0, num_rows) of the pointers, read
+ * as kind: ROWS_F32, or a bf16 / int8 cache's own rows); the first row group prefetches the
+ * next tile, row_bytes a row. */
 static ALWAYS_INLINE void attend_tile(Scratch *sc, int64_t first_row, int64_t num_rows,
-                                      int64_t start, int64_t n, int64_t dim, int64_t elem,
-                                      const int bf16_rows)
+                                      int64_t start, int64_t n, int64_t dim, int64_t row_bytes,
+                                      const int kind)
 {
     float *q = sc->q + first_row * dim, *acc = sc->acc + first_row * dim;
     float *s = sc->s + first_row * KV_TILE;
 #define SCORE(rows)                                                                          \
-    score_rows(q + r0 * dim, dim, rows, sc->k_rows, bf16_rows, sc->next_k,                  \
-               r0 == 0 ? elem : 0, n, s + r0 * KV_TILE)
+    score_rows(q + r0 * dim, dim, rows, sc->k_rows, kind, sc->k_scale, sc->next_k,          \
+               r0 == 0 ? row_bytes : 0, n, s + r0 * KV_TILE)
     FOR_ROW_GROUPS(num_rows, SCORE)
 #undef SCORE
     for (int64_t r = first_row; r < first_row + num_rows; r++) {
         int64_t n_valid = sc->limit[r] - start;
         n_valid = n_valid < 0 ? 0 : n_valid < n ? n_valid : n;
         softmax_row(sc->s + r * KV_TILE, n_valid, &sc->m[r], &sc->l[r], sc->acc + r * dim, dim);
+        if (kind == ROWS_INT8) /* p * v_scale against the unscaled values */
+            for (int64_t t = 0; t < KV_TILE; t += VLEN)
+                storev(sc->s + r * KV_TILE + t, loadv(sc->s + r * KV_TILE + t) *
+                                                     loadv(sc->v_scale + t));
     }
 #define ACCUMULATE(rows)                                                                     \
-    accumulate_rows(s + r0 * KV_TILE, sc->v_rows, bf16_rows, sc->next_v,                    \
-                    r0 == 0 ? elem : 0, n, dim, rows, acc + r0 * dim)
+    accumulate_rows(s + r0 * KV_TILE, sc->v_rows, kind, sc->next_v,                         \
+                    r0 == 0 ? row_bytes : 0, n, dim, rows, acc + r0 * dim)
     FOR_ROW_GROUPS(num_rows, ACCUMULATE)
 #undef ACCUMULATE
 }
@@ -200,7 +222,7 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
                         int64_t rows_per_head, float *out)
 {
     const int64_t dim = kv->head_dim, num_rows = (head_end - head_begin) * rows_per_head;
-    const int64_t elem = elem_bytes(kv->kv_dtype);
+    const int64_t row_bytes = kv->row * elem_bytes(kv->kv_dtype);
     if (rows_per_head >= MIN_LANE_ROWS) { /* a prefill tile */
         for (int64_t h = head_begin; h < head_end; h++)
             for (int64_t r = 0; r < rows_per_head; r += LANE_ROWS)
@@ -208,9 +230,10 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
                              rows_per_head - r < LANE_ROWS ? rows_per_head - r : LANE_ROWS, out);
         return;
     }
-    /* A bf16 row read by one row group is converted as it is read; by several (a prefill
-     * tile), once into scratch. Either way the same fp32 values. */
-    const int bf16_rows = kv->kv_dtype == KV_BF16 && rows_per_head <= ROW_GROUP;
+    /* A bf16 or int8 row read by one row group is converted as it is read; by several, once
+     * into scratch. */
+    const int direct = kv->kv_dtype != KV_F32 && rows_per_head <= ROW_GROUP;
+    const int kind = direct ? kv->kv_dtype : KV_F32;
     int64_t kv_len = 0;
     for (int64_t r = 0; r < num_rows; r++) {
         kv_len = sc->limit[r] > kv_len ? sc->limit[r] : kv_len;
@@ -223,11 +246,13 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
         int64_t n_next = kv_len - start - n < KV_TILE ? kv_len - start - n : KV_TILE;
         for (int64_t h = head_begin; h < head_end; h++) {
             const int64_t first_row = (h - head_begin) * rows_per_head;
-            load_tile(kv, h, start, n, n_next, bf16_rows, sc);
-            if (bf16_rows)
-                attend_tile(sc, first_row, rows_per_head, start, n, dim, elem, 1);
+            load_tile(kv, h, start, n, n_next, direct, sc);
+            if (kind == KV_BF16)
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_BF16);
+            else if (kind == KV_INT8)
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_INT8);
             else
-                attend_tile(sc, first_row, rows_per_head, start, n, dim, elem, 0);
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_F32);
         }
     }
     for (int64_t r = 0; r < num_rows; r++) {
@@ -245,6 +270,8 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->s = malloc(max_rows * KV_TILE * sizeof(float));
     sc->k = malloc(KV_TILE * dim * sizeof(float));
     sc->v = malloc(KV_TILE * dim * sizeof(float));
+    sc->k_scale = calloc(KV_TILE, sizeof(float)); /* padding stays finite */
+    sc->v_scale = calloc(KV_TILE, sizeof(float));
     sc->k_rows = malloc(KV_TILE * sizeof(void *));
     sc->v_rows = malloc(KV_TILE * sizeof(void *));
     sc->next_k = malloc(KV_TILE * sizeof(char *));
@@ -255,7 +282,8 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->qt = malloc(dim * LANE_ROWS * sizeof(float));
     sc->acct = malloc(dim * LANE_ROWS * sizeof(float));
     sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
-    return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_rows &&
+    return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_scale &&
+           sc->v_scale && sc->k_rows &&
            sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit &&
            sc->out_offset && sc->qt && sc->acct && sc->st;
 }
@@ -263,7 +291,8 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
 static void scratch_free(Scratch *sc)
 {
     free(sc->q); free(sc->acc); free(sc->m); free(sc->l); free(sc->s); free(sc->k);
-    free(sc->v); free(sc->k_rows); free(sc->v_rows); free(sc->next_k); free(sc->next_v);
+    free(sc->v); free(sc->k_scale); free(sc->v_scale); free(sc->k_rows); free(sc->v_rows);
+    free(sc->next_k); free(sc->next_v);
     free(sc->offsets); free(sc->limit); free(sc->out_offset); free(sc->qt); free(sc->acct);
     free(sc->st);
 }
