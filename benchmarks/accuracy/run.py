@@ -18,6 +18,7 @@ on 127.0.0.1 that lm-eval's `local-completions` backend queries (token ids in, `
 - w8a8:    a `fleetlm quantize --scheme W8A8` checkpoint (int8 weights, int8 activations);
 - w8a8_smoothquant: the same after SmoothQuant (`--smoothquant 0.5`);
 - int8_kv: float32 weights, `--kv-cache-dtype int8`;
+- gguf_int8_kv: `--quantization gguf --kv-cache-dtype int8` (`configs/bench-cpu-gguf.yaml`);
 - bf16:    `--dtype bfloat16`, weights and KV cache (what `fleetlm serve` runs by default on a
            CPU with AVX512-BF16 or AMX), through the bf16 GEMM or oneDNN the CPU gets.
 
@@ -58,6 +59,7 @@ VARIANTS = {  # name -> the flags `fleetlm serve` gets
     "w8a8": [],
     "w8a8_smoothquant": [],
     "int8_kv": ["--kv-cache-dtype", "int8"],
+    "gguf_int8_kv": ["--quantization", "gguf", "--kv-cache-dtype", "int8"],
     "bf16": ["--dtype", "bfloat16"],  # after SERVE_ARGS' float32: the last --dtype counts
 }
 # Variants served from their own folder, written by `fleetlm quantize` with these flags.

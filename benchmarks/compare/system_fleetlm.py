@@ -1,5 +1,6 @@
 """fleetlm through the README's serve path: `scripts/serve configs/bench-cpu.yaml`, and the same
-with the GGUF file's blocks kept quantized (`configs/bench-cpu-gguf.yaml`, system `fleetlm-gguf`).
+with the GGUF file's blocks kept quantized over an int8 KV cache (`configs/bench-cpu-gguf.yaml`,
+system `fleetlm-gguf`).
 
 The config is used as it is except for the HTTP port: a copy with a free port is written to the
 comparison's output folder (the checked-in config serves on 8000, which may be taken).
@@ -67,7 +68,8 @@ class FleetlmSystem(System):
 
 
 class FleetlmGgufSystem(FleetlmSystem):
-    """fleetlm serving the built-in GGUF's Q4_1 blocks as they are (`quantization: gguf`)."""
+    """fleetlm serving the built-in GGUF's Q4_1 blocks as they are (`quantization: gguf`), over
+    an int8 KV cache (`kv_cache_dtype: int8`)."""
 
     name = "fleetlm-gguf"
     config = "configs/bench-cpu-gguf.yaml"
