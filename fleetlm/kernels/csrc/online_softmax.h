@@ -19,16 +19,16 @@
  * in registers. */
 #define UNROLLED _Pragma("GCC unroll 16")
 
-/* How the row path reads a tile's kv rows: fp32, bf16 or int8 values straight from the
- * cache (paged_attention.c's KV_* codes; int8 unscaled: its scales are applied to the scores
- * and the probabilities instead). */
-enum { ROWS_F32 = 0, ROWS_BF16 = 1, ROWS_INT8 = 2 };
+/* A KV cache's dtype, and how the row path reads a tile's kv rows: fp32, bf16 or int8 values
+ * straight from the cache (int8 unscaled: its scales are applied to the scores and the
+ * probabilities instead), or fp32 copies (KV_F32). */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
 
 /* VLEN values of a kv row as fp32, from element d. */
 static ALWAYS_INLINE fvec load_row(const void *row, const int kind, int64_t d)
 {
-    return kind == ROWS_BF16   ? loadv_bf16((const uint16_t *)row + d)
-           : kind == ROWS_INT8 ? loadv_i8((const int8_t *)row + d)
+    return kind == KV_BF16   ? loadv_bf16((const uint16_t *)row + d)
+           : kind == KV_INT8 ? loadv_i8((const int8_t *)row + d)
                                : loadv((const float *)row + d);
 }
 
@@ -88,7 +88,7 @@ static ALWAYS_INLINE void score_rows(const float *q, int64_t dim, const int num_
             fold4(a[r], sums);
             UNROLLED
             for (int j = 0; j < SCORE_TOKENS; j++)
-                s[r * KV_TILE + t0 + j] = kind == ROWS_INT8 ? sums[j] * k_scale[t0 + j] : sums[j];
+                s[r * KV_TILE + t0 + j] = kind == KV_INT8 ? sums[j] * k_scale[t0 + j] : sums[j];
         }
     }
 }

@@ -19,7 +19,6 @@
 
 #include "online_softmax.h"
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
 #define SCALE_BYTES 4 /* an int8 row's float32 scale */
 #define QMAX 127.0f
 enum { OK = 0, ERR_SHAPE = 1, ERR_BLOCK_TABLE = 2, ERR_SEQ_LEN = 3, ERR_NO_MEMORY = 4 };
@@ -141,7 +140,7 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
 }
 
 /* One kv tile's work for the rows of one kv head (rows [0, num_rows) of the pointers, read
- * as kind: ROWS_F32, or a bf16 / int8 cache's own rows); the first row group prefetches the
+ * as kind: KV_F32, or a bf16 / int8 cache's own rows); the first row group prefetches the
  * next tile, row_bytes a row. */
 static ALWAYS_INLINE void attend_tile(Scratch *sc, int64_t first_row, int64_t num_rows,
                                       int64_t start, int64_t n, int64_t dim, int64_t row_bytes,
@@ -158,7 +157,7 @@ static ALWAYS_INLINE void attend_tile(Scratch *sc, int64_t first_row, int64_t nu
         int64_t n_valid = sc->limit[r] - start;
         n_valid = n_valid < 0 ? 0 : n_valid < n ? n_valid : n;
         softmax_row(sc->s + r * KV_TILE, n_valid, &sc->m[r], &sc->l[r], sc->acc + r * dim, dim);
-        if (kind == ROWS_INT8) /* p * v_scale against the unscaled values */
+        if (kind == KV_INT8) /* p * v_scale against the unscaled values */
             for (int64_t t = 0; t < KV_TILE; t += VLEN)
                 storev(sc->s + r * KV_TILE + t, loadv(sc->s + r * KV_TILE + t) *
                                                      loadv(sc->v_scale + t));
@@ -248,11 +247,11 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
             const int64_t first_row = (h - head_begin) * rows_per_head;
             load_tile(kv, h, start, n, n_next, direct, sc);
             if (kind == KV_BF16)
-                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_BF16);
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, KV_BF16);
             else if (kind == KV_INT8)
-                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_INT8);
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, KV_INT8);
             else
-                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, ROWS_F32);
+                attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, KV_F32);
         }
     }
     for (int64_t r = 0; r < num_rows; r++) {
@@ -283,8 +282,7 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->acct = malloc(dim * LANE_ROWS * sizeof(float));
     sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
     return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_scale &&
-           sc->v_scale && sc->k_rows &&
-           sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit &&
+           sc->v_scale && sc->k_rows && sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit &&
            sc->out_offset && sc->qt && sc->acct && sc->st;
 }
 
