@@ -15,6 +15,11 @@ model is split over a worker group reserves one placement group for itself and i
     bundle 0: the replica (replicas.num_cpus / num_gpus)   bundles 1..N: one per rank
 
 so Serve starts it only where the whole group fits, and replaces it as a whole.
+
+With `http.ingress: in_replica` (one replica, no pd) the engine replica serves the routes
+itself, one Serve hop fewer (EngineReplicaIngress):
+
+    Serve's HTTP proxy ──> LLMServer (OpenAIIngress ──LocalHandle──> its own LLMServer methods)
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from collections.abc import Sequence
+
+from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import HTTPOptions, RequestRouterConfig
@@ -29,18 +37,21 @@ from ray.serve.config import HTTPOptions, RequestRouterConfig
 from fleetlm.cluster.autoscaling import serve_autoscaling_config
 from fleetlm.cluster.config import (
     ClusterConfig,
+    MigrationSection,
     RouterSection,
     parse_config,
     pool_config,
     to_engine_config,
 )
-from fleetlm.cluster.ingress import make_ingress_class
+from fleetlm.cluster.ingress import OpenAIIngress, build_fastapi, make_ingress_class
+from fleetlm.cluster.local_handle import LocalHandle
 from fleetlm.cluster.prompt_hashing import PromptHasher
 from fleetlm.cluster.serve_logs import send_fleetlm_logs_to_serve
 from fleetlm.cluster.serve_router import (
     REQUEST_ROUTER,
     ROUTING_STATS_PERIOD_S,
     ROUTING_STATS_TIMEOUT_S,
+    routing_table,
 )
 from fleetlm.cluster.server import EngineFactory, LLMServer
 
@@ -63,6 +74,29 @@ class LLMServerDeployment(LLMServer):
 
     async def __del__(self) -> None:
         await self.shutdown()
+        parent = getattr(super(), "__del__", None)  # Serve's ASGI wrapper's, if an ingress too
+        if parent is not None:
+            await parent()
+
+
+class EngineReplicaIngress(LLMServerDeployment):
+    """An engine replica that serves the OpenAI routes itself (`http.ingress: in_replica`):
+    its `OpenAIIngress` calls this replica's own methods through a `LocalHandle`, on this
+    event loop. Without another replica to move to, a stream whose engine fails ends with an
+    error (no migration); Serve replaces the replica, routes and engine together."""
+
+    def __init__(self, *args, router: RouterSection, api_keys: Sequence[str] = (),
+                 hasher: PromptHasher | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        context = serve.get_replica_context()
+        table = routing_table(context.app_name, context.deployment, router)
+        handle = LocalHandle(self, context.app_name, context.deployment,
+                             context.replica_id.unique_id, table)
+        self.ingress = OpenAIIngress(self.model_name, handle, router, api_keys,
+                                     MigrationSection(max_migrations=0), hasher=hasher)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls this in the replica
+        return build_fastapi(self.ingress)
 
 
 def server_name(index: int, pool: str = "") -> str:
@@ -94,10 +128,14 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         prefill_config, decode_config = pool_config(config, "prefill"), pool_config(config,
                                                                                      "decode")
         prefill_server = _server(prefill_config, engine_factory, "prefill",
-                                 RouterSection(policy="least_loaded"))
+                                 routed_by=RouterSection(policy="least_loaded"))
         server = _server(decode_config, engine_factory, "decode",
                          prefill_server=prefill_server, pd=config.pd)
         max_replicas = _max_replicas(decode_config)
+    if config.http.ingress == "in_replica":  # the config checked: one replica, no pd
+        return _server(config, engine_factory, deployment_class=serve.ingress()(
+            EngineReplicaIngress), router=config.router, api_keys=config.http.api_keys,
+            hasher=_prompt_hasher(config, engine_factory))
     ingress = serve.deployment(make_ingress_class()).options(
         name=INGRESS_NAME,
         num_replicas=1,
@@ -135,10 +173,11 @@ def _max_replicas(config: ClusterConfig) -> int:
 
 
 def _server(config: ClusterConfig, engine_factory: EngineFactory | None, pool: str = "",
-            router: RouterSection | None = None, **pd_kwargs) -> Application:
-    """The bound engine deployment (or one P/D pool's), routed by `router` (default: the
-    config's own)."""
-    router = router or config.router
+            routed_by: RouterSection | None = None,
+            deployment_class: type = LLMServerDeployment, **kwargs) -> Application:
+    """The bound engine deployment (or one P/D pool's), routed by `routed_by` (default: the
+    config's own router); `kwargs` go to `deployment_class` (P/D's, the ingress's)."""
+    router = routed_by or config.router
     engine_config = to_engine_config(config)
     if router.policy == "precise_prefix":  # the router mirrors the replicas' caches
         engine_config = replace(engine_config,
@@ -150,7 +189,7 @@ def _server(config: ClusterConfig, engine_factory: EngineFactory | None, pool: s
     else:
         scaling = {"autoscaling_config": serve_autoscaling_config(replicas.autoscaling)}
     return (
-        serve.deployment(LLMServerDeployment)
+        serve.deployment(deployment_class)
         .options(
             name=deployment_name(pool),
             ray_actor_options=_replica_actor_options(config),
@@ -168,7 +207,7 @@ def _server(config: ClusterConfig, engine_factory: EngineFactory | None, pool: s
         )
         .bind(engine_config, config.model.served_name, engine_factory, interval_s,
               max_stream_messages_per_s=config.http.max_stream_messages_per_s,
-              tool_call_parser=config.http.tool_call_parser, **pd_kwargs)
+              tool_call_parser=config.http.tool_call_parser, **kwargs)
     )
 
 

@@ -191,6 +191,14 @@ class HttpSection(Section):
         default_factory=list, description="Accepted bearer tokens; empty: no authentication."
     )
     ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved by the ingress.")
+    ingress: Literal["separate", "in_replica"] = Field(
+        "separate",
+        description="Where the OpenAI routes run. 'separate': an ingress deployment of its own, "
+        "which routes among the engine replicas and moves a stream whose replica failed to "
+        "another (or to its replacement). 'in_replica': in the one engine replica itself, one "
+        "Serve hop and one process fewer per request, but a stream whose engine fails ends "
+        "with an error; needs one replica (replicas.count 1, no autoscaling, no pd).",
+    )
     stream_interval_ms: float = Field(
         DEFAULT_STREAM_INTERVAL_MS,
         ge=0,
@@ -333,6 +341,18 @@ class ClusterConfig(EngineArgs):
         prefill, decode = pool_config(self, "prefill"), pool_config(self, "decode")
         if prefill.engine.block_size != decode.engine.block_size:  # the KV layout
             raise ValueError("pd: the pools' engine.block_size must be equal")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ingress(self) -> ClusterConfig:
+        if self.http.ingress != "in_replica":
+            return self
+        for key, is_set in (("replicas.count", self.replicas.count != 1),
+                            ("replicas.autoscaling", self.replicas.autoscaling is not None),
+                            ("pd", self.pd is not None)):
+            if is_set:
+                raise ValueError(f"{key}: http.ingress 'in_replica' serves from one engine "
+                                 "replica; use 'separate' to route among several")
         return self
 
     @model_validator(mode="after")

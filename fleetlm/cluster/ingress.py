@@ -100,7 +100,8 @@ class OpenAIIngress:
         hasher: PromptHasher | None = None,
     ) -> None:
         """`server`: the engine deployment requests go to (a P/D deployment's decode pool),
-        routed by `router` (serve_router.py); `prefill_server`: a P/D deployment's prefill
+        routed by `router` (serve_router.py), or a `LocalHandle` to the engine replica these
+        routes run in (`http.ingress: in_replica`, app.py); `prefill_server`: a P/D deployment's prefill
         pool, which the decode replicas call themselves; here it counts only for /health and
         /metrics. `hasher` tokenizes prompts once, here, and gives the prefix-aware policies
         each prompt's block hashes."""

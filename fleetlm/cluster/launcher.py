@@ -84,7 +84,8 @@ def deploy_and_wait(config: ClusterConfig, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     _wait_until_it_fits(config, deadline if is_waiting_for_resources else time.monotonic())
     deploy(config, is_blocking=False)
-    num_replicas = num_engine_replicas(config) + 1  # the engine replicas and the ingress
+    # The engine replicas and the ingress (unless it runs in the one engine replica).
+    num_replicas = num_engine_replicas(config) + (config.http.ingress == "separate")
     with tqdm(total=num_replicas, desc=f"Starting {config.model.name}", unit="replica") as bar:
         for num_running, status, message in _poll_app(config.name):
             bar.update(num_running - bar.n)

@@ -48,7 +48,8 @@ class Node:
 
 
 def deployment_groups(config: ClusterConfig) -> list[Group]:
-    """The engine replicas' groups and the ingress, as `fleetlm.cluster.app` reserves them."""
+    """The engine replicas' groups and the ingress (unless it runs in the replica), as
+    `fleetlm.cluster.app` reserves them."""
     from fleetlm.cluster.app import INGRESS_NAME
 
     if config.pd is None:
@@ -56,8 +57,9 @@ def deployment_groups(config: ClusterConfig) -> list[Group]:
     else:
         groups = [*_replica_groups(pool_config(config, "prefill"), "prefill"),
                   *_replica_groups(pool_config(config, "decode"), "decode")]
-    groups.append(Group(INGRESS_NAME, (Bundle(INGRESS_NAME,
-                                              {"CPU": config.http.ingress_num_cpus}),)))
+    if config.http.ingress == "separate":
+        groups.append(Group(INGRESS_NAME, (Bundle(INGRESS_NAME,
+                                                  {"CPU": config.http.ingress_num_cpus}),)))
     return groups
 
 

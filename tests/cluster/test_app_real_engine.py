@@ -50,6 +50,18 @@ def real(http_port, config):
     serve.delete(APP)
 
 
+@pytest.fixture
+def real_in_replica(http_port, config):
+    """The same engine with the routes in its replica (`http.ingress: in_replica`)."""
+    from ray import serve
+
+    app = f"{APP}-in-replica"
+    serve.run(build_app(small_config(config, http={"ingress": "in_replica"})), name=app,
+              route_prefix=f"/{app}")
+    yield f"http://127.0.0.1:{http_port}/{app}"
+    serve.delete(app)
+
+
 @pytest.fixture(scope="module")
 def offline():
     from fleetlm.executor.llm import LLM
@@ -90,6 +102,21 @@ def test_greedy_chat_stream_equals_the_offline_engine(real, offline):
         expected.outputs[0].text
     )
     assert chunks[-1].usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_routes_in_the_replica_answer_as_the_offline_engine(real_in_replica, offline):
+    expected = [offline.generate([p], _greedy())[0].outputs[0].text for p in PROMPTS]
+    client = _client(real_in_replica)
+    got = [
+        "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model=MODEL, prompt=p, max_tokens=NUM_TOKENS, temperature=0, stream=True))
+        for p in PROMPTS
+    ]
+    assert got == expected
+    [chat] = offline.chat(CONVERSATION, _greedy())
+    reply = client.chat.completions.create(model=MODEL, messages=CONVERSATION,
+                                           max_tokens=NUM_TOKENS, temperature=0)  # fmt: skip
+    assert reply.choices[0].message.content == chat.outputs[0].text
 
 
 def test_32_concurrent_streams_finish(real):

@@ -134,6 +134,16 @@ def test_bad_pd_sections_are_named(data, message):
         ClusterConfig.model_validate(data)
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"replicas": {"count": 2}}, "replicas.count: http.ingress 'in_replica'"),
+    ({"replicas": {"autoscaling": {"max_replicas": 2}}}, "replicas.autoscaling: http.ingress"),
+    ({"pd": {}}, "pd: http.ingress 'in_replica' serves from one engine replica"),
+])
+def test_an_ingress_in_the_replica_needs_one_replica(data, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig.model_validate({**data, "http": {"ingress": "in_replica"}})
+
+
 def test_every_field_has_a_description():
     def walk(model_type):
         for name, field in model_type.model_fields.items():

@@ -36,6 +36,13 @@ def test_the_total_names_every_group_and_what_the_cluster_has():
             "LLMServer-2 1.5, OpenAIIngress 0.1), but the cluster has 4") in message
 
 
+def test_an_ingress_in_the_replica_reserves_nothing_of_its_own():
+    one_node = TWO_CPU_NODES[:1]
+    check_fits(make_config(replicas={"num_cpus": 2}, http={"ingress": "in_replica"}), one_node)
+    # A separate ingress's 0.1 CPU would not fit beside the replica.
+    assert "OpenAIIngress 0.1" in shortfalls(make_config(replicas={"num_cpus": 2}), one_node)
+
+
 def test_a_bundle_no_node_can_hold_names_bundle_resource_and_amount():
     config = make_config(replicas={"num_cpus": 3})
     message = shortfalls(config, TWO_CPU_NODES)
