@@ -29,10 +29,12 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
 
 
 def bench_fleetlm(model: str, dtype: str, prompts, output_len: int, batch_size: int,
-                  device: str = "cpu", quantization: str | None = None) -> dict:
+                  device: str = "cpu", quantization: str | None = None,
+                  kv_cache_dtype: str = "auto") -> dict:
     llm = LLM(model, dtype=dtype, device=device, max_num_seqs=batch_size, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, len(prompts[0])),
-              kv_cache_memory_bytes=2 << 30, quantization=quantization)
+              kv_cache_memory_bytes=2 << 30, quantization=quantization,
+              kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     started = time.perf_counter()
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quantization", default=None,
                         help="fleetlm's only (e.g. gguf: the GGUF's blocks kept quantized)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="fleetlm's (e.g. int8)")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=256)
@@ -133,7 +136,8 @@ def main() -> None:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         row = {"batch_size": batch_size,
                "fleetlm": bench_fleetlm(args.model, args.dtype, prompts, args.output_len,
-                                        batch_size, args.device, args.quantization)}
+                                        batch_size, args.device, args.quantization,
+                                        args.kv_cache_dtype)}
         if not args.skip_transformers:
             row["transformers"] = bench_transformers(model_dir, args.dtype, prompts,
                                                      args.output_len, batch_size, args.device)

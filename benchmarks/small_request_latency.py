@@ -7,8 +7,8 @@ One request at a time to /v1/completions: a 4-token prompt (token ids), max_toke
 greedy. `plain`: time to the whole JSON response; `stream`: time to the first SSE event
 that carries text (TTFT) and to `[DONE]`. Medians over `--num-requests` after 3 warm-ups.
 Standard library only, so it measures the server, not a client library. `--offline`: the
-same request through the offline `LLM` in this process with the settings of
-configs/bench-cpu.yaml, the floor the served path is compared with.
+same request through the offline `LLM` in this process with the model and engine settings of
+`--config` (default configs/bench-cpu.yaml), the floor the served path is compared with.
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def measure(base_url: str, model: str, num_requests: int, stream: bool) -> dict:
             "total_ms_min": min(totals), "total_ms_max": max(totals)}
 
 
-def measure_offline(num_requests: int) -> dict:
+def measure_offline(num_requests: int, config_path: Path) -> dict:
     from fleetlm import LLM, SamplingParams
+    from fleetlm.cluster.config import load_config
 
-    llm = LLM("smollm2-135m-instruct", max_num_seqs=32, max_num_batched_tokens=2048,
-              kv_cache_memory_bytes=2 << 30)
+    config = load_config(config_path)  # the model and engine sections, as the server runs them
+    llm = LLM(config.model.name, **config.model.model_dump(exclude={"name"}),
+              **config.engine.model_dump())
     params = SamplingParams(max_tokens=1, temperature=0)
     for _ in range(NUM_WARMUP):
         llm.generate([PROMPT_TOKEN_IDS], params)
@@ -94,9 +96,11 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=25)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--offline", action="store_true")
+    parser.add_argument("--config", type=Path, default=Path("configs/bench-cpu.yaml"),
+                        help="--offline: the deployment YAML whose model and engine to run")
     args = parser.parse_args()
     if args.offline:
-        results = [measure_offline(args.num_requests)]
+        results = [measure_offline(args.num_requests, args.config)]
     else:
         results = [measure(args.base_url, args.model, args.num_requests, stream)
                    for stream in (False, True)]

@@ -136,7 +136,7 @@ def test_fleetlm_config_gets_the_free_port(tmp_path):
 
     changed = yaml.safe_load(config_with_port(text, "127.0.0.1", 41234))
     original = yaml.safe_load(text)
-    assert changed["http"] == {"host": "127.0.0.1", "port": 41234}
+    assert changed["http"] == {**original["http"], "host": "127.0.0.1", "port": 41234}
     assert {k: v for k, v in changed.items() if k != "http"} == {
         k: v for k, v in original.items() if k != "http"}
 
