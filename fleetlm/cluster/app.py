@@ -25,9 +25,8 @@ itself, one Serve hop fewer (EngineReplicaIngress):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-
 from collections.abc import Sequence
+from dataclasses import replace
 
 from fastapi import FastAPI
 from ray import serve
@@ -116,11 +115,16 @@ def deployment_name(pool: str = "") -> str:
 
 def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None) -> Application:
     """The application: one ingress bound to the engine deployment, or with a `pd` section
-    to the decode pool's, which is bound to the prefill pool's.
+    to the decode pool's, which is bound to the prefill pool's; with `http.ingress:
+    in_replica`, the engine deployment alone, its replica serving the routes.
 
     `engine_factory(EngineConfig) -> EngineClient` builds each replica's engine; None means
     fleetlm's own `AsyncEngine`. It is pickled to the replicas, so it must be importable there.
     """
+    if config.http.ingress == "in_replica":  # the config checked: one replica, no pd
+        return _server(config, engine_factory, deployment_class=serve.ingress()(
+            EngineReplicaIngress), router=config.router, api_keys=config.http.api_keys,
+            hasher=_prompt_hasher(config, engine_factory))
     if config.pd is None:
         server, prefill_server = _server(config, engine_factory), None
         max_replicas = _max_replicas(config)
@@ -132,10 +136,6 @@ def build_app(config: ClusterConfig, engine_factory: EngineFactory | None = None
         server = _server(decode_config, engine_factory, "decode",
                          prefill_server=prefill_server, pd=config.pd)
         max_replicas = _max_replicas(decode_config)
-    if config.http.ingress == "in_replica":  # the config checked: one replica, no pd
-        return _server(config, engine_factory, deployment_class=serve.ingress()(
-            EngineReplicaIngress), router=config.router, api_keys=config.http.api_keys,
-            hasher=_prompt_hasher(config, engine_factory))
     ingress = serve.deployment(make_ingress_class()).options(
         name=INGRESS_NAME,
         num_replicas=1,

@@ -190,7 +190,8 @@ class HttpSection(Section):
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted bearer tokens; empty: no authentication."
     )
-    ingress_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved by the ingress.")
+    ingress_num_cpus: float = Field(
+        0.1, ge=0, description="Ray CPUs reserved by the ingress (a separate one, see ingress).")
     ingress: Literal["separate", "in_replica"] = Field(
         "separate",
         description="Where the OpenAI routes run. 'separate': an ingress deployment of its own, "

@@ -101,9 +101,9 @@ class OpenAIIngress:
     ) -> None:
         """`server`: the engine deployment requests go to (a P/D deployment's decode pool),
         routed by `router` (serve_router.py), or a `LocalHandle` to the engine replica these
-        routes run in (`http.ingress: in_replica`, app.py); `prefill_server`: a P/D deployment's prefill
-        pool, which the decode replicas call themselves; here it counts only for /health and
-        /metrics. `hasher` tokenizes prompts once, here, and gives the prefix-aware policies
+        routes run in (`http.ingress: in_replica`, app.py); `prefill_server`: a P/D
+        deployment's prefill pool, which the decode replicas call themselves; here it counts
+        only for /health and /metrics. `hasher` tokenizes prompts once, here, and gives the prefix-aware policies
         each prompt's block hashes."""
         send_fleetlm_logs_to_serve()
         self.model_name = served_model_name

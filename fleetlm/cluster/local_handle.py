@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from typing import Any
 
+from fleetlm.cluster.migration import StreamChunk
 from fleetlm.cluster.serve_router import RoutingTable
+
+logger = logging.getLogger(__name__)
 
 
 class LocalHandle:
@@ -58,31 +62,48 @@ class _LocalMethod:
 
 class _LocalStream:
     """A replica method's async generator, iterated and cancelled as Serve's
-    `DeploymentResponseGenerator` is."""
+    `DeploymentResponseGenerator` is. As in a replica, the generator always runs to its end
+    (its `finally` aborts what is left and records the request's metrics): after the item
+    that ends the stream (server.py's contract) the rest runs in a task of its own, and a
+    cancelled stream is closed."""
 
     def __init__(self, generator, on_end) -> None:
         self.generator, self.on_end = generator, on_end
-        self._closer: asyncio.Task | None = None
+        self._ending: asyncio.Task | None = None
 
     def __aiter__(self) -> _LocalStream:
         return self
 
     async def __anext__(self) -> Any:
         try:
-            return await self.generator.__anext__()
+            item = await self.generator.__anext__()
         except BaseException:  # ended, failed or cancelled: it yields nothing more
             self.on_end()
             raise
+        if not isinstance(item, StreamChunk) or item.is_last:  # nothing follows
+            self._end_with(self._drain())
+        return item
 
     def cancel(self) -> None:
-        """Close the generator (its `finally` aborts the engine's requests); a no-op once
-        it has ended. Called from the caller's task between items, never during one."""
-        if self._closer is None:
-            self._closer = asyncio.ensure_future(self._close())
+        """Close the generator unless it is ending already. Called from the caller's task
+        between items, never during one."""
+        self._end_with(self.generator.aclose())
 
-    async def _close(self) -> None:
+    def _end_with(self, ending) -> None:
+        if self._ending is None:
+            self._ending = asyncio.ensure_future(self._end(ending))
+        else:
+            ending.close()  # a coroutine never awaited
+
+    async def _drain(self) -> None:
+        async for _ in self.generator:
+            pass
+
+    async def _end(self, ending) -> None:
         try:
-            await self.generator.aclose()
+            await ending
+        except Exception:  # noqa: BLE001 - the client has its answer; log what is left
+            logger.exception("a local stream failed while ending")
         finally:
             self.on_end()
 
