@@ -45,7 +45,11 @@ class LocalHandle:
         self._num_calls += 1
         call_id = f"local-{self._num_calls}"
         self.table.on_routed(call_id, self.replica, kwargs.get("routing"))
-        result = getattr(self.server, method)(*args, **kwargs)
+        try:
+            result = getattr(self.server, method)(*args, **kwargs)
+        except BaseException:  # raised at the call, as a replica's would be at the await
+            self.table.on_completed(call_id)
+            raise
         if inspect.isasyncgen(result):
             return _LocalStream(result, lambda: self.table.on_completed(call_id))
         self.table.on_completed(call_id)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -17,6 +19,15 @@ import fake_engine  # noqa: E402  (a sibling module; pytest puts this folder on 
 from fleetlm.cluster.config import ClusterConfig  # noqa: E402
 
 TEST_REPLICA_CPUS = 0.1
+WAIT_TIMEOUT_S = 60.0
+
+
+def wait_until(condition, what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ import openai
 import pytest
 import replicas
 import requests
-from conftest import small_config
+from conftest import small_config, wait_until
 from fake_engine import (
     CRASH_MARKER,
     DIE_AFTER_TOKENS,
@@ -115,13 +115,6 @@ def _post(url: str, body=None, key: str | None = API_KEY, **kwargs) -> requests.
 def _replica_stats(app: str, index: int):
     """The engine statistics of the app's `index`th replica (by sorted replica id)."""
     return replicas.ask(app, replicas.replica_ids(app)[index], "stats")
-
-
-def _wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _assert_ok(base_url: str) -> None:
@@ -245,7 +238,7 @@ def test_queue_over_its_limit_is_429(tight):
     next(iter(running))  # the only slot is taken
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(_post, f"{tight}/v1/completions", {"prompt": "b", "max_tokens": 2})
-        _wait_until(lambda: _replica_stats("tight", 0).num_waiting == 1, "a waiting request")
+        wait_until(lambda: _replica_stats("tight", 0).num_waiting == 1, "a waiting request")
         rejected = _post(f"{tight}/v1/completions", {"prompt": "c"})
         running.close()
         assert waiting.result().json()["choices"][0]["text"] == expected_text(1, 2)
@@ -263,7 +256,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(two):
         lines = reply.iter_lines()
         assert next(lines).startswith(b"data: ")
     for index in range(2):
-        _wait_until(lambda i=index: _replica_stats("two", i).num_running == 0, "the abort")
+        wait_until(lambda i=index: _replica_stats("two", i).num_running == 0, "the abort")
         assert _replica_stats("two", index).kv_cache_usage == 0.0
 
 
@@ -315,7 +308,7 @@ def test_health_turns_503_when_the_engine_dies(doomed):
 
 def _wait_healthy(base_url: str) -> None:
     """Replicas killed by an earlier test have been replaced."""
-    _wait_until(lambda: requests.get(f"{base_url}/health", timeout=TIMEOUT_S).status_code == 200,
+    wait_until(lambda: requests.get(f"{base_url}/health", timeout=TIMEOUT_S).status_code == 200,
                 "every replica to be healthy")  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import replicas
 import requests
-from conftest import small_config
+from conftest import small_config, wait_until
 from fake_engine import CRASH_MARKER, DIE_AFTER_TOKENS, DIE_MARKER, FakeEngine, expected_text
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,16 +52,9 @@ def _post(url: str, body, **kwargs) -> requests.Response:
                          timeout=TIMEOUT_S, **kwargs)  # fmt: skip
 
 
-def _wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _wait_healthy(base_url: str) -> str:
     """Wait until the replica (a replacement, after a test killed its engine) serves; its id."""
-    _wait_until(lambda: requests.get(f"{base_url}/health", timeout=TIMEOUT_S).status_code == 200,
+    wait_until(lambda: requests.get(f"{base_url}/health", timeout=TIMEOUT_S).status_code == 200,
                 "the replica to be healthy")  # fmt: skip
     (replica,) = replicas.replica_ids(APP, count=1)
     return replica
@@ -82,6 +75,8 @@ def test_one_deployment_serves_the_routes_and_the_engine(app):
     assert [m.id for m in _client(app).models.list().data] == [MODEL]
     health = requests.get(f"{app}/health", timeout=TIMEOUT_S)
     assert health.json() == {"status": "ok", "num_replicas": 1}
+    page = requests.get(f"{app}/", timeout=TIMEOUT_S)  # the web chat page
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 
 
 def test_a_stream_arrives_whole(app):
@@ -114,8 +109,8 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(app):
     with _post(f"{app}/v1/completions", body, stream=True) as reply:
         lines = reply.iter_lines()  # dropping the iterator would close the connection
         assert next(lines).startswith(b"data: ")
-        _wait_until(lambda: replicas.ask(APP, replica, "stats").num_running == 1, "the stream")
-    _wait_until(lambda: replicas.ask(APP, replica, "stats").num_running == 0, "the abort")
+        wait_until(lambda: replicas.ask(APP, replica, "stats").num_running == 1, "the stream")
+    wait_until(lambda: replicas.ask(APP, replica, "stats").num_running == 0, "the abort")
     assert replicas.ask(APP, replica, "stats").kv_cache_usage == 0.0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from fleetlm.cluster.config import RouterSection
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.local_handle import LocalHandle
@@ -118,6 +120,13 @@ def test_plain_methods_answer_as_awaitable_responses():
         return await response, table.replica_names(), _inflight(table)
 
     assert asyncio.run(run()) == ("answer to is_healthy", [REPLICA], 0)
+
+
+def test_a_method_that_raises_leaves_nothing_in_flight():
+    handle, _, table = _handle()
+    with pytest.raises(AttributeError):
+        handle.completions_that_do_not_exist.remote(routing=RoutingRequest("r6", "prompt"))
+    assert _inflight(table) == 0
 
 
 def test_errors_are_items_like_any_other():

@@ -24,7 +24,7 @@ import replicas
 import openai
 import pytest
 import requests
-from conftest import small_config
+from conftest import small_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlm.cluster.app import deployment_name
@@ -132,13 +132,6 @@ def _where(base_url: str) -> tuple[float, float]:
             _sample(metrics, "fleetlm:pd_prefills_total", where="local"))
 
 
-def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def _is_drained(base_url: str) -> bool:
     """No lease held, no KV block in use on either replica."""
     metrics = _metrics(base_url)
@@ -159,7 +152,7 @@ def test_pd_answers_equal_the_colocated_engine(pd, offline, token_ids, stream):
         remote_after, local_after = _where(pd)
         went = "remote" if remote_after > remote_before else "local"
         assert (went, remote_after + local_after) == (where, remote_before + local_before + 1)
-    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
+    wait_until(lambda: _is_drained(pd), "every lease and block to come back")
     metrics = _metrics(pd)
     assert _sample(metrics, "fleetlm:kv_transfers_total") >= 2
     assert _sample(metrics, "fleetlm:kv_transfer_bytes_total") > 0
@@ -179,7 +172,7 @@ def test_a_prefix_held_by_the_decode_replica_is_not_sent_again(pd, offline, toke
     # Both reused the decode replica's 6 blocks (the remote one read only the rest).
     hits = _sample(_metrics(pd), "fleetlm:prefix_cache_hits_total") - hits_before
     assert hits >= 2 * len(base)
-    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
+    wait_until(lambda: _is_drained(pd), "every lease and block to come back")
 
 
 def test_a_chat_through_pd_equals_the_colocated_engine(pd, offline):
@@ -212,7 +205,7 @@ def test_unread_kv_is_freed_when_its_lease_ends(pd, token_ids):
     assert params["num_tokens"] == 100
     assert _sample(_metrics(pd), "fleetlm:kv_transfer_active_leases",
                    replica=_label(PREFILL)) == 1
-    _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
+    wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
 
 
 # A decode side reduced to its reader: it reads the first block of a transfer with the real
@@ -248,7 +241,7 @@ def test_a_decode_process_killed_mid_read_leaves_no_blocks_behind(pd, token_ids)
     finally:
         reader.kill()
         reader.wait()
-    _wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
+    wait_until(lambda: _is_drained(pd), "the lease to end", timeout_s=10 * LEASE_TIMEOUT_S)
 
 
 def test_a_wedged_prefill_replica_is_recomputed_around(pd, offline, token_ids):
@@ -265,7 +258,7 @@ def test_a_wedged_prefill_replica_is_recomputed_around(pd, offline, token_ids):
         os.kill(pid, signal.SIGCONT)
     assert _sample(_metrics(pd), "fleetlm:kv_transfer_failures_total",
                    cause="prefill_timeout") == failures_before + 1
-    _wait_until(lambda: _is_drained(pd), "the abandoned prefill's blocks to come back")
+    wait_until(lambda: _is_drained(pd), "the abandoned prefill's blocks to come back")
     remote_before, _ = _where(pd)
     prompt = token_ids[4:84]
     assert _complete(pd, prompt) == _expected(offline, prompt)  # serving goes on, P/D again
@@ -287,13 +280,13 @@ def test_a_killed_prefill_replica_costs_no_request(pd, offline, token_ids):
     prompt = token_ids[5:85]
     assert _complete(pd, prompt) == _expected(offline, prompt)
     assert _prefill_failures(pd) == failures_before + 1
-    _wait_until(lambda: requests.get(f"{pd}/health", timeout=TIMEOUT_S).ok,
+    wait_until(lambda: requests.get(f"{pd}/health", timeout=TIMEOUT_S).ok,
                 "the prefill replica's replacement")
     remote_before, _ = _where(pd)
     prompt = token_ids[6:86]
     assert _complete(pd, prompt) == _expected(offline, prompt)
     assert _where(pd)[0] == remote_before + 1
-    _wait_until(lambda: _is_drained(pd), "every lease and block to come back")
+    wait_until(lambda: _is_drained(pd), "every lease and block to come back")
 
 
 @pytest.mark.release

@@ -26,7 +26,7 @@ for round in 1 2; do
       --endpoint completions --workload random --num-prompts 64 --input-len 256 --output-len 128 \
       --max-concurrency 32 --seed $round --tokenizer smollm2-135m-instruct \
       --result-dir $OUT/c32-$mode-$round --disable-tqdm --continuous-usage > $OUT/c32-$mode-$round.log 2>&1
-    grep -iE "output token throughput|median ttft" $OUT/c32-$mode-$round.log | head -3
+    grep "concurrency 32 |" $OUT/c32-$mode-$round.log
     stop
   done
 done
