@@ -1,7 +1,9 @@
-"""Split a minimal request's time by layer in one process: offline LLM, AsyncEngine,
-LLMServer.completions, OpenAIIngress over a LocalHandle via ASGI (no Serve)."""
+"""Split a minimal request's time by layer in one process, without Serve: AsyncEngine,
+LLMServer.completions, OpenAIIngress over a LocalHandle through ASGI (medians of 25, two
+passes). PROF=1: a cProfile of 50 requests through the ingress instead. Run from the root."""
 import asyncio, statistics, sys, time
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 from fleetlm.cluster.config import load_config, to_engine_config
 from fleetlm.executor.sampling_params import SamplingParams
 

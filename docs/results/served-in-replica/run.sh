@@ -1,11 +1,23 @@
 #!/bin/bash
-# Served path A/B: http.ingress separate vs in_replica, alternated; then the offline floors.
-cd /work/main
-OUT=${OUT:-/tmp/served-ab}
+# Served path A/B on configs/bench-cpu-gguf.yaml, the two modes alternated over two rounds, each
+# on a fresh server; then the offline floors of the same settings. Run from the repository root.
+#   run.sh                   http.ingress: separate against in_replica
+#   run.sh user-code-thread  (routes in the replica) Serve's user code in its own thread (the
+#                            default) against on the replica's main loop
+#                            (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)
+AB=${1:-ingress}
+OUT=${OUT:-/tmp/served-ab-$AB}
 mkdir -p $OUT
 PY=.venv/bin/python
-start() {  # $1 mode
-  .venv/bin/fleetlm serve configs/bench-cpu-gguf.yaml --ingress $1 > $OUT/serve-$1-$2.log 2>&1 &
+if [ "$AB" = user-code-thread ]; then MODES="thread main"; else MODES="separate in_replica"; fi
+start() {  # $1 mode, $2 round
+  local flags=()
+  case $1 in
+    separate|in_replica) flags=(--ingress $1) ;;
+    main) export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 ;;
+    thread) unset RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD ;;
+  esac
+  .venv/bin/fleetlm serve configs/bench-cpu-gguf.yaml "${flags[@]}" > $OUT/serve-$1-$2.log 2>&1 &
   SERVER=$!
   for i in $(seq 600); do
     curl -sf http://127.0.0.1:8000/v1/models >/dev/null 2>&1 && return 0
@@ -13,12 +25,12 @@ start() {  # $1 mode
   done
   echo "server did not start"; return 1
 }
-stop() {
+stop() {  # a background job ignores SIGINT: TERM, then make sure
   kill -TERM $SERVER; timeout 60 tail --pid=$SERVER -f /dev/null
   pkill -9 -f "bin/fleetlm serve"; .venv/bin/ray stop --force >/dev/null 2>&1
 }
 for round in 1 2; do
-  for mode in separate in_replica; do
+  for mode in $MODES; do
     echo "== $mode round $round $(date +%T)"
     start $mode $round || exit 1
     $PY benchmarks/small_request_latency.py --num-requests 25 --out $OUT/small-$mode-$round.json
