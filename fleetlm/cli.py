@@ -113,7 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     from fleetlm.cluster import launcher
 
     config = _load(args)
-    is_cluster_owned = launcher.connect(args.address, is_local_allowed=True)
+    is_cluster_owned = launcher.connect(args.address, is_local_allowed=True, config=config)
     # After connecting: ray.init installs a crash handler on SIGTERM that aborts the process
     # 3 s later (mid-teardown, leaving Ray's agents behind); ours replaces it. `kill` then
     # stops serve as cleanly as Ctrl-C.

@@ -20,11 +20,16 @@ With `http.ingress: in_replica` (one replica, no pd) the engine replica serves t
 itself, one Serve hop fewer (EngineReplicaIngress):
 
     Serve's HTTP proxy ──> LLMServer (OpenAIIngress ──LocalHandle──> its own LLMServer methods)
+
+and on a local cluster that `fleetlm serve` starts, the replica listens on the config's port
+itself (Serve's direct ingress, `direct_ingress_env`), with no proxy in between.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -258,9 +263,45 @@ def replica_bundles(config: ClusterConfig) -> list[dict[str, float]]:
     return [replica_bundle, *({**b, **config.parallel.worker_resources} for b in workers)]
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The environment under which Ray Serve's replicas (and its controller, which hands out
+    their ports) let an ingress replica listen on `port` itself (Serve's direct ingress), for
+    a local cluster whose one engine replica serves the routes (`http.ingress: in_replica`):
+    a request then reaches the routes with no proxy process and no gRPC hop, and neither do
+    its streamed messages."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # range(min, max)
+        # No load balancer in front to deregister a stopping replica from: it closes the port
+        # at once, and its replacement may take the port again at once.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def is_direct_ingress(config: ClusterConfig) -> bool:
+    """Whether this process's Ray cluster was started with `direct_ingress_env` of this
+    config's port (launcher.connect does that for an in_replica config)."""
+    env = direct_ingress_env(config.http.port)
+    names = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
+    return config.http.ingress == "in_replica" and all(
+        os.environ.get(name) == env[name] for name in names)
+
+
 def start_http(config: ClusterConfig) -> None:
-    """Start Serve's HTTP proxy where the config says (no-op if Serve already runs)."""
-    serve.start(http_options=HTTPOptions(host=config.http.host, port=config.http.port))
+    """Start Serve's HTTP proxy where the config says (no-op if Serve already runs). Under
+    direct ingress the engine replica listens on the config's port, and the proxy (which
+    Serve needs running for that) on a free port of its own."""
+    port = _free_port(config.http.host) if is_direct_ingress(config) else config.http.port
+    serve.start(http_options=HTTPOptions(host=config.http.host, port=port))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def deploy(

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 
 from fleetlm.cluster import resources
-from fleetlm.cluster.app import deploy, num_engine_replicas, url_of
+from fleetlm.cluster.app import deploy, direct_ingress_env, num_engine_replicas, url_of
 from fleetlm.cluster.config import ClusterConfig
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,12 @@ def set_ray_env_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
-def connect(address: str | None, is_local_allowed: bool) -> bool:
-    """Join the cluster at `address` (or `RAY_ADDRESS`); else start a local one if allowed.
+def connect(address: str | None, is_local_allowed: bool,
+            config: ClusterConfig | None = None) -> bool:
+    """Join the cluster at `address` (or `RAY_ADDRESS`); else start a local one if allowed,
+    for `config`: where its routes run in its one engine replica (`http.ingress: in_replica`),
+    the replica listens on `http.port` itself (app.direct_ingress_env) unless the environment
+    sets RAY_SERVE_ENABLE_DIRECT_INGRESS=0.
 
     Returns True if this process started the cluster (and so should stop it).
     """
@@ -71,6 +75,9 @@ def connect(address: str | None, is_local_allowed: bool) -> bool:
         return False
     logger.info("Starting a local Ray cluster on %s", LOCAL_HOST)
     set_ray_env_defaults()
+    if config is not None and config.http.ingress == "in_replica" and config.http.port and (
+            os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "0"):
+        os.environ.update(direct_ingress_env(config.http.port))
     ray.init(_node_ip_address=LOCAL_HOST, include_dashboard=False, logging_level=logging.WARNING)
     return True
 

@@ -65,16 +65,33 @@ def _is_running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture
-def serve_config(tmp_path) -> tuple[Path, int]:
-    """configs/default.yaml on a free port, with a small KV cache."""
+def _listener(port: int, pids) -> int | None:
+    """Which of `pids` listens on 127.0.0.1:`port` (by the socket's inode in /proc)."""
+    local = f"0100007F:{port:04X}"
+    inodes = {fields[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+              if (fields := line.split())[1] == local and fields[3] == "0A"}  # 0A: LISTEN
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(link.startswith("socket:[") and link[8:-1] in inodes for link in links):
+            return pid
+    return None
+
+
+@pytest.fixture(params=["separate", "in_replica"])
+def serve_config(request, tmp_path) -> tuple[Path, int, str]:
+    """configs/default.yaml on a free port, with a small KV cache, with the routes in an
+    ingress of their own (behind Serve's proxy) or in the engine replica."""
     data = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     port = _free_port()
     data["http"]["port"] = port
+    data["http"]["ingress"] = request.param
     data["engine"]["kv_cache_memory_bytes"] = "16MiB"
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(data))
-    return path, port
+    return path, port, request.param
 
 
 def _start(config: Path) -> tuple[subprocess.Popen, list[str]]:
@@ -102,7 +119,7 @@ def _start(config: Path) -> tuple[subprocess.Popen, list[str]]:
 
 
 def test_sigterm_stops_serve_and_every_ray_process_it_started(serve_config):
-    config, port = serve_config
+    config, port, ingress = serve_config
     proc, lines = _start(config)
     try:
         health = requests.get(f"http://127.0.0.1:{port}/health", timeout=30)
@@ -111,6 +128,14 @@ def test_sigterm_stops_serve_and_every_ray_process_it_started(serve_config):
         assert any("Ray cluster: 127.0.0.1:" in line for line in lines), lines[-10:]
         started = _descendants(proc.pid)
         assert any("raylet" in cmd for cmd in started.values()), started
+        # Serve's proxy owns the port; with the routes in the engine replica, the replica
+        # itself does (Serve's direct ingress), and answers there.
+        owner = started.get(_listener(port, started), "")
+        expected = "ServeReplica" if ingress == "in_replica" else "ProxyActor"
+        assert expected in owner, (owner, started)
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(STOP_TIMEOUT_S)
     finally:

@@ -5,17 +5,26 @@
 #   run.sh user-code-thread  (routes in the replica) Serve's user code in its own thread (the
 #                            default) against on the replica's main loop
 #                            (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)
+#   run.sh direct-ingress    (routes in the replica) through Serve's proxy
+#                            (RAY_SERVE_ENABLE_DIRECT_INGRESS=0) against the replica listening
+#                            on the port itself (Serve's direct ingress, the default)
 AB=${1:-ingress}
 OUT=${OUT:-/tmp/served-ab-$AB}
 mkdir -p $OUT
 PY=.venv/bin/python
-if [ "$AB" = user-code-thread ]; then MODES="thread main"; else MODES="separate in_replica"; fi
+case $AB in
+  user-code-thread) MODES="thread main" ;;
+  direct-ingress) MODES="proxy direct" ;;
+  *) MODES="separate in_replica" ;;
+esac
 start() {  # $1 mode, $2 round
   local flags=()
   case $1 in
     separate|in_replica) flags=(--ingress $1) ;;
     main) export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 ;;
     thread) unset RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD ;;
+    proxy) export RAY_SERVE_ENABLE_DIRECT_INGRESS=0 ;;
+    direct) unset RAY_SERVE_ENABLE_DIRECT_INGRESS ;;
   esac
   .venv/bin/fleetlm serve configs/bench-cpu-gguf.yaml "${flags[@]}" > $OUT/serve-$1-$2.log 2>&1 &
   SERVER=$!
