@@ -404,15 +404,17 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
  * bytes, never turned into fp32.
  *
  * A tile's four weight rows go through together: their four integer block products are
- * reduced into one vector (lanes r and r + 4: the two halves of row r's block) with
- * horizontal adds, so one conversion and one multiply-add per input row and block cover all
- * four rows, and one accumulator per input row leaves AVX2's 16 registers for the decoded
- * blocks. Every build forms the same integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain
+ * reduced into one vector (lanes r and r + 4: the two halves of row r's block, for Q4_0 /
+ * Q4_1 added into lane r) with horizontal adds, so one conversion and one multiply-add per
+ * input row and block cover all four rows, and one accumulator per input row leaves AVX2's
+ * 16 registers for the decoded blocks. Every build forms the same integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain
  * loops), and a row's result does not depend on the rows batched with it. On the AVX2 EPYC
  * of docs/benchmarks.md: the model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32
  * activations) and 20 ms at eight (35). AVX2 builds now take these four-row tiles for Q8_0
  * only (and for all three types with -DFLEET_NO_WIDE_TILES); Q4_0 / Q4_1 take the wide tiles
- * further below, which form the same sums in the same order. */
+ * further below, which form the same sums in the same order: per block one integer, one
+ * multiply-add by d_w * d_x, then one by the offset (Q8_0 keeps its two halves apart, since
+ * its pairs widen to int32 in lanes r and r + 4 anyway). */
 
 #define XQMAX 127
 #ifndef Q8_ROWS
@@ -481,10 +483,10 @@ static void quantize_row_blocks(const float *x, int64_t k, xblock *out)
 #endif
 }
 
-/* Four weight blocks (one per row of a tile) times one input block: lane r (r < 4) is the
- * integer dot product of elements 0..15 of row r's block with the input's, lane r + 4 that of
- * elements 16..31, as fp32 (exact: at most 16 * 255 * 127). Q4 blocks are their nibbles,
- * 0..15, unsigned; Q8_0's are signed bytes. */
+/* Four weight blocks (one per row of a tile) times one input block, as fp32 (exact: at most
+ * 32 * 128 * 127). Q8_0's (signed bytes): lane r (r < 4) is the integer dot product of
+ * elements 0..15 of row r's block with the input's, lane r + 4 that of elements 16..31. Q4
+ * blocks (their nibbles, 0..15, unsigned): lane r is the whole block's, lane r + 4 zero. */
 #if defined(__AVX2__)
 typedef __m256i qbytes; /* a block's 32 quantized values, one per byte */
 
@@ -517,6 +519,15 @@ static ALWAYS_INLINE __m256i block_sums(qbytes w, qbytes x, int is_signed)
                      : quad_sums(w, x);
 }
 
+/* Lanes r (the 128-bit half of elements 0..15) and r + 4 (16..31) added: lane r of the result,
+ * with zeros above. */
+static ALWAYS_INLINE f32x8 whole_blocks(__m256i halves)
+{
+    const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(halves),
+                                       _mm256_extracti128_si256(halves, 1));
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_zextsi128_si256(sums));
+}
+
 static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_signed)
 {
 #if !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
@@ -526,15 +537,15 @@ static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_sign
                                               _mm256_maddubs_epi16(w[1], x));
         const __m256i p23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[2], x),
                                               _mm256_maddubs_epi16(w[3], x));
-        return (f32x8)_mm256_cvtepi32_ps(
-            _mm256_madd_epi16(_mm256_hadd_epi16(p01, p23), _mm256_set1_epi16(1)));
+        return whole_blocks(_mm256_madd_epi16(_mm256_hadd_epi16(p01, p23), _mm256_set1_epi16(1)));
     }
 #endif
     const __m256i s01 = _mm256_hadd_epi32(block_sums(w[0], x, is_signed),
                                           block_sums(w[1], x, is_signed));
     const __m256i s23 = _mm256_hadd_epi32(block_sums(w[2], x, is_signed),
                                           block_sums(w[3], x, is_signed));
-    return (f32x8)_mm256_cvtepi32_ps(_mm256_hadd_epi32(s01, s23));
+    const __m256i halves = _mm256_hadd_epi32(s01, s23);
+    return is_signed ? (f32x8)_mm256_cvtepi32_ps(halves) : whole_blocks(halves);
 }
 #else /* portable: the same sums from plain loops */
 typedef struct { int8_t v[QK]; } qbytes;
@@ -558,15 +569,13 @@ static ALWAYS_INLINE qbytes nibble_bytes(const uint8_t *qs)
 
 static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_signed)
 {
-    (void)is_signed; /* nibbles are stored as non-negative int8 */
-    f32x8 out;
-    for (int r = 0; r < ROWS; r++)
-        for (int half = 0; half < 2; half++) {
-            int32_t s = 0;
-            for (int e = 16 * half; e < 16 * half + 16; e++)
-                s += (int32_t)w[r].v[e] * (int32_t)x.v[e];
-            out[r + 4 * half] = (float)s;
-        }
+    f32x8 out; /* nibbles are stored as non-negative int8 */
+    for (int r = 0; r < ROWS; r++) {
+        int32_t s[2] = {0, 0};
+        for (int e = 0; e < QK; e++) s[e >= QK / 2] += (int32_t)w[r].v[e] * (int32_t)x.v[e];
+        out[r] = (float)(is_signed ? s[0] : s[0] + s[1]);
+        out[r + 4] = is_signed ? (float)s[1] : 0.0f;
+    }
     return out;
 }
 #endif
@@ -635,9 +644,9 @@ static ALWAYS_INLINE void accumulate_block(const tile_block *tb, const xblock *x
 
 /* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
  * at rows[r] (a ragged tile repeats its last row), or their blocks already decoded into
- * `decoded` (not NULL). One vector accumulator per input row: lanes r and r + 4 hold the two
- * halves of row r's blocks, scaled, and lane r also the blocks' offsets times the input
- * blocks' d * sum(q). Few accumulators leave AVX2's 16 registers for the four decoded blocks.
+ * `decoded` (not NULL). One vector accumulator per input row: lane r holds row r's blocks
+ * (Q8_0: their first halves; lane r + 4 the second), scaled, and the blocks' offsets times
+ * the input blocks' d * sum(q). Few accumulators leave AVX2's 16 registers for the four decoded blocks.
  * Either way the same operations in the same order, so a row's result does not depend on
  * which. */
 static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *const rows[ROWS],
@@ -725,28 +734,31 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * the rows interleaved by four-element groups: byte 4r + e of group g is element 4g + e of
  * row r. One vpmaddubsw of a group with four bytes of an input block broadcast to every lane
  * then leaves row r's products in lane r, and the block's eight groups add up without any
- * horizontal step: an int16 sum of eight products of a nibble (at most 15) and an input byte
+ * horizontal step: an int16 sum of 16 products of a nibble (at most 15) and an input byte
  * (127) does not wrap.
  *
- * The sums are those of dot_tile_q8, in its order: per half block (elements 0..15 and
- * 16..31) an exact integer, converted and multiplied by d_w * d_x into that half's
- * accumulator, then the weights' offsets times the input block's d * sum(q) into the first
- * half's; a row's result is the two accumulators' sum. So a product is bit-equal whichever
+ * The sums are those of dot_tile_q8, in its order: per block an exact integer, converted and
+ * multiplied by d_w * d_x into the row's accumulator, then the weights' offsets times the
+ * input block's d * sum(q). (Until 2026-12-06 both kernels kept each half block apart, in a
+ * second accumulator: one conversion, multiply and multiply-add more per block, which the
+ * int16 sums never needed.) So a product is bit-equal whichever
  * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only. Q8_0's
  * signed products do not fit int16 sums, so each pair must widen at once; built two ways, a
  * Q8_0 wide tile was no faster than the four-row tiles. Int16 pairs through vpmaddwd took
  * the LM head at 32 rows in 30 against 22 ms; the sign trick (|w| against x carrying w's
  * sign, bit-equal) in 13.5 against 13.6 ms, and at one row in 2.28 against 0.89. */
 #define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
-/* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with two accumulators and one
- * integer sum per pair, so that each broadcast of an input group feeds both tiles. Measured
- * on the model's Q4_1 layer 0 (AVX2 EPYC, docs/benchmarks.md), its four products at 1 / 32 /
- * 256 rows, the builds alternating in one process: 0.114 / 0.816 / 6.05 ms with two tiles of
- * one row, 0.120 / 0.898 / 6.81 with one tile of two rows (one tile of three or four rows
- * measured 12-45% slower than of two). Three or four tiles of one row, or two or three of
- * two rows, were no faster than two of one. */
+/* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with one accumulator and one
+ * integer sum per pair, so that each broadcast of an input group feeds both tiles and each
+ * load of a tile's group feeds three rows: a pass is bound by its loads (two 256-bit loads a
+ * cycle on Zen 3), not by its products. With two accumulators per pair (the halves apart) two
+ * tiles of one row measured best; with one, benchmarks/kernel_ab.py on the AVX2 EPYC
+ * (2026-12-06, every build alternating in one process; 256-token prefill / decode step of 32)
+ * gave against that: 3 rows x 2 tiles -11.7% / -8.5%, 2 x 3 -11.3% / -7.0%, 2 x 2 -8.8% /
+ * -5.7%, 4 x 2 -8.5% / -5.7%, 5 x 1 -10.2% / -5.1%, 4 x 1 -7.7% / -4.3%; 1 x 3 and 1 x 2
+ * (the old shape) -4% / -2%. */
 #ifndef WIDE_X_ROWS
-#define WIDE_X_ROWS 1
+#define WIDE_X_ROWS 3
 #endif
 #ifndef WIDE_TILES
 #define WIDE_TILES 2
@@ -825,54 +837,53 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
 static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
                                    float y[][WIDE_TILE_ROWS])
 {
-    f32x8 first[WIDE_X_ROWS][WIDE_TILES], second[WIDE_X_ROWS][WIDE_TILES];
+    f32x8 a[WIDE_X_ROWS][WIDE_TILES];
     for (int j = 0; j < nx; j++)
-        for (int t = 0; t < WIDE_TILES; t++) first[j][t] = second[j][t] = splat8(0.0f);
+        for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
     for (int64_t b = 0; b < blocks; b++, w += WIDE_TILES) {
-        for (int half = 0; half < 2; half++) {
-            __m256i sums[WIDE_X_ROWS][WIDE_TILES]; /* int32 with VNNI, else int16 pairs */
-            for (int j = 0; j < nx; j++)
-                for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
-            for (int g = 4 * half; g < 4 * half + 4; g++) {
-                __m256i wq[WIDE_TILES];
-                for (int t = 0; t < WIDE_TILES; t++)
-                    wq[t] = _mm256_load_si256((const __m256i *)w[t].q[g]);
-                for (int j = 0; j < nx; j++) {
-                    int32_t group;
-                    memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
-                    const __m256i xg = _mm256_set1_epi32(group);
-                    for (int t = 0; t < WIDE_TILES; t++) {
+        __m256i sums[WIDE_X_ROWS][WIDE_TILES]; /* int32 with VNNI, else int16 pairs */
+        for (int j = 0; j < nx; j++)
+            for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
+        for (int g = 0; g < QK / 4; g++) {
+            __m256i wq[WIDE_TILES];
+            for (int t = 0; t < WIDE_TILES; t++)
+                wq[t] = _mm256_load_si256((const __m256i *)w[t].q[g]);
+            for (int j = 0; j < nx; j++) {
+                int32_t group;
+                memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
+                const __m256i xg = _mm256_set1_epi32(group);
+                for (int t = 0; t < WIDE_TILES; t++) {
+                    __m256i sum = sums[j][t];
 #if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                        sums[j][t] = _mm256_dpbusd_epi32(sums[j][t], wq[t], xg);
+                    sum = _mm256_dpbusd_epi32(sum, wq[t], xg);
 #elif WIDE_VNNI
-                        sums[j][t] = _mm256_dpbusd_avx_epi32(sums[j][t], wq[t], xg);
+                    sum = _mm256_dpbusd_avx_epi32(sum, wq[t], xg);
 #else
-                        sums[j][t] = _mm256_add_epi16(sums[j][t], _mm256_maddubs_epi16(wq[t], xg));
+                    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wq[t], xg));
 #endif
-                    }
+                    /* group after group: unordered, GCC computes every group's products
+                     * first and spills them (7% slower prefills) */
+                    __asm__("" : "+x"(sum));
+                    sums[j][t] = sum;
                 }
             }
-            for (int j = 0; j < nx; j++)
-                for (int t = 0; t < WIDE_TILES; t++) {
-#if WIDE_VNNI
-                    const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j][t]);
-#else
-                    const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(
-                        _mm256_madd_epi16(sums[j][t], _mm256_set1_epi16(1)));
-#endif
-                    const f32x8 scale = w[t].dw * splat8(x[j * blocks + b].d);
-                    if (half == 0) first[j][t] = fma8(dots, scale, first[j][t]);
-                    else second[j][t] = fma8(dots, scale, second[j][t]);
-                }
         }
         for (int j = 0; j < nx; j++)
-            for (int t = 0; t < WIDE_TILES; t++)
-                first[j][t] = fma8(w[t].c, splat8(x[j * blocks + b].s), first[j][t]);
+            for (int t = 0; t < WIDE_TILES; t++) {
+#if WIDE_VNNI
+                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j][t]);
+#else
+                const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(
+                    _mm256_madd_epi16(sums[j][t], _mm256_set1_epi16(1)));
+#endif
+                const xblock *xb = &x[j * blocks + b];
+                a[j][t] = fma8(dots, w[t].dw * splat8(xb->d), a[j][t]);
+                a[j][t] = fma8(w[t].c, splat8(xb->s), a[j][t]);
+            }
     }
     for (int j = 0; j < nx; j++)
         for (int t = 0; t < WIDE_TILES; t++)
-            for (int r = 0; r < WIDE_ROWS; r++)
-                y[j][t * WIDE_ROWS + r] = first[j][t][r] + second[j][t][r];
+            for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
 }
 
 static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
