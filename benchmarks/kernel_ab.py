@@ -4,11 +4,10 @@ GGUF path: a 256-token prefill and decode steps at several batch sizes.
 On the 2-vCPU VMs of docs/benchmarks.md one process can run 5-10% slower or faster than the
 next, which hides a kernel change of that size when each version runs in a process of its
 own (`step_parts.py` before and after). Here every version's libraries (`gguf_matmul.c` for
-the layer loop, `decode_stack.c` with the kernels it links) are built from its own copy of
-`fleetlm/kernels/csrc` and loaded side by side, and the model switches between them step by
-step, so every version sees the same machine at the same time. (A prefill's attention runs in
-the current tree's attention library whatever the version; a decode step's, in the version's
-decode stack.)
+the layer loop, `paged_attention.c` for a prefill's attention, `decode_stack.c` with the
+kernels it links for a decode step) are built from its own copy of `fleetlm/kernels/csrc` and
+loaded side by side, and the model switches between them step by step, so every version sees
+the same machine at the same time.
 
     mkdir -p /tmp/old && git archive OLD fleetlm/kernels/csrc | tar -x -C /tmp/old
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/kernel_ab.py \\
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from fleetlm import LLM, SamplingParams
 from fleetlm.bench.machine import cpu_name
-from fleetlm.kernels import decode_stack, gguf_linear
+from fleetlm.kernels import cpu_attention, decode_stack, gguf_linear
 
 MODEL = "smollm2-135m-instruct"
 ROUNDS = 3  # decode: batches admitted, each timed with every version in turn
@@ -39,17 +38,20 @@ STEPS_PER_SAMPLE = 3
 
 
 def load_version(csrc: Path):
-    """(the gguf_matmul library, the decode_stack library) built from the sources in `csrc`."""
-    gguf_source, stack_source, stack_linked = (
-        gguf_linear.SOURCE, decode_stack.SOURCE, decode_stack.LINKED)
+    """(the gguf_matmul library, the decode_stack library, the paged_attention library) built
+    from the sources in `csrc`."""
+    gguf_source, stack_source, stack_linked, attention_source = (
+        gguf_linear.SOURCE, decode_stack.SOURCE, decode_stack.LINKED, cpu_attention.SOURCE)
     try:
         gguf_linear.SOURCE = csrc / gguf_source.name
         decode_stack.SOURCE = csrc / stack_source.name
         decode_stack.LINKED = tuple(csrc / path.name for path in stack_linked)
-        return gguf_linear.load_library(), decode_stack._library.__wrapped__()
+        cpu_attention.SOURCE = csrc / attention_source.name
+        return (gguf_linear.load_library(), decode_stack._library.__wrapped__(),
+                cpu_attention._library.__wrapped__())
     finally:
-        gguf_linear.SOURCE, decode_stack.SOURCE, decode_stack.LINKED = (
-            gguf_source, stack_source, stack_linked)
+        gguf_linear.SOURCE, decode_stack.SOURCE, decode_stack.LINKED, cpu_attention.SOURCE = (
+            gguf_source, stack_source, stack_linked, attention_source)
 
 
 def main() -> None:
@@ -72,9 +74,10 @@ def main() -> None:
     engine, model = llm.engine, llm.engine.executor.runner.model
 
     def use(name: str) -> None:
-        gguf, stack = libraries[name]
+        gguf, stack, attention = libraries[name]
         gguf_linear._library = lambda: gguf
         decode_stack._library = lambda: stack
+        cpu_attention._library = lambda: attention
         if model._native_stack is not None:
             model._native_stack._library = stack
 

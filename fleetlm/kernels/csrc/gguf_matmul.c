@@ -863,7 +863,7 @@ static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx,
 #endif
                     /* group after group: unordered, GCC computes every group's products
                      * first and spills them (7% slower prefills) */
-                    __asm__("" : "+x"(sum));
+                    __asm__("" : "+v"(sum));
                     sums[j][t] = sum;
                 }
             }

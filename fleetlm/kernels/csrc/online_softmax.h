@@ -18,6 +18,13 @@
 /* Loops over rows, tokens and vectors of a register tile, unrolled so that its values stay
  * in registers. */
 #define UNROLLED _Pragma("GCC unroll 16")
+/* A vector loaded once and kept in a register: left alone, GCC folds the load into every
+ * multiply-add that reads it, and the loop is bound by loads (two a cycle) instead of FMAs. */
+#if defined(__AVX__)
+#define IN_REGISTER(x) __asm__("" : "+v"(x))
+#else
+#define IN_REGISTER(x) ((void)0)
+#endif
 
 /* A KV cache's dtype, and how the row path reads a tile's kv rows: fp32, bf16 or int8 values
  * straight from the cache (int8 unscaled: its scales are applied to the scores and the
@@ -218,7 +225,10 @@ static void score_lanes(const float *qt, int64_t dim, const float *const *k_rows
                 for (int j = 0; j < LANE_TOKENS; j++) __builtin_prefetch(p[j] + d * elem, 0, 2);
             fvec q[LANE_VECS];
             UNROLLED
-            for (int v = 0; v < LANE_VECS; v++) q[v] = loadv(qt + d * LANE_ROWS + v * VLEN);
+            for (int v = 0; v < LANE_VECS; v++) {
+                q[v] = loadv(qt + d * LANE_ROWS + v * VLEN);
+                IN_REGISTER(q[v]);
+            }
             UNROLLED
             for (int j = 0; j < LANE_TOKENS; j++) {
                 const fvec x = splatv(k[j][d]);
@@ -276,7 +286,10 @@ static void accumulate_lanes(const float *p, const float *const *v_rows,
             if (d % DIM_CHUNK == 0) __builtin_prefetch(next_v[t] + d * elem, 0, 2);
             fvec pt[LANE_VECS];
             UNROLLED
-            for (int v = 0; v < LANE_VECS; v++) pt[v] = loadv(p + t * LANE_ROWS + v * VLEN);
+            for (int v = 0; v < LANE_VECS; v++) {
+                pt[v] = loadv(p + t * LANE_ROWS + v * VLEN);
+                IN_REGISTER(pt[v]);
+            }
             UNROLLED
             for (int c = 0; c < LANE_DIMS; c++) {
                 const fvec x = splatv(v_rows[t][d + c]);
