@@ -144,15 +144,16 @@ def int8_kernel(library, x: torch.Tensor, weight: GGUFWeight) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("build", ["native", "haswell"])
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
 def test_wide_tiles_sum_as_the_four_row_tiles_do(build, name):
-    """AVX2 builds multiply Q4_0 / Q4_1 by tiles of eight weight rows across a vector's lanes
-    (no horizontal adds); the same source built without them keeps the four-row tiles. Both
-    form the same integer sum per block and add them in the same order, so every output is
-    bit-equal: at one row and at a prompt's hundreds, over long and single-block rows, in
-    whole tiles and ragged ones. A pass takes two tiles (16 rows) and three input rows: 37
-    rows end in a pass of a tile of five and one of repeats, 45 rows in a tile of eight and
-    one of five; 8, 33 and 70 input rows end in passes of two, three and one."""
+    """AVX2 builds multiply Q4_0 / Q4_1 (and Q8_0 from two input rows) by tiles of eight
+    weight rows across a vector's lanes (no horizontal adds); the same source built without
+    them keeps the four-row tiles. Both form the same integer sum per block and add them in
+    the same order, so every output is bit-equal: at one row and at a prompt's hundreds,
+    over long and single-block rows, in whole tiles and ragged ones. A pass takes two tiles
+    (16 rows) and three input rows (Q8_0: two): 37 rows end in a pass of a tile of five and
+    one of repeats, 45 rows in a tile of eight and one of five; 8, 33 and 70 input rows end
+    in passes of two, three and one (Q8_0: two, one and two)."""
     library = other_build(build) or gguf_linear._library()
     if not library.has_wide_tiles:
         pytest.skip("no AVX2 on this CPU: no wide tiles")

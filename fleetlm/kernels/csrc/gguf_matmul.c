@@ -404,17 +404,16 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
  * bytes, never turned into fp32.
  *
  * A tile's four weight rows go through together: their four integer block products are
- * reduced into one vector (lanes r and r + 4: the two halves of row r's block, for Q4_0 /
- * Q4_1 added into lane r) with horizontal adds, so one conversion and one multiply-add per
- * input row and block cover all four rows, and one accumulator per input row leaves AVX2's
- * 16 registers for the decoded blocks. Every build forms the same integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain
- * loops), and a row's result does not depend on the rows batched with it. On the AVX2 EPYC
- * of docs/benchmarks.md: the model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32
- * activations) and 20 ms at eight (35). AVX2 builds now take these four-row tiles for Q8_0
- * only (and for all three types with -DFLEET_NO_WIDE_TILES); Q4_0 / Q4_1 take the wide tiles
- * further below, which form the same sums in the same order: per block one integer, one
- * multiply-add by d_w * d_x, then one by the offset (Q8_0 keeps its two halves apart, since
- * its pairs widen to int32 in lanes r and r + 4 anyway). */
+ * reduced into one vector (lane r: row r's block) with horizontal adds, so one conversion
+ * and one multiply-add per input row and block cover all four rows, and one accumulator per
+ * input row leaves AVX2's 16 registers for the decoded blocks. Every build forms the same
+ * integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain loops), and a row's result does
+ * not depend on the rows batched with it. On the AVX2 EPYC of docs/benchmarks.md: the
+ * model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32 activations) and 20 ms at
+ * eight (35). AVX2 builds now take these four-row tiles for Q8_0 at one input row only (and
+ * for all three types with -DFLEET_NO_WIDE_TILES); the wide tiles further below take the
+ * rest and form the same sums in the same order: per block one integer, one multiply-add by
+ * d_w * d_x, then one by the offset. */
 
 #define XQMAX 127
 #ifndef Q8_ROWS
@@ -483,10 +482,10 @@ static void quantize_row_blocks(const float *x, int64_t k, xblock *out)
 #endif
 }
 
-/* Four weight blocks (one per row of a tile) times one input block, as fp32 (exact: at most
- * 32 * 128 * 127). Q8_0's (signed bytes): lane r (r < 4) is the integer dot product of
- * elements 0..15 of row r's block with the input's, lane r + 4 that of elements 16..31. Q4
- * blocks (their nibbles, 0..15, unsigned): lane r is the whole block's, lane r + 4 zero. */
+/* Four weight blocks (one per row of a tile) times one input block: lane r (r < 4) is the
+ * integer dot product of row r's block with the input's, as fp32 (exact: at most 32 * 128 *
+ * 127), lanes 4..7 zero. Q4 blocks are their nibbles, 0..15, unsigned; Q8_0's are signed
+ * bytes. */
 #if defined(__AVX2__)
 typedef __m256i qbytes; /* a block's 32 quantized values, one per byte */
 
@@ -544,8 +543,7 @@ static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_sign
                                           block_sums(w[1], x, is_signed));
     const __m256i s23 = _mm256_hadd_epi32(block_sums(w[2], x, is_signed),
                                           block_sums(w[3], x, is_signed));
-    const __m256i halves = _mm256_hadd_epi32(s01, s23);
-    return is_signed ? (f32x8)_mm256_cvtepi32_ps(halves) : whole_blocks(halves);
+    return whole_blocks(_mm256_hadd_epi32(s01, s23));
 }
 #else /* portable: the same sums from plain loops */
 typedef struct { int8_t v[QK]; } qbytes;
@@ -569,12 +567,12 @@ static ALWAYS_INLINE qbytes nibble_bytes(const uint8_t *qs)
 
 static ALWAYS_INLINE f32x8 tile_dots(const qbytes w[ROWS], qbytes x, int is_signed)
 {
-    f32x8 out; /* nibbles are stored as non-negative int8 */
+    (void)is_signed; /* nibbles are stored as non-negative int8 */
+    f32x8 out = splat8(0.0f);
     for (int r = 0; r < ROWS; r++) {
-        int32_t s[2] = {0, 0};
-        for (int e = 0; e < QK; e++) s[e >= QK / 2] += (int32_t)w[r].v[e] * (int32_t)x.v[e];
-        out[r] = (float)(is_signed ? s[0] : s[0] + s[1]);
-        out[r + 4] = is_signed ? (float)s[1] : 0.0f;
+        int32_t s = 0;
+        for (int e = 0; e < QK; e++) s += (int32_t)w[r].v[e] * (int32_t)x.v[e];
+        out[r] = (float)s;
     }
     return out;
 }
@@ -644,11 +642,10 @@ static ALWAYS_INLINE void accumulate_block(const tile_block *tb, const xblock *x
 
 /* y[j][r] = <x_j, w_r> for nx quantized input rows (x + j * blocks) and the four weight rows
  * at rows[r] (a ragged tile repeats its last row), or their blocks already decoded into
- * `decoded` (not NULL). One vector accumulator per input row: lane r holds row r's blocks
- * (Q8_0: their first halves; lane r + 4 the second), scaled, and the blocks' offsets times
- * the input blocks' d * sum(q). Few accumulators leave AVX2's 16 registers for the four decoded blocks.
- * Either way the same operations in the same order, so a row's result does not depend on
- * which. */
+ * `decoded` (not NULL). One vector accumulator per input row: lane r holds row r's blocks,
+ * scaled, and the blocks' offsets times the input blocks' d * sum(q). Few accumulators
+ * leave AVX2's 16 registers for the four decoded blocks. Either way the same operations in
+ * the same order, so a row's result does not depend on which. */
 static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *const rows[ROWS],
                                       const tile_block *decoded, int64_t row_bytes,
                                       int64_t blocks, int type, float y[][ROWS])
@@ -667,7 +664,7 @@ static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *co
         accumulate_block(&tb, x, nx, blocks, b, type, a);
     }
     for (int j = 0; j < nx; j++)
-        for (int r = 0; r < ROWS; r++) y[j][r] = a[j][r] + a[j][r + 4];
+        for (int r = 0; r < ROWS; r++) y[j][r] = a[j][r];
 }
 
 /* fleet_gguf_matmul_q8 on quantized input rows: per tile of four weight rows, the input rows
@@ -741,12 +738,18 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * multiplied by d_w * d_x into the row's accumulator, then the weights' offsets times the
  * input block's d * sum(q). (Until 2026-12-06 both kernels kept each half block apart, in a
  * second accumulator: one conversion, multiply and multiply-add more per block, which the
- * int16 sums never needed.) So a product is bit-equal whichever
- * kernel runs it, and a row's result is the same in any batch. Q4_0 and Q4_1 only. Q8_0's
- * signed products do not fit int16 sums, so each pair must widen at once; built two ways, a
- * Q8_0 wide tile was no faster than the four-row tiles. Int16 pairs through vpmaddwd took
- * the LM head at 32 rows in 30 against 22 ms; the sign trick (|w| against x carrying w's
- * sign, bit-equal) in 13.5 against 13.6 ms, and at one row in 2.28 against 0.89. */
+ * int16 sums never needed.) So a product is bit-equal whichever kernel runs it, and a row's
+ * result is the same in any batch.
+ *
+ * Q8_0's signed products do not fit int16 sums, so each pair widens at once, and vpmaddubsw
+ * takes the weights' magnitudes against input bytes carrying the weights' signs (exact; both
+ * decoded once per call). Built so before, with one input row a pass and GCC free to
+ * schedule, a Q8_0 wide tile was no faster than the four-row tiles (the LM head at 32 rows
+ * in 13.5 against 13.6 ms); with two rows a pass and the groups in order, the model's LM
+ * head took 8.4 against 13.9 ms at 32 rows, 2.74 against 3.74 at eight, 1.65 against 2.01 at
+ * four and 1.18 against 1.21 at two (benchmarks/gguf_products.py, 2026-12-06, AVX2 EPYC);
+ * at one row, where the weight's bytes are the limit, the four-row tiles read them without
+ * the transpose. */
 #define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
 /* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with one accumulator and one
  * integer sum per pair, so that each broadcast of an input group feeds both tiles and each
@@ -762,6 +765,12 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
 #endif
 #ifndef WIDE_TILES
 #define WIDE_TILES 2
+#endif
+#ifndef WIDE_Q8_X_ROWS /* Q8_0's pass: its sums and accumulators fill AVX2's registers at two */
+#define WIDE_Q8_X_ROWS 2
+#endif
+#ifndef WIDE_Q8_MIN_ROWS /* below this many input rows Q8_0 keeps the four-row tiles */
+#define WIDE_Q8_MIN_ROWS 2
 #endif
 #define WIDE_TILE_ROWS (WIDE_ROWS * WIDE_TILES)
 
@@ -832,6 +841,37 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
     out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
 }
 
+/* A Q8_0 block of eight weight rows in the same layout: signed bytes, so vpmaddubsw takes
+ * their magnitudes against the input bytes carrying their signs (both kept here), and a
+ * pair of products (at most 2 * 128 * 127) widens to int32 at once; no offset. */
+typedef struct {
+    int8_t q[QK / 4][WIDE_ROWS * 4];
+    uint8_t aq[QK / 4][WIDE_ROWS * 4]; /* |q| */
+    f32x8 dw;
+} wide_block_q8;
+
+static ALWAYS_INLINE void decode_wide_block_q8(const uint8_t *const rows[WIDE_ROWS], int64_t b,
+                                               wide_block_q8 *out)
+{
+    const int64_t at = b * small_block_bytes(T_Q8_0);
+    __m256i low[4], high[4]; /* rows r and r + 4, whole: dwords 0..3, then 4..7 per lane */
+    for (int r = 0; r < 4; r++) {
+        low[r] = _mm256_loadu_si256((const __m256i *)(rows[r] + at + 2));
+        high[r] = _mm256_loadu_si256((const __m256i *)(rows[r + 4] + at + 2));
+    }
+    transpose_groups(low); /* low[g]: group g of rows 0..3, then group g + 4 */
+    transpose_groups(high);
+    for (int g = 0; g < 4; g++) {
+        const __m256i first = _mm256_permute2x128_si256(low[g], high[g], 0x20);
+        const __m256i second = _mm256_permute2x128_si256(low[g], high[g], 0x31);
+        _mm256_store_si256((__m256i *)out->q[g], first);
+        _mm256_store_si256((__m256i *)out->q[g + 4], second);
+        _mm256_store_si256((__m256i *)out->aq[g], _mm256_sign_epi8(first, first));
+        _mm256_store_si256((__m256i *)out->aq[g + 4], _mm256_sign_epi8(second, second));
+    }
+    for (int r = 0; r < WIDE_ROWS; r++) out->dw[r] = fp16_to_fp32(rows[r] + at);
+}
+
 /* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and WIDE_TILES tiles' decoded
  * blocks (block b of tile t at w[b * WIDE_TILES + t]). */
 static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
@@ -886,6 +926,75 @@ static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx,
             for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
 }
 
+/* wide_dot for Q8_0 blocks: the same sums as dot_tile_q8's for Q8_0, in its order. */
+static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *w, const xblock *x, int nx,
+                                      int64_t blocks, float y[][WIDE_TILE_ROWS])
+{
+    f32x8 a[WIDE_Q8_X_ROWS][WIDE_TILES];
+    for (int j = 0; j < nx; j++)
+        for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
+    for (int64_t b = 0; b < blocks; b++, w += WIDE_TILES) {
+        __m256i sums[WIDE_Q8_X_ROWS][WIDE_TILES]; /* int32 */
+        for (int j = 0; j < nx; j++)
+            for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
+        for (int g = 0; g < QK / 4; g++) {
+            __m256i magnitudes[WIDE_TILES];
+            for (int t = 0; t < WIDE_TILES; t++)
+                magnitudes[t] = _mm256_load_si256((const __m256i *)w[t].aq[g]);
+            for (int j = 0; j < nx; j++) {
+                int32_t group;
+                memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
+                const __m256i xg = _mm256_set1_epi32(group);
+                for (int t = 0; t < WIDE_TILES; t++) {
+                    const __m256i signed_x = _mm256_sign_epi8(
+                        xg, _mm256_load_si256((const __m256i *)w[t].q[g]));
+                    __m256i sum = sums[j][t];
+#if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                    sum = _mm256_dpbusd_epi32(sum, magnitudes[t], signed_x);
+#elif WIDE_VNNI
+                    sum = _mm256_dpbusd_avx_epi32(sum, magnitudes[t], signed_x);
+#else
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(magnitudes[t], signed_x), _mm256_set1_epi16(1)));
+#endif
+                    __asm__("" : "+v"(sum)); /* group after group, as in wide_dot */
+                    sums[j][t] = sum;
+                }
+            }
+        }
+        for (int j = 0; j < nx; j++)
+            for (int t = 0; t < WIDE_TILES; t++)
+                a[j][t] = fma8((f32x8)_mm256_cvtepi32_ps(sums[j][t]),
+                               w[t].dw * splat8(x[j * blocks + b].d), a[j][t]);
+    }
+    for (int j = 0; j < nx; j++)
+        for (int t = 0; t < WIDE_TILES; t++)
+            for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
+}
+
+/* One pass of nx input rows (at most the type's rows per pass) over a tile's decoded blocks,
+ * with nx a constant in each call. */
+static ALWAYS_INLINE void wide_pass(const void *decoded, const xblock *x, int nx, int64_t blocks,
+                                    int type, float y[][WIDE_TILE_ROWS])
+{
+    if (type == T_Q8_0) {
+        if (nx == WIDE_Q8_X_ROWS) wide_dot_q8(decoded, x, WIDE_Q8_X_ROWS, blocks, y);
+#if WIDE_Q8_X_ROWS > 2
+        else if (nx == 2) wide_dot_q8(decoded, x, 2, blocks, y);
+#endif
+        else wide_dot_q8(decoded, x, 1, blocks, y);
+        return;
+    }
+    if (nx == WIDE_X_ROWS) wide_dot(decoded, x, WIDE_X_ROWS, blocks, y);
+#if WIDE_X_ROWS > 3
+    else if (nx == 3) wide_dot(decoded, x, 3, blocks, y);
+#endif
+#if WIDE_X_ROWS > 2
+    else if (nx == 2) wide_dot(decoded, x, 2, blocks, y);
+#endif
+    else wide_dot(decoded, x, 1, blocks, y);
+}
+
 static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
                                          const uint8_t *w, int64_t n, int type, float *y,
                                          int num_threads, int *status)
@@ -894,8 +1003,9 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
     const int64_t num_tiles = (n + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS;
 #pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
     {
-        const size_t size = ((size_t)blocks * WIDE_TILES * sizeof(wide_block) + 63) / 64 * 64;
-        wide_block *decoded = aligned_alloc(64, size);
+        const size_t block_size = type == T_Q8_0 ? sizeof(wide_block_q8) : sizeof(wide_block);
+        const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
+        char *decoded = aligned_alloc(64, size);
         if (!decoded) {
 #pragma omp atomic write
             *status = ERR_NO_MEMORY;
@@ -920,21 +1030,16 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
                 }
                 for (int64_t b = 0; b < blocks; b++) {
                     prefetch_slice(next, slice, t * blocks + b);
-                    decode_wide_block(rows, b, type, &decoded[b * WIDE_TILES + t]);
+                    void *out = decoded + (b * WIDE_TILES + t) * block_size;
+                    if (type == T_Q8_0) decode_wide_block_q8(rows, b, out);
+                    else decode_wide_block(rows, b, type, out);
                 }
             }
-            float out[WIDE_X_ROWS][WIDE_TILE_ROWS];
-            for (int64_t i = 0; i < m; i += WIDE_X_ROWS) {
-                const int nx = (int)(m - i < WIDE_X_ROWS ? m - i : WIDE_X_ROWS);
-                const xblock *xi = x + i * blocks;
-                if (nx == WIDE_X_ROWS) wide_dot(decoded, xi, WIDE_X_ROWS, blocks, out);
-#if WIDE_X_ROWS > 3
-                else if (nx == 3) wide_dot(decoded, xi, 3, blocks, out);
-#endif
-#if WIDE_X_ROWS > 2
-                else if (nx == 2) wide_dot(decoded, xi, 2, blocks, out);
-#endif
-                else wide_dot(decoded, xi, 1, blocks, out);
+            const int pass = type == T_Q8_0 ? WIDE_Q8_X_ROWS : WIDE_X_ROWS;
+            float out[WIDE_X_ROWS > WIDE_Q8_X_ROWS ? WIDE_X_ROWS : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
+            for (int64_t i = 0; i < m; i += pass) {
+                const int nx = (int)(m - i < pass ? m - i : pass);
+                wide_pass(decoded, x + i * blocks, nx, blocks, type, out);
                 for (int j = 0; j < nx; j++)
                     memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
             }
@@ -968,9 +1073,10 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
     int status = OK;
 #if HAS_WIDE_TILES
-    if (type != T_Q8_0) {
+    if (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS) {
         if (type == T_Q4_0) wide_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status);
-        else wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status);
+        else if (type == T_Q4_1) wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status);
+        else wide_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status);
         free(xq);
         return status;
     }
@@ -984,6 +1090,7 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     return status;
 }
 
-/* 1 where Q4_0 / Q4_1 products take the wide tiles at any number of input rows (AVX2 builds):
- * then they never need the dequantized weight's GEMM. */
+/* 1 where Q4_0 / Q4_1 / Q8_0 products take the integer kernels' tiles at any number of input
+ * rows (AVX2 builds: the wide tiles, Q8_0's from two rows): then they never need the
+ * dequantized weight's GEMM. */
 int fleet_gguf_wide_tiles(void) { return HAS_WIDE_TILES; }
