@@ -49,13 +49,15 @@ typedef struct { /* per-thread scratch */
     float *qt, *acct, *st;              /* the lanes path's q, acc and scores, row-minor */
     const void **k_rows, **v_rows;      /* the tile's rows, in the cache or in k, v */
     const char **next_k, **next_v;      /* the next tile's rows in the cache, to prefetch */
-    int64_t *offsets;                   /* a tile's row offsets in the cache, in elements */
+    int64_t *offsets, *next_offsets;    /* a tile's and the next's token offsets in the cache,
+                                         * in elements, kv head 0's */
+    const int32_t *offsets_table;       /* what they were computed for: the block table, */
+    int64_t offsets_start, offsets_n;   /* the tile's first token and size (n + n_next) */
     int64_t *limit, *out_offset;        /* per row: kv tokens visible, where its output goes */
 } Scratch;
 
-/* Element offsets in the cache of kv tokens [start, start + n) of kv_head. */
-static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64_t n,
-                         int64_t *offsets)
+/* Element offsets in the cache of kv tokens [start, start + n) of kv head 0. */
+static void tile_offsets(const KvView *kv, int64_t start, int64_t n, int64_t *offsets)
 {
     const int64_t row_stride = kv->num_kv_heads * kv->row;
     int64_t block = start / kv->block_size, offset = start % kv->block_size;
@@ -64,8 +66,7 @@ static void tile_offsets(const KvView *kv, int64_t kv_head, int64_t start, int64
             block++;
             offset = 0;
         }
-        offsets[t] = (kv->block_table[block] * kv->block_size + offset) * row_stride
-                     + kv_head * kv->row;
+        offsets[t] = (kv->block_table[block] * kv->block_size + offset) * row_stride;
     }
 }
 
@@ -79,30 +80,35 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
                       int64_t n_next, int direct, Scratch *sc)
 {
     const int64_t dim = kv->head_dim, elem = elem_bytes(kv->kv_dtype);
-    tile_offsets(kv, kv_head, start + n, n_next, sc->offsets);
-    for (int64_t t = 0; t < n_next; t++) {
-        sc->next_k[t] = (const char *)kv->k_cache + sc->offsets[t] * elem;
-        sc->next_v[t] = (const char *)kv->v_cache + sc->offsets[t] * elem;
+    if (sc->offsets_table != kv->block_table || sc->offsets_start != start
+        || sc->offsets_n != n + n_next) { /* the other heads of a tile reuse them */
+        tile_offsets(kv, start, n, sc->offsets);
+        tile_offsets(kv, start + n, n_next, sc->next_offsets);
+        sc->offsets_table = kv->block_table;
+        sc->offsets_start = start;
+        sc->offsets_n = n + n_next;
     }
-    tile_offsets(kv, kv_head, start, n, sc->offsets);
-    for (int64_t t = n_next; t < n; t++) { /* nothing next: re-touch this tile */
-        sc->next_k[t] = (const char *)kv->k_cache + sc->offsets[t] * elem;
-        sc->next_v[t] = (const char *)kv->v_cache + sc->offsets[t] * elem;
+    const int64_t head = kv_head * kv->row;
+    for (int64_t t = 0; t < n; t++) { /* nothing next: re-touch this tile */
+        const int64_t at = (t < n_next ? sc->next_offsets[t] : sc->offsets[t]) + head;
+        sc->next_k[t] = (const char *)kv->k_cache + at * elem;
+        sc->next_v[t] = (const char *)kv->v_cache + at * elem;
     }
     for (int64_t t = 0; t < n; t++) {
+        const int64_t at = sc->offsets[t] + head;
         if (kv->kv_dtype == KV_F32) {
-            sc->k_rows[t] = (const float *)kv->k_cache + sc->offsets[t];
-            sc->v_rows[t] = (const float *)kv->v_cache + sc->offsets[t];
+            sc->k_rows[t] = (const float *)kv->k_cache + at;
+            sc->v_rows[t] = (const float *)kv->v_cache + at;
             continue;
         }
         if (kv->kv_dtype == KV_BF16 && direct) {
-            sc->k_rows[t] = (const uint16_t *)kv->k_cache + sc->offsets[t];
-            sc->v_rows[t] = (const uint16_t *)kv->v_cache + sc->offsets[t];
+            sc->k_rows[t] = (const uint16_t *)kv->k_cache + at;
+            sc->v_rows[t] = (const uint16_t *)kv->v_cache + at;
             continue;
         }
         if (kv->kv_dtype == KV_INT8) {
-            const int8_t *k = (const int8_t *)kv->k_cache + sc->offsets[t];
-            const int8_t *v = (const int8_t *)kv->v_cache + sc->offsets[t];
+            const int8_t *k = (const int8_t *)kv->k_cache + at;
+            const int8_t *v = (const int8_t *)kv->v_cache + at;
             float k_scale, v_scale;
             memcpy(&k_scale, k + dim, sizeof k_scale);
             memcpy(&v_scale, v + dim, sizeof v_scale);
@@ -121,8 +127,8 @@ static void load_tile(const KvView *kv, int64_t kv_head, int64_t start, int64_t 
             sc->v_rows[t] = sc->v + t * dim;
             continue;
         }
-        const uint16_t *k = (const uint16_t *)kv->k_cache + sc->offsets[t];
-        const uint16_t *v = (const uint16_t *)kv->v_cache + sc->offsets[t];
+        const uint16_t *k = (const uint16_t *)kv->k_cache + at;
+        const uint16_t *v = (const uint16_t *)kv->v_cache + at;
         for (int64_t d = 0; d < dim; d += VLEN) {
             storev(sc->k + t * dim + d, loadv_bf16(k + d));
             storev(sc->v + t * dim + d, loadv_bf16(v + d));
@@ -276,13 +282,16 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->next_k = malloc(KV_TILE * sizeof(char *));
     sc->next_v = malloc(KV_TILE * sizeof(char *));
     sc->offsets = malloc(KV_TILE * sizeof(int64_t));
+    sc->next_offsets = malloc(KV_TILE * sizeof(int64_t));
+    sc->offsets_table = NULL;
     sc->limit = malloc(max_rows * sizeof(int64_t));
     sc->out_offset = malloc(max_rows * sizeof(int64_t));
     sc->qt = malloc(dim * LANE_ROWS * sizeof(float));
     sc->acct = malloc(dim * LANE_ROWS * sizeof(float));
     sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
     return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_scale &&
-           sc->v_scale && sc->k_rows && sc->v_rows && sc->next_k && sc->next_v && sc->offsets && sc->limit &&
+           sc->v_scale && sc->k_rows && sc->v_rows && sc->next_k && sc->next_v && sc->offsets &&
+           sc->next_offsets && sc->limit &&
            sc->out_offset && sc->qt && sc->acct && sc->st;
 }
 
@@ -291,7 +300,7 @@ static void scratch_free(Scratch *sc)
     free(sc->q); free(sc->acc); free(sc->m); free(sc->l); free(sc->s); free(sc->k);
     free(sc->v); free(sc->k_scale); free(sc->v_scale); free(sc->k_rows); free(sc->v_rows);
     free(sc->next_k); free(sc->next_v);
-    free(sc->offsets); free(sc->limit); free(sc->out_offset); free(sc->qt); free(sc->acct);
+    free(sc->offsets); free(sc->next_offsets); free(sc->limit); free(sc->out_offset); free(sc->qt); free(sc->acct);
     free(sc->st);
 }
 
