@@ -758,8 +758,8 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * tiles of one row measured best; with one, benchmarks/kernel_ab.py on the AVX2 EPYC
  * (2026-12-06, every build alternating in one process; 256-token prefill / decode step of 32)
  * gave against that: 3 rows x 2 tiles -11.7% / -8.5%, 2 x 3 -11.3% / -7.0%, 2 x 2 -8.8% /
- * -5.7%, 4 x 2 -8.5% / -5.7%, 5 x 1 -10.2% / -5.1%, 4 x 1 -7.7% / -4.3%; 1 x 3 and 1 x 2
- * (the old shape) -4% / -2%. */
+ * -5.7%, 4 x 2 -8.5% / -5.7%, 5 x 1 -10.2% / -5.1%, 4 x 1 -7.7% / -4.3%; 1 x 3 -3.7% /
+ * -2.1% and 1 x 2 (the old shape) -3.3 to -5.8% / -0.7 to -3.5%. */
 #ifndef WIDE_X_ROWS
 #define WIDE_X_ROWS 3
 #endif
@@ -773,6 +773,10 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
 #define WIDE_Q8_MIN_ROWS 2
 #endif
 #define WIDE_TILE_ROWS (WIDE_ROWS * WIDE_TILES)
+
+#if WIDE_X_ROWS > 4 || WIDE_Q8_X_ROWS > 3
+#error "the wide passes' dispatch takes at most four input rows (Q8_0: three)"
+#endif
 
 #if defined(__AVX2__) && !defined(FLEET_NO_WIDE_TILES) /* the flag: for the tests' comparison */
 #define HAS_WIDE_TILES 1
@@ -926,7 +930,8 @@ static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx,
             for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
 }
 
-/* wide_dot for Q8_0 blocks: the same sums as dot_tile_q8's for Q8_0, in its order. */
+/* wide_dot for Q8_0 blocks: the same sums as dot_tile_q8's for Q8_0, in its order. (One
+ * function for both, the type a constant, measured 1-4% slower in kernel_ab.py.) */
 static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *w, const xblock *x, int nx,
                                       int64_t blocks, float y[][WIDE_TILE_ROWS])
 {
