@@ -291,8 +291,7 @@ static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
     sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
     return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_scale &&
            sc->v_scale && sc->k_rows && sc->v_rows && sc->next_k && sc->next_v && sc->offsets &&
-           sc->next_offsets && sc->limit &&
-           sc->out_offset && sc->qt && sc->acct && sc->st;
+           sc->next_offsets && sc->limit && sc->out_offset && sc->qt && sc->acct && sc->st;
 }
 
 static void scratch_free(Scratch *sc)
@@ -300,8 +299,8 @@ static void scratch_free(Scratch *sc)
     free(sc->q); free(sc->acc); free(sc->m); free(sc->l); free(sc->s); free(sc->k);
     free(sc->v); free(sc->k_scale); free(sc->v_scale); free(sc->k_rows); free(sc->v_rows);
     free(sc->next_k); free(sc->next_v);
-    free(sc->offsets); free(sc->next_offsets); free(sc->limit); free(sc->out_offset); free(sc->qt); free(sc->acct);
-    free(sc->st);
+    free(sc->offsets); free(sc->next_offsets); free(sc->limit); free(sc->out_offset);
+    free(sc->qt); free(sc->acct); free(sc->st);
 }
 
 /* Checks every block id a sequence of kv_len tokens will read. */
