@@ -10,6 +10,11 @@ For each matrix and row count, the median time of:
   tiles) and `four-row` (the same source with `-DFLEET_NO_WIDE_TILES`: the four-row tiles
   every type took before), so both are timed on one commit, alternately; `one-tile` (asked
   for by name) is the wide tiles as first built, one tile of two input rows a pass;
+  `unpacked` is `native` on the Q4 weights in GGUF's rows, as they were multiplied before
+  they were repacked at load (each call transposing eight rows' blocks), and `buffered`
+  decodes the packed tiles into the per-thread buffer even at one pass of input rows. Each
+  matrix stays in the caches between calls here: a decode step reads them from memory
+  (`kernel_ab.py` times whole steps);
 - `gemm`: what `gguf_linear.matmul` did from 64 rows before the wide tiles: the weight
   dequantized to fp32 (16 MiB slices) and oneDNN's GEMM (from 16 rows only).
 A layer's four matrices are also summed ("layer").
@@ -37,7 +42,9 @@ MATRICES = {"qkv_proj": "layers.0.self_attn.qkv_proj", "o_proj": "layers.0.self_
 LAYER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 BUILDS = {"native": (), "four-row": ("-DFLEET_NO_WIDE_TILES",),
           # the wide tiles as first built: one tile of two input rows a pass
-          "one-tile": ("-DWIDE_TILES=1", "-DWIDE_X_ROWS=2")}
+          "one-tile": ("-DWIDE_TILES=1", "-DWIDE_X_ROWS=2"), "unpacked": (),
+          # packed Q4 tiles decoded into the per-thread buffer at every row count
+          "buffered": ("-DWIDE_IN_PLACE_ROWS=0",)}
 
 
 def median_ms(fn, reps: int) -> float:
@@ -49,7 +56,7 @@ def int8_product(library, x: torch.Tensor, weight: gguf_linear.GGUFWeight) -> to
     y = torch.empty(x.shape[0], weight.shape[0])
     gguf_linear._check(library.fleet_gguf_matmul_q8(
         x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],
-        int(weight.qtype), y.data_ptr(), torch.get_num_threads()))
+        weight.kernel_type, y.data_ptr(), torch.get_num_threads()))
     return y
 
 
@@ -76,8 +83,10 @@ def main() -> None:
                 row = {"matrix": matrix, "shape": list(weight.shape),
                        "qtype": weight.qtype.name, "rows": rows}
                 for name, library in libraries.items():
-                    row[f"int8_{name}_ms"] = median_ms(
-                        functools.partial(int8_product, library, x, weight), reps)
+                    packed = library.has_wide_tiles and name != "unpacked"
+                    row[f"int8_{name}_ms"] = median_ms(functools.partial(
+                        int8_product, library, x, weight.repacked(packed and weight.packed)),
+                        reps)
                 if rows >= gguf_linear.GEMM_MIN_ROWS:
                     row["gemm_ms"] = median_ms(functools.partial(
                         gguf_linear._dequantized_matmul, x, weight, gguf_linear._library()), reps)

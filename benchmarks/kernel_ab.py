@@ -13,6 +13,11 @@ the same machine at the same time.
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/kernel_ab.py \\
         before=/tmp/old/fleetlm/kernels/csrc after=fleetlm/kernels/csrc --out F
 
+Q4_0 / Q4_1 matrices are repacked at load (`GGUFWeight.packed`). A version whose kernels
+predate that (no `fleet_gguf_repack`), or one named in `--rows`, gets the same weights in
+GGUF's rows, with a decode stack of its own: `rows=fleetlm/kernels/csrc
+packed=fleetlm/kernels/csrc --rows rows` compares the two layouts on one build.
+
 Per version: the median of `--prefills` one-token generates of fresh 256-token prompts (the
 first of each version not counted), and per batch size the median over three rounds of
 `--samples` alternations of the median of three decode steps (each round admits the batch's
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--prefills", type=int, default=8)
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--rows", default="", help="versions given the weights in GGUF's rows")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     versions = dict(v.split("=", 1) for v in args.versions)
@@ -72,12 +78,32 @@ def main() -> None:
               max_num_batched_tokens=8192, kv_cache_memory_bytes=2 << 30,
               enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype)
     engine, model = llm.engine, llm.engine.executor.runner.model
+    matrices = [p.quantized for p in model.parameters()
+                if isinstance(getattr(p, "quantized", None), gguf_linear.QuantizedMatrix)]
+    rows = set(filter(None, args.rows.split(","))) | {
+        name for name, (gguf, _, _) in libraries.items() if not hasattr(gguf, "fleet_gguf_repack")}
+    # per layout: each matrix's parts, and a decode stack over them
+    layouts = {False: [[(row, part.unpacked()) for row, part in m.parts] for m in matrices],
+               True: [list(m.parts) for m in matrices]}
+
+    def set_layout(packed: bool) -> None:
+        for matrix, parts in zip(matrices, layouts[packed]):
+            whole = len(parts) == 1 and parts[0][1].shape == matrix.shape
+            matrix.parts, matrix._single = parts, parts[0][1] if whole else None
+
+    stacks = {}
+    for packed in layouts:
+        set_layout(packed)
+        stacks[packed] = model._make_decode_stack()
 
     def use(name: str) -> None:
         gguf, stack, attention = libraries[name]
         gguf_linear._library = lambda: gguf
         decode_stack._library = lambda: stack
         cpu_attention._library = lambda: attention
+        packed = name not in rows
+        set_layout(packed)
+        model._native_stack, model._is_stack_made = stacks[packed], True
         if model._native_stack is not None:
             model._native_stack._library = stack
 

@@ -105,7 +105,7 @@ class DecodeStack:
             for name in ("qkv", "o", "gate_up", "down"):
                 weight = getattr(spec, name)
                 setattr(layer, name, weight.data.data_ptr())
-                setattr(layer, f"{name}_type", int(weight.qtype))
+                setattr(layer, f"{name}_type", weight.kernel_type)
         self._caches: tuple = ()  # the dtype, data pointers and shapes of the caches bound
         self._shape = StackShape()
 

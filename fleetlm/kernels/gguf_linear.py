@@ -8,7 +8,9 @@ against 4 for fp32). `csrc/gguf_matmul.c` multiplies them in one of three ways:
   below `INT8_GEMM_MIN_ROWS` rows (decode steps, short prompt chunks): the input is
   quantized to int8 per 32-element block and multiplied by integer dot products, llama.cpp's
   arithmetic (`quantize_input_reference` says how the input is rounded);
-  `FLEETLM_GGUF_INT8_DOT=0` turns this off;
+  `FLEETLM_GGUF_INT8_DOT=0` turns this off. Q4_0 / Q4_1 matrices that take the AVX2 "wide
+  tiles" are repacked once when loaded whole (`GGUFWeight.packed`: the same bytes in tiles of
+  eight rows, the kernel's own layout);
 - otherwise below `GEMM_MIN_ROWS` rows: fp32 activations times the blocks turned into fp32 in
   registers (other types through a few rows dequantized into L1), so the result is
   `x @ dequantize(W).T` up to the order of the sums;
@@ -79,6 +81,17 @@ INT8_GEMM_MIN_ROWS = 64
 # 177.9, a 3072 x 576 Q8_0 matrix in 1.83 / 6.44 against 3.62 / 7.46. Then a prompt's
 # products are the same integer sums as a decode step's, bit for bit.
 XQMAX = 127  # input blocks are quantized to [-127, 127]
+# Q4_0 / Q4_1 matrices that the wide tiles multiply are repacked once, when loaded whole, into
+# tiles of PACKED_ROWS rows (`GGUFWeight.packed`; csrc/gguf_matmul.c's fleet_gguf_repack says
+# the layout): the same bytes, so that a product reads each tile's block as one run of bytes
+# in the kernel's own layout instead of transposing eight rows' blocks on every call.
+# On the AVX2 EPYC of docs/benchmarks.md a layer's four products at one row took 0.09-0.12 ms
+# against 0.13-0.20 unpacked ("Weights repacked at load"). FLEETLM_GGUF_REPACK=0 keeps GGUF's
+# rows (for comparisons).
+PACKED_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+PACKED_ROWS = 8
+PACKED_FLAG = 64  # added to the type's code in the kernel's calls
+REPACK_ENV = "FLEETLM_GGUF_REPACK"
 # Weights dequantized per GEMM call: up to 16 MiB of fp32, so every layer matrix of the built-in
 # model (gate_up: 3072 x 576) is one GEMM, and a 49152-row LM head never needs its 113 MB fp32
 # copy at once. A 256-token prefill's linear layers on the AVX2 EPYC of docs/benchmarks.md:
@@ -102,9 +115,11 @@ def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDL
             _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int]
         library.fleet_gguf_quantize_input.argtypes = [_ptr, _int64, _int64, _ptr]
         library.fleet_gguf_wide_tiles.argtypes = []
+        library.fleet_gguf_repack.argtypes = [
+            _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int]
         for function in (library.fleet_gguf_matmul, library.fleet_gguf_matmul_q8,
                          library.fleet_gguf_dequantize, library.fleet_gguf_quantize_input,
-                         library.fleet_gguf_wide_tiles):
+                         library.fleet_gguf_wide_tiles, library.fleet_gguf_repack):
             function.restype = ctypes.c_int
         # read once: the kernel's choice for this build, asked by every product
         library.has_wide_tiles = bool(library.fleet_gguf_wide_tiles())
@@ -138,12 +153,15 @@ def _check(status: int) -> None:
 
 class GGUFWeight:
     """A matrix of `shape` (rows, cols) in GGUF type `qtype`: `data` is uint8, one row of
-    blocks per matrix row. Quacks like a checkpoint tensor (`shape`, `narrow`), so the
-    tensor-parallel loaders take a shard of it without knowing it is quantized."""
+    blocks per matrix row, or (`packed`, Q4_0 / Q4_1 only) the same bytes rearranged into
+    tiles of PACKED_ROWS rows, which only the wide tiles read: every other reader takes
+    `unpacked()`. Quacks like a checkpoint tensor (`shape`, `narrow`), so the tensor-parallel
+    loaders take a shard of it without knowing it is quantized."""
 
-    __slots__ = ("data", "qtype", "shape")
+    __slots__ = ("data", "qtype", "shape", "packed")
 
-    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, cols: int) -> None:
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, cols: int,
+                 packed: bool = False) -> None:
         if qtype not in TYPES:
             raise ValueError(f"GGUF type {qtype.name} is not supported; "
                              f"supported: {', '.join(t.name for t in TYPES)}")
@@ -152,9 +170,44 @@ class GGUFWeight:
                 data.shape[1] != self.row_bytes_of(qtype, cols)):
             raise ValueError(f"{qtype.name} blocks of shape {tuple(data.shape)} do not hold "
                              f"rows of {cols} elements")
+        if packed and (qtype not in PACKED_TYPES or data.shape[0] % PACKED_ROWS):
+            raise ValueError(f"{qtype.name} rows ({data.shape[0]}) cannot be packed")
         self.data = data
         self.qtype = qtype
         self.shape = torch.Size((data.shape[0], cols))
+        self.packed = packed
+
+    @property
+    def kernel_type(self) -> int:
+        """The type's code in the kernel's calls (with PACKED_FLAG where packed)."""
+        return int(self.qtype) | (PACKED_FLAG if self.packed else 0)
+
+    def can_pack(self) -> bool:
+        """Whether the products would read this matrix packed: a Q4_0 / Q4_1 matrix of whole
+        tiles where the kernel has wide tiles and int8 activations are on."""
+        library = _library()
+        return (not self.packed and self.qtype in PACKED_TYPES and _INT8_DOT
+                and os.environ.get(REPACK_ENV, "1") != "0"
+                and self.shape[0] % PACKED_ROWS == 0 and library is not None
+                and library.has_wide_tiles)
+
+    def repacked(self, packed: bool = True) -> GGUFWeight:
+        """This matrix in tiles (`packed`) or in GGUF's rows (a new tensor; self where it is
+        so already)."""
+        if packed == self.packed:
+            return self
+        library = _library()
+        if library is None:
+            raise RuntimeError("packed GGUF matrices need the C kernel, which did not load")
+        source = self.data.contiguous()
+        out = torch.empty_like(source)
+        _check(library.fleet_gguf_repack(source.data_ptr(), self.shape[0], self.shape[1],
+                                         int(self.qtype), out.data_ptr(), packed,
+                                         torch.get_num_threads()))
+        return GGUFWeight(out, self.qtype, self.shape[1], packed)
+
+    def unpacked(self) -> GGUFWeight:
+        return self.repacked(False)
 
     @staticmethod
     def row_bytes_of(qtype: GGMLQuantizationType, cols: int) -> int:
@@ -167,8 +220,11 @@ class GGUFWeight:
 
     def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
         """Rows, or columns on block boundaries (a row-parallel shard)."""
+        if self.packed and not (dim == 0 and start % PACKED_ROWS == length % PACKED_ROWS == 0):
+            return self.unpacked().narrow(dim, start, length)
         if dim == 0:
-            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, self.shape[1])
+            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, self.shape[1],
+                              self.packed)
         block, type_size = GGML_QUANT_SIZES[self.qtype]
         if dim != 1 or start % block or length % block:
             raise ValueError(f"a {self.qtype.name} matrix splits only on its {block}-element "
@@ -178,11 +234,21 @@ class GGUFWeight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32, by gguf-py (llama.cpp's reference dequantizers): what the kernel must equal."""
+        if self.packed:
+            return self.unpacked().dequantize()
         values = dequantize(self.data.numpy(), self.qtype)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows `ids` (an embedding lookup), through the C kernel where it loads."""
+        if self.packed:  # the ids' tiles, unpacked; then each id's row in them
+            flat = ids.reshape(-1)
+            tiles = self.data.view(-1, PACKED_ROWS * self.data.shape[1]).index_select(
+                0, torch.div(flat, PACKED_ROWS, rounding_mode="floor"))
+            rows = GGUFWeight(tiles.view(-1, self.data.shape[1]), self.qtype, self.shape[1],
+                              True).unpacked()
+            index = torch.arange(flat.numel()) * PACKED_ROWS + flat % PACKED_ROWS
+            return rows.dequantize_rows(index).view(*ids.shape, self.shape[1])
         blocks = self.data.index_select(0, ids.reshape(-1))
         library = _library()
         if library is None:
@@ -239,6 +305,8 @@ def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = No
     if int8_dot is None:
         int8_dot = _INT8_DOT
     int8_dot = int8_dot and weight.qtype in INT8_DOT_TYPES
+    if weight.packed and not (int8_dot and library.has_wide_tiles):
+        weight = weight.unpacked()  # a path other than the wide tiles (tests, another build)
     if int8_dot and library.has_wide_tiles:
         gemm_min_rows = math.inf  # the integer kernel is faster at any number of rows
     else:
@@ -249,7 +317,7 @@ def matmul(x: torch.Tensor, weight: GGUFWeight, library: ctypes.CDLL | None = No
     y = torch.empty(x.shape[0], weight.shape[0])
     _check(kernel(
         x.data_ptr(), x.shape[0], x.shape[1], weight.data.data_ptr(), weight.shape[0],
-        int(weight.qtype), y.data_ptr(), torch.get_num_threads()))
+        weight.kernel_type, y.data_ptr(), torch.get_num_threads()))
     return y
 
 
@@ -275,7 +343,7 @@ class QuantizedMatrix:
                              f"weight of shape {tuple(self.shape)}")
         parts = sorted([*self.parts, (row, weight)], key=lambda part: part[0])
         merged: list[tuple[int, GGUFWeight]] = []
-        for start, part in parts:
+        for start, part in ((start, part.unpacked()) for start, part in parts):
             if merged:
                 last_start, last = merged[-1]
                 if last.qtype == part.qtype and last_start + last.shape[0] == start:
@@ -283,8 +351,10 @@ class QuantizedMatrix:
                     merged[-1] = (last_start, GGUFWeight(data, part.qtype, part.shape[1]))
                     continue
             merged.append((start, part))
-        self.parts = merged
         is_single = len(merged) == 1 and merged[0][1].shape[0] == self.shape[0]
+        if is_single and merged[0][1].can_pack():  # loaded whole: repacked for the products
+            merged = [(0, merged[0][1].repacked())]
+        self.parts = merged
         self._single = merged[0][1] if is_single else None
 
     @property

@@ -241,3 +241,83 @@ def test_column_shards_split_on_block_boundaries_only():
 def test_unsupported_type_is_named():
     with pytest.raises(ValueError, match="Q5_K is not supported"):
         GGUFWeight(torch.zeros(1, 176, dtype=torch.uint8), GGMLQuantizationType.Q5_K, 256)
+
+
+def packed_reference(weight: GGUFWeight) -> torch.Tensor:
+    """`weight` in eight-row tiles, as csrc/gguf_matmul.c's fleet_gguf_repack describes them:
+    per tile and block, four 32-byte vectors (dword r of vector g: bytes 4g..4g+3 of row r's
+    nibbles), the rows' d's, then Q4_1's m's."""
+    rows, cols = weight.shape
+    _, type_size = GGML_QUANT_SIZES[weight.qtype]
+    head = type_size - 16  # d (and m) before a block's 16 bytes of nibbles
+    blocks = weight.data.numpy().reshape(rows // 8, 8, cols // 32, type_size)
+    nibbles = blocks[..., head:].reshape(rows // 8, 8, cols // 32, 4, 4)  # [.., r, b, g, e]
+    parts = [nibbles.transpose(0, 2, 3, 1, 4).reshape(rows // 8, cols // 32, 128)]
+    parts += [blocks[..., at:at + 2].transpose(0, 2, 1, 3).reshape(rows // 8, cols // 32, 16)
+              for at in range(0, head, 2)]
+    return torch.from_numpy(np.concatenate(parts, axis=-1).reshape(rows, -1))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_packed_tiles_hold_the_same_bytes_in_the_kernels_layout(name):
+    weight = random_weight(name, 24, 512, seed=5)
+    packed = weight.repacked()
+    assert packed.packed and not weight.packed and packed.shape == weight.shape
+    assert torch.equal(packed.data, packed_reference(weight))
+    assert torch.equal(packed.unpacked().data, weight.data)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        GGUFWeight(random_weight(name, 12, 512).data, weight.qtype, 512, packed=True)
+
+
+@pytest.mark.parametrize("build", ["native", "haswell"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_packed_products_equal_the_rows_products(build, name):
+    """The wide tiles read a packed matrix in place up to one pass of input rows and decode it
+    into their buffer beyond: either way every output is bit-equal to the product of the
+    matrix in GGUF's rows. 24 rows end in a task of one tile; 1 and 3 input rows are read in
+    place, 4, 8 and 33 through the buffer."""
+    library = other_build(build) or gguf_linear._library()
+    if not library.has_wide_tiles:
+        pytest.skip("no AVX2 on this CPU: no wide tiles")
+    for rows, cols in ((24, 512), (48, 512), (8, 32)):
+        weight = random_weight(name, rows, cols, seed=9)
+        packed = weight.repacked()
+        for m in (1, 3, 4, 8, 33):
+            x = torch.randn(m, cols) * torch.linspace(0.01, 3, cols)
+            y = torch.empty(m, rows)
+            gguf_linear._check(library.fleet_gguf_matmul_q8(
+                x.data_ptr(), m, cols, packed.data.data_ptr(), rows, packed.kernel_type,
+                y.data_ptr(), 2))
+            assert torch.equal(y, int8_kernel(library, x, weight))
+
+
+def test_a_whole_q4_matrix_is_packed_and_read_as_rows_elsewhere(monkeypatch):
+    """Loaded whole, a Q4_1 matrix is packed (where the wide tiles run); embedding lookups,
+    shards that cut tiles, columns, exact fp32 products and dequantizing all read it as the
+    rows it was. FLEETLM_GGUF_REPACK=0 keeps the rows."""
+    if not gguf_linear._library().has_wide_tiles:
+        pytest.skip("no AVX2 on this CPU: no wide tiles")
+    top, bottom = random_weight("Q4_1", 16, 64, 1), random_weight("Q4_1", 8, 64, 2)
+    matrix = QuantizedMatrix((24, 64))
+    matrix.put(16, bottom)
+    assert not matrix.parts[0][1].packed  # not whole yet
+    matrix.put(0, top)
+    whole = matrix.whole
+    assert whole.packed and matrix.nbytes == top.nbytes + bottom.nbytes
+    dense = torch.cat([top.dequantize(), bottom.dequantize()])
+    assert torch.equal(whole.dequantize(), dense)
+    ids = torch.tensor([[0, 23], [9, 16]])
+    assert torch.equal(matrix.embedding(ids, torch.float32), dense[ids])
+    assert whole.narrow(0, 8, 16).packed
+    assert torch.equal(whole.narrow(0, 8, 16).dequantize(), dense[8:])
+    assert not whole.narrow(0, 4, 8).packed
+    assert torch.equal(whole.narrow(0, 4, 8).dequantize(), dense[4:12])
+    assert torch.equal(whole.narrow(1, 32, 32).dequantize(), dense[:, 32:])
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(gguf_linear.matmul(x, whole, int8_dot=False), x @ dense.T,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(matrix.linear(x), gguf_linear.matmul(x, whole.unpacked()))
+    monkeypatch.setenv(gguf_linear.REPACK_ENV, "0")
+    kept = QuantizedMatrix((16, 64))
+    kept.put(0, top)
+    assert not kept.whole.packed

@@ -32,6 +32,8 @@
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 enum { OK = 0, ERR_TYPE = 1, ERR_SHAPE = 2, ERR_NO_MEMORY = 3 };
+/* Added to Q4_0's or Q4_1's code: the matrix is in eight-row tiles (fleet_gguf_repack). */
+#define PACKED 64
 
 #define ROWS 4 /* weight rows per task */
 #define PREFETCH_TILES 2 /* the direct path asks for the tile this many tiles ahead */
@@ -773,10 +775,63 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
 #define WIDE_Q8_MIN_ROWS 2
 #endif
 #define WIDE_TILE_ROWS (WIDE_ROWS * WIDE_TILES)
-
-#if WIDE_X_ROWS > 4 || WIDE_Q8_X_ROWS > 3
-#error "the wide passes' dispatch takes at most four input rows (Q8_0: three)"
+/* Up to this many input rows (one pass) a packed matrix is read in place, each block decoded
+ * as it is multiplied, instead of a task's blocks decoded into the buffer first: with nothing
+ * to reuse, the buffer's stores and loads only cost. The next task's bytes are asked for a
+ * slice per block meanwhile. A decode step of one sequence (benchmarks/kernel_ab.py, AVX2
+ * EPYC, 2026-12-06, alternated): in place 7.16 ms, buffered 8.33, in place without asking
+ * ahead 8.54; GGUF's rows (decode_wide_block's transposes) 9.27. */
+#ifndef WIDE_IN_PLACE_ROWS
+#define WIDE_IN_PLACE_ROWS WIDE_X_ROWS
 #endif
+
+#if WIDE_X_ROWS > 4 || WIDE_Q8_X_ROWS > 3 || WIDE_IN_PLACE_ROWS > WIDE_X_ROWS
+#error "the wide passes' dispatch takes at most four input rows (Q8_0: three), in place one pass"
+#endif
+
+/* Q4_0 / Q4_1 repacked at load into eight-row tiles (type code + PACKED): the bytes of rows
+ * 8t..8t+7, in the same place, rearranged so that a wide tile's block is one run of bytes in
+ * its layout. Block b of tile t is WIDE_ROWS * small_block_bytes(type) bytes: four 32-byte
+ * vectors, where dword r of vector g is bytes 4g..4g+3 of row r's nibbles (low nibbles:
+ * elements 4g..4g+3, group g; high nibbles: group g + 4), then the eight rows' fp16 d, then
+ * (Q4_1) their fp16 m. Decoding into wide_block is then a mask and a shift per vector and
+ * one conversion per scale vector; decoding GGUF's layout, eight transposes of 16-byte rows,
+ * was most of a one-row product's time (docs/benchmarks.md, "Weights repacked at load"). */
+#define PACKED_D (QK / 2 * WIDE_ROWS)      /* offset of the tile block's d's */
+#define PACKED_M (PACKED_D + 2 * WIDE_ROWS) /* ... and of Q4_1's m's */
+
+/* The n x k Q4_0 / Q4_1 matrix `from` (n a multiple of WIDE_ROWS) in the other layout: into
+ * eight-row tiles if to_packed, else back into GGUF's rows. */
+int fleet_gguf_repack(const uint8_t *from, int64_t n, int64_t k, int type, uint8_t *to,
+                      int to_packed, int num_threads)
+{
+    if (type != T_Q4_0 && type != T_Q4_1) return ERR_TYPE;
+    if (k % QK || n % WIDE_ROWS) return ERR_SHAPE;
+    const int64_t bytes = small_block_bytes(type), blocks = k / QK, row_bytes = blocks * bytes;
+    const int64_t nibbles = type == T_Q4_0 ? 2 : 4; /* where a GGUF block's nibbles start */
+    uint8_t *const gguf = to_packed ? (uint8_t *)from : to;
+    uint8_t *const packed = to_packed ? to : (uint8_t *)from;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (n >= 64)
+    for (int64_t t = 0; t < n / WIDE_ROWS; t++)
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t *tile = packed + t * WIDE_ROWS * row_bytes + b * WIDE_ROWS * bytes;
+            for (int r = 0; r < WIDE_ROWS; r++) {
+                uint8_t *row = gguf + (t * WIDE_ROWS + r) * row_bytes + b * bytes;
+                /* (packed place, GGUF place, bytes) of d, m and the nibbles' four dwords */
+                const struct { uint8_t *p, *g; size_t size; } moves[] = {
+                    {tile + PACKED_D + 2 * r, row, 2}, {tile + PACKED_M + 2 * r, row + 2, 2},
+                    {tile + 4 * r, row + nibbles, 4}, {tile + 32 + 4 * r, row + nibbles + 4, 4},
+                    {tile + 64 + 4 * r, row + nibbles + 8, 4},
+                    {tile + 96 + 4 * r, row + nibbles + 12, 4}};
+                for (int i = 0; i < 6; i++) {
+                    if (i == 1 && type == T_Q4_0) continue; /* no m */
+                    if (to_packed) memcpy(moves[i].p, moves[i].g, moves[i].size);
+                    else memcpy(moves[i].g, moves[i].p, moves[i].size);
+                }
+            }
+        }
+    return OK;
+}
 
 #if defined(__AVX2__) && !defined(FLEET_NO_WIDE_TILES) /* the flag: for the tests' comparison */
 #define HAS_WIDE_TILES 1
@@ -845,6 +900,33 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
     out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
 }
 
+/* Block b of a tile repacked at load (fleet_gguf_repack): the same layout from one 32-byte
+ * load per two groups, a mask and a shift, without decode_wide_block's transposes. */
+static ALWAYS_INLINE void decode_packed_block(const uint8_t *tile, int64_t b, int type,
+                                              wide_block *out)
+{
+    const uint8_t *p = tile + b * WIDE_ROWS * small_block_bytes(type);
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    for (int g = 0; g < 4; g++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
+        _mm256_store_si256((__m256i *)out->q[g], _mm256_and_si256(v, mask));
+        _mm256_store_si256((__m256i *)out->q[g + 4],
+                           _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    }
+    f32x8 mins = splat8(0.0f);
+#if defined(__F16C__)
+    out->dw = (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + PACKED_D)));
+    if (type == T_Q4_1)
+        mins = (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + PACKED_M)));
+#else
+    for (int r = 0; r < WIDE_ROWS; r++) {
+        out->dw[r] = fp16_to_fp32(p + PACKED_D + 2 * r);
+        if (type == T_Q4_1) mins[r] = fp16_to_fp32(p + PACKED_M + 2 * r);
+    }
+#endif
+    out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
+}
+
 /* A Q8_0 block of eight weight rows in the same layout: signed bytes, so vpmaddubsw takes
  * their magnitudes against the input bytes carrying their signs (both kept here), and a
  * pair of products (at most 2 * 128 * 127) widens to int32 at once; no offset. */
@@ -877,14 +959,23 @@ static ALWAYS_INLINE void decode_wide_block_q8(const uint8_t *const rows[WIDE_RO
 }
 
 /* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and WIDE_TILES tiles' decoded
- * blocks (block b of tile t at w[b * WIDE_TILES + t]). */
-static ALWAYS_INLINE void wide_dot(const wide_block *w, const xblock *x, int nx, int64_t blocks,
+ * blocks (block b of tile t at decoded[b * WIDE_TILES + t]), or the packed tiles at tiles[t]
+ * (not NULL: `type` says Q4_0 or Q4_1), each block decoded as it comes. */
+static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *const *tiles,
+                                   const uint8_t *ahead, int64_t slice, int type,
+                                   const xblock *x, int nx, int64_t blocks,
                                    float y[][WIDE_TILE_ROWS])
 {
     f32x8 a[WIDE_X_ROWS][WIDE_TILES];
     for (int j = 0; j < nx; j++)
         for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
-    for (int64_t b = 0; b < blocks; b++, w += WIDE_TILES) {
+    for (int64_t b = 0; b < blocks; b++) {
+        wide_block here[WIDE_TILES]; /* packed tiles read in place: one pass, nothing to keep */
+        if (tiles) {
+            prefetch_slice(ahead, slice, b);
+            for (int t = 0; t < WIDE_TILES; t++) decode_packed_block(tiles[t], b, type, &here[t]);
+        }
+        const wide_block *w = tiles ? here : decoded + b * WIDE_TILES;
         __m256i sums[WIDE_X_ROWS][WIDE_TILES]; /* int32 with VNNI, else int16 pairs */
         for (int j = 0; j < nx; j++)
             for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
@@ -979,8 +1070,9 @@ static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *w, const xblock *x, i
 
 /* One pass of nx input rows (at most the type's rows per pass) over a tile's decoded blocks,
  * with nx a constant in each call. */
-static ALWAYS_INLINE void wide_pass(const void *decoded, const xblock *x, int nx, int64_t blocks,
-                                    int type, float y[][WIDE_TILE_ROWS])
+static ALWAYS_INLINE void wide_pass(const void *decoded, const uint8_t *const *tiles,
+                                    const uint8_t *ahead, int64_t slice, const xblock *x,
+                                    int nx, int64_t blocks, int type, float y[][WIDE_TILE_ROWS])
 {
     if (type == T_Q8_0) {
         if (nx == WIDE_Q8_X_ROWS) wide_dot_q8(decoded, x, WIDE_Q8_X_ROWS, blocks, y);
@@ -990,44 +1082,62 @@ static ALWAYS_INLINE void wide_pass(const void *decoded, const xblock *x, int nx
         else wide_dot_q8(decoded, x, 1, blocks, y);
         return;
     }
-    if (nx == WIDE_X_ROWS) wide_dot(decoded, x, WIDE_X_ROWS, blocks, y);
+    if (nx == WIDE_X_ROWS) wide_dot(decoded, tiles, ahead, slice, type, x, WIDE_X_ROWS, blocks, y);
 #if WIDE_X_ROWS > 3
-    else if (nx == 3) wide_dot(decoded, x, 3, blocks, y);
+    else if (nx == 3) wide_dot(decoded, tiles, ahead, slice, type, x, 3, blocks, y);
 #endif
 #if WIDE_X_ROWS > 2
-    else if (nx == 2) wide_dot(decoded, x, 2, blocks, y);
+    else if (nx == 2) wide_dot(decoded, tiles, ahead, slice, type, x, 2, blocks, y);
 #endif
-    else wide_dot(decoded, x, 1, blocks, y);
+    else wide_dot(decoded, tiles, ahead, slice, type, x, 1, blocks, y);
 }
 
 static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
-                                         const uint8_t *w, int64_t n, int type, float *y,
-                                         int num_threads, int *status)
+                                         const uint8_t *w, int64_t n, int packed_type,
+                                         float *y, int num_threads, int *status)
 {
+    const int type = packed_type & ~PACKED, packed = packed_type & PACKED;
     const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
     const int64_t num_tiles = (n + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS;
 #pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
     {
         const size_t block_size = type == T_Q8_0 ? sizeof(wide_block_q8) : sizeof(wide_block);
         const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
-        char *decoded = aligned_alloc(64, size);
-        if (!decoded) {
+        const int in_place = packed && m <= WIDE_IN_PLACE_ROWS;
+        char *decoded = in_place ? NULL : aligned_alloc(64, size);
+        if (!in_place && !decoded) {
 #pragma omp atomic write
             *status = ERR_NO_MEMORY;
         }
 #pragma omp for schedule(static)
         for (int64_t tile = 0; tile < num_tiles; tile++) {
-            if (!decoded) continue;
+            if (!in_place && !decoded) continue;
             const int64_t n0 = tile * WIDE_TILE_ROWS;
             const int64_t rows_here = n - n0 < WIDE_TILE_ROWS ? n - n0 : WIDE_TILE_ROWS;
             /* The next pass's rows are one run of bytes: ask for it a slice per block decoded
-             * here, so that it arrives while this pass computes. Decoding reads 16 rows at a
-             * stride the prefetchers do not follow: without this a decode step of one
-             * sequence took 8.8-9.7 ms instead of 6.5-7.3 (docs/benchmarks.md). */
+             * here, so that it arrives while this pass computes. Decoding GGUF's rows reads 16
+             * rows at a stride the prefetchers do not follow: without this a decode step of
+             * one sequence took 8.8-9.7 ms instead of 6.5-7.3 (docs/benchmarks.md). */
             const uint8_t *next = w + (n0 + WIDE_TILE_ROWS) * row_bytes;
             const int64_t slice = (WIDE_TILE_ROWS * row_bytes + WIDE_TILES * blocks - 1)
                                   / (WIDE_TILES * blocks);
-            for (int t = 0; t < WIDE_TILES; t++) {
+            const uint8_t *tiles[WIDE_TILES];
+            for (int t = 0; t < WIDE_TILES; t++) /* a short last task repeats its first tile */
+                tiles[t] = w + (n0 + (t * WIDE_ROWS < rows_here ? t * WIDE_ROWS : 0)) * row_bytes;
+            if (in_place) { /* one pass, asking for the next task's bytes a slice per block */
+                float out[WIDE_IN_PLACE_ROWS][WIDE_TILE_ROWS];
+                wide_pass(NULL, tiles, next, WIDE_TILES * slice, x, (int)m, blocks, type, out);
+                for (int j = 0; j < m; j++)
+                    memcpy(y + j * n + n0, out[j], (size_t)rows_here * sizeof(float));
+                continue;
+            }
+            for (int t = 0; t < WIDE_TILES && packed; t++)
+                for (int64_t b = 0; b < blocks; b++) {
+                    prefetch_slice(next, slice, t * blocks + b);
+                    void *out = decoded + (b * WIDE_TILES + t) * block_size;
+                    decode_packed_block(tiles[t], b, type, out);
+                }
+            for (int t = 0; t < WIDE_TILES && !packed; t++) {
                 const uint8_t *rows[WIDE_ROWS];
                 for (int r = 0; r < WIDE_ROWS; r++) { /* a ragged tile repeats its last row */
                     const int64_t row = t * WIDE_ROWS + r;
@@ -1044,7 +1154,7 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
             float out[WIDE_X_ROWS > WIDE_Q8_X_ROWS ? WIDE_X_ROWS : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
             for (int64_t i = 0; i < m; i += pass) {
                 const int nx = (int)(m - i < pass ? m - i : pass);
-                wide_pass(decoded, x + i * blocks, nx, blocks, type, out);
+                wide_pass(decoded, NULL, NULL, 0, x + i * blocks, nx, blocks, type, out);
                 for (int j = 0; j < nx; j++)
                     memcpy(y + (i + j) * n + n0, out[j], (size_t)rows_here * sizeof(float));
             }
@@ -1070,8 +1180,10 @@ int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
 int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                          int type, float *y, int num_threads)
 {
-    if (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0) return ERR_TYPE;
-    if (k % QK) return ERR_SHAPE;
+    const int base = type & ~PACKED, packed = type & PACKED; /* packed: wide tiles only */
+    if ((base != T_Q4_0 && base != T_Q4_1 && type != T_Q8_0) || (packed && !HAS_WIDE_TILES))
+        return ERR_TYPE;
+    if (k % QK || (packed && n % WIDE_ROWS)) return ERR_SHAPE;
     xblock *xq = malloc((size_t)(m * (k / QK)) * sizeof(xblock) + 1);
     if (xq == NULL) return ERR_NO_MEMORY;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (m >= 8)
@@ -1079,9 +1191,17 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     int status = OK;
 #if HAS_WIDE_TILES
     if (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS) {
-        if (type == T_Q4_0) wide_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status);
-        else if (type == T_Q4_1) wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status);
-        else wide_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status);
+        switch (type) { /* constant types, so that each gets its own unrolled loop */
+        case T_Q4_0: wide_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status); break;
+        case T_Q4_1: wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status); break;
+        case T_Q4_0 | PACKED:
+            wide_matmul_q8(xq, m, k, w, n, T_Q4_0 | PACKED, y, num_threads, &status);
+            break;
+        case T_Q4_1 | PACKED:
+            wide_matmul_q8(xq, m, k, w, n, T_Q4_1 | PACKED, y, num_threads, &status);
+            break;
+        default: wide_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status); break;
+        }
         free(xq);
         return status;
     }
