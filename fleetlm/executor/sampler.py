@@ -7,7 +7,8 @@ Order of operations (vLLM v1's):
   2. structured outputs: tokens the row's grammar does not allow get -inf;
      min_tokens: EOS (unless ignore_eos) and stop_token_ids get -inf below min_tokens;
   3. penalties: repetition (HF), then frequency and presence (OpenAI);
-  4. greedy rows: argmax of the penalised logits;
+  4. greedy rows: argmax of the penalised logits (`fused_ops.argmax` on CPUs: torch's reads one
+     value at a time);
   5. random rows: temperature, min_p, top-k / top-p, then the exponential race
      argmax(probs / E) with E ~ Exp(1), which draws token i with probability probs[i].
      Seeded rows draw E from their own generator (seeded from seed and output position);
@@ -22,6 +23,7 @@ import torch
 
 from fleetlm.executor.outputs import PositionLogprobs
 from fleetlm.executor.sampling_metadata import PenaltyTensors, SamplingMetadata
+from fleetlm.kernels import fused_ops
 
 # Top-p on CPU first looks at this many best tokens per row (see apply_top_k_top_p).
 _NUM_CPU_TOP_P_CANDIDATES = 1024
@@ -87,7 +89,7 @@ class Sampler:
         return logits.softmax(dim=-1)
 
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        greedy = None if metadata.is_all_random else logits.argmax(dim=-1)
+        greedy = None if metadata.is_all_random else fused_ops.argmax(logits)
         if metadata.is_all_greedy:
             return greedy
         probs = self.random_probs(logits, metadata)

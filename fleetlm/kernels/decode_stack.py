@@ -107,6 +107,7 @@ class DecodeStack:
                 setattr(layer, name, weight.data.data_ptr())
                 setattr(layer, f"{name}_type", weight.kernel_type)
         self._caches: tuple = ()  # the dtype, data pointers and shapes of the caches bound
+        self._bound_list: list | None = None  # the list they came in (held: its id stays)
         self._shape = StackShape()
 
     @classmethod
@@ -170,10 +171,16 @@ class DecodeStack:
         return hidden, out_residual
 
     def _bind_caches(self, kv_caches) -> None:
-        """Point the layers at these caches (once per set of caches)."""
+        """Point the layers at these caches (once per set of caches). The runner passes the
+        same list every step and allocates a new one for new caches, so the list bound last
+        is taken as it is (its 60 tensors' pointers, shapes and strides took 0.19 ms a step,
+        3% of a one-sequence decode step); any other list is compared tensor by tensor."""
+        if kv_caches is self._bound_list:
+            return
         key = (kv_caches[0][0].dtype, *((cache.data_ptr(), cache.shape, cache.stride())
                                         for pair in kv_caches for cache in pair))
         if key == self._caches:
+            self._bound_list = kv_caches
             return
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
@@ -191,6 +198,7 @@ class DecodeStack:
                                  self.intermediate, num_blocks, block_size, self.eps,
                                  self.scale, cpu_attention.KV_DTYPE_CODES[first.dtype])
         self._caches = key
+        self._bound_list = kv_caches
 
     @staticmethod
     def _raise(status: int, layer: int) -> None:

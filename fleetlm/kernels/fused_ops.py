@@ -41,6 +41,7 @@ def _library() -> ctypes.CDLL | None:
         library.fleet_write_kv.argtypes = [
             _ptr, _ptr, _int64, _int64, _int64, _int64, _ptr, _int64, _int64, _int64, _int64,
             _ptr, _ptr, _int, _int]
+        library.fleet_argmax_rows.argtypes = [_ptr, _int64, _int64, _int64, _ptr, _int]
     return library
 
 
@@ -154,3 +155,17 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         _threads())
     if status != 0:
         raise ValueError(f"write_kv_cache: a slot is outside the cache of {num_slots} slots")
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of fp32 rows [rows, n] (int64; the first index of each row's
+    largest value, a NaN counting as the largest, as torch), vectorized: torch's CPU argmax
+    reads one value at a time."""
+    library = _library()
+    if (library is None or logits.dim() != 2 or logits.dtype != torch.float32
+            or not _is_plain(logits) or logits.shape[1] == 0):
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    library.fleet_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1],
+                              logits.stride(0), out.data_ptr(), _threads())
+    return out

@@ -194,3 +194,21 @@ def test_stack_takes_a_residual_as_a_later_pipeline_stage_does(plain_llm):
     for layer, kv_cache in zip(model.layers.values(), caches):
         theirs = layer((cos, sin), *theirs, kv_cache, meta)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_stack_rebinds_to_a_new_list_of_caches(plain_llm):
+    """The stack keeps the list of caches it bound last (the runner passes the same list every
+    step); another list is bound anew: its caches are written, the runner's are not, and the
+    next step binds the runner's again."""
+    runner = plain_llm.engine.executor.runner
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    first = plain_llm.generate([[1, 3, 4]], greedy)[0].outputs[0].token_ids
+    stack = runner.model._native_stack
+    other = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    before = [k.clone() for k, _ in runner.kv_caches]
+    hidden, cos = torch.randn(1, 64), torch.zeros(1, 1, 8)
+    stack.run(hidden, None, cos, cos, other, torch.tensor([7]),
+              torch.tensor([8], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32))
+    assert all(torch.equal(k, b) for (k, _), b in zip(runner.kv_caches, before))
+    assert not torch.equal(other[0][0][1, 3], before[0][1, 3])  # slot 7: block 1, row 3
+    assert plain_llm.generate([[1, 3, 4]], greedy)[0].outputs[0].token_ids == first

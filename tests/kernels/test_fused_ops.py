@@ -128,3 +128,19 @@ def test_write_kv_leaves_other_dtypes_and_int8_caches_to_others():
     key = torch.randn(1, 1, 16)
     assert not fused_ops.supports_write_kv(key, torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16))
     assert not fused_ops.supports_write_kv(key, torch.zeros(1, 1, 1, 20, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("rows, n", [(1, 49152), (5, 1000), (3, 7), (2, 17)])
+def test_argmax_equals_torchs_on_ties_nans_and_infinities(rows, n):
+    """Vectorized, eight lanes at a time with a scalar tail: the first index of each row's
+    largest value, a NaN counting as the largest, as torch.argmax."""
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=generator)
+    cases = [x, x.round(), torch.full((rows, n), float("-inf")), torch.zeros(rows, n)]
+    with_nan = x.clone()
+    with_nan[0, n // 3] = with_nan[-1, n - 1] = float("nan")
+    tied = torch.zeros(rows, n)
+    tied[:, n // 2:] = 1.0  # the first of the ties is past the first vector
+    wide = torch.randn(2 * rows, n, generator=generator)[::2]  # rows a stride apart
+    for logits in (*cases, with_nan, tied, wide):
+        assert torch.equal(fused_ops.argmax(logits), logits.argmax(dim=-1))
