@@ -273,7 +273,8 @@ static int64_t argmax_row(const float *x, int64_t n)
 int fleet_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out,
                       int num_threads)
 {
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * n, num_threads))
+    const int threads = threads_for(rows * n, num_threads); /* a thread a row at most */
+#pragma omp parallel for schedule(static) num_threads(rows < threads ? (int)rows : threads)
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * stride, n);
     return 0;
 }
