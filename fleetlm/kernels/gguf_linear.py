@@ -113,13 +113,16 @@ def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDL
         library.fleet_gguf_matmul_q8.argtypes = library.fleet_gguf_matmul.argtypes
         library.fleet_gguf_dequantize.argtypes = [
             _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int]
+        library.fleet_gguf_dequantize_rows.argtypes = [
+            _ptr, _int64, _int64, ctypes.c_int, _ptr, _int64, _ptr, ctypes.c_int]
         library.fleet_gguf_quantize_input.argtypes = [_ptr, _int64, _int64, _ptr]
         library.fleet_gguf_wide_tiles.argtypes = []
         library.fleet_gguf_repack.argtypes = [
             _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int]
         for function in (library.fleet_gguf_matmul, library.fleet_gguf_matmul_q8,
                          library.fleet_gguf_dequantize, library.fleet_gguf_quantize_input,
-                         library.fleet_gguf_wide_tiles, library.fleet_gguf_repack):
+                         library.fleet_gguf_wide_tiles, library.fleet_gguf_repack,
+                         library.fleet_gguf_dequantize_rows):
             function.restype = ctypes.c_int
         # read once: the kernel's choice for this build, asked by every product
         library.has_wide_tiles = bool(library.fleet_gguf_wide_tiles())
@@ -249,13 +252,21 @@ class GGUFWeight:
                               True).unpacked()
             index = torch.arange(flat.numel()) * PACKED_ROWS + flat % PACKED_ROWS
             return rows.dequantize_rows(index).view(*ids.shape, self.shape[1])
-        blocks = self.data.index_select(0, ids.reshape(-1))
         library = _library()
         if library is None:
+            blocks = self.data.index_select(0, ids.reshape(-1))
             rows = GGUFWeight(blocks, self.qtype, self.shape[1]).dequantize()
-        else:
-            rows = _dequantize(library, GGUFWeight(blocks, self.qtype, self.shape[1]))
-        return rows.view(*ids.shape, self.shape[1])
+            return rows.view(*ids.shape, self.shape[1])
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        rows = torch.empty(*ids.shape, self.shape[1])
+        data = self.data if self.data.is_contiguous() else self.data.contiguous()
+        status = library.fleet_gguf_dequantize_rows(
+            data.data_ptr(), self.shape[0], self.shape[1], int(self.qtype),
+            flat.data_ptr(), flat.numel(), rows.data_ptr(), torch.get_num_threads())
+        if status == 2:  # ERR_SHAPE: rows of whole blocks (checked at construction), so an id
+            raise IndexError(f"row ids outside 0..{self.shape[0] - 1}")
+        _check(status)
+        return rows
 
 
 def zeros(qtype: GGMLQuantizationType, rows: int, cols: int) -> GGUFWeight:
@@ -389,6 +400,9 @@ class QuantizedMatrix:
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the matrix, dequantized (an embedding lookup)."""
+        if self._single is not None:
+            rows = self._single.dequantize_rows(ids)
+            return rows if dtype == torch.float32 else rows.to(dtype)
         self._check_complete()
         if len(self.parts) == 1:
             return self.parts[0][1].dequantize_rows(ids).to(dtype)

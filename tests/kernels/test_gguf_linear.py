@@ -213,6 +213,9 @@ def test_rows_dequantize_exactly(name):
     rows = weight.dequantize_rows(ids)
     assert rows.shape == (2, 2, 256)
     assert torch.equal(rows, weight.dequantize()[ids])
+    for outside in (64, -1):
+        with pytest.raises(IndexError, match="outside 0..63"):
+            weight.dequantize_rows(torch.tensor([0, outside]))
 
 
 def test_shards_stack_into_one_matrix_per_type(monkeypatch):

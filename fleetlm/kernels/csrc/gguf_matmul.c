@@ -340,6 +340,24 @@ int fleet_gguf_dequantize(const uint8_t *w, int64_t n, int64_t k, int type, floa
     return OK;
 }
 
+/* out (count x k, fp32): rows ids[0..count) of w (n rows of k elements in GGUF type `type`):
+ * an embedding lookup in one call. Returns ERR_SHAPE (nothing written) for an id outside
+ * 0..n-1. */
+int fleet_gguf_dequantize_rows(const uint8_t *w, int64_t n, int64_t k, int type,
+                               const int64_t *ids, int64_t count, float *out, int num_threads)
+{
+    int64_t elements, bytes;
+    if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
+    if (k % elements) return ERR_SHAPE;
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n) return ERR_SHAPE;
+    const int64_t row_bytes = k / elements * bytes;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (count >= 64)
+    for (int64_t i = 0; i < count; i++)
+        dequantize_row(w + ids[i] * row_bytes, k, type, out + i * k);
+    return OK;
+}
+
 /* y (m x n, fp32) = x (m x k, fp32) times the transpose of w (n x k in GGUF type `type`). */
 int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                       int type, float *y, int num_threads)
