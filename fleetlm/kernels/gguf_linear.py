@@ -99,31 +99,34 @@ REPACK_ENV = "FLEETLM_GGUF_REPACK"
 GEMM_SLICE_ELEMENTS = 1 << 22
 
 
+_MATMUL_ARGS = [_ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
+_SIGNATURES = {  # the library's functions: their argument types (each returns a status)
+    "fleet_gguf_matmul": _MATMUL_ARGS, "fleet_gguf_matmul_q8": _MATMUL_ARGS,
+    "fleet_gguf_dequantize": [_ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int],
+    "fleet_gguf_dequantize_rows": [
+        _ptr, _int64, _int64, ctypes.c_int, _ptr, _int64, _ptr, ctypes.c_int],
+    "fleet_gguf_quantize_input": [_ptr, _int64, _int64, _ptr],
+    "fleet_gguf_wide_tiles": [],
+    "fleet_gguf_repack": [_ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int],
+}
+_ADDED = ("fleet_gguf_dequantize_rows", "fleet_gguf_repack")  # on 2026-12-06
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     return load_library()
 
 
 def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDLL | None:
-    """The kernel built with `flags` (tests build it for other instruction sets too)."""
+    """The kernel built with `flags` (tests build it for other instruction sets too).
+    benchmarks/kernel_ab.py builds older versions too, which may lack the functions added
+    since (`_ADDED`): those stay unset, and their callers fall back."""
     library = cpu_build.load(SOURCE, flags)
     if library is not None:
-        library.fleet_gguf_matmul.argtypes = [
-            _ptr, _int64, _int64, _ptr, _int64, ctypes.c_int, _ptr, ctypes.c_int]
-        library.fleet_gguf_matmul_q8.argtypes = library.fleet_gguf_matmul.argtypes
-        library.fleet_gguf_dequantize.argtypes = [
-            _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int]
-        library.fleet_gguf_dequantize_rows.argtypes = [
-            _ptr, _int64, _int64, ctypes.c_int, _ptr, _int64, _ptr, ctypes.c_int]
-        library.fleet_gguf_quantize_input.argtypes = [_ptr, _int64, _int64, _ptr]
-        library.fleet_gguf_wide_tiles.argtypes = []
-        library.fleet_gguf_repack.argtypes = [
-            _ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int]
-        for function in (library.fleet_gguf_matmul, library.fleet_gguf_matmul_q8,
-                         library.fleet_gguf_dequantize, library.fleet_gguf_quantize_input,
-                         library.fleet_gguf_wide_tiles, library.fleet_gguf_repack,
-                         library.fleet_gguf_dequantize_rows):
-            function.restype = ctypes.c_int
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name, None) if name in _ADDED else getattr(library, name)
+            if function is not None:
+                function.argtypes, function.restype = argtypes, ctypes.c_int
         # read once: the kernel's choice for this build, asked by every product
         library.has_wide_tiles = bool(library.fleet_gguf_wide_tiles())
     return library
@@ -253,9 +256,10 @@ class GGUFWeight:
             index = torch.arange(flat.numel()) * PACKED_ROWS + flat % PACKED_ROWS
             return rows.dequantize_rows(index).view(*ids.shape, self.shape[1])
         library = _library()
-        if library is None:
-            blocks = self.data.index_select(0, ids.reshape(-1))
-            rows = GGUFWeight(blocks, self.qtype, self.shape[1]).dequantize()
+        if library is None or not hasattr(library, "fleet_gguf_dequantize_rows"):
+            blocks = GGUFWeight(self.data.index_select(0, ids.reshape(-1)), self.qtype,
+                                self.shape[1])
+            rows = blocks.dequantize() if library is None else _dequantize(library, blocks)
             return rows.view(*ids.shape, self.shape[1])
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         rows = torch.empty(*ids.shape, self.shape[1])
