@@ -163,7 +163,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     reads one value at a time."""
     library = _library()
     if (library is None or logits.dim() != 2 or logits.dtype != torch.float32
-            or not _is_plain(logits) or logits.shape[1] == 0):
+            or not _is_plain(logits) or 0 in logits.shape):
         return logits.argmax(dim=-1)
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     library.fleet_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1],

@@ -1121,7 +1121,7 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
     {
         const size_t block_size = type == T_Q8_0 ? sizeof(wide_block_q8) : sizeof(wide_block);
         const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
-        const int in_place = packed && m <= WIDE_IN_PLACE_ROWS;
+        const int in_place = packed && m >= 1 && m <= WIDE_IN_PLACE_ROWS;
         char *decoded = in_place ? NULL : aligned_alloc(64, size);
         if (!in_place && !decoded) {
 #pragma omp atomic write
