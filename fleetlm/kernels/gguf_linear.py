@@ -109,7 +109,6 @@ _SIGNATURES = {  # the library's functions: their argument types (each returns a
     "fleet_gguf_wide_tiles": [],
     "fleet_gguf_repack": [_ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int],
 }
-_ADDED = ("fleet_gguf_dequantize_rows", "fleet_gguf_repack")  # on 2026-12-06
 
 
 @functools.cache
@@ -120,11 +119,11 @@ def _library() -> ctypes.CDLL | None:
 def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDLL | None:
     """The kernel built with `flags` (tests build it for other instruction sets too).
     benchmarks/kernel_ab.py builds older versions too, which may lack the functions added
-    since (`_ADDED`): those stay unset, and their callers fall back."""
+    since (dequantize_rows, repack): those stay unset, and their callers fall back."""
     library = cpu_build.load(SOURCE, flags)
     if library is not None:
         for name, argtypes in _SIGNATURES.items():
-            function = getattr(library, name, None) if name in _ADDED else getattr(library, name)
+            function = getattr(library, name, None)
             if function is not None:
                 function.argtypes, function.restype = argtypes, ctypes.c_int
         # read once: the kernel's choice for this build, asked by every product

@@ -265,7 +265,7 @@ static int64_t argmax_row(const float *x, int64_t n)
     }
     for (; i < n; i++) {
         if (x[i] != x[i]) return i;
-        if (x[i] > x[best] || i == 0) best = i;
+        if (x[i] > x[best]) best = i;
     }
     return best;
 }

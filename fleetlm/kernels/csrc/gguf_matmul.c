@@ -1139,8 +1139,8 @@ static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
             const uint8_t *next = w + (n0 + WIDE_TILE_ROWS) * row_bytes;
             const int64_t slice = (WIDE_TILE_ROWS * row_bytes + WIDE_TILES * blocks - 1)
                                   / (WIDE_TILES * blocks);
-            const uint8_t *tiles[WIDE_TILES];
-            for (int t = 0; t < WIDE_TILES; t++) /* a short last task repeats its first tile */
+            const uint8_t *tiles[WIDE_TILES]; /* packed: a short last task repeats its first */
+            for (int t = 0; t < WIDE_TILES && packed; t++)
                 tiles[t] = w + (n0 + (t * WIDE_ROWS < rows_here ? t * WIDE_ROWS : 0)) * row_bytes;
             if (in_place) { /* one pass, asking for the next task's bytes a slice per block */
                 float out[WIDE_IN_PLACE_ROWS][WIDE_TILE_ROWS];
