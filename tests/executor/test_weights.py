@@ -26,6 +26,7 @@ from fleetlm.executor.weights import (
     resolve_model,
 )
 from fleetlm.executor.weights import builtin as builtin_module
+from fleetlm.executor.weights.convert import gguf_parsed_once
 from fleetlm.parallel.layers import whole
 from fleetlm.executor.weights import resolve as resolve_module
 
@@ -135,6 +136,24 @@ def test_tiny_gguf_round_trips_with_qk_permutation_undone(tiny):
     for name, tensor in converted.items():
         assert tensor.dtype == torch.float32, name  # the file's values, not rounded
         assert torch.equal(tensor, torch.from_numpy(hf[name])), name
+
+
+def test_a_conversion_parses_each_gguf_file_once_and_leaves_gguf_as_it_was(tiny, monkeypatch):
+    path = tiny[0]
+    parsed = []
+    real_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader",
+                        lambda p, mode="r": parsed.append(str(p)) or real_reader(p, mode))
+    counting_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, NUM_LAYERS)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, NUM_LAYERS) is table
+        assert table.get_name("model.layers.1.mlp.down_proj") == "blk.1.ffn_down"
+    assert parsed == [str(path)]
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (counting_reader, real_name_map)
+    assert gguf.GGUFReader(path) is not first  # a fresh parse again
 
 
 def test_tiny_config_matches_gguf_metadata(tiny):
