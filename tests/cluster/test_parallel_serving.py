@@ -1,6 +1,6 @@
 """Tensor-parallel engine replicas behind Ray Serve, over HTTP with the OpenAI SDK.
 
-Served: a TP=3 replica answers with the same greedy text as a TP=1 one. Killed: under 8
+Served: TP=3 replicas answer with the single-process engine's greedy text. Killed: under 8
 concurrent greedy streams, one worker actor of a TP=3 replica (and, separately, the replica's
 own process) is SIGKILLed (the built-in model's 9 heads rule TP=2 out); /health turns 503 at
 once, every stream still completes with the text of an undisturbed run (migrated to the other
@@ -73,26 +73,24 @@ async def _greedy_texts(base_url: str, prompts: list[str]) -> list[str]:
 # ---- served -------------------------------------------------------------------------------
 
 
-def test_tp3_serves_the_same_greedy_text_as_tp1(http_port):
-    from ray import serve
+def test_tp3_replicas_serve_the_greedy_text_of_one_process(tp3x2, undisturbed):
+    """Two TP=3 replicas (the app the kill tests below use) answer with the single-process
+    engine's greedy text, each over three workers of its replica's own placement group."""
+    from fleetlm import LLM, SamplingParams
 
-    prompts = PROMPTS[:3]
-    try:
-        tp1 = _deploy(http_port, "tp1", _config(1))
-        expected = asyncio.run(_greedy_texts(tp1, prompts))
-        serve.delete("tp1")
-        tp3 = _deploy(http_port, "tp3", _config(3))
-        assert asyncio.run(_greedy_texts(tp3, prompts)) == expected
-        assert len(actors.worker_actors(actors.replica_actor("tp3"))) == 3
-        sizes = _live_group_sizes()  # the workers use the replica's group, not one of their own
-        assert 1 + 3 in sizes and 3 not in sizes
-        log = _replica_log("tp3", deployment_name())
-        assert "worker group of 3 ready" in log
-        assert all(f"[rank {rank}] fleetlm.worker: rank {rank}: tp {rank}/3" in log
-                   for rank in range(3))  # fmt: skip
-    finally:
-        serve.delete("tp1")
-        serve.delete("tp3")
+    asyncio.run(_wait_healthy(tp3x2))  # after a kill test, both replicas again
+    with LLM(MODEL, dtype="float32", max_model_len=MAX_MODEL_LEN, **ENGINE) as offline:
+        params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+        expected = [o.outputs[0].text for o in offline.generate(PROMPTS, params)]
+    assert undisturbed == expected
+    for replica in replicas.replica_ids("tp3x2", count=2):
+        assert len(actors.worker_actors(actors.replica_actor("tp3x2", replica=replica))) == 3
+    sizes = _live_group_sizes()  # the workers use the replica's group, not one of their own
+    assert sizes.count(1 + 3) >= 2 and 3 not in sizes
+    logs = _replica_logs("tp3x2", deployment_name())
+    assert any("worker group of 3 ready" in log for log in logs)
+    assert any(all(f"[rank {rank}] fleetlm.worker: rank {rank}: tp {rank}/3" in log
+                   for rank in range(3)) for log in logs)  # fmt: skip
 
 
 def _live_group_sizes() -> list[int]:
@@ -103,13 +101,12 @@ def _live_group_sizes() -> list[int]:
             if group["state"] == "CREATED"]  # fmt: skip
 
 
-def _replica_log(app: str, deployment: str) -> str:
-    """The Serve log file of a deployment's replica in this session."""
+def _replica_logs(app: str, deployment: str) -> list[str]:
+    """The Serve log files of a deployment's replicas in this session."""
     import ray
 
     serve_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    [path] = serve_logs.glob(f"replica_{app}_{deployment}_*.log")
-    return path.read_text()
+    return [path.read_text() for path in serve_logs.glob(f"replica_{app}_{deployment}_*.log")]
 
 
 # ---- killed -------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """`fleetlm serve` as an installed command run from an empty directory, with nothing of the
-repository around it: without arguments it serves the built-in model on 127.0.0.1:8000; given
+repository around it: without arguments it serves the built-in model on 127.0.0.1:8000 (Serve's
+proxy owns the port, Ray listens on loopback) and on SIGTERM exits 0 and stops every Ray
+process it started; given
 a .gguf file and flags it serves that file on the flags' port behind an API key, and publishes
 its OpenAPI schema, which schemathesis fuzzes: no answer is a 5xx and serving goes on.
 """
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import processes
 import pytest
 import requests
 
@@ -34,10 +37,12 @@ HELLO = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4}
 
 
 @contextmanager
-def fleetlm_serve(argv: list[str], cwd: Path) -> Iterator[None]:
-    """`fleetlm serve ARGV` in `cwd` (its own Ray cluster) until it says it serves; on exit,
+def fleetlm_serve(argv: list[str], cwd: Path) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`fleetlm serve ARGV` in `cwd` (its own Ray cluster, started without scripts/setup.sh's
+    environment) until it says it serves: (the process, its output so far); on exit,
     SIGTERM, as a user's ^C."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     proc = subprocess.Popen([str(BIN / "fleetlm"), "serve", *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -55,7 +60,7 @@ def fleetlm_serve(argv: list[str], cwd: Path) -> Iterator[None]:
         is_done.wait(START_TIMEOUT_S)
         if proc.poll() is not None or not any(line.startswith(READY_LINE) for line in output):
             pytest.fail("fleetlm serve did not come up:\n" + "".join(output[-30:]))
-        yield
+        yield proc, output
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -71,12 +76,18 @@ def _chat(base_url: str, headers: dict | None = None) -> requests.Response:
 
 
 def test_serve_without_arguments_is_the_built_in_model_on_port_8000(tmp_path):
-    with fleetlm_serve([], cwd=tmp_path):
+    with fleetlm_serve([], cwd=tmp_path) as (proc, output):
         models = requests.get("http://127.0.0.1:8000/v1/models", timeout=30).json()
         assert [card["id"] for card in models["data"]] == [BUILTIN]
         answer = _chat("http://127.0.0.1:8000")
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"]
+        assert any("Ray cluster: 127.0.0.1:" in line for line in output), output[-10:]
+        started = processes.descendants(proc.pid)
+        assert any("raylet" in cmd for cmd in started.values()), started
+        assert "ProxyActor" in started.get(processes.listener(8000, started), ""), started
+    assert proc.returncode == 0, "".join(output[-40:])
+    processes.assert_all_gone(started)
 
 
 @pytest.fixture(scope="module")
