@@ -9,6 +9,10 @@ that carries text (TTFT) and to `[DONE]`. Medians over `--num-requests` after 3 
 Standard library only, so it measures the server, not a client library. `--offline`: the
 same request through the offline `LLM` in this process with the model and engine settings of
 `--config` (default configs/bench-cpu.yaml), the floor the served path is compared with.
+`--interleaved`: both at once, request by request in turn (offline, plain, streamed, with a
+pause between them so that neither engine's idle OpenMP threads still spin), so that the
+machine's drift between runs cancels: medians of each and of the paired differences, the
+figure item 6 of issue 12 bounds (what HTTP adds to time to first text).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def measure(base_url: str, model: str, num_requests: int, stream: bool) -> dict:
             "total_ms_min": min(totals), "total_ms_max": max(totals)}
 
 
-def measure_offline(num_requests: int, config_path: Path) -> dict:
+def _offline_llm(config_path: Path):
     from fleetlm import LLM, SamplingParams
     from fleetlm.cluster.config import load_config
 
@@ -75,18 +79,58 @@ def measure_offline(num_requests: int, config_path: Path) -> dict:
     llm = LLM(config.model.name, **config.model.model_dump(exclude={"name"}),
               **config.engine.model_dump())
     params = SamplingParams(max_tokens=1, temperature=0)
-    for _ in range(NUM_WARMUP):
-        llm.generate([PROMPT_TOKEN_IDS], params)
-    totals = []
-    for _ in range(num_requests):
+
+    def request() -> float:
         started = time.perf_counter()
         llm.generate([PROMPT_TOKEN_IDS], params)
-        totals.append((time.perf_counter() - started) * 1e3)
+        return time.perf_counter() - started
+
+    for _ in range(NUM_WARMUP):
+        request()
+    return llm, request
+
+
+def measure_offline(num_requests: int, config_path: Path) -> dict:
+    llm, request = _offline_llm(config_path)
+    totals = [request() * 1e3 for _ in range(num_requests)]
     llm.shutdown()
     return {"stream": "offline", "num_requests": num_requests,
             "first_text_ms_median": statistics.median(totals),
             "total_ms_median": statistics.median(totals),
             "total_ms_min": min(totals), "total_ms_max": max(totals)}
+
+
+def measure_interleaved(base_url: str, model: str, num_requests: int, config_path: Path,
+                        pause_s: float) -> dict:
+    """Offline, plain and streamed requests in turn; each served time less the offline time
+    next to it, per request."""
+    llm, offline = _offline_llm(config_path)
+    url = urlparse(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=60)
+    bodies = {stream: {"model": model, "prompt": PROMPT_TOKEN_IDS, "max_tokens": 1,
+                       "temperature": 0, "stream": stream} for stream in (False, True)}
+    for _ in range(NUM_WARMUP):
+        for body in bodies.values():
+            _post(conn, body, body["stream"])
+    samples: dict[str, list[float]] = {"offline": [], "plain": [], "stream": []}
+    for _ in range(num_requests):
+        for name in samples:
+            time.sleep(pause_s)
+            if name == "offline":
+                samples[name].append(offline() * 1e3)
+            else:  # the time to the first text: the whole response, for a plain request
+                samples[name].append(_post(conn, bodies[name == "stream"], name == "stream")[0]
+                                     * 1e3)
+    conn.close()
+    llm.shutdown()
+    result = {"interleaved": True, "num_requests": num_requests, "pause_s": pause_s}
+    for name, values in samples.items():
+        result[f"{name}_ms_median"] = statistics.median(values)
+        result[f"{name}_ms"] = values
+    for name in ("plain", "stream"):
+        added = [a - b for a, b in zip(samples[name], samples["offline"], strict=True)]
+        result[f"{name}_added_ms_median"] = statistics.median(added)
+    return result
 
 
 def main() -> None:
@@ -96,9 +140,24 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=25)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--offline", action="store_true")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="offline and HTTP requests in turn (see above)")
+    parser.add_argument("--pause", type=float, default=0.05,
+                        help="--interleaved: seconds between requests")
     parser.add_argument("--config", type=Path, default=Path("configs/bench-cpu.yaml"),
                         help="--offline: the deployment YAML whose model and engine to run")
     args = parser.parse_args()
+    if args.interleaved:
+        r = measure_interleaved(args.base_url, args.model, args.num_requests, args.config,
+                                args.pause)
+        print(f"offline {r['offline_ms_median']:.1f} ms, plain {r['plain_ms_median']:.1f} ms"
+              f" (adds {r['plain_added_ms_median']:.1f}), streamed first text"
+              f" {r['stream_ms_median']:.1f} ms (adds {r['stream_added_ms_median']:.1f});"
+              f" medians of {r['num_requests']}")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(r, indent=2) + "\n")
+        return
     if args.offline:
         results = [measure_offline(args.num_requests, args.config)]
     else:
