@@ -1,9 +1,9 @@
 """`fleetlm serve` as an installed command run from an empty directory, with nothing of the
 repository around it: without arguments it serves the built-in model on 127.0.0.1:8000 (Serve's
 proxy owns the port, Ray listens on loopback) and on SIGTERM exits 0 and stops every Ray
-process it started; given
-a .gguf file and flags it serves that file on the flags' port behind an API key, and publishes
-its OpenAPI schema, which schemathesis fuzzes: no answer is a 5xx and serving goes on.
+process it started; given a .gguf file and flags it serves that file on the flags' port behind
+an API key, and publishes its OpenAPI schema, which schemathesis fuzzes: no answer is a 5xx
+and serving goes on.
 """
 
 from __future__ import annotations
