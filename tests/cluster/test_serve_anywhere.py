@@ -94,7 +94,7 @@ def test_serve_without_arguments_is_the_built_in_model_on_port_8000(tmp_path):
 def gguf_server(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """(base URL, model path): the built-in model's GGUF file served as a file, with flags."""
     folder = tmp_path_factory.mktemp("anywhere")
-    # Named as the built-in model, so its converted weights (a minute's work) are reused.
+    # Named as the built-in model, so its converted weights (~20 s of work) are reused.
     gguf = folder / f"{BUILTIN}.gguf"
     gguf.symlink_to(builtin_gguf_path(BUILTIN))
     argv = [str(gguf), "--port", str(GGUF_PORT), "--api-key", API_KEY, "--max-model-len", "64",
