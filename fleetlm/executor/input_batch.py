@@ -63,7 +63,66 @@ def prepare_batch(states: dict[str, CachedRequestState], num_scheduled_tokens: d
                   block_size: int, device: torch.device,
                   spec_tokens: dict[str, list[int]] | None = None) -> PreparedBatch:
     """`spec_tokens`: each verifying request's drafts, its last scheduled tokens."""
-    spec_tokens = spec_tokens or {}
+    if not spec_tokens and all(n == 1 for n in num_scheduled_tokens.values()):
+        return _prepare_decodes(states, list(num_scheduled_tokens), block_size, device)
+    return _prepare_any(states, num_scheduled_tokens, block_size, device, spec_tokens or {})
+
+
+def _prepare_decodes(states: dict[str, CachedRequestState], req_ids: list[str],
+                     block_size: int, device: torch.device) -> PreparedBatch:
+    """`_prepare_any`'s tensors for a step of one token per request and no drafts, built from
+    plain lists: no numpy arrays per request, and three torch calls in all. 0.06-0.07 ms
+    against 0.13-0.17 for one request, 0.11-0.23 against 0.50-0.57 for 32
+    (docs/results/prepare-batch-2026-12-07/)."""
+    input_ids, positions, slots, seq_lens, tables = [], [], [], [], []
+    sampling_req_ids, logits_rows = [], []
+    prompt_rows: dict[str, tuple[int, int, int]] = {}
+    for row, req_id in enumerate(req_ids):
+        state = states[req_id]
+        pos = state.num_computed_tokens
+        input_ids.append(state.token_ids[pos])
+        positions.append(pos)
+        slots.append(state.block_ids[pos // block_size] * block_size + pos % block_size)
+        seq_lens.append(pos + 1)
+        tables.append(state.block_ids)
+        if pos + 1 == len(state.token_ids):  # otherwise a one-token chunk of a longer prompt
+            sampling_req_ids.append(req_id)
+            logits_rows.append(row)
+        if state.sampling_params.prompt_logprobs is not None and pos < state.num_prompt_tokens - 1:
+            prompt_rows[req_id] = (row, 1, pos)
+
+    # One tensor and one split into views (each torch call costs several us here).
+    m = len(req_ids)
+    ids_t, positions_t, slots_t, logits_t = torch.tensor(
+        input_ids + positions + slots + logits_rows, dtype=torch.int64, device=device,
+    ).split([m, m, m, len(logits_rows)])
+    int32 = {"dtype": torch.int32, "device": device}
+    meta = AttentionMetadata(
+        slot_mapping=slots_t,
+        num_decode_tokens=m,
+        decode_block_tables=torch.from_numpy(_block_table(tables)).to(device),
+        decode_seq_lens=torch.tensor(seq_lens, **int32),
+        num_prefill_tokens=0,
+        prefill_cu_seqlens_q=torch.zeros(1, **int32),
+        prefill_seq_lens=torch.empty(0, **int32),
+        prefill_block_tables=torch.empty((0, 0), **int32),
+        is_prefill_without_context=True,
+    )
+    return PreparedBatch(
+        req_ids=req_ids,
+        input_ids=ids_t,
+        positions=positions_t,
+        attn_metadata=meta,
+        sampling_req_ids=sampling_req_ids,
+        logits_indices=logits_t,
+        prompt_logprob_rows=prompt_rows,
+        sampling_drafts=[[] for _ in sampling_req_ids],
+    )
+
+
+def _prepare_any(states: dict[str, CachedRequestState], num_scheduled_tokens: dict[str, int],
+                 block_size: int, device: torch.device,
+                 spec_tokens: dict[str, list[int]]) -> PreparedBatch:
     req_ids = order_for_batch(num_scheduled_tokens)
     num_decodes = sum(1 for r in req_ids if num_scheduled_tokens[r] == 1)
     input_ids, positions, slots, seq_lens = [], [], [], []
