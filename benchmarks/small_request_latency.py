@@ -107,8 +107,8 @@ def measure_interleaved(base_url: str, model: str, num_requests: int, config_pat
     llm, offline = _offline_llm(config_path)
     url = urlparse(base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=60)
-    bodies = {stream: {"model": model, "prompt": PROMPT_TOKEN_IDS, "max_tokens": 1,
-                       "temperature": 0, "stream": stream} for stream in (False, True)}
+    bodies = {name: {"model": model, "prompt": PROMPT_TOKEN_IDS, "max_tokens": 1,
+                     "temperature": 0, "stream": name == "stream"} for name in ("plain", "stream")}
     for _ in range(NUM_WARMUP):
         for body in bodies.values():
             _post(conn, body, body["stream"])
@@ -117,10 +117,10 @@ def measure_interleaved(base_url: str, model: str, num_requests: int, config_pat
         for name in samples:
             time.sleep(pause_s)
             if name == "offline":
-                samples[name].append(offline() * 1e3)
+                seconds = offline()
             else:  # the time to the first text: the whole response, for a plain request
-                samples[name].append(_post(conn, bodies[name == "stream"], name == "stream")[0]
-                                     * 1e3)
+                seconds = _post(conn, bodies[name], bodies[name]["stream"])[0]
+            samples[name].append(seconds * 1e3)
     conn.close()
     llm.shutdown()
     result = {"interleaved": True, "num_requests": num_requests, "pause_s": pause_s}

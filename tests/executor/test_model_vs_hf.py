@@ -61,7 +61,7 @@ def assert_matches_hf(llm: LLM, hf_model, prompts_ids: list[list[int]], max_toke
 def builtin_hf():
     """transformers' own reading of the built-in GGUF file, dequantized to float32."""
     gguf = builtin_gguf_path("smollm2-135m-instruct")
-    with gguf_parsed_once():  # the same reading, in a third of the time
+    with gguf_parsed_once():  # the same reading, each part of the file parsed once
         return transformers.AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
