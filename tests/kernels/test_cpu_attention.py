@@ -6,12 +6,13 @@ import ast
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from fleetlm.kernels import attention, cpu_attention
+from fleetlm.kernels import attention, cpu_attention, kv_quant
 
 pytestmark = pytest.mark.skipif(not cpu_attention.is_available(),
                                 reason="the C kernel did not compile here")
@@ -38,6 +39,43 @@ def test_decode_matches_reference(group, block_size, dtype, paged_batch, close):
     out = cpu_attention.paged_decode_attention(*batch.decode_args())
     assert out.dtype == dtype
     close(out, attention.paged_decode_attention_reference(*batch.decode_args()), dtype)
+
+
+# Fewer sequences than threads: each sequence's kv tokens are split into spans (from 64
+# tokens), one task each, merged at the end. (threads, seq_lens): one sequence split in two;
+# three sequences over four threads, the shortest too short for a second span (it merges an
+# empty one); and a context short enough for one thread.
+SPAN_CASES = {"one_long": (2, [300]), "three_of_four_threads": (4, [131, 70, 5]),
+              "short": (2, [40])}
+
+
+@contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("group", [1, 3, 8])  # 8: query rows in lanes, never split
+@pytest.mark.parametrize("case", SPAN_CASES)
+def test_decode_split_into_spans_matches_reference(case, group, dtype, paged_batch, close):
+    num_threads, seq_lens = SPAN_CASES[case]
+    batch = paged_batch([1] * len(seq_lens), seq_lens, group=group, block_size=16,
+                        dtype=torch.float32 if dtype == torch.int8 else dtype)
+    if dtype == torch.int8:
+        batch.k_cache, batch.v_cache = (kv_quant.quantize_rows(cache)
+                                        for cache in (batch.k_cache, batch.v_cache))
+    with torch_threads(1):
+        one = cpu_attention.paged_decode_attention(*batch.decode_args())
+    with torch_threads(num_threads):
+        split = cpu_attention.paged_decode_attention(*batch.decode_args())
+    expected = attention.paged_decode_attention_reference(*batch.decode_args())
+    close(split, expected, torch.float32 if dtype == torch.int8 else dtype)
+    close(split, one, torch.float32 if dtype == torch.int8 else dtype)
 
 
 @DTYPES

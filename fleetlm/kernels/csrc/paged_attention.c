@@ -5,6 +5,8 @@
  * which states the contract (shapes, dtypes, contiguity). A task is (sequence, tile of query
  * tokens, span of kv heads); it walks the sequence's kv tokens once in tiles, scoring every
  * query row of each kv head's group against each K/V row, with an online softmax in fp32.
+ * A decode of fewer sequences than threads splits each sequence's kv tokens instead: a task
+ * per span of tokens, over all kv heads, and the spans' softmax states merged at the end.
  *
  * Cache layout: [num_blocks, block_size, num_kv_heads, row], fp32 or bf16 (row = head_dim)
  * or int8 (row = head_dim + 4: the int8 values, then the row's float32 scale; value = q *
@@ -24,6 +26,12 @@
 enum { OK = 0, ERR_SHAPE = 1, ERR_BLOCK_TABLE = 2, ERR_SEQ_LEN = 3, ERR_NO_MEMORY = 4 };
 
 #define TASKS_PER_THREAD 4 /* enough tasks for dynamic scheduling to even out lengths */
+/* Decode: below this many (sequence, kv token, query head) triples one thread does it all;
+ * from MIN_SPAN_TOKENS kv tokens a sequence's tokens are split over threads in spans. */
+#define MIN_PARALLEL_DECODE_WORK (64 * 9)
+#define MIN_SPAN_TOKENS 64
+/* A span's result for one query row: running max, sum, then head_dim unnormalised values. */
+#define SPAN_ROW(dim) ((dim) + 2)
 
 typedef struct {
     const void *k_cache, *v_cache;
@@ -222,9 +230,14 @@ static void attend_lanes(const KvView *kv, Scratch *sc, int64_t h, int64_t first
 /* Attention of the scaled query rows in sc->q, rows_per_head of them for each of kv heads
  * [head_begin, head_end), head-major. Row r sees kv tokens [0, limit[r]); its normalised
  * result goes to out + out_offset[r]. Each kv tile is visited once for all heads, so the
- * cache is read in whole token rows. */
+ * cache is read in whole token rows.
+ *
+ * With `span` (decode rows only, see SPAN_ROW), the rows see only the tokens of their
+ * sequence's span [span_begin, span_end) and leave their running max, sum and unnormalised
+ * output in span + r * SPAN_ROW(dim) for merge_spans; out is not written. */
 static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64_t head_end,
-                        int64_t rows_per_head, float *out)
+                        int64_t rows_per_head, float *out, int64_t span_begin,
+                        int64_t span_end, float *span)
 {
     const int64_t dim = kv->head_dim, num_rows = (head_end - head_begin) * rows_per_head;
     const int64_t row_bytes = kv->row * elem_bytes(kv->kv_dtype);
@@ -246,7 +259,8 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
         sc->l[r] = 0.0f;
     }
     memset(sc->acc, 0, num_rows * dim * sizeof(float));
-    for (int64_t start = 0; start < kv_len; start += KV_TILE) {
+    if (span && span_end < kv_len) kv_len = span_end;
+    for (int64_t start = span ? span_begin : 0; start < kv_len; start += KV_TILE) {
         int64_t n = kv_len - start < KV_TILE ? kv_len - start : KV_TILE;
         int64_t n_next = kv_len - start - n < KV_TILE ? kv_len - start - n : KV_TILE;
         for (int64_t h = head_begin; h < head_end; h++) {
@@ -260,7 +274,13 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
                 attend_tile(sc, first_row, rows_per_head, start, n, dim, row_bytes, KV_F32);
         }
     }
-    for (int64_t r = 0; r < num_rows; r++) {
+    for (int64_t r = 0; r < num_rows && span; r++) {
+        float *row = span + r * SPAN_ROW(dim);
+        row[0] = sc->m[r];
+        row[1] = sc->l[r];
+        memcpy(row + 2, sc->acc + r * dim, dim * sizeof(float));
+    }
+    for (int64_t r = 0; r < num_rows && !span; r++) {
         float inv = sc->l[r] > 0.0f ? 1.0f / sc->l[r] : 0.0f;
         for (int64_t d = 0; d < dim; d++) out[sc->out_offset[r] + d] = sc->acc[r * dim + d] * inv;
     }
@@ -314,12 +334,34 @@ static int check_blocks(const int32_t *block_table, int64_t max_blocks, int64_t 
     return OK;
 }
 
+/* One query row's result over the spans of its sequence: the rows at row, row + stride, ...
+ * (each its running max, sum, then dim unnormalised values: SPAN_ROW), rescaled to the
+ * largest max and normalised into out. A span with no tokens (max -inf) adds nothing. */
+static void merge_spans(const float *row, int64_t num_spans, int64_t stride, int64_t dim,
+                        float *out)
+{
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t p = 0; p < num_spans; p++) m = row[p * stride] > m ? row[p * stride] : m;
+    for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
+    for (int64_t p = 0; p < num_spans; p++) {
+        const float *part = row + p * stride;
+        if (part[0] == -INFINITY) continue;
+        const float corr = expv(splatv(part[0] - m))[0];
+        l += part[1] * corr;
+        for (int64_t d = 0; d < dim; d += VLEN)
+            storev(out + d, loadv(out + d) + loadv(part + 2 + d) * corr);
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < dim; d += VLEN) storev(out + d, loadv(out + d) * inv);
+}
+
 /* Query tokens [i_begin, i_end) of a sequence whose first token is packed row token0, for
  * kv heads [head_begin, head_end): row (h, i, g) is query head h * group + g at kv position
  * context + i. */
 static void run_task(const KvView *kv, Scratch *sc, const float *query, float *out,
                      int64_t token0, int64_t i_begin, int64_t i_end, int64_t context,
-                     int64_t head_begin, int64_t head_end, int64_t num_heads, float scale)
+                     int64_t head_begin, int64_t head_end, int64_t num_heads, float scale,
+                     int64_t span_begin, int64_t span_end, float *span)
 {
     const int64_t dim = kv->head_dim, group = num_heads / kv->num_kv_heads;
     int64_t r = 0;
@@ -333,7 +375,8 @@ static void run_task(const KvView *kv, Scratch *sc, const float *query, float *o
             }
         }
     }
-    attend_rows(kv, sc, head_begin, head_end, (i_end - i_begin) * group, out);
+    attend_rows(kv, sc, head_begin, head_end, (i_end - i_begin) * group, out, span_begin,
+                span_end, span);
 }
 
 static inline int64_t q_start(const int32_t *cu_seqlens_q, int64_t s)
@@ -378,12 +421,34 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
     int status = plan_tasks(cu_seqlens_q, seq_lens, block_tables, max_blocks, num_seqs,
                             num_blocks, block_size, tokens_per_task, task_start);
     const int64_t num_tiles = status == OK ? task_start[num_seqs] : 0;
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t max_kv_len = 0;
+    for (int64_t s = 0; s < num_seqs; s++)
+        max_kv_len = seq_lens[s] > max_kv_len ? seq_lens[s] : max_kv_len;
+    /* Decode with fewer sequences than threads: each sequence's kv tokens are split into
+     * spans, one task each over all kv heads (whole token rows), merged at the end. Short
+     * contexts take one thread: the region would cost more than it saves. */
+    if (!cu_seqlens_q && num_seqs * max_kv_len * num_heads < MIN_PARALLEL_DECODE_WORK)
+        num_threads = 1;
+    const int64_t num_spans =
+        !cu_seqlens_q && group < MIN_LANE_ROWS && num_seqs < num_threads &&
+        max_kv_len >= MIN_SPAN_TOKENS ? (num_threads + num_seqs - 1) / num_seqs : 1;
+    /* Span length: whole KV_TILEs, so that spans read the tiles an unsplit walk would. */
+    const int64_t span_tiles = num_spans * KV_TILE;
+    const int64_t span_len = (max_kv_len + span_tiles - 1) / span_tiles * KV_TILE;
+    float *spans = NULL;
+    if (num_spans > 1 && status == OK) {
+        spans = malloc((size_t)(num_seqs * num_spans * num_heads * SPAN_ROW(head_dim))
+                       * sizeof(float));
+        if (!spans) status = ERR_NO_MEMORY;
+    }
     /* Whole token rows read best, so split kv heads over tasks only to feed every thread. */
     int64_t num_splits = (TASKS_PER_THREAD * num_threads + num_tiles - 1) / (num_tiles + !num_tiles);
-    num_splits = num_splits < 1 ? 1 : num_splits > num_kv_heads ? num_kv_heads : num_splits;
+    num_splits = num_splits < 1 || num_spans > 1 ? 1
+                 : num_splits > num_kv_heads ? num_kv_heads : num_splits;
     const int64_t heads_per_task = (num_kv_heads + num_splits - 1) / num_splits;
-    const int64_t num_tasks = num_tiles * num_splits;
-    const int64_t max_rows = tokens_per_task * heads_per_task * (num_heads / num_kv_heads);
+    const int64_t num_tasks = status == OK ? num_tiles * num_splits * num_spans : 0;
+    const int64_t max_rows = tokens_per_task * heads_per_task * group;
 #pragma omp parallel num_threads(num_threads) if (num_tasks > 1)
     {
         Scratch sc;
@@ -396,7 +461,9 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                 status = ERR_NO_MEMORY;
                 continue;
             }
-            int64_t tile = task / num_splits, head_begin = task % num_splits * heads_per_task;
+            const int64_t part = task % num_spans, split_task = task / num_spans;
+            int64_t tile = split_task / num_splits;
+            int64_t head_begin = split_task % num_splits * heads_per_task;
             int64_t head_end = head_begin + heads_per_task;
             while (task_start[s + 1] <= tile) s++;
             while (task_start[s] > tile) s--;
@@ -408,10 +475,21 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                          num_kv_heads, head_dim, row_elems(kv_dtype, head_dim)};
             run_task(&kv, &sc, query, out, token0, i_begin, i_end, seq_lens[s] - q_len,
                      head_begin, head_end < num_kv_heads ? head_end : num_kv_heads, num_heads,
-                     scale);
+                     scale, part * span_len, (part + 1) * span_len,
+                     spans ? spans + (s * num_spans + part) * num_heads * SPAN_ROW(head_dim)
+                           : NULL);
         }
         scratch_free(&sc);
+        if (spans && status == OK) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < num_seqs * num_heads; r++)
+                merge_spans(spans + (r / num_heads * num_spans * num_heads + r % num_heads)
+                                        * SPAN_ROW(head_dim),
+                            num_spans, num_heads * SPAN_ROW(head_dim), head_dim,
+                            out + r * head_dim);
+        }
     }
+    free(spans);
     free(task_start);
     return status;
 }
