@@ -1,7 +1,9 @@
 """The engine on a Ray worker group equals the single-process engine: the greedy scenario
-(greedy_scenario.py: chunked prefill, prefix hits, preemption) on the built-in model at
-TP=3 x PP=2, and a random-weight Llama (4 heads, 2 KV heads) at TP=2. (TP=3 alone and PP=2
-alone, on the shm and socket control planes, run across two hosts in tests/multihost.)
+(greedy_scenario.py: chunked prefill, prefix hits, preemption) on a random-weight Llama with
+tied embeddings (6 heads, 3 KV heads) at TP=3 x PP=2 on the `ray` control plane, and one
+with 4 heads and 2 KV heads at TP=2. The built-in model's own weights run in worker groups
+elsewhere: TP=3 and PP=2 across two hosts (tests/multihost), TP=3 replicas behind Ray Serve
+(tests/cluster/test_parallel_serving.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from greedy_scenario import (
     MAX_TOKENS,
     SECOND_BATCH,
     assert_same,
+    check_exercised,
     run,
 )
 
@@ -24,38 +27,15 @@ from fleetlm.executor.control import WorkerGroupError
 WORKER_CPUS = 0.25  # six workers fit the session's two CPUs
 
 
-@pytest.mark.slow
-def test_builtin_model_at_tp3_pp2_equals_single_process(ray_cluster, builtin_dir, reference):
-    tp, pp = 3, 2
-    with LLM(builtin_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-             control_plane="ray", worker_num_cpus=WORKER_CPUS, **ENGINE_ARGS) as llm:
-        executor = llm.engine.executor
-        assert len(executor.workers) == tp * pp
-        assert executor.num_blocks == 16
-        got = run(llm)
-        bytes_read = executor.collective_rpc(lambda w: w.runner.weights_read.num_bytes)
-    assert_same(got, reference)
-    # Each rank read about its own share of its stage's part of the checkpoint (the tied
-    # embedding, the first and last stage's, split too), never all of it.
-    checkpoint_bytes = sum(p.stat().st_size for p in Path(builtin_dir).glob("*.safetensors"))
-    share = 1.0 / tp + 0.02  # norms are read whole by every rank
-    assert all(n < share * checkpoint_bytes for n in bytes_read), bytes_read
+# ---- small random Llamas saved in the Hugging Face format, the built-in model's tokenizer --
 
-
-# ---- a small random Llama (4 heads, 2 KV heads) saved in the Hugging Face format ----------
-
-@pytest.fixture(scope="module")
-def small_llama(builtin_dir, tmp_path_factory):
+def _save_random_llama(folder: Path, builtin_dir: str, **shape) -> str:
     import torch
     import transformers
 
     from fleetlm.executor.weights import load_tokenizer
 
-    folder = tmp_path_factory.mktemp("small-llama")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, vocab_size=49152,
-        tie_word_embeddings=False)
+    config = transformers.LlamaConfig(max_position_embeddings=512, vocab_size=49152, **shape)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger than the default init, so logits are not flat
@@ -65,6 +45,41 @@ def small_llama(builtin_dir, tmp_path_factory):
     model.save_pretrained(folder)
     load_tokenizer(builtin_dir).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def small_llama(builtin_dir, tmp_path_factory):
+    return _save_random_llama(
+        tmp_path_factory.mktemp("small-llama"), builtin_dir, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+
+
+@pytest.mark.slow
+def test_tp3_pp2_equals_single_process(ray_cluster, builtin_dir, tmp_path_factory):
+    """Tied embeddings, as the built-in model's: the first stage's embedding and the last
+    stage's LM head read the same tensor, each rank a third of it."""
+    model = _save_random_llama(
+        tmp_path_factory.mktemp("tp3-llama"), builtin_dir, hidden_size=96,
+        intermediate_size=192, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=16, tie_word_embeddings=True)
+    with LLM(model, **ENGINE_ARGS) as llm:
+        reference = run(llm)
+    check_exercised(reference)
+    tp, pp = 3, 2
+    with LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, control_plane="ray",
+             worker_num_cpus=WORKER_CPUS, **ENGINE_ARGS) as llm:
+        executor = llm.engine.executor
+        assert len(executor.workers) == tp * pp
+        assert executor.num_blocks == 16
+        got = run(llm)
+        bytes_read = executor.collective_rpc(lambda w: w.runner.weights_read.num_bytes)
+    assert_same(got, reference)
+    # Each rank read about its own share of its stage's part of the checkpoint (the tied
+    # embedding, the first and last stage's, split too), never all of it.
+    checkpoint_bytes = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+    share = 1.0 / tp + 0.02  # norms are read whole by every rank
+    assert all(n < share * checkpoint_bytes for n in bytes_read), bytes_read
 
 
 SMALL_ARGS = dict(dtype="float32", kv_cache_memory_bytes=4 << 20)
