@@ -121,14 +121,10 @@ def test_fp32_query_over_bf16_cache(paged_batch, close):
 def test_thread_count_does_not_change_results(paged_batch):
     batch = paged_batch([7, 3, 1, 40], [20, 40, 9, 73], group=3, block_size=16,
                         dtype=torch.float32)
-    num_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = cpu_attention.paged_prefill_attention(*batch.prefill_args())
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = cpu_attention.paged_prefill_attention(*batch.prefill_args())
-    finally:
-        torch.set_num_threads(num_threads)
     assert torch.equal(one, two)
 
 
