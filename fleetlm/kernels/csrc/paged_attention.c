@@ -26,8 +26,9 @@
 enum { OK = 0, ERR_SHAPE = 1, ERR_BLOCK_TABLE = 2, ERR_SEQ_LEN = 3, ERR_NO_MEMORY = 4 };
 
 #define TASKS_PER_THREAD 4 /* enough tasks for dynamic scheduling to even out lengths */
-/* Decode: below this many (sequence, kv token, query head) triples one thread does it all;
- * from MIN_SPAN_TOKENS kv tokens a sequence's tokens are split over threads in spans. */
+/* Decode: where sequences x longest kv length x query heads is below this (64 tokens of the
+ * built-in model's 9 heads), one thread does it all: a region costs more than it saves. From
+ * MIN_SPAN_TOKENS kv tokens a sequence's tokens are split over threads in spans. */
 #define MIN_PARALLEL_DECODE_WORK (64 * 9)
 #define MIN_SPAN_TOKENS 64
 /* A span's result for one query row: running max, sum, then head_dim unnormalised values. */
@@ -426,8 +427,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
     for (int64_t s = 0; s < num_seqs; s++)
         max_kv_len = seq_lens[s] > max_kv_len ? seq_lens[s] : max_kv_len;
     /* Decode with fewer sequences than threads: each sequence's kv tokens are split into
-     * spans, one task each over all kv heads (whole token rows), merged at the end. Short
-     * contexts take one thread: the region would cost more than it saves. */
+     * spans, one task each over all kv heads (whole token rows), merged at the end. */
     if (!cu_seqlens_q && num_seqs * max_kv_len * num_heads < MIN_PARALLEL_DECODE_WORK)
         num_threads = 1;
     const int64_t num_spans =
