@@ -41,6 +41,7 @@ class PreparedBatch:
     sampling_req_ids: list[str]  # requests whose prompt is complete after this step
     # Rows whose logits are sampled: each sampling request's last token, preceded by its
     # draft tokens' rows when it verifies drafts (len(drafts) + 1 rows, in position order).
+    # Increasing: as many indices as rows means every row (`ModelRunner._sample` relies on it).
     logits_indices: torch.Tensor
     prompt_logprob_rows: dict[str, tuple[int, int, int]]  # req -> (first row, count, first pos)
     sampling_drafts: list[list[int]]  # per sampling request: the drafts it verifies

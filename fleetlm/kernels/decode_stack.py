@@ -9,6 +9,12 @@ with the same arguments, so its hidden states equal the loop's bit for bit. The 
 reference and runs everything else: prefill rows, other weights and KV-cache dtypes, tensor
 parallelism, `FLEETLM_NATIVE_DECODE=0`.
 
+Where the stack is a whole model (one pipeline stage) with a GGUF embedding that is not packed,
+`DecodeStack.run_model` also takes what the model's Python did around `run`: the embedding
+lookup, the rotary tables' rows and the final norm, again with the same kernels. After the
+stack has streamed the weights through the caches that Python runs cold: the one call made a
+one-sequence step 9% shorter on the 2-vCPU EPYC (docs/benchmarks.md).
+
 A stack qualifies when each layer is plain (no biases, no q/k norm, a gated MLP) with all four
 matrices held whole in one of the integer-dot types (Q4_0 / Q4_1 / Q8_0) and fp32 norm
 weights; a call qualifies when every row is a decode row, there are fewer than
@@ -34,7 +40,7 @@ LINKED = (CSRC / "fused_ops.c", CSRC / "gguf_matmul.c", CSRC / "paged_attention.
 ENV = "FLEETLM_NATIVE_DECODE"
 KV_DTYPES = (torch.float32, torch.int8)  # the caches the stack writes and reads
 STAGES = {1: "qkv product", 2: "KV-cache write", 3: "attention", 4: "o product",
-          5: "gate/up product", 6: "down product"}
+          5: "gate/up product", 6: "down product", 7: "embedding", 8: "rotary"}
 
 _ptr, _int64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -55,6 +61,14 @@ class StackShape(ctypes.Structure):
                 ("kv_dtype", ctypes.c_int32)]
 
 
+class ModelEnds(ctypes.Structure):
+    """What a whole model adds around its stack, as csrc/decode_stack.c reads it."""
+
+    _fields_ = [("embedding", _ptr), ("embedding_type", ctypes.c_int32), ("vocab", _int64),
+                ("max_position", _int64), ("cos_table", _ptr), ("sin_table", _ptr),
+                ("final_norm", _ptr), ("final_eps", ctypes.c_float)]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     library = cpu_build.load(SOURCE, linked=LINKED)
@@ -64,12 +78,30 @@ def _library() -> ctypes.CDLL | None:
             _ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _int64, ctypes.c_int,
             ctypes.POINTER(_int64)]
         library.fleet_decode_stack.restype = ctypes.c_int
+        library.fleet_decode_model.argtypes = [
+            ctypes.POINTER(LayerWeights), _int64, ctypes.POINTER(StackShape),
+            ctypes.POINTER(ModelEnds), _int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+            _int64, ctypes.c_int, ctypes.POINTER(_int64)]
+        library.fleet_decode_model.restype = ctypes.c_int
     return library
 
 
 def enabled() -> bool:
     """Whether decode steps may take the native stack ($FLEETLM_NATIVE_DECODE, default on)."""
     return os.environ.get(ENV, "1") != "0"
+
+
+@dataclass(frozen=True)
+class EndsSpec:
+    """What a whole model (first and last pipeline stage at once) adds around its layers:
+    the token embedding (GGUF rows, not packed), the rotary tables [max_position,
+    head_dim / 2] fp32, the final norm's fp32 weight and eps."""
+
+    embedding: gguf_linear.GGUFWeight
+    cos: torch.Tensor
+    sin: torch.Tensor
+    final_norm: torch.Tensor
+    final_eps: float
 
 
 @dataclass(frozen=True)
@@ -89,9 +121,11 @@ class DecodeStack:
     says None where the layers do not qualify."""
 
     def __init__(self, library: ctypes.CDLL, specs: list[LayerSpec], num_heads: int,
-                 num_kv_heads: int, head_dim: int, eps: float) -> None:
+                 num_kv_heads: int, head_dim: int, eps: float,
+                 ends: EndsSpec | None = None) -> None:
         self._library = library
         self._specs = specs  # keeps the weights the pointers below point into alive
+        self.ends = ends  # held likewise; None: `run_model` is not available
         first = specs[0]
         self.hidden = first.qkv.shape[1]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -106,14 +140,20 @@ class DecodeStack:
                 weight = getattr(spec, name)
                 setattr(layer, name, weight.data.data_ptr())
                 setattr(layer, f"{name}_type", weight.kernel_type)
+        self._ends = None if ends is None else ModelEnds(
+            ends.embedding.data.data_ptr(), int(ends.embedding.qtype), ends.embedding.shape[0],
+            ends.cos.shape[0], ends.cos.data_ptr(), ends.sin.data_ptr(),
+            ends.final_norm.data_ptr(), ends.final_eps)
         self._caches: tuple = ()  # the dtype, data pointers and shapes of the caches bound
         self._bound_list: list | None = None  # the list they came in (held: its id stays)
         self._shape = StackShape()
 
     @classmethod
     def make(cls, specs: list[LayerSpec], num_heads: int, num_kv_heads: int, head_dim: int,
-             eps: float) -> DecodeStack | None:
-        """The stack, or None where a layer does not qualify or the library does not load."""
+             eps: float, ends: EndsSpec | None = None) -> DecodeStack | None:
+        """The stack, or None where a layer does not qualify or the library does not load.
+        `ends` that do not qualify (a packed embedding, tables not fp32 [*, head_dim / 2])
+        are dropped: the model's Python runs them around `run`."""
         if not specs or head_dim % 16:
             return None
         hidden, q_width = specs[0].qkv.shape[1], num_heads * head_dim
@@ -131,17 +171,44 @@ class DecodeStack:
                 if weight.qtype not in gguf_linear.INT8_DOT_TYPES or weight.shape != shape \
                         or not weight.data.is_contiguous():
                     return None
+        if ends is not None and not _ends_qualify(ends, hidden, head_dim):
+            ends = None
         library = _library()
         return None if library is None else cls(library, specs, num_heads, num_kv_heads,
-                                                 head_dim, eps)
+                                                 head_dim, eps, ends)
 
-    def accepts(self, hidden: torch.Tensor, kv_caches) -> bool:
-        """Whether `run` can take this call (the layout of the rows is the caller's check)."""
+    def accepts(self, rows: int, dtype: torch.dtype, kv_caches) -> bool:
+        """Whether `run` (or `run_model`) can take `rows` decode rows of activations in
+        `dtype` (the layout of the rows is the caller's check)."""
         k_cache = kv_caches[0][0]
-        return (hidden.dtype == torch.float32 and hidden.device.type == "cpu"
-                and hidden.shape[0] < gguf_linear.INT8_GEMM_MIN_ROWS
+        return (dtype == torch.float32 and rows < gguf_linear.INT8_GEMM_MIN_ROWS
                 and gguf_linear._INT8_DOT and k_cache.dtype in KV_DTYPES
                 and k_cache.device.type == "cpu")
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
+                  slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                  block_tables: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [m, hidden] for decode tokens `input_ids` [m] at
+        `positions` [m] (int64): embedding, every layer and the final norm in one call, where
+        the stack was made with `ends`. The other arguments are `run`'s."""
+        self._bind_caches(kv_caches)
+        m = input_ids.shape[0]
+        hidden, residual, normed = torch.empty(3, m, self.hidden).unbind()
+        input_ids = input_ids.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+        seq_lens = seq_lens.to(torch.int32).contiguous()
+        block_tables = block_tables.to(torch.int32).contiguous()
+        failed = _int64(0)
+        status = self._library.fleet_decode_model(
+            self._layers, len(self._layers), ctypes.byref(self._shape), ctypes.byref(self._ends),
+            m, input_ids.data_ptr(), positions.data_ptr(), hidden.data_ptr(),
+            residual.data_ptr(), normed.data_ptr(), slot_mapping.data_ptr(),
+            seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            torch.get_num_threads(), ctypes.byref(failed))
+        if status:
+            self._raise(status, failed.value)
+        return normed
 
     def run(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
             sin: torch.Tensor, kv_caches, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
@@ -209,7 +276,21 @@ class DecodeStack:
             from fleetlm.kernels.cpu_attention import STATUS_MESSAGES as messages
         elif stage == 2:
             messages = {1: "a slot is outside the cache"}
+        elif stage in (7, 8):  # before any layer
+            what = "a token id is past the vocabulary" if stage == 7 else \
+                "a position is past the rotary tables"
+            raise IndexError(f"decode step, {STAGES[stage]}: {what}")
         else:
             messages = gguf_linear.STATUS_MESSAGES
         raise ValueError(f"decode stack, layer {layer}, {STAGES.get(stage, stage)}: "
                          f"{messages.get(code, code)}")
+
+
+def _ends_qualify(ends: EndsSpec, hidden: int, head_dim: int) -> bool:
+    embedding = ends.embedding
+    tables_ok = all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 2
+                    and t.shape == ends.cos.shape and t.shape[1] == head_dim // 2
+                    for t in (ends.cos, ends.sin))
+    return (tables_ok and not embedding.packed and embedding.shape[1] == hidden
+            and embedding.data.is_contiguous() and ends.final_norm.dtype == torch.float32
+            and ends.final_norm.is_contiguous() and ends.final_norm.shape == (hidden,))

@@ -104,22 +104,22 @@ def plain_llm(plain_gguf, request):
 
 
 def _count_stack_runs(monkeypatch) -> list[int]:
-    """Patches DecodeStack.run to count its calls (rows of each)."""
+    """Patches DecodeStack.run and run_model to count their calls (rows of each; a whole
+    model's call as a negative count)."""
     calls: list[int] = []
-    run = decode_stack.DecodeStack.run
+    for name, sign in (("run", 1), ("run_model", -1)):
+        def counted(self, rows, *args, _run=getattr(decode_stack.DecodeStack, name), _sign=sign):
+            calls.append(_sign * rows.shape[0])
+            return _run(self, rows, *args)
 
-    def counted(self, hidden, *args):
-        calls.append(hidden.shape[0])
-        return run(self, hidden, *args)
-
-    monkeypatch.setattr(decode_stack.DecodeStack, "run", counted)
+        monkeypatch.setattr(decode_stack.DecodeStack, name, counted)
     return calls
 
 
 def test_native_decode_stack_equals_the_layer_loop(plain_llm, monkeypatch):
-    """Decode steps through the one native call give the layer loop's logprobs bit for bit,
-    over prompts of different lengths crossing 4-token blocks; prefill steps, and decode
-    steps without int8 products, keep the loop."""
+    """Decode steps through the one native call (embedding, every layer and the final norm)
+    give the layer loop's logprobs bit for bit, over prompts of different lengths crossing
+    4-token blocks; prefill steps, and decode steps without int8 products, keep the loop."""
     calls = _count_stack_runs(monkeypatch)
     prompts = [[1, 3, 4, 5], [1, 7, 8], [2, 3, 3, 3, 6, 7, 8, 4, 5, 6]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
@@ -130,13 +130,40 @@ def test_native_decode_stack_equals_the_layer_loop(plain_llm, monkeypatch):
                 for out in plain_llm.generate(prompts, params)]
 
     native = run("1")
-    assert calls and max(calls) == 3  # every decode step of the three, none of the prefills
+    assert calls and min(calls) == -3 and max(calls) < 0  # every decode step of the three,
+    # a whole model's call each, none of the prefills
     assert plain_llm.engine.executor.runner.model._native_stack is not None
     calls.clear()
     assert run("0") == native and not calls
+    # Without the ends (a pipeline stage, a packed embedding) the model's Python runs them
+    # around the layers' call, with the same result.
+    model = plain_llm.engine.executor.runner.model
+    monkeypatch.setattr(model, "_decode_ends", lambda: None)
+    model._is_stack_made = False
+    assert run("1") == native and calls and min(calls) > 0
+    calls.clear()
     monkeypatch.setattr(gguf_linear, "_INT8_DOT", False)
     run("1")
     assert not calls
+    model._is_stack_made = False  # the next test's stack has its ends again
+
+
+def test_whole_model_step_rejects_ids_and_positions_outside_its_tables(plain_llm):
+    """A token id past the vocabulary or a position past the rotary tables is an IndexError
+    before any layer runs, and the model serves on."""
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    first = plain_llm.generate([[1, 3, 4]], greedy)[0].outputs[0].token_ids
+    runner = plain_llm.engine.executor.runner
+    stack = runner.model._native_stack
+    assert stack.ends is not None
+    vocab, max_position = stack.ends.embedding.shape[0], stack.ends.cos.shape[0]
+    one = (torch.tensor([0]), torch.tensor([1], dtype=torch.int32),
+           torch.tensor([[0]], dtype=torch.int32))
+    with pytest.raises(IndexError, match="embedding: a token id is past the vocabulary"):
+        stack.run_model(torch.tensor([vocab]), torch.tensor([0]), runner.kv_caches, *one)
+    with pytest.raises(IndexError, match="rotary: a position is past the rotary tables"):
+        stack.run_model(torch.tensor([1]), torch.tensor([max_position]), runner.kv_caches, *one)
+    assert plain_llm.generate([[1, 3, 4]], greedy)[0].outputs[0].token_ids == first
 
 
 def test_stack_errors_name_the_layer_and_stage(plain_llm):

@@ -57,6 +57,8 @@ def test_a_step_of_single_tokens_gives_the_general_paths_tensors(seed):
     _assert_same(got, input_batch._prepare_any(states, scheduled, BLOCK_SIZE, CPU, {}))
     assert got.sampling_req_ids == [r for r, k in zip(states, kinds, strict=True)
                                     if k != "prompt_chunk"]
+    rows = got.logits_indices.tolist()
+    assert rows == sorted(set(rows))  # increasing: as many as the rows means all of them
 
 
 def test_a_step_with_drafts_or_a_longer_chunk_takes_the_general_path(monkeypatch):
@@ -66,6 +68,8 @@ def test_a_step_with_drafts_or_a_longer_chunk_takes_the_general_path(monkeypatch
     # b verifies one draft: its last token and the draft are scheduled
     batch = prepare_batch(states, {"a": 1, "b": 2}, BLOCK_SIZE, CPU, spec_tokens={"b": [7]})
     assert batch.sampling_drafts == [[], [7]] and batch.input_ids[-1] == 7
+    # every row samples, in order (the runner skips the gather when there are as many)
+    assert batch.logits_indices.tolist() == [0, 1, 2]
     states["b"].num_computed_tokens -= 1  # b's last two tokens as one chunk
     batch = prepare_batch(states, {"a": 1, "b": 2}, BLOCK_SIZE, CPU)
     assert batch.attn_metadata.num_prefill_tokens == 2

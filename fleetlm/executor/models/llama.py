@@ -151,12 +151,17 @@ class LlamaForCausalLM(nn.Module):
         """The first stage starts from `input_ids`, the others from `intermediate`, the
         previous stage's (hidden, residual). The last stage returns the normalised hidden
         states, the others their (hidden, residual)."""
+        rows = input_ids.shape[0] if self.is_first_stage else intermediate[0].shape[0]
+        dtype = self.embed_tokens.weight.dtype if self.is_first_stage else intermediate[0].dtype
+        stack = self._decode_stack(rows, dtype, kv_caches, meta)
+        if stack is not None and stack.ends is not None:  # the whole step in one call
+            return stack.run_model(input_ids, positions, kv_caches, meta.slot_mapping,
+                                   meta.decode_seq_lens, meta.decode_block_tables)
         if self.is_first_stage:
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
         cos_sin = self.rotary.cos_sin(positions)
-        stack = self._decode_stack(hidden, kv_caches, meta)
         if stack is not None:
             hidden, residual = stack.run(hidden, residual, *cos_sin, kv_caches, meta.slot_mapping,
                                          meta.decode_seq_lens, meta.decode_block_tables)
@@ -168,16 +173,17 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm.add_and_norm(hidden, residual)
         return hidden
 
-    def _decode_stack(self, hidden, kv_caches, meta: AttentionMetadata):
+    def _decode_stack(self, rows: int, dtype: torch.dtype, kv_caches, meta: AttentionMetadata):
         """The native stack of this model's layers (`decode_stack`), where this step is
-        decode rows only and both qualify; else None, and the layer loop runs."""
-        if meta.num_prefill_tokens or meta.num_decode_tokens != hidden.shape[0] \
+        `rows` decode rows only (activations in `dtype`) and both qualify; else None, and the
+        layer loop runs."""
+        if meta.num_prefill_tokens or meta.num_decode_tokens != rows \
                 or not kv_caches or not decode_stack.enabled():
             return None
         if not self._is_stack_made:
             self._native_stack, self._is_stack_made = self._make_decode_stack(), True
         stack = self._native_stack
-        return stack if stack is not None and stack.accepts(hidden, kv_caches) else None
+        return stack if stack is not None and stack.accepts(rows, dtype, kv_caches) else None
 
     def _make_decode_stack(self) -> decode_stack.DecodeStack | None:
         """The layers as a `DecodeStack` (built once, after loading), or None where a layer
@@ -204,7 +210,19 @@ class LlamaForCausalLM(nn.Module):
             return None
         return decode_stack.DecodeStack.make(specs, first.self_attn.num_heads,
                                              first.self_attn.num_kv_heads,
-                                             first.self_attn.head_dim, eps.pop())
+                                             first.self_attn.head_dim, eps.pop(),
+                                             self._decode_ends())
+
+    def _decode_ends(self) -> decode_stack.EndsSpec | None:
+        """The embedding, rotary tables and final norm for the stack to run a whole decode
+        step, where this stage is the whole model and its embedding is a GGUF matrix."""
+        if not (self.is_first_stage and self.is_last_stage):
+            return None
+        embedding = getattr(self.embed_tokens.weight, "quantized", None)
+        if not isinstance(embedding, QuantizedMatrix) or embedding.whole is None:
+            return None
+        return decode_stack.EndsSpec(embedding.whole, self.rotary.cos, self.rotary.sin,
+                                     self.norm.weight.detach(), self.norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
