@@ -11,7 +11,8 @@ prompts of `--input-len` tokens (4 unless told) and reports:
   blocks in timers (exclusive time: a part's time excludes the parts it calls). Wrapping costs
   about a microsecond per call, so the parts add up to a little more than the plain step;
 - the floor: weight bytes one step reads / this machine's read bandwidth (a sum over a 256 MiB
-  tensor on all threads, on 4 KiB and on 2 MiB pages: the faster), and the step's ratio to it.
+  tensor on all threads, on 4 KiB and on 2 MiB pages: the faster), read again before each
+  repeat, and the step's ratio to it: the median of the repeats' ratios.
 
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/step_parts.py \
         --out docs/results/step_parts.json
@@ -120,22 +121,28 @@ def huge_page_floats(count: int) -> torch.Tensor:
     return memory[start:start + count * 4].view(torch.float32)
 
 
-def read_bandwidth_gbs(reps: int = 9) -> dict[str, float]:
-    """Bytes per second a sum over 256 MiB of fp32 reads on all threads, on 4 KiB pages and
-    on 2 MiB pages (the best of `reps` each: a floor takes the best the machine does). On
-    the 2-vCPU EPYC huge pages read 5-20% faster, while the model's products, on either,
-    measured the same (docs/benchmarks.md, 2026-12-07)."""
-    result = {}
-    for pages, data in (("4k", torch.ones(64 << 20)), ("2m", huge_page_floats(64 << 20))):
-        data.fill_(1.0)
-        data.sum()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
+class ReadBandwidth:
+    """Bytes per second a sum over 256 MiB of fp32 reads on all threads, on 4 KiB pages and on
+    2 MiB pages (a floor takes the best the machine does: on the 2-vCPU EPYC huge pages read
+    5-20% faster, while the model's products measured the same on either; docs/benchmarks.md,
+    2026-12-07). This VM's bandwidth drifts by a third within minutes, so `measure` reads it
+    again before each repeat and sets each repeat's step against the floor of its moment."""
+
+    def __init__(self) -> None:
+        self.buffers = {"4k": torch.ones(64 << 20), "2m": huge_page_floats(64 << 20).fill_(1.0)}
+
+    def read(self, reps: int = 9) -> dict[str, float]:
+        """GB/s per page size, the best of `reps` sums each."""
+        result = {}
+        for pages, data in self.buffers.items():
             data.sum()
-            times.append(time.perf_counter() - start)
-        result[pages] = data.numel() * 4 / min(times) / 1e9
-    return result
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                data.sum()
+                times.append(time.perf_counter() - start)
+            result[pages] = data.numel() * 4 / min(times) / 1e9
+        return result
 
 
 def bytes_per_step(llm: LLM) -> int:
@@ -177,17 +184,25 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def measure(llm: LLM, batch_size: int, output_len: int, input_len: int, repeats: int) -> dict:
+def measure(llm: LLM, batch_size: int, output_len: int, input_len: int, repeats: int,
+            bandwidth: ReadBandwidth) -> dict:
+    """The median step of `repeats` runs (each run's median step) and each run's ratio to the
+    floor at the bandwidth read just before it; then the parts, from one instrumented run."""
     decode_steps(llm, batch_size, 4, input_len)  # warm-up
-    plain = [median(decode_steps(llm, batch_size, output_len, input_len))
-             for _ in range(repeats)]
+    plain, floors = [], []
+    for _ in range(repeats):
+        floors.append(bytes_per_step(llm) / max(bandwidth.read(5).values()) / 1e6)
+        plain.append(median(decode_steps(llm, batch_size, output_len, input_len)))
+    ratios = [step * 1e3 / floor for step, floor in zip(plain, floors)]
     timer = PartTimer()
     steps = decode_steps(llm, batch_size, output_len, input_len, timer)
     parts_ms = {part: timer.seconds[part] / len(steps) * 1e3 for part in PARTS}
     calls = {part: timer.calls[part] / len(steps) for part in PARTS}
     step_ms = median(plain) * 1e3
     return {"batch_size": batch_size, "step_ms": step_ms, "tokens_per_s": batch_size / step_ms
-            * 1e3, "instrumented_step_ms": sum(steps) / len(steps) * 1e3,
+            * 1e3, "steps_ms": [step * 1e3 for step in plain], "floors_ms": floors,
+            "ratios_to_floor": ratios, "ratio_to_floor": median(ratios),
+            "instrumented_step_ms": sum(steps) / len(steps) * 1e3,
             "parts_ms": parts_ms, "calls_per_step": calls,
             "model_ms": sum(parts_ms[p] for p in MODEL_PARTS)}
 
@@ -230,10 +245,12 @@ def load(weights: str, batch_size: int, kv_cache_dtype: str = "auto") -> LLM:
                kv_cache_dtype=kv_cache_dtype)
 
 
-def print_table(label: str, figures: dict, floor_ms: float) -> None:
+def print_table(label: str, figures: dict) -> None:
+    ratios = ", ".join(f"{r:.2f}" for r in figures["ratios_to_floor"])
     print(f"\n{label}, batch {figures['batch_size']}: step {figures['step_ms']:.2f} ms "
-          f"({figures['tokens_per_s']:.1f} tok/s), floor {floor_ms:.2f} ms, "
-          f"ratio {figures['step_ms'] / floor_ms:.2f}x")
+          f"({figures['tokens_per_s']:.1f} tok/s); ratio to the floor "
+          f"{figures['ratio_to_floor']:.2f}x (median of the repeats' {ratios}; floors "
+          f"{min(figures['floors_ms']):.2f}-{max(figures['floors_ms']):.2f} ms)")
     print(f"  {'part':40s} {'ms/step':>8s} {'calls':>6s}")
     for part, ms in figures["parts_ms"].items():
         print(f"  {part:40s} {ms:8.2f} {figures['calls_per_step'][part]:6.0f}")
@@ -256,7 +273,8 @@ def main() -> None:
     parser.add_argument("--label", default="", help="stored with the results (before/after)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/step_parts.json"))
     args = parser.parse_args()
-    bandwidths = read_bandwidth_gbs()
+    read_bandwidth = ReadBandwidth()
+    bandwidths = read_bandwidth.read()
     bandwidth = max(bandwidths.values())
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": MODEL,
               "torch": torch.__version__, "label": args.label, "input_len": args.input_len,
@@ -269,7 +287,6 @@ def main() -> None:
     for weights in args.weights.split(","):
         llm = load(weights, max(batch_sizes + [args.prefill]), args.kv_cache_dtype)
         weight_bytes_ = bytes_per_step(llm)
-        floor_ms = weight_bytes_ / bandwidth / 1e6
         if args.prefill:
             figures = measure_prefill(llm, args.prefill, args.input_len, args.repeats)
             figures.update(weights=weights)
@@ -281,11 +298,11 @@ def main() -> None:
             llm.shutdown()
             continue
         for batch_size in batch_sizes:
-            figures = measure(llm, batch_size, args.output_len, args.input_len, args.repeats)
-            figures.update(weights=weights, weight_bytes_per_step=weight_bytes_,
-                           floor_ms=floor_ms, ratio_to_floor=figures["step_ms"] / floor_ms)
+            figures = measure(llm, batch_size, args.output_len, args.input_len, args.repeats,
+                              read_bandwidth)
+            figures.update(weights=weights, weight_bytes_per_step=weight_bytes_)
             result["runs"].append(figures)
-            print_table(weights, figures, floor_ms)
+            print_table(weights, figures)
         llm.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
