@@ -95,15 +95,14 @@ int fleet_add_rms_norm(void *x, const void *residual, const void *weight, void *
                        int64_t rows, int64_t dim, float eps, int is_bf16, int num_threads)
 {
     const int64_t elem = is_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * dim, num_threads))
-    for (int64_t r = 0; r < rows; r++) {
+    PARALLEL_FOR(threads_for(rows * dim, num_threads), r, rows,
         char *xr = (char *)x + r * dim * elem, *outr = (char *)out + r * dim * elem;
         const char *rr = residual ? (const char *)residual + r * dim * elem : NULL;
         if (is_bf16)
             add_rms_norm_row(xr, rr, weight, outr, dim, eps, 1);
         else
             add_rms_norm_row(xr, rr, weight, outr, dim, eps, 0);
-    }
+    );
     return 0;
 }
 
@@ -149,15 +148,14 @@ int fleet_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int 
                    int num_threads)
 {
     const int64_t elem = is_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows * n, num_threads))
-    for (int64_t r = 0; r < rows; r++) {
+    PARALLEL_FOR(threads_for(rows * n, num_threads), r, rows,
         const char *in = (const char *)gate_up + 2 * r * n * elem;
         char *o = (char *)out + r * n * elem;
         if (is_bf16)
             silu_mul_row(in, o, n, 1);
         else
             silu_mul_row(in, o, n, 0);
-    }
+    );
     return 0;
 }
 
@@ -186,9 +184,7 @@ int fleet_rotary(void *x, int64_t tokens, int64_t heads, int64_t head_dim, int64
                  const float *cos, const float *sin, int is_bf16, int num_threads)
 {
     const int64_t elem = is_bf16 ? 2 : 4, half = head_dim / 2;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(tokens * heads * head_dim, num_threads))
-    for (int64_t t = 0; t < tokens; t++) {
+    PARALLEL_FOR(threads_for(tokens * heads * head_dim, num_threads), t, tokens,
         for (int64_t h = 0; h < heads; h++) {
             char *head = (char *)x + (t * token_stride + h * head_dim) * elem;
             if (is_bf16)
@@ -196,7 +192,7 @@ int fleet_rotary(void *x, int64_t tokens, int64_t heads, int64_t head_dim, int64
             else
                 rotate_head(head, cos + t * half, sin + t * half, half, 0);
         }
-    }
+    );
     return 0;
 }
 
@@ -214,9 +210,7 @@ int fleet_write_kv(const void *key, const void *value, int64_t token_stride_k,
     for (int64_t t = 0; t < num_tokens; t++)
         if (slot_mapping[t] >= num_slots) return 1;
     const int64_t elem = is_bf16 ? 2 : 4, row_bytes = head_dim * elem;
-#pragma omp parallel for schedule(static) \
-    num_threads(threads_for(num_tokens * num_kv_heads * head_dim, num_threads))
-    for (int64_t t = 0; t < num_tokens; t++) {
+    PARALLEL_FOR(threads_for(num_tokens * num_kv_heads * head_dim, num_threads), t, num_tokens,
         const int64_t slot = slot_mapping[t];
         if (slot < 0) continue;
         for (int64_t h = 0; h < num_kv_heads; h++) {
@@ -228,7 +222,7 @@ int fleet_write_kv(const void *key, const void *value, int64_t token_stride_k,
                    (const char *)value + (t * token_stride_v + h * head_stride_v) * elem,
                    row_bytes);
         }
-    }
+    );
     return 0;
 }
 
@@ -275,7 +269,8 @@ int fleet_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t stride, i
 {
     if (rows < 1) return 0;
     const int threads = threads_for(rows * n, num_threads); /* a thread a row at most */
-#pragma omp parallel for schedule(static) num_threads(rows < threads ? (int)rows : threads)
-    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * stride, n);
+    PARALLEL_FOR(rows < threads ? (int)rows : threads, r, rows,
+        out[r] = argmax_row(x + r * stride, n);
+    );
     return 0;
 }

@@ -352,9 +352,9 @@ int fleet_gguf_dequantize_rows(const uint8_t *w, int64_t n, int64_t k, int type,
     for (int64_t i = 0; i < count; i++)
         if (ids[i] < 0 || ids[i] >= n) return ERR_SHAPE;
     const int64_t row_bytes = k / elements * bytes;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (count >= 64)
-    for (int64_t i = 0; i < count; i++)
+    PARALLEL_FOR(count >= 64 ? num_threads : 1, i, count,
         dequantize_row(w + ids[i] * row_bytes, k, type, out + i * k);
+    );
     return OK;
 }
 
@@ -1204,8 +1204,9 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     if (k % QK || (packed && n % WIDE_ROWS)) return ERR_SHAPE;
     xblock *xq = malloc((size_t)(m * (k / QK)) * sizeof(xblock) + 1);
     if (xq == NULL) return ERR_NO_MEMORY;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (m >= 8)
-    for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
+    PARALLEL_FOR(m >= 8 ? num_threads : 1, i, m,
+        quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
+    );
     int status = OK;
 #if HAS_WIDE_TILES
     if (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS) {

@@ -539,8 +539,7 @@ int fleet_write_kv_int8(const void *key, const void *value, int is_bf16, int64_t
         if (slot_mapping[t] >= num_slots) return ERR_SHAPE;
     const int64_t row = head_dim + SCALE_BYTES, num_rows = num_tokens * num_kv_heads;
     const int64_t elem = is_bf16 ? 2 : 4;
-#pragma omp parallel for num_threads(num_threads) if (num_rows > 256)
-    for (int64_t r = 0; r < num_rows; r++) {
+    PARALLEL_FOR(num_rows > 256 ? num_threads : 1, r, num_rows,
         int64_t t = r / num_kv_heads, h = r % num_kv_heads, slot = slot_mapping[t];
         if (slot < 0) continue;
         int64_t target = (slot * num_kv_heads + h) * row;
@@ -548,6 +547,6 @@ int fleet_write_kv_int8(const void *key, const void *value, int is_bf16, int64_t
                      is_bf16, head_dim, k_cache + target);
         quantize_row((const char *)value + (t * token_stride_v + h * head_stride_v) * elem,
                      is_bf16, head_dim, v_cache + target);
-    }
+    );
     return OK;
 }
