@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vector.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -67,8 +69,9 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *scale_out)
 int fleet_int8_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales,
                              int num_threads)
 {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (m > 1)
-    for (int64_t r = 0; r < m; r++) quantize_row(x + r * k, k, q + r * k, scales + r);
+    PARALLEL_FOR(m > 1 ? num_threads : 1, r, m,
+        quantize_row(x + r * k, k, q + r * k, scales + r);
+    );
     return OK;
 }
 
