@@ -189,9 +189,9 @@ def measure(llm: LLM, batch_size: int, output_len: int, input_len: int, repeats:
     """The median step of `repeats` runs (each run's median step) and each run's ratio to the
     floor at the bandwidth read just before it; then the parts, from one instrumented run."""
     decode_steps(llm, batch_size, 4, input_len)  # warm-up
-    plain, floors = [], []
+    plain, floors, nbytes = [], [], bytes_per_step(llm)
     for _ in range(repeats):
-        floors.append(bytes_per_step(llm) / max(bandwidth.read(5).values()) / 1e6)
+        floors.append(nbytes / max(bandwidth.read(5).values()) / 1e6)
         plain.append(median(decode_steps(llm, batch_size, output_len, input_len)))
     ratios = [step * 1e3 / floor for step, floor in zip(plain, floors)]
     timer = PartTimer()

@@ -196,9 +196,7 @@ class DecodeStack:
         hidden, residual, normed = torch.empty(3, m, self.hidden).unbind()
         input_ids = input_ids.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
-        slot_mapping = slot_mapping.to(torch.int64).contiguous()
-        seq_lens = seq_lens.to(torch.int32).contiguous()
-        block_tables = block_tables.to(torch.int32).contiguous()
+        slot_mapping, seq_lens, block_tables = _decode_meta(slot_mapping, seq_lens, block_tables)
         failed = _int64(0)
         status = self._library.fleet_decode_model(
             self._layers, len(self._layers), ctypes.byref(self._shape), ctypes.byref(self._ends),
@@ -222,9 +220,7 @@ class DecodeStack:
         self._bind_caches(kv_caches)
         hidden = hidden.contiguous()
         out_residual = torch.empty_like(hidden) if residual is None else residual.contiguous()
-        slot_mapping = slot_mapping.to(torch.int64).contiguous()
-        seq_lens = seq_lens.to(torch.int32).contiguous()
-        block_tables = block_tables.to(torch.int32).contiguous()
+        slot_mapping, seq_lens, block_tables = _decode_meta(slot_mapping, seq_lens, block_tables)
         cos, sin = cos.contiguous(), sin.contiguous()  # held: the call reads them
         failed = _int64(0)
         status = self._library.fleet_decode_stack(
@@ -284,6 +280,14 @@ class DecodeStack:
             messages = gguf_linear.STATUS_MESSAGES
         raise ValueError(f"decode stack, layer {layer}, {STAGES.get(stage, stage)}: "
                          f"{messages.get(code, code)}")
+
+
+def _decode_meta(slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode part of `AttentionMetadata` as the C calls read it: int64 slots, int32
+    lengths and block tables, contiguous (already so from `prepare_batch`: no copies)."""
+    return (slot_mapping.to(torch.int64).contiguous(), seq_lens.to(torch.int32).contiguous(),
+            block_tables.to(torch.int32).contiguous())
 
 
 def _ends_qualify(ends: EndsSpec, hidden: int, head_dim: int) -> bool:
