@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from fleetlm.executor.config import CacheConfig, ModelConfig, ParallelConfig, SpeculativeConfig
-from fleetlm.executor.input_batch import CachedRequestState, PreparedBatch, prepare_batch
+from fleetlm.executor.input_batch import (CachedRequestState, DecodeBuffers, PreparedBatch,
+                                          prepare_batch)
 from fleetlm.executor.models import get_model_class
 from fleetlm.executor.outputs import ModelRunnerOutput, SchedulerOutput
 from fleetlm.executor.sampler import Sampler, compute_prompt_logprobs
@@ -90,6 +91,11 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+# A decode step of more rows than this makes its own tensors (`DecodeBuffers`); a step's
+# few tensors then cost little beside its rows.
+DECODE_BUFFER_ROWS = 64
+
+
 class ModelRunner:
     """One rank's model. Set-up is two-phase so a worker group can agree on the cache size:
     construct (loads this rank's weights), `num_available_blocks()` on every rank, then
@@ -115,6 +121,10 @@ class ModelRunner:
         self.handoff = StageHandoff(groups.pp)
         self.weights_read = ReadCounter()
         self._load_model()
+        # Where CPU decode steps of up to DECODE_BUFFER_ROWS requests write their inputs.
+        self.decode_buffers = DecodeBuffers(
+            DECODE_BUFFER_ROWS, -(-self.max_model_len // self.block_size),
+        ) if self.device.type == "cpu" else None
         # Speculative decoding: only the output rank's drafts are read, so only it proposes.
         self.proposer = make_proposer(
             speculative, model_config=model_config, cache_config=cache_config,
@@ -231,7 +241,7 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = prepare_batch(self.requests, scheduler_output.num_scheduled_tokens,
                               self.block_size, self.device,
-                              scheduler_output.scheduled_spec_decode_tokens)
+                              scheduler_output.scheduled_spec_decode_tokens, self.decode_buffers)
         grammar_bitmask = self._start_grammar_bitmask(batch)  # filled while the model runs
         intermediate = None
         if not self.model.is_first_stage:

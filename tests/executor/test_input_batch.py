@@ -61,6 +61,26 @@ def test_a_step_of_single_tokens_gives_the_general_paths_tensors(seed):
     assert rows == sorted(set(rows))  # increasing: as many as the rows means all of them
 
 
+def test_steps_written_into_buffers_give_the_general_paths_tensors():
+    """A runner's steps write their tensors into the same buffers step after step: each step
+    still gets exactly the general path's tensors (block tables zero-padded to the widest
+    row, however wide the step before was), and a step that does not fit makes its own."""
+    buffers = input_batch.DecodeBuffers(max_rows=6, max_blocks=5)
+    rng = random.Random(7)
+    for step in range(12):
+        kinds = [rng.choice(["decode", "last_prompt_token", "prompt_chunk"])
+                 for _ in range(rng.randint(1, 6))]
+        states = {f"r{step}.{i}": _state(rng, f"r{step}.{i}", kind)
+                  for i, kind in enumerate(kinds)}
+        scheduled = dict.fromkeys(states, 1)
+        got = prepare_batch(states, scheduled, BLOCK_SIZE, CPU, buffers=buffers)
+        _assert_same(got, input_batch._prepare_any(states, scheduled, BLOCK_SIZE, CPU, {}))
+        wide = max(len(s.block_ids) for s in states.values()) > 5
+        shares = got.input_ids.untyped_storage().data_ptr() == \
+            buffers._ints.untyped_storage().data_ptr()
+        assert shares != wide  # the buffers where the step fits, its own tensors otherwise
+
+
 def test_a_step_with_drafts_or_a_longer_chunk_takes_the_general_path(monkeypatch):
     rng = random.Random(0)
     states = {"a": _state(rng, "a", "decode"), "b": _state(rng, "b", "decode")}
