@@ -27,7 +27,7 @@ from fleetlm.executor.weights import (
     resolve_model,
     resolve_tokenizer,
 )
-from fleetlm.kernels import kv_quant
+from fleetlm.kernels import fused_ops, kv_quant
 from fleetlm.kvtransfer.base import KVConnectorWorker
 from fleetlm.kvtransfer.params import KVShard
 from fleetlm.parallel.pipeline import StageHandoff
@@ -89,6 +89,15 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _is_argmax_only(state: CachedRequestState) -> bool:
+    """Whether the sampler would take the request's next token as the argmax of its logits,
+    untouched: greedy, no penalties, no logprobs, past min_tokens (no grammar: the caller's
+    check)."""
+    params = state.sampling_params
+    return params.is_greedy and not params.has_penalties and params.logprobs is None and (
+        len(state.token_ids) - state.num_prompt_tokens >= params.min_tokens)
 
 
 # A decode step of more rows than this makes its own tensors (`DecodeBuffers`); a step's
@@ -301,6 +310,9 @@ class ModelRunner:
         if not batch.sampling_req_ids:
             return None
         states = [self.requests[r] for r in batch.sampling_req_ids]
+        if grammar_bitmask is None and not any(batch.sampling_drafts) \
+                and all(map(_is_argmax_only, states)):
+            return self._argmax_tokens(batch, hidden)
         # One row per position: a request verifying k drafts has k + 1, row j seeing its
         # first j drafts as outputs (penalties, min_tokens and seeds of that position).
         rows = [(s, drafts[:j]) for s, drafts in zip(states, batch.sampling_drafts)
@@ -328,6 +340,19 @@ class ModelRunner:
         logprobs = [None] * len(token_ids) if sampled.logprobs is None else \
             [None if lp is None else [lp] for lp in sampled.logprobs]
         return VerifiedTokens([[t] for t in token_ids], logprobs)
+
+    def _argmax_tokens(self, batch: PreparedBatch, hidden: torch.Tensor) -> VerifiedTokens:
+        """`_sample` where every request is plain argmax (`_is_argmax_only`) and verifies no
+        drafts: the sampler's own result without building its metadata. Right after the
+        weights have streamed through the caches, building it and the sampler's Python took
+        0.14 ms of a one-sequence decode step on the 2-vCPU EPYC."""
+        rows = hidden if len(batch.sampling_req_ids) == hidden.shape[0] else \
+            hidden[batch.logits_indices]
+        logits = self.model.compute_logits(rows)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        token_ids = fused_ops.argmax(logits).tolist()
+        return VerifiedTokens([[t] for t in token_ids], [None] * len(token_ids))
 
     def _make_output(self, batch: PreparedBatch, sampled: VerifiedTokens | None,
                      hidden) -> ModelRunnerOutput:

@@ -237,4 +237,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.tp.all_gather(_linear(self.linear, hidden, self.weight), dim=-1)
-        return logits[..., : self.vocab_size]
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]

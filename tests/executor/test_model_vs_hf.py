@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from fleetlm import LLM, SamplingParams
+from fleetlm.executor import model_runner
 from fleetlm.executor.weights import builtin_gguf_path, load_tokenizer
 from fleetlm.executor.weights.convert import gguf_parsed_once
 from fleetlm.kernels import gguf_linear
@@ -244,3 +245,32 @@ def test_gguf_quantized_model_keeps_the_blocks_and_follows_the_float_model(built
     first_tokens_agree = sum(a.outputs[0].token_ids[:5] == b.outputs[0].token_ids[:5]
                              for a, b in zip(int8, reference))
     assert first_tokens_agree >= 6, f"{first_tokens_agree} of {len(PROMPTS)}"  # measured: 8
+
+
+def test_plain_greedy_steps_skip_the_samplers_metadata(builtin_llm, monkeypatch):
+    """A step whose rows all take a plain argmax (greedy; no logprobs, penalties, min_tokens
+    left, grammar or drafts) samples without building the sampler's metadata, with the
+    sampler's own tokens; a batch with a row asking for a penalty builds it, and its greedy
+    rows keep their tokens."""
+    built: list[int] = []
+    build = model_runner.SamplingMetadata.build
+
+    def counted(**kwargs):
+        built.append(len(kwargs["params"]))
+        return build(**kwargs)
+
+    monkeypatch.setattr(model_runner.SamplingMetadata, "build", counted)
+    prompts = [[1, 3, 4, 5], [1, 7, 8, 9, 10]]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    fast = [out.outputs[0].token_ids for out in builtin_llm.generate(prompts, greedy)]
+    assert not built
+    monkeypatch.setattr(model_runner, "_is_argmax_only", lambda state: False)
+    assert [out.outputs[0].token_ids for out in builtin_llm.generate(prompts, greedy)] == fast
+    assert built
+    monkeypatch.undo()
+    built.clear()
+    monkeypatch.setattr(model_runner.SamplingMetadata, "build", counted)
+    penalised = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                               repetition_penalty=1.3)
+    outputs = builtin_llm.generate(prompts, [greedy, penalised])
+    assert outputs[0].outputs[0].token_ids == fast[0] and built and min(built) == 2
