@@ -51,7 +51,8 @@ PARTS = {
     "engine (schedule, update, detokenize)": [(LLMEngine, "step")],
     "batch preparation (CPU tensors)": [(model_runner, "prepare_batch")],
     "model Python (layer loop, views)": [
-        (llama.LlamaForCausalLM, "forward"), (llama.LlamaDecoderLayer, "forward"),
+        (llama.LlamaForCausalLM, "forward"), (llama.LlamaForCausalLM, "decode_argmax"),
+        (llama.LlamaDecoderLayer, "forward"),
         (llama.LlamaAttention, "forward"), (attention.PagedAttention, "forward")],
     "embedding": [(layers.VocabParallelEmbedding, "forward")],
     "linear layers": [(layers.ColumnParallelLinear, "forward"),
@@ -66,6 +67,8 @@ PARTS = {
     "decode stack (one native call: every layer)": [(decode_stack.DecodeStack, "run"),
                                                     (decode_stack.DecodeStack, "run_model")],
     "LM head": [(layers.ParallelLMHead, "compute_logits")],
+    "greedy step in one native call (stack, LM head, argmax)": [
+        (decode_stack.DecodeStack, "run_model_argmax")],
     "sampler (metadata + sampling)": [(model_runner.ModelRunner, "_sample")],
 }
 MODEL_PARTS = ("model Python (layer loop, views)", "embedding", "linear layers",

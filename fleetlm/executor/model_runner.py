@@ -252,16 +252,19 @@ class ModelRunner:
                               self.block_size, self.device,
                               scheduler_output.scheduled_spec_decode_tokens, self.decode_buffers)
         grammar_bitmask = self._start_grammar_bitmask(batch)  # filled while the model runs
-        intermediate = None
-        if not self.model.is_first_stage:
-            intermediate = self.handoff.recv(len(batch.positions), self.hf_config.hidden_size,
-                                             self.dtype, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
-                            batch.attn_metadata, intermediate)
-        if not self.model.is_last_stage:
-            self.handoff.send(*hidden)
-            return None
-        sampled = self._sample(batch, hidden, grammar_bitmask)
+        hidden, sampled = None, self._greedy_step(batch, grammar_bitmask)
+        if sampled is None:
+            intermediate = None
+            if not self.model.is_first_stage:
+                intermediate = self.handoff.recv(len(batch.positions),
+                                                 self.hf_config.hidden_size, self.dtype,
+                                                 self.device)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches,
+                                batch.attn_metadata, intermediate)
+            if not self.model.is_last_stage:
+                self.handoff.send(*hidden)
+                return None
+            sampled = self._sample(batch, hidden, grammar_bitmask)
         output = self._make_output(batch, sampled, hidden)
         if self.proposer is not None and scheduler_output.num_draft_tokens:
             output.draft_token_ids = self._propose(scheduler_output.num_draft_tokens, output)
@@ -340,6 +343,22 @@ class ModelRunner:
         logprobs = [None] * len(token_ids) if sampled.logprobs is None else \
             [None if lp is None else [lp] for lp in sampled.logprobs]
         return VerifiedTokens([[t] for t in token_ids], logprobs)
+
+    def _greedy_step(self, batch: PreparedBatch, grammar_bitmask) -> VerifiedTokens | None:
+        """The step's tokens from the model's own greedy call (`decode_argmax`: the model,
+        its LM head and the argmax in one native call), where every row samples a plain argmax
+        and nothing else needs the hidden states or logits (no drafts, prompt logprobs or
+        grammar); else None, and nothing ran."""
+        decode_argmax = getattr(self.model, "decode_argmax", None)
+        if decode_argmax is None or grammar_bitmask is not None or batch.prompt_logprob_rows \
+                or len(batch.sampling_req_ids) != len(batch.req_ids) \
+                or any(batch.sampling_drafts) \
+                or not all(_is_argmax_only(self.requests[r]) for r in batch.sampling_req_ids):
+            return None
+        tokens = decode_argmax(batch.input_ids, batch.positions, self.kv_caches,
+                               batch.attn_metadata)
+        return None if tokens is None else VerifiedTokens([[t] for t in tokens],
+                                                          [None] * len(tokens))
 
     def _argmax_tokens(self, batch: PreparedBatch, hidden: torch.Tensor) -> VerifiedTokens:
         """`_sample` where every request is plain argmax (`_is_argmax_only`) and verifies no

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,8 @@ LINKED = (CSRC / "fused_ops.c", CSRC / "gguf_matmul.c", CSRC / "paged_attention.
 ENV = "FLEETLM_NATIVE_DECODE"
 KV_DTYPES = (torch.float32, torch.int8)  # the caches the stack writes and reads
 STAGES = {1: "qkv product", 2: "KV-cache write", 3: "attention", 4: "o product",
-          5: "gate/up product", 6: "down product", 7: "embedding", 8: "rotary"}
+          5: "gate/up product", 6: "down product", 7: "embedding", 8: "rotary",
+          9: "LM head"}
 
 _ptr, _int64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -83,6 +84,12 @@ def _library() -> ctypes.CDLL | None:
             ctypes.POINTER(ModelEnds), _int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
             _int64, ctypes.c_int, ctypes.POINTER(_int64)]
         library.fleet_decode_model.restype = ctypes.c_int
+        library.fleet_decode_model_argmax.argtypes = [
+            ctypes.POINTER(LayerWeights), _int64, ctypes.POINTER(StackShape),
+            ctypes.POINTER(ModelEnds), _ptr, ctypes.c_int, _int64, _int64, _int64, _ptr, _ptr,
+            _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int64, ctypes.c_int,
+            ctypes.POINTER(_int64), _ptr]
+        library.fleet_decode_model_argmax.restype = ctypes.c_int
     return library
 
 
@@ -102,6 +109,10 @@ class EndsSpec:
     sin: torch.Tensor
     final_norm: torch.Tensor
     final_eps: float
+    # The LM head, where the model's logits are this GGUF matrix's product alone (its first
+    # `vocab` rows): `run_model_argmax` then takes greedy tokens in the same call.
+    head: gguf_linear.GGUFWeight | None = None
+    vocab: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,8 @@ class DecodeStack:
             ends.embedding.data.data_ptr(), int(ends.embedding.qtype), ends.embedding.shape[0],
             ends.cos.shape[0], ends.cos.data_ptr(), ends.sin.data_ptr(),
             ends.final_norm.data_ptr(), ends.final_eps)
+        self.has_head = ends is not None and ends.head is not None  # `run_model_argmax`
+        self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}  # rows -> its scratch
         self._caches: tuple = ()  # the dtype, data pointers and shapes of the caches bound
         self._bound_list: list | None = None  # the list they came in (held: its id stays)
         self._shape = StackShape()
@@ -173,6 +186,8 @@ class DecodeStack:
                     return None
         if ends is not None and not _ends_qualify(ends, hidden, head_dim):
             ends = None
+        if ends is not None and ends.head is not None and not _head_qualifies(ends, hidden):
+            ends = replace(ends, head=None)
         library = _library()
         return None if library is None else cls(library, specs, num_heads, num_kv_heads,
                                                  head_dim, eps, ends)
@@ -194,8 +209,7 @@ class DecodeStack:
         self._bind_caches(kv_caches)
         m = input_ids.shape[0]
         hidden, residual, normed = torch.empty(3, m, self.hidden).unbind()
-        input_ids = input_ids.to(torch.int64).contiguous()
-        positions = positions.to(torch.int64).contiguous()
+        input_ids, positions = _as(input_ids, torch.int64), _as(positions, torch.int64)
         slot_mapping, seq_lens, block_tables = _decode_meta(slot_mapping, seq_lens, block_tables)
         failed = _int64(0)
         status = self._library.fleet_decode_model(
@@ -207,6 +221,35 @@ class DecodeStack:
         if status:
             self._raise(status, failed.value)
         return normed
+
+    def run_model_argmax(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
+                         slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor) -> list[int]:
+        """Each row's greedy token: `run_model`, the LM head and the argmax of its logits
+        (the first index of the largest, as `fused_ops.argmax`) in one call, where the stack
+        was made with `ends` holding the head (`has_head`). The same products and argmax as
+        the model's Python and the sampler, so the same tokens."""
+        self._bind_caches(kv_caches)
+        m, ends = input_ids.shape[0], self.ends
+        buffers = self._buffers.get(m)
+        if buffers is None:  # scratch reused by every step of m rows: nothing made per step
+            buffers = (*torch.empty(3, m, self.hidden).unbind(),
+                       torch.empty(m, ends.head.shape[0]), torch.empty(m, dtype=torch.int64))
+            self._buffers[m] = buffers
+        hidden, residual, normed, logits, tokens = buffers
+        slot_mapping, seq_lens, block_tables = _decode_meta(slot_mapping, seq_lens, block_tables)
+        failed = _int64(0)
+        status = self._library.fleet_decode_model_argmax(
+            self._layers, len(self._layers), ctypes.byref(self._shape), ctypes.byref(self._ends),
+            ends.head.data.data_ptr(), ends.head.kernel_type, ends.head.shape[0], ends.vocab, m,
+            _as(input_ids, torch.int64).data_ptr(), _as(positions, torch.int64).data_ptr(),
+            hidden.data_ptr(), residual.data_ptr(), normed.data_ptr(), logits.data_ptr(),
+            slot_mapping.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+            block_tables.shape[1], torch.get_num_threads(), ctypes.byref(failed),
+            tokens.data_ptr())
+        if status:
+            self._raise(status, failed.value)
+        return tokens.tolist()
 
     def run(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
             sin: torch.Tensor, kv_caches, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
@@ -272,6 +315,9 @@ class DecodeStack:
             from fleetlm.kernels.cpu_attention import STATUS_MESSAGES as messages
         elif stage == 2:
             messages = {1: "a slot is outside the cache"}
+        elif stage == 9:
+            raise ValueError(f"decode step, {STAGES[stage]}: "
+                             f"{gguf_linear.STATUS_MESSAGES.get(code, code)}")
         elif stage in (7, 8):  # before any layer
             what = "a token id is past the vocabulary" if stage == 7 else \
                 "a position is past the rotary tables"
@@ -286,8 +332,23 @@ def _decode_meta(slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_table
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode part of `AttentionMetadata` as the C calls read it: int64 slots, int32
     lengths and block tables, contiguous (already so from `prepare_batch`: no copies)."""
-    return (slot_mapping.to(torch.int64).contiguous(), seq_lens.to(torch.int32).contiguous(),
-            block_tables.to(torch.int32).contiguous())
+    return (_as(slot_mapping, torch.int64), _as(seq_lens, torch.int32),
+            _as(block_tables, torch.int32))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype`, contiguous: itself where it already is (a decode step's inputs are),
+    without the two torch calls that would say so (each 5-10 us right after the weights'
+    stream)."""
+    return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+
+
+def _head_qualifies(ends: EndsSpec, hidden: int) -> bool:
+    """An LM head the C call multiplies as `gguf_linear.matmul` would at decode rows."""
+    head = ends.head
+    return (head.qtype in gguf_linear.INT8_DOT_TYPES and head.shape[1] == hidden
+            and 0 < ends.vocab <= head.shape[0] and head.data.is_contiguous()
+            and not (head.packed and not gguf_linear._library().has_wide_tiles))
 
 
 def _ends_qualify(ends: EndsSpec, hidden: int, head_dim: int) -> bool:

@@ -77,11 +77,13 @@ def test_quantized_model_follows_the_dequantized_one(mixed_gguf, monkeypatch, in
             assert a[0][1] == pytest.approx(b[0][1], abs=tolerance)  # sampled token's logprob
 
 
-# Every matrix of a layer whole in one integer-dot type: the native decode stack's case.
-PLAIN_TYPES = {f"blk.{i}.{name}.weight": qtype for i in range(NUM_LAYERS)
-               for name, qtype in {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q4_0,
-                                   "attn_output": T.Q4_1, "ffn_gate": T.Q8_0,
-                                   "ffn_up": T.Q8_0, "ffn_down": T.Q4_1}.items()}
+# Every matrix of a layer whole in one integer-dot type: the native decode stack's case; the
+# LM head too (Q8_0, as SmolLM2's), so that greedy steps take it in the same call.
+PLAIN_TYPES = {"output.weight": T.Q8_0, **{
+    f"blk.{i}.{name}.weight": qtype for i in range(NUM_LAYERS)
+    for name, qtype in {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q4_0,
+                        "attn_output": T.Q4_1, "ffn_gate": T.Q8_0, "ffn_up": T.Q8_0,
+                        "ffn_down": T.Q4_1}.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,34 @@ def test_native_decode_stack_equals_the_layer_loop(plain_llm, monkeypatch):
     run("1")
     assert not calls
     model._is_stack_made = False  # the next test's stack has its ends again
+
+
+def test_greedy_steps_take_the_lm_head_and_argmax_in_the_same_call(plain_llm, monkeypatch):
+    """Where every row of a decode step is a plain greedy sample (no logprobs, penalties,
+    grammar or drafts), its tokens come from one native call that runs the LM head and the
+    argmax after the model: the tokens of the layer loop and the sampler. A batch with a row
+    asking for logprobs takes the sampler, with the same tokens."""
+    calls: list[int] = []
+    original = decode_stack.DecodeStack.run_model_argmax
+
+    def counted(self, ids, *args):
+        calls.append(ids.shape[0])
+        return original(self, ids, *args)
+
+    monkeypatch.setattr(decode_stack.DecodeStack, "run_model_argmax", counted)
+    prompts = [[1, 3, 4, 5], [1, 7, 8], [2, 3, 3, 3, 6, 7, 8, 4, 5, 6]]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def run(native: str, params=greedy) -> list:
+        monkeypatch.setenv(decode_stack.ENV, native)
+        return [out.outputs[0].token_ids for out in plain_llm.generate(prompts, params)]
+
+    native = run("1")
+    assert calls and max(calls) == 3  # the three sequences' decode steps
+    calls.clear()
+    assert run("0") == native and not calls
+    asking = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    assert run("1", [greedy, greedy, asking]) == native and not calls
 
 
 def test_whole_model_step_rejects_ids_and_positions_outside_its_tables(plain_llm):

@@ -221,8 +221,28 @@ class LlamaForCausalLM(nn.Module):
         embedding = getattr(self.embed_tokens.weight, "quantized", None)
         if not isinstance(embedding, QuantizedMatrix) or embedding.whole is None:
             return None
+        head = getattr(self.lm_head.weight, "quantized", None)
+        if not isinstance(head, QuantizedMatrix) or head.whole is None \
+                or type(self).compute_logits is not LlamaForCausalLM.compute_logits:
+            head = None  # the logits are not the head's product alone (or not one GGUF matrix)
         return decode_stack.EndsSpec(embedding.whole, self.rotary.cos, self.rotary.sin,
-                                     self.norm.weight.detach(), self.norm.eps)
+                                     self.norm.weight.detach(), self.norm.eps,
+                                     None if head is None else head.whole,
+                                     self.lm_head.vocab_size)
+
+    def decode_argmax(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      kv_caches: list[KVCache], meta: AttentionMetadata) -> list[int] | None:
+        """Each row's greedy token (the argmax of `compute_logits` of `forward`), in one
+        native call where this step is decode rows only and the stack holds the whole model
+        and its LM head (`DecodeStack.run_model_argmax`); else None, and nothing ran."""
+        if not (self.is_first_stage and self.is_last_stage):
+            return None
+        stack = self._decode_stack(input_ids.shape[0], self.embed_tokens.weight.dtype,
+                                   kv_caches, meta)
+        if stack is None or not stack.has_head:
+            return None
+        return stack.run_model_argmax(input_ids, positions, kv_caches, meta.slot_mapping,
+                                      meta.decode_seq_lens, meta.decode_block_tables)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

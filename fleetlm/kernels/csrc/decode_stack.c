@@ -37,6 +37,8 @@ int fleet_write_kv_int8(const void *key, const void *value, int is_bf16, int64_t
                         int num_threads);
 int fleet_gguf_dequantize_rows(const uint8_t *w, int64_t n, int64_t k, int type,
                                const int64_t *ids, int64_t count, float *out, int num_threads);
+int fleet_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out,
+                      int num_threads);
 int fleet_paged_attention(const float *query, const void *k_cache, const void *v_cache,
                           int kv_dtype, int64_t num_blocks, int64_t block_size,
                           int64_t num_kv_heads, int64_t head_dim, const int32_t *cu_seqlens_q,
@@ -48,7 +50,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
  * in *failed_layer (decode_stack.py names them). */
 enum { OK = 0, ERR_NO_MEMORY = 1, ERR_RANGE = 2 };
 enum { STAGE_QKV = 1, STAGE_KV_WRITE, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN,
-       STAGE_EMBEDDING, STAGE_ROTARY };
+       STAGE_EMBEDDING, STAGE_ROTARY, STAGE_LM_HEAD };
 
 /* One layer: its norms' fp32 weights, its four matrices (GGUF blocks and type), its caches
  * ([num_blocks, block_size, num_kv_heads, row]: fp32 rows of head_dim, or int8 rows of
@@ -202,4 +204,32 @@ int fleet_decode_model(const LayerWeights *layers, int64_t num_layers, const Sta
         fleet_add_rms_norm(hidden, residual, e->final_norm, normed, m, s->hidden, e->final_eps,
                            0, num_threads);
     return status;
+}
+
+/* fleet_decode_model, then the LM head and each row's argmax: the greedy token of each of the
+ * m sequences into tokens[m]. head: the LM head's GGUF matrix (head_rows x hidden, a type
+ * fleet_gguf_matmul_q8 takes), whose first `vocab` rows are the vocabulary; logits
+ * [m, head_rows] scratch (on return the logits). The product is the one the model's Python
+ * makes (gguf_linear.matmul's integer kernel at decode rows) and the argmax fused_ops.argmax's,
+ * so the tokens are those of the sampler on those logits. What goes is the Python between
+ * them: the LM head's call chain, the sampler's argmax and the conversions, 0.2 ms of a
+ * one-sequence step on the 2-vCPU EPYC, run cold after the weights' stream (docs/benchmarks.md).
+ * Returns fleet_decode_model's codes, or STAGE_LM_HEAD * 16 + the product's code. */
+int fleet_decode_model_argmax(const LayerWeights *layers, int64_t num_layers, const StackShape *s,
+                              const ModelEnds *e, const uint8_t *head, int head_type,
+                              int64_t head_rows, int64_t vocab, int64_t m,
+                              const int64_t *token_ids, const int64_t *positions, float *hidden,
+                              float *residual, float *normed, float *logits,
+                              const int64_t *slot_mapping, const int32_t *seq_lens,
+                              const int32_t *block_tables, int64_t max_blocks, int num_threads,
+                              int64_t *failed_layer, int64_t *tokens)
+{
+    int status = fleet_decode_model(layers, num_layers, s, e, m, token_ids, positions, hidden,
+                                    residual, normed, slot_mapping, seq_lens, block_tables,
+                                    max_blocks, num_threads, failed_layer);
+    if (status) return status;
+    status = fleet_gguf_matmul_q8(normed, m, s->hidden, head, head_rows, head_type, logits,
+                                  num_threads);
+    if (status) return STAGE_LM_HEAD * 16 + status;
+    return fleet_argmax_rows(logits, m, vocab, head_rows, tokens, num_threads);
 }
