@@ -27,7 +27,7 @@ from fleetlm.executor.weights import (
     resolve_model,
     resolve_tokenizer,
 )
-from fleetlm.kernels import fused_ops, kv_quant
+from fleetlm.kernels import fused_ops, huge_pages, kv_quant
 from fleetlm.kvtransfer.base import KVConnectorWorker
 from fleetlm.kvtransfer.params import KVShard
 from fleetlm.parallel.pipeline import StageHandoff
@@ -161,6 +161,8 @@ class ModelRunner:
             _init_random(self.model, cfg.seed)
         else:
             self._load_weights()
+        if self.device.type == "cpu":  # a decode step streams them: on 2 MiB pages
+            huge_pages.gather_gguf_weights(self.model)
         logger.info("model %s loaded in %.1f s (%s, %s)", cfg.model,
                     time.perf_counter() - started, self.dtype, self.device)
 
