@@ -294,6 +294,32 @@ def test_packed_products_equal_the_rows_products(build, name):
             assert torch.equal(y, int8_kernel(library, x, weight))
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_any_number_of_threads_computes_every_tile_once(name):
+    """A product's tiles are shared out among the threads asked for: at any thread count,
+    fewer or more than the tiles (5 rows: one tile, which a region of one thread computes),
+    every output comes out once and bit-equal to one thread's: 4-row tiles at one input row
+    (Q8_0), 16-row wide tiles otherwise, packed or in GGUF's rows."""
+    library = gguf_linear._library()
+    for rows in (5, 200, 1000):
+        weight = random_weight(name, rows, 256, seed=11)
+        forms = [weight]
+        if library.has_wide_tiles and weight.qtype in gguf_linear.PACKED_TYPES and rows % 8 == 0:
+            forms.append(weight.repacked())
+        for m in (1, 3, 9):
+            x = torch.randn(m, 256)
+            results = []
+            for form in forms:
+                for threads in (1, 2, 3, 7, 64):
+                    y = torch.full((m, rows), float("nan"))
+                    gguf_linear._check(library.fleet_gguf_matmul_q8(
+                        x.data_ptr(), m, 256, form.data.data_ptr(), rows, form.kernel_type,
+                        y.data_ptr(), threads))
+                    results.append(y)
+            assert not results[0].isnan().any()
+            assert all(torch.equal(y, results[0]) for y in results)
+
+
 def test_a_whole_q4_matrix_is_packed_and_read_as_rows_elsewhere(monkeypatch):
     """Loaded whole, a Q4_1 matrix is packed (where the wide tiles run); embedding lookups,
     shards that cut tiles, columns, exact fp32 products and dequantizing all read it as the
