@@ -63,6 +63,7 @@ typedef struct { /* per-thread scratch */
     const int32_t *offsets_table;       /* what they were computed for: the block table, */
     int64_t offsets_start, offsets_n;   /* the tile's first token and size (n + n_next) */
     int64_t *limit, *out_offset;        /* per row: kv tokens visible, where its output goes */
+    char *memory;                       /* the one allocation all of the above lie in */
 } Scratch;
 
 /* Element offsets in the cache of kv tokens [start, start + n) of kv head 0. */
@@ -287,42 +288,57 @@ static void attend_rows(const KvView *kv, Scratch *sc, int64_t head_begin, int64
     }
 }
 
-static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
+/* The next `bytes` of a scratch allocation at *at, each piece on a cache line of its own. */
+static void *carve(char **at, size_t bytes)
 {
-    sc->q = malloc(max_rows * dim * sizeof(float));
-    sc->acc = malloc(max_rows * dim * sizeof(float));
-    sc->m = malloc(max_rows * sizeof(float));
-    sc->l = malloc(max_rows * sizeof(float));
-    sc->s = malloc(max_rows * KV_TILE * sizeof(float));
-    sc->k = malloc(KV_TILE * dim * sizeof(float));
-    sc->v = malloc(KV_TILE * dim * sizeof(float));
-    sc->k_scale = calloc(KV_TILE, sizeof(float)); /* padding stays finite */
-    sc->v_scale = calloc(KV_TILE, sizeof(float));
-    sc->k_rows = malloc(KV_TILE * sizeof(void *));
-    sc->v_rows = malloc(KV_TILE * sizeof(void *));
-    sc->next_k = malloc(KV_TILE * sizeof(char *));
-    sc->next_v = malloc(KV_TILE * sizeof(char *));
-    sc->offsets = malloc(KV_TILE * sizeof(int64_t));
-    sc->next_offsets = malloc(KV_TILE * sizeof(int64_t));
-    sc->offsets_table = NULL;
-    sc->limit = malloc(max_rows * sizeof(int64_t));
-    sc->out_offset = malloc(max_rows * sizeof(int64_t));
-    sc->qt = malloc(dim * LANE_ROWS * sizeof(float));
-    sc->acct = malloc(dim * LANE_ROWS * sizeof(float));
-    sc->st = malloc(KV_TILE * LANE_ROWS * sizeof(float));
-    return sc->q && sc->acc && sc->m && sc->l && sc->s && sc->k && sc->v && sc->k_scale &&
-           sc->v_scale && sc->k_rows && sc->v_rows && sc->next_k && sc->next_v && sc->offsets &&
-           sc->next_offsets && sc->limit && sc->out_offset && sc->qt && sc->acct && sc->st;
+    void *piece = *at;
+    *at += (bytes + 63) / 64 * 64;
+    return piece;
 }
 
-static void scratch_free(Scratch *sc)
+/* A thread's scratch in one allocation: a decode step called this once a layer, and twenty
+ * mallocs and frees a call were a percent of a one-sequence step. */
+static int scratch_alloc(Scratch *sc, int64_t max_rows, int64_t dim)
 {
-    free(sc->q); free(sc->acc); free(sc->m); free(sc->l); free(sc->s); free(sc->k);
-    free(sc->v); free(sc->k_scale); free(sc->v_scale); free(sc->k_rows); free(sc->v_rows);
-    free(sc->next_k); free(sc->next_v);
-    free(sc->offsets); free(sc->next_offsets); free(sc->limit); free(sc->out_offset);
-    free(sc->qt); free(sc->acct); free(sc->st);
+    const size_t f = sizeof(float), row = (size_t)max_rows, tile = KV_TILE;
+    const size_t sizes[] = {
+        row * dim * f, row * dim * f, row * f, row * f, row * tile * f, tile * dim * f,
+        tile * dim * f, tile * f, tile * f, tile * sizeof(void *), tile * sizeof(void *),
+        tile * sizeof(char *), tile * sizeof(char *), tile * sizeof(int64_t),
+        tile * sizeof(int64_t), row * sizeof(int64_t), row * sizeof(int64_t),
+        dim * LANE_ROWS * f, dim * LANE_ROWS * f, tile * LANE_ROWS * f};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (sizes[i] + 63) / 64 * 64;
+    sc->memory = aligned_alloc(64, total);
+    if (!sc->memory) return 0;
+    char *at = sc->memory;
+    sc->q = carve(&at, sizes[0]);
+    sc->acc = carve(&at, sizes[1]);
+    sc->m = carve(&at, sizes[2]);
+    sc->l = carve(&at, sizes[3]);
+    sc->s = carve(&at, sizes[4]);
+    sc->k = carve(&at, sizes[5]);
+    sc->v = carve(&at, sizes[6]);
+    sc->k_scale = carve(&at, sizes[7]);
+    sc->v_scale = carve(&at, sizes[8]);
+    memset(sc->k_scale, 0, sizes[7]); /* padding stays finite */
+    memset(sc->v_scale, 0, sizes[8]);
+    sc->k_rows = carve(&at, sizes[9]);
+    sc->v_rows = carve(&at, sizes[10]);
+    sc->next_k = carve(&at, sizes[11]);
+    sc->next_v = carve(&at, sizes[12]);
+    sc->offsets = carve(&at, sizes[13]);
+    sc->next_offsets = carve(&at, sizes[14]);
+    sc->offsets_table = NULL;
+    sc->limit = carve(&at, sizes[15]);
+    sc->out_offset = carve(&at, sizes[16]);
+    sc->qt = carve(&at, sizes[17]);
+    sc->acct = carve(&at, sizes[18]);
+    sc->st = carve(&at, sizes[19]);
+    return 1;
 }
+
+static void scratch_free(Scratch *sc) { free(sc->memory); }
 
 /* Checks every block id a sequence of kv_len tokens will read. */
 static int check_blocks(const int32_t *block_table, int64_t max_blocks, int64_t kv_len,
