@@ -237,12 +237,13 @@ class DecodeStack:
                        torch.empty(m, ends.head.shape[0]), torch.empty(m, dtype=torch.int64))
             self._buffers[m] = buffers
         hidden, residual, normed, logits, tokens = buffers
+        input_ids, positions = _as(input_ids, torch.int64), _as(positions, torch.int64)
         slot_mapping, seq_lens, block_tables = _decode_meta(slot_mapping, seq_lens, block_tables)
         failed = _int64(0)
         status = self._library.fleet_decode_model_argmax(
             self._layers, len(self._layers), ctypes.byref(self._shape), ctypes.byref(self._ends),
             ends.head.data.data_ptr(), ends.head.kernel_type, ends.head.shape[0], ends.vocab, m,
-            _as(input_ids, torch.int64).data_ptr(), _as(positions, torch.int64).data_ptr(),
+            input_ids.data_ptr(), positions.data_ptr(),
             hidden.data_ptr(), residual.data_ptr(), normed.data_ptr(), logits.data_ptr(),
             slot_mapping.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
             block_tables.shape[1], torch.get_num_threads(), ctypes.byref(failed),

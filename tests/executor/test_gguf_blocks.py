@@ -178,6 +178,24 @@ def test_greedy_steps_take_the_lm_head_and_argmax_in_the_same_call(plain_llm, mo
     assert run("1", [greedy, greedy, asking]) == native and not calls
 
 
+def test_greedy_native_call_takes_inputs_of_other_dtypes(plain_llm):
+    """`run_model_argmax` converts int32 ids and positions (and any metadata not in the C
+    call's dtypes) before the call: the same tokens as with the dtypes a decode step passes."""
+    plain_llm.generate([[1, 3, 4]], SamplingParams(temperature=0, max_tokens=2))
+    runner = plain_llm.engine.executor.runner
+    stack = runner.model._native_stack
+    assert stack is not None and stack.has_head
+    ids, positions = torch.tensor([1, 2]), torch.tensor([0, 0])
+    slots = torch.tensor([0, 4])  # two sequences, one block each, block_size 4
+    seq_lens, tables = torch.tensor([1, 1], dtype=torch.int32), torch.tensor([[0], [1]])
+    tokens = stack.run_model_argmax(ids, positions, runner.kv_caches, slots, seq_lens,
+                                    tables.to(torch.int32))
+    again = stack.run_model_argmax(ids.to(torch.int32), positions.to(torch.int32),
+                                   runner.kv_caches, slots.to(torch.int32), seq_lens.long(),
+                                   tables)
+    assert again == tokens and len(tokens) == 2
+
+
 def test_whole_model_step_rejects_ids_and_positions_outside_its_tables(plain_llm):
     """A token id past the vocabulary or a position past the rotary tables is an IndexError
     before any layer runs, and the model serves on."""
