@@ -254,7 +254,8 @@ class ModelRunner:
                               self.block_size, self.device,
                               scheduler_output.scheduled_spec_decode_tokens, self.decode_buffers)
         grammar_bitmask = self._start_grammar_bitmask(batch)  # filled while the model runs
-        hidden, sampled = None, self._greedy_step(batch, grammar_bitmask)
+        plain = self._is_plain_greedy(batch, grammar_bitmask)
+        hidden, sampled = None, self._greedy_step(batch) if plain else None
         if sampled is None:
             intermediate = None
             if not self.model.is_first_stage:
@@ -266,7 +267,7 @@ class ModelRunner:
             if not self.model.is_last_stage:
                 self.handoff.send(*hidden)
                 return None
-            sampled = self._sample(batch, hidden, grammar_bitmask)
+            sampled = self._sample(batch, hidden, grammar_bitmask, plain)
         output = self._make_output(batch, sampled, hidden)
         if self.proposer is not None and scheduler_output.num_draft_tokens:
             output.draft_token_ids = self._propose(scheduler_output.num_draft_tokens, output)
@@ -308,33 +309,42 @@ class ModelRunner:
             requests.append(MaskRequest(req_id, new_ids, drafts))
         return self.grammars.start_bitmask(requests, [len(d) + 1 for d in batch.sampling_drafts])
 
-    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor,
-                grammar_bitmask=None) -> VerifiedTokens | None:
+    def _is_plain_greedy(self, batch: PreparedBatch, grammar_bitmask) -> bool:
+        """Whether every sampling row takes the argmax of its logits untouched
+        (`_is_argmax_only`, no grammar, no drafts): then no sampler metadata is built. Right
+        after the weights have streamed through the caches, building it and the sampler's
+        Python took 0.14 ms of a one-sequence decode step on the 2-vCPU EPYC."""
+        return grammar_bitmask is None and not any(batch.sampling_drafts) and all(
+            _is_argmax_only(self.requests[r]) for r in batch.sampling_req_ids)
+
+    def _sample(self, batch: PreparedBatch, hidden: torch.Tensor, grammar_bitmask=None,
+                plain: bool = False) -> VerifiedTokens | None:
         """The new tokens of each sampling request: one sampled token, or its accepted drafts
-        and one more when it verifies drafts."""
+        and one more when it verifies drafts. `plain`: `_is_plain_greedy` holds."""
         if not batch.sampling_req_ids:
             return None
         states = [self.requests[r] for r in batch.sampling_req_ids]
-        if grammar_bitmask is None and not any(batch.sampling_drafts) \
-                and all(map(_is_argmax_only, states)):
-            return self._argmax_tokens(batch, hidden)
-        # One row per position: a request verifying k drafts has k + 1, row j seeing its
-        # first j drafts as outputs (penalties, min_tokens and seeds of that position).
-        rows = [(s, drafts[:j]) for s, drafts in zip(states, batch.sampling_drafts)
-                for j in range(len(drafts) + 1)]
-        metadata = SamplingMetadata.build(
-            params=[s.sampling_params for s, _ in rows],
-            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s, _ in rows],
-            output_token_ids=[s.output_token_ids + drafts for s, drafts in rows],
-            eos_token_ids=[s.eos_token_id for s, _ in rows],
-            vocab_size=self.vocab_size,
-            device=self.device,
-        )
+        if not plain:
+            # One row per position: a request verifying k drafts has k + 1, row j seeing its
+            # first j drafts as outputs (penalties, min_tokens and seeds of that position).
+            rows = [(s, drafts[:j]) for s, drafts in zip(states, batch.sampling_drafts)
+                    for j in range(len(drafts) + 1)]
+            metadata = SamplingMetadata.build(
+                params=[s.sampling_params for s, _ in rows],
+                prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s, _ in rows],
+                output_token_ids=[s.output_token_ids + drafts for s, drafts in rows],
+                eos_token_ids=[s.eos_token_id for s, _ in rows],
+                vocab_size=self.vocab_size,
+                device=self.device,
+            )
         # The indices increase, so as many as the rows are every row in order: a decode step's
         # case, which then skips a copy (30-50 us here after the weights have left the caches).
         rows = hidden if len(batch.logits_indices) == hidden.shape[0] else \
             hidden[batch.logits_indices]
         logits = self.model.compute_logits(rows).float()
+        if plain:  # what the sampler would do with these rows
+            token_ids = fused_ops.argmax(logits).tolist()
+            return VerifiedTokens([[t] for t in token_ids], [None] * len(token_ids))
         grammar = grammar_bitmask.result() if grammar_bitmask is not None else None
         if grammar is not None:
             metadata.grammar_bitmask, metadata.grammar_rows = grammar.bitmask, grammar.rows
@@ -346,34 +356,19 @@ class ModelRunner:
             [None if lp is None else [lp] for lp in sampled.logprobs]
         return VerifiedTokens([[t] for t in token_ids], logprobs)
 
-    def _greedy_step(self, batch: PreparedBatch, grammar_bitmask) -> VerifiedTokens | None:
-        """The step's tokens from the model's own greedy call (`decode_argmax`: the model,
-        its LM head and the argmax in one native call), where every row samples a plain argmax
-        and nothing else needs the hidden states or logits (no drafts, prompt logprobs or
-        grammar); else None, and nothing ran."""
+    def _greedy_step(self, batch: PreparedBatch) -> VerifiedTokens | None:
+        """A plain greedy step's tokens (`_is_plain_greedy`) from the model's own greedy call
+        (`decode_argmax`: the model, its LM head and the argmax in one native call), where
+        nothing else needs the hidden states or logits (every row samples, no prompt
+        logprobs); else None, and nothing ran."""
         decode_argmax = getattr(self.model, "decode_argmax", None)
-        if decode_argmax is None or grammar_bitmask is not None or batch.prompt_logprob_rows \
-                or len(batch.sampling_req_ids) != len(batch.req_ids) \
-                or any(batch.sampling_drafts) \
-                or not all(_is_argmax_only(self.requests[r]) for r in batch.sampling_req_ids):
+        if decode_argmax is None or batch.prompt_logprob_rows \
+                or len(batch.sampling_req_ids) != len(batch.req_ids):
             return None
         tokens = decode_argmax(batch.input_ids, batch.positions, self.kv_caches,
                                batch.attn_metadata)
         return None if tokens is None else VerifiedTokens([[t] for t in tokens],
                                                           [None] * len(tokens))
-
-    def _argmax_tokens(self, batch: PreparedBatch, hidden: torch.Tensor) -> VerifiedTokens:
-        """`_sample` where every request is plain argmax (`_is_argmax_only`) and verifies no
-        drafts: the sampler's own result without building its metadata. Right after the
-        weights have streamed through the caches, building it and the sampler's Python took
-        0.14 ms of a one-sequence decode step on the 2-vCPU EPYC."""
-        rows = hidden if len(batch.sampling_req_ids) == hidden.shape[0] else \
-            hidden[batch.logits_indices]
-        logits = self.model.compute_logits(rows)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        token_ids = fused_ops.argmax(logits).tolist()
-        return VerifiedTokens([[t] for t in token_ids], [None] * len(token_ids))
 
     def _make_output(self, batch: PreparedBatch, sampled: VerifiedTokens | None,
                      hidden) -> ModelRunnerOutput:
