@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -39,7 +38,7 @@ from fleetlm.executor import attention, model_runner
 from fleetlm.executor.engine import LLMEngine
 from fleetlm.executor.models import llama, ops
 from fleetlm.kernels import attention as attention_kernels
-from fleetlm.kernels import decode_stack
+from fleetlm.kernels import decode_stack, huge_pages
 from fleetlm.parallel import layers
 from fleetlm.parallel.layers import weight_bytes
 
@@ -112,27 +111,17 @@ class PartTimer:
             yield self
 
 
-def huge_page_floats(count: int) -> torch.Tensor:
-    """`count` fp32 on 2 MiB pages where the system grants them (an anonymous mapping advised
-    MADV_HUGEPAGE before its first touch), else on torch's 4 KiB pages."""
-    size = count * 4 + (2 << 20)  # room to start on a 2 MiB boundary
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    memory = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping
-    start = -memory.data_ptr() % (2 << 20)
-    return memory[start:start + count * 4].view(torch.float32)
-
-
 class ReadBandwidth:
     """Bytes per second a sum over 256 MiB of fp32 reads on all threads, on 4 KiB pages and on
-    2 MiB pages (a floor takes the best the machine does: on the 2-vCPU EPYC huge pages read
-    5-20% faster, while the model's products measured the same on either; docs/benchmarks.md,
-    2026-12-07). This VM's bandwidth drifts by a third within minutes, so `measure` reads it
-    again before each repeat and sets each repeat's step against the floor of its moment."""
+    2 MiB pages where the system grants them (a floor takes the best the machine does: on the
+    2-vCPU EPYC huge pages read 5-40% faster, and the GGUF weights sit on them too:
+    `huge_pages`; docs/benchmarks.md, 2026-12-07). This VM's bandwidth drifts by a third
+    within minutes, so `measure` reads it again before each repeat and sets each repeat's
+    step against the floor of its moment."""
 
     def __init__(self) -> None:
-        self.buffers = {"4k": torch.ones(64 << 20), "2m": huge_page_floats(64 << 20).fill_(1.0)}
+        huge = huge_pages.empty(256 << 20).view(torch.float32).fill_(1.0)
+        self.buffers = {"4k": torch.ones(64 << 20), "2m": huge}
 
     def read(self, reps: int = 9) -> dict[str, float]:
         """GB/s per page size, the best of `reps` sums each."""

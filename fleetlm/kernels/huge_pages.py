@@ -46,10 +46,12 @@ def available() -> bool:
 
 def empty(nbytes: int) -> torch.Tensor:
     """`nbytes` of zero-filled uint8 memory starting on a 2 MiB boundary, advised for huge
-    pages (`available()` must hold). The memory lives as long as the tensor or a view of it."""
+    pages where the platform knows the advice (whether the system grants them is
+    `available()`'s question). The memory lives as long as the tensor or a view of it."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a boundary
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: faults then take 2 MiB
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: faults then take 2 MiB
     memory = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping
     start = -memory.data_ptr() % HUGE_PAGE
     return memory[start:start + nbytes]
