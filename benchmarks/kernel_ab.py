@@ -13,10 +13,12 @@ the same machine at the same time.
     flock -x /tmp/fleetlm-cpu.lock .venv/bin/python benchmarks/kernel_ab.py \\
         before=/tmp/old/fleetlm/kernels/csrc after=fleetlm/kernels/csrc --out F
 
-Q4_0 / Q4_1 matrices are repacked at load (`GGUFWeight.packed`). A version whose kernels
-predate that (no `fleet_gguf_repack`), or one named in `--rows`, gets the same weights in
-GGUF's rows, with a decode stack of its own: `rows=fleetlm/kernels/csrc
-packed=fleetlm/kernels/csrc --rows rows` compares the two layouts on one build.
+Q4_0 / Q4_1 / Q8_0 matrices are repacked at load (`GGUFWeight.packed`). Each version gets
+the matrices of the types its kernels take in tiles packed (`gguf_linear._packed_types`: none
+before `fleet_gguf_repack`, Q4_0 / Q4_1 before `fleet_gguf_packed_types`) and the others in
+GGUF's rows, with a decode stack per layout; one named in `--rows` gets every matrix in rows:
+`rows=fleetlm/kernels/csrc packed=fleetlm/kernels/csrc --rows rows` compares the two layouts
+on one build.
 
 Per version: the median of `--prefills` one-token generates of fresh 256-token prompts (the
 first of each version not counted), and per batch size the median over three rounds of
@@ -80,30 +82,32 @@ def main() -> None:
     engine, model = llm.engine, llm.engine.executor.runner.model
     matrices = [p.quantized for p in model.parameters()
                 if isinstance(getattr(p, "quantized", None), gguf_linear.QuantizedMatrix)]
-    rows = set(filter(None, args.rows.split(","))) | {
-        name for name, (gguf, _, _) in libraries.items() if not hasattr(gguf, "fleet_gguf_repack")}
-    # per layout: each matrix's parts, and a decode stack over them
-    layouts = {False: [[(row, part.unpacked()) for row, part in m.parts] for m in matrices],
-               True: [list(m.parts) for m in matrices]}
+    rows = set(filter(None, args.rows.split(",")))
+    # per version, the types it takes packed; per such set (a layout), each matrix's parts
+    packed_types = {name: frozenset() if name in rows else gguf.packed_types
+                    for name, (gguf, _, _) in libraries.items()}
+    layouts = {types: [[(row, part.repacked(part.packed and part.qtype in types))
+                        for row, part in m.parts] for m in matrices]
+               for types in set(packed_types.values())}
 
-    def set_layout(packed: bool) -> None:
-        for matrix, parts in zip(matrices, layouts[packed]):
+    def set_layout(types: frozenset) -> None:
+        for matrix, parts in zip(matrices, layouts[types]):
             whole = len(parts) == 1 and parts[0][1].shape == matrix.shape
             matrix.parts, matrix._single = parts, parts[0][1] if whole else None
 
-    stacks = {}
-    for packed in layouts:
-        set_layout(packed)
-        stacks[packed] = model._make_decode_stack()
+    stacks = {}  # a decode stack over each layout
+    for types in layouts:
+        set_layout(types)
+        stacks[types] = model._make_decode_stack()
 
     def use(name: str) -> None:
         gguf, stack, attention = libraries[name]
         gguf_linear._library = lambda: gguf
         decode_stack._library = lambda: stack
         cpu_attention._library = lambda: attention
-        packed = name not in rows
-        set_layout(packed)
-        model._native_stack, model._is_stack_made = stacks[packed], True
+        types = packed_types[name]
+        set_layout(types)
+        model._native_stack, model._is_stack_made = stacks[types], True
         if model._native_stack is not None:
             model._native_stack._library = stack
 

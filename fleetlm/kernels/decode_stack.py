@@ -9,7 +9,7 @@ with the same arguments, so its hidden states equal the loop's bit for bit. The 
 reference and runs everything else: prefill rows, other weights and KV-cache dtypes, tensor
 parallelism, `FLEETLM_NATIVE_DECODE=0`.
 
-Where the stack is a whole model (one pipeline stage) with a GGUF embedding that is not packed,
+Where the stack is a whole model (one pipeline stage) with a GGUF embedding,
 `DecodeStack.run_model` also takes what the model's Python did around `run`: the embedding
 lookup, the rotary tables' rows and the final norm, again with the same kernels. After the
 stack has streamed the weights through the caches that Python runs cold: the one call made a
@@ -101,8 +101,8 @@ def enabled() -> bool:
 @dataclass(frozen=True)
 class EndsSpec:
     """What a whole model (first and last pipeline stage at once) adds around its layers:
-    the token embedding (GGUF rows, not packed), the rotary tables [max_position,
-    head_dim / 2] fp32, the final norm's fp32 weight and eps."""
+    the token embedding (GGUF rows, or tiles where it is also the packed LM head), the
+    rotary tables [max_position, head_dim / 2] fp32, the final norm's fp32 weight and eps."""
 
     embedding: gguf_linear.GGUFWeight
     cos: torch.Tensor
@@ -152,7 +152,7 @@ class DecodeStack:
                 setattr(layer, name, weight.data.data_ptr())
                 setattr(layer, f"{name}_type", weight.kernel_type)
         self._ends = None if ends is None else ModelEnds(
-            ends.embedding.data.data_ptr(), int(ends.embedding.qtype), ends.embedding.shape[0],
+            ends.embedding.data.data_ptr(), ends.embedding.kernel_type, ends.embedding.shape[0],
             ends.cos.shape[0], ends.cos.data_ptr(), ends.sin.data_ptr(),
             ends.final_norm.data_ptr(), ends.final_eps)
         self.has_head = ends is not None and ends.head is not None  # `run_model_argmax`
@@ -165,7 +165,8 @@ class DecodeStack:
     def make(cls, specs: list[LayerSpec], num_heads: int, num_kv_heads: int, head_dim: int,
              eps: float, ends: EndsSpec | None = None) -> DecodeStack | None:
         """The stack, or None where a layer does not qualify or the library does not load.
-        `ends` that do not qualify (a packed embedding, tables not fp32 [*, head_dim / 2])
+        `ends` that do not qualify (an embedding of another type, tables not fp32
+        [*, head_dim / 2])
         are dropped: the model's Python runs them around `run`."""
         if not specs or head_dim % 16:
             return None
@@ -357,6 +358,6 @@ def _ends_qualify(ends: EndsSpec, hidden: int, head_dim: int) -> bool:
     tables_ok = all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 2
                     and t.shape == ends.cos.shape and t.shape[1] == head_dim // 2
                     for t in (ends.cos, ends.sin))
-    return (tables_ok and not embedding.packed and embedding.shape[1] == hidden
+    return (tables_ok and embedding.shape[1] == hidden
             and embedding.data.is_contiguous() and ends.final_norm.dtype == torch.float32
             and ends.final_norm.is_contiguous() and ends.final_norm.shape == (hidden,))

@@ -8,9 +8,9 @@ against 4 for fp32). `csrc/gguf_matmul.c` multiplies them in one of three ways:
   below `INT8_GEMM_MIN_ROWS` rows (decode steps, short prompt chunks): the input is
   quantized to int8 per 32-element block and multiplied by integer dot products, llama.cpp's
   arithmetic (`quantize_input_reference` says how the input is rounded);
-  `FLEETLM_GGUF_INT8_DOT=0` turns this off. Q4_0 / Q4_1 matrices that take the AVX2 "wide
-  tiles" are repacked once when loaded whole (`GGUFWeight.packed`: the same bytes in tiles of
-  eight rows, the kernel's own layout);
+  `FLEETLM_GGUF_INT8_DOT=0` turns this off. Matrices that take the AVX2 "wide tiles" are
+  repacked once when loaded whole (`GGUFWeight.packed`: the same bytes in tiles of eight
+  rows, the kernel's own layout);
 - otherwise below `GEMM_MIN_ROWS` rows: fp32 activations times the blocks turned into fp32 in
   registers (other types through a few rows dequantized into L1), so the result is
   `x @ dequantize(W).T` up to the order of the sums;
@@ -81,14 +81,15 @@ INT8_GEMM_MIN_ROWS = 64
 # 177.9, a 3072 x 576 Q8_0 matrix in 1.83 / 6.44 against 3.62 / 7.46. Then a prompt's
 # products are the same integer sums as a decode step's, bit for bit.
 XQMAX = 127  # input blocks are quantized to [-127, 127]
-# Q4_0 / Q4_1 matrices that the wide tiles multiply are repacked once, when loaded whole, into
-# tiles of PACKED_ROWS rows (`GGUFWeight.packed`; csrc/gguf_matmul.c's fleet_gguf_repack says
-# the layout): the same bytes, so that a product reads each tile's block as one run of bytes
-# in the kernel's own layout instead of transposing eight rows' blocks on every call.
+# Q4_0 / Q4_1 / Q8_0 matrices that the wide tiles multiply are repacked once, when loaded whole,
+# into tiles of PACKED_ROWS rows (`GGUFWeight.packed`; csrc/gguf_matmul.c's fleet_gguf_repack
+# says the layout): the same bytes, so that a product reads each tile's block as one run of
+# bytes in the kernel's own layout instead of transposing eight rows' blocks on every call.
 # On the AVX2 EPYC of docs/benchmarks.md a layer's four products at one row took 0.09-0.12 ms
-# against 0.13-0.20 unpacked ("Weights repacked at load"). FLEETLM_GGUF_REPACK=0 keeps GGUF's
-# rows (for comparisons).
-PACKED_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+# against 0.13-0.20 unpacked ("Weights repacked at load"), and the built-in model's Q8_0 LM
+# head (its tied embedding, looked up in the tiles) 1.23-1.34 ms against 1.49-1.61 ("The LM
+# head in tiles"). FLEETLM_GGUF_REPACK=0 keeps GGUF's rows (for comparisons).
+PACKED_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 PACKED_ROWS = 8
 PACKED_FLAG = 64  # added to the type's code in the kernel's calls
 REPACK_ENV = "FLEETLM_GGUF_REPACK"
@@ -106,7 +107,7 @@ _SIGNATURES = {  # the library's functions: their argument types (each returns a
     "fleet_gguf_dequantize_rows": [
         _ptr, _int64, _int64, ctypes.c_int, _ptr, _int64, _ptr, ctypes.c_int],
     "fleet_gguf_quantize_input": [_ptr, _int64, _int64, _ptr],
-    "fleet_gguf_wide_tiles": [],
+    "fleet_gguf_wide_tiles": [], "fleet_gguf_packed_types": [],
     "fleet_gguf_repack": [_ptr, _int64, _int64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.c_int],
 }
 
@@ -128,6 +129,7 @@ def load_library(flags: tuple[str, ...] = cpu_build.COMPILE_FLAGS) -> ctypes.CDL
                 function.argtypes, function.restype = argtypes, ctypes.c_int
         # read once: the kernel's choice for this build, asked by every product
         library.has_wide_tiles = bool(library.fleet_gguf_wide_tiles())
+        library.packed_types, library.has_packed_rows = _packed_types(library)
     return library
 
 
@@ -151,6 +153,18 @@ def is_available() -> bool:
     return _library() is not None
 
 
+def _packed_types(library: ctypes.CDLL) -> tuple[frozenset[GGMLQuantizationType], bool]:
+    """The types `library` takes in tiles, and whether its row lookups take tiles: what its
+    `fleet_gguf_packed_types` says (row lookups came with it); Q4_0 / Q4_1 for a build from
+    before Q8_0 was packed (`fleet_gguf_repack` alone), none before that."""
+    if hasattr(library, "fleet_gguf_packed_types"):
+        bits = library.fleet_gguf_packed_types()
+        return frozenset(t for t in PACKED_TYPES if bits >> int(t) & 1), True
+    if hasattr(library, "fleet_gguf_repack"):
+        return frozenset((GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)), False
+    return frozenset(), False
+
+
 def _check(status: int) -> None:
     if status:
         raise RuntimeError(f"gguf_matmul: {STATUS_MESSAGES.get(status, status)}")
@@ -158,10 +172,11 @@ def _check(status: int) -> None:
 
 class GGUFWeight:
     """A matrix of `shape` (rows, cols) in GGUF type `qtype`: `data` is uint8, one row of
-    blocks per matrix row, or (`packed`, Q4_0 / Q4_1 only) the same bytes rearranged into
-    tiles of PACKED_ROWS rows, which only the wide tiles read: every other reader takes
-    `unpacked()`. Quacks like a checkpoint tensor (`shape`, `narrow`), so the tensor-parallel
-    loaders take a shard of it without knowing it is quantized."""
+    blocks per matrix row, or (`packed`, Q4_0 / Q4_1 / Q8_0 only) the same bytes rearranged
+    into tiles of PACKED_ROWS rows, which the wide tiles and the kernel's row lookups read:
+    every other reader takes `unpacked()`. Quacks like a checkpoint tensor (`shape`,
+    `narrow`), so the tensor-parallel loaders take a shard of it without knowing it is
+    quantized."""
 
     __slots__ = ("data", "qtype", "shape", "packed")
 
@@ -188,13 +203,12 @@ class GGUFWeight:
         return int(self.qtype) | (PACKED_FLAG if self.packed else 0)
 
     def can_pack(self) -> bool:
-        """Whether the products would read this matrix packed: a Q4_0 / Q4_1 matrix of whole
-        tiles where the kernel has wide tiles and int8 activations are on."""
+        """Whether the products would read this matrix packed: a Q4_0 / Q4_1 / Q8_0 matrix
+        of whole tiles where the kernel has wide tiles and int8 activations are on."""
         library = _library()
-        return (not self.packed and self.qtype in PACKED_TYPES and _INT8_DOT
-                and os.environ.get(REPACK_ENV, "1") != "0"
+        return (not self.packed and _INT8_DOT and os.environ.get(REPACK_ENV, "1") != "0"
                 and self.shape[0] % PACKED_ROWS == 0 and library is not None
-                and library.has_wide_tiles)
+                and library.has_wide_tiles and self.qtype in library.packed_types)
 
     def repacked(self, packed: bool = True) -> GGUFWeight:
         """This matrix in tiles (`packed`) or in GGUF's rows (a new tensor; self where it is
@@ -246,7 +260,9 @@ class GGUFWeight:
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows `ids` (an embedding lookup), through the C kernel where it loads."""
-        if self.packed:  # the ids' tiles, unpacked; then each id's row in them
+        library = _library()
+        if self.packed and (library is None or not library.has_packed_rows):
+            # the ids' tiles, unpacked; then each id's row in them
             flat = ids.reshape(-1)
             tiles = self.data.view(-1, PACKED_ROWS * self.data.shape[1]).index_select(
                 0, torch.div(flat, PACKED_ROWS, rounding_mode="floor"))
@@ -254,7 +270,6 @@ class GGUFWeight:
                               True).unpacked()
             index = torch.arange(flat.numel()) * PACKED_ROWS + flat % PACKED_ROWS
             return rows.dequantize_rows(index).view(*ids.shape, self.shape[1])
-        library = _library()
         if library is None or not hasattr(library, "fleet_gguf_dequantize_rows"):
             blocks = GGUFWeight(self.data.index_select(0, ids.reshape(-1)), self.qtype,
                                 self.shape[1])
@@ -264,7 +279,7 @@ class GGUFWeight:
         rows = torch.empty(*ids.shape, self.shape[1])
         data = self.data if self.data.is_contiguous() else self.data.contiguous()
         status = library.fleet_gguf_dequantize_rows(
-            data.data_ptr(), self.shape[0], self.shape[1], int(self.qtype),
+            data.data_ptr(), self.shape[0], self.shape[1], self.kernel_type,
             flat.data_ptr(), flat.numel(), rows.data_ptr(), torch.get_num_threads())
         if status == 2:  # ERR_SHAPE: rows of whole blocks (checked at construction), so an id
             raise IndexError(f"row ids outside 0..{self.shape[0] - 1}")

@@ -248,20 +248,23 @@ def test_unsupported_type_is_named():
 
 def packed_reference(weight: GGUFWeight) -> torch.Tensor:
     """`weight` in eight-row tiles, as csrc/gguf_matmul.c's fleet_gguf_repack describes them:
-    per tile and block, four 32-byte vectors (dword r of vector g: bytes 4g..4g+3 of row r's
-    nibbles), the rows' d's, then Q4_1's m's."""
+    per tile and block, 32-byte vectors (dword r of vector g: bytes 4g..4g+3 of row r's
+    values: four vectors of Q4's nibbles, eight of Q8_0's bytes), the rows' d's, then Q4_1's
+    m's."""
     rows, cols = weight.shape
     _, type_size = GGML_QUANT_SIZES[weight.qtype]
-    head = type_size - 16  # d (and m) before a block's 16 bytes of nibbles
+    value_bytes = 32 if weight.qtype == GGMLQuantizationType.Q8_0 else 16
+    head = type_size - value_bytes  # d (and m) before a block's values
+    groups = value_bytes // 4
     blocks = weight.data.numpy().reshape(rows // 8, 8, cols // 32, type_size)
-    nibbles = blocks[..., head:].reshape(rows // 8, 8, cols // 32, 4, 4)  # [.., r, b, g, e]
-    parts = [nibbles.transpose(0, 2, 3, 1, 4).reshape(rows // 8, cols // 32, 128)]
+    values = blocks[..., head:].reshape(rows // 8, 8, cols // 32, groups, 4)  # [.., r, b, g, e]
+    parts = [values.transpose(0, 2, 3, 1, 4).reshape(rows // 8, cols // 32, 32 * groups)]
     parts += [blocks[..., at:at + 2].transpose(0, 2, 1, 3).reshape(rows // 8, cols // 32, 16)
               for at in range(0, head, 2)]
     return torch.from_numpy(np.concatenate(parts, axis=-1).reshape(rows, -1))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
 def test_packed_tiles_hold_the_same_bytes_in_the_kernels_layout(name):
     weight = random_weight(name, 24, 512, seed=5)
     packed = weight.repacked()
@@ -273,19 +276,20 @@ def test_packed_tiles_hold_the_same_bytes_in_the_kernels_layout(name):
 
 
 @pytest.mark.parametrize("build", ["native", "haswell"])
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
 def test_packed_products_equal_the_rows_products(build, name):
     """The wide tiles read a packed matrix in place up to one pass of input rows and decode it
     into their buffer beyond: either way every output is bit-equal to the product of the
-    matrix in GGUF's rows. 24 rows end in a task of one tile; 1 and 3 input rows are read in
-    place, 4, 8 and 33 through the buffer."""
+    matrix in GGUF's rows (Q8_0's at one row: the four-row tiles). 24 rows end in a task of
+    one tile; up to 3 input rows (Q8_0: 2) are read in place, 4, 8 and 33 through the
+    buffer."""
     library = other_build(build) or gguf_linear._library()
     if not library.has_wide_tiles:
         pytest.skip("no AVX2 on this CPU: no wide tiles")
     for rows, cols in ((24, 512), (48, 512), (8, 32)):
         weight = random_weight(name, rows, cols, seed=9)
         packed = weight.repacked()
-        for m in (1, 3, 4, 8, 33):
+        for m in (1, 2, 3, 4, 8, 33):
             x = torch.randn(m, cols) * torch.linspace(0.01, 3, cols)
             y = torch.empty(m, rows)
             gguf_linear._check(library.fleet_gguf_matmul_q8(
@@ -320,13 +324,14 @@ def test_any_number_of_threads_computes_every_tile_once(name):
             assert all(torch.equal(y, results[0]) for y in results)
 
 
-def test_a_whole_q4_matrix_is_packed_and_read_as_rows_elsewhere(monkeypatch):
-    """Loaded whole, a Q4_1 matrix is packed (where the wide tiles run); embedding lookups,
-    shards that cut tiles, columns, exact fp32 products and dequantizing all read it as the
-    rows it was. FLEETLM_GGUF_REPACK=0 keeps the rows."""
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0"])
+def test_a_whole_matrix_is_packed_and_read_as_rows_elsewhere(monkeypatch, name):
+    """Loaded whole, a Q4_1 or Q8_0 matrix is packed (where the wide tiles run); embedding
+    lookups, shards that cut tiles, columns, exact fp32 products and dequantizing all read it
+    as the rows it was. FLEETLM_GGUF_REPACK=0 keeps the rows."""
     if not gguf_linear._library().has_wide_tiles:
         pytest.skip("no AVX2 on this CPU: no wide tiles")
-    top, bottom = random_weight("Q4_1", 16, 64, 1), random_weight("Q4_1", 8, 64, 2)
+    top, bottom = random_weight(name, 16, 64, 1), random_weight(name, 8, 64, 2)
     matrix = QuantizedMatrix((24, 64))
     matrix.put(16, bottom)
     assert not matrix.parts[0][1].packed  # not whole yet
@@ -337,6 +342,11 @@ def test_a_whole_q4_matrix_is_packed_and_read_as_rows_elsewhere(monkeypatch):
     assert torch.equal(whole.dequantize(), dense)
     ids = torch.tensor([[0, 23], [9, 16]])
     assert torch.equal(matrix.embedding(ids, torch.float32), dense[ids])
+    many = torch.randint(0, 24, (70,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(matrix.embedding(many, torch.float32), dense[many])  # on every thread
+    with monkeypatch.context() as patch:  # a build whose row lookups predate tiles
+        patch.setattr(gguf_linear._library(), "has_packed_rows", False)
+        assert torch.equal(matrix.embedding(ids, torch.float32), dense[ids])
     assert whole.narrow(0, 8, 16).packed
     assert torch.equal(whole.narrow(0, 8, 16).dequantize(), dense[8:])
     assert not whole.narrow(0, 4, 8).packed

@@ -24,16 +24,19 @@
  * sub-block scale, so whether the compiler fuses the following add changes nothing.)
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "team.h"
 #include "vector.h"
 
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 enum { OK = 0, ERR_TYPE = 1, ERR_SHAPE = 2, ERR_NO_MEMORY = 3 };
-/* Added to Q4_0's or Q4_1's code: the matrix is in eight-row tiles (fleet_gguf_repack). */
+/* Added to Q4_0's, Q4_1's or Q8_0's code: the matrix is in eight-row tiles (fleet_gguf_repack). */
 #define PACKED 64
+#define WIDE_ROWS 8 /* weight rows per wide tile (and per packed tile): one per 32-bit lane */
 
 #define ROWS 4 /* weight rows per task */
 #define PREFETCH_TILES 2 /* the direct path asks for the tile this many tiles ahead */
@@ -353,15 +356,29 @@ int fleet_gguf_dequantize(const uint8_t *w, int64_t n, int64_t k, int type, floa
 /* out (count x k, fp32): rows ids[0..count) of w (n rows of k elements in GGUF type `type`):
  * an embedding lookup in one call. Returns ERR_SHAPE (nothing written) for an id outside
  * 0..n-1. */
+static void packed_row_block(const uint8_t *w, int64_t k, int type, int64_t row, int64_t b,
+                             uint8_t *block);
+
 int fleet_gguf_dequantize_rows(const uint8_t *w, int64_t n, int64_t k, int type,
                                const int64_t *ids, int64_t count, float *out, int num_threads)
 {
+    const int base = type & ~PACKED, packed = type & PACKED;
     int64_t elements, bytes;
-    if (!block_shape(type, &elements, &bytes)) return ERR_TYPE;
-    if (k % elements) return ERR_SHAPE;
+    if (!block_shape(base, &elements, &bytes) || (packed && elements != QK)) return ERR_TYPE;
+    if (k % elements || (packed && n % WIDE_ROWS)) return ERR_SHAPE;
     for (int64_t i = 0; i < count; i++)
         if (ids[i] < 0 || ids[i] >= n) return ERR_SHAPE;
     const int64_t row_bytes = k / elements * bytes;
+    if (packed) { /* each block of the row back in GGUF's layout, then as any block */
+        PARALLEL_FOR(count >= 64 ? num_threads : 1, i, count,
+            for (int64_t b = 0; b < k / QK; b++) {
+                uint8_t block[2 + QK];
+                packed_row_block(w, k, base, ids[i], b, block);
+                dequantize_row(block, QK, base, out + i * k + b * QK);
+            }
+        );
+        return OK;
+    }
     PARALLEL_FOR(count >= 64 ? num_threads : 1, i, count,
         dequantize_row(w + ids[i] * row_bytes, k, type, out + i * k);
     );
@@ -440,10 +457,10 @@ int fleet_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, in
  * integer sums (AVX2's vpmaddubsw, VNNI's vpdpbusd, plain loops), and a row's result does
  * not depend on the rows batched with it. On the AVX2 EPYC of docs/benchmarks.md: the
  * model's Q4_1 layers in 5.8 ms at one input row (7.8 with fp32 activations) and 20 ms at
- * eight (35). AVX2 builds now take these four-row tiles for Q8_0 at one input row only (and
- * for all three types with -DFLEET_NO_WIDE_TILES); the wide tiles further below take the
- * rest and form the same sums in the same order: per block one integer, one multiply-add by
- * d_w * d_x, then one by the offset. */
+ * eight (35). AVX2 builds now take these four-row tiles for Q8_0 in GGUF's rows at one input
+ * row only (and for all three types with -DFLEET_NO_WIDE_TILES); the wide tiles further below
+ * take the rest and form the same sums in the same order: per block one integer, one
+ * multiply-add by d_w * d_x, then one by the offset. */
 
 #define XQMAX 127
 #ifndef Q8_ROWS
@@ -697,60 +714,52 @@ static ALWAYS_INLINE void dot_tile_q8(const xblock *x, int nx, const uint8_t *co
         for (int r = 0; r < ROWS; r++) y[j][r] = a[j][r];
 }
 
-/* fleet_gguf_matmul_q8 on quantized input rows: per tile of four weight rows, the input rows
- * Q8_ROWS at a time (direct_matmul's layout). With more input rows than one pass takes, the
- * tile's blocks are decoded once into a per-thread buffer (a few KiB: it stays in L1) and
- * every pass reads them there. */
-static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k,
-                                           const uint8_t *w, int64_t n, int type, float *y,
-                                           int num_threads, int *status)
+/* Tiles [begin, end) of fleet_gguf_matmul_q8 on quantized input rows: per tile of four weight
+ * rows, the input rows Q8_ROWS at a time (direct_matmul's layout). With more input rows than
+ * one pass takes, the tile's blocks are decoded once into the thread's buffer (a few KiB: it
+ * stays in L1) and every pass reads them there. */
+static ALWAYS_INLINE int direct_tiles_q8(const xblock *x, int64_t m, int64_t k,
+                                         const uint8_t *w, int64_t n, int type, float *y,
+                                         int64_t begin, int64_t end)
 {
     const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
-    const int64_t num_tiles = (n + ROWS - 1) / ROWS;
     const int is_decoded_once = m > Q8_ROWS;
-#pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
-    {
-        tile_block *decoded = NULL;
-        if (is_decoded_once) {
-            size_t size = ((size_t)blocks * sizeof(tile_block) + 63) / 64 * 64;
-            decoded = aligned_alloc(64, size);
-            if (!decoded) {
-#pragma omp atomic write
-                *status = ERR_NO_MEMORY;
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tiles; t++) {
-            if (is_decoded_once && !decoded) continue;
-            const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
-            const uint8_t *rows[ROWS];
-            for (int r = 0; r < ROWS; r++) /* a ragged tile repeats its last row */
-                rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
-            if (decoded) {
-                const int64_t ahead = (ROWS * row_bytes + blocks - 1) / blocks;
-                for (int64_t b = 0; b < blocks; b++) {
-                    prefetch_slice(rows[0] + PREFETCH_TILES * ROWS * row_bytes, ahead, b);
-                    decode_tile_block(rows, b, type, &decoded[b]);
-                }
-            }
-            float out[Q8_ROWS][ROWS];
-            for (int64_t i = 0; i < m; i += Q8_ROWS) {
-                const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
-                const xblock *xi = x + i * blocks;
-                if (nx == Q8_ROWS)
-                    dot_tile_q8(xi, Q8_ROWS, rows, decoded, row_bytes, blocks, type, out);
-                else if (nx == 3)
-                    dot_tile_q8(xi, 3, rows, decoded, row_bytes, blocks, type, out);
-                else if (nx == 2)
-                    dot_tile_q8(xi, 2, rows, decoded, row_bytes, blocks, type, out);
-                else
-                    dot_tile_q8(xi, 1, rows, decoded, row_bytes, blocks, type, out);
-                for (int j = 0; j < nx; j++)
-                    store_tile(y + (i + j) * n + n0, out[j], rows_here, ROWS);
-            }
-        }
-        free(decoded);
+    tile_block *decoded = NULL;
+    if (is_decoded_once) {
+        size_t size = ((size_t)blocks * sizeof(tile_block) + 63) / 64 * 64;
+        decoded = aligned_alloc(64, size);
+        if (!decoded) return ERR_NO_MEMORY;
     }
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t n0 = t * ROWS, rows_here = n - n0 < ROWS ? n - n0 : ROWS;
+        const uint8_t *rows[ROWS];
+        for (int r = 0; r < ROWS; r++) /* a ragged tile repeats its last row */
+            rows[r] = w + (n0 + (r < rows_here ? r : rows_here - 1)) * row_bytes;
+        if (decoded) {
+            const int64_t ahead = (ROWS * row_bytes + blocks - 1) / blocks;
+            for (int64_t b = 0; b < blocks; b++) {
+                prefetch_slice(rows[0] + PREFETCH_TILES * ROWS * row_bytes, ahead, b);
+                decode_tile_block(rows, b, type, &decoded[b]);
+            }
+        }
+        float out[Q8_ROWS][ROWS];
+        for (int64_t i = 0; i < m; i += Q8_ROWS) {
+            const int nx = (int)(m - i < Q8_ROWS ? m - i : Q8_ROWS);
+            const xblock *xi = x + i * blocks;
+            if (nx == Q8_ROWS)
+                dot_tile_q8(xi, Q8_ROWS, rows, decoded, row_bytes, blocks, type, out);
+            else if (nx == 3)
+                dot_tile_q8(xi, 3, rows, decoded, row_bytes, blocks, type, out);
+            else if (nx == 2)
+                dot_tile_q8(xi, 2, rows, decoded, row_bytes, blocks, type, out);
+            else
+                dot_tile_q8(xi, 1, rows, decoded, row_bytes, blocks, type, out);
+            for (int j = 0; j < nx; j++)
+                store_tile(y + (i + j) * n + n0, out[j], rows_here, ROWS);
+        }
+    }
+    free(decoded);
+    return OK;
 }
 
 /* ---- Wide tiles: eight weight rows across a vector, for many input rows (AVX2) -------------
@@ -778,9 +787,8 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * in 13.5 against 13.6 ms); with two rows a pass and the groups in order, the model's LM
  * head took 8.4 against 13.9 ms at 32 rows, 2.74 against 3.74 at eight, 1.65 against 2.01 at
  * four and 1.18 against 1.21 at two (benchmarks/gguf_products.py, 2026-12-06, AVX2 EPYC);
- * at one row, where the weight's bytes are the limit, the four-row tiles read them without
- * the transpose. */
-#define WIDE_ROWS 8 /* weight rows per wide tile: one per 32-bit lane */
+ * at one row, where the weight's bytes are the limit, the four-row tiles read GGUF's rows
+ * without the transpose, and a packed Q8_0 matrix (PACKED_Q8_D) is read in place. */
 /* A pass multiplies WIDE_TILES tiles by WIDE_X_ROWS input rows, with one accumulator and one
  * integer sum per pair, so that each broadcast of an input group feeds both tiles and each
  * load of a tile's group feeds three rows: a pass is bound by its loads (two 256-bit loads a
@@ -827,36 +835,63 @@ static ALWAYS_INLINE void direct_matmul_q8(const xblock *x, int64_t m, int64_t k
  * was most of a one-row product's time (docs/benchmarks.md, "Weights repacked at load"). */
 #define PACKED_D (QK / 2 * WIDE_ROWS)      /* offset of the tile block's d's */
 #define PACKED_M (PACKED_D + 2 * WIDE_ROWS) /* ... and of Q4_1's m's */
+/* Q8_0 the same way, its bytes whole: dword r of vector g (of eight) is bytes 4g..4g+3 of
+ * row r's values (group g), then the eight rows' fp16 d. The kernel then loads a group of
+ * eight rows in one 32-byte load; from GGUF's rows it took four transposes per block, which
+ * left one input row (the LM head of a decode step) on the four-row tiles, compute-bound at
+ * 10-14 GB/s a thread on the 2-vCPU EPYC (docs/benchmarks.md). */
+#define PACKED_Q8_D (QK * WIDE_ROWS)
 
-/* The n x k Q4_0 / Q4_1 matrix `from` (n a multiple of WIDE_ROWS) in the other layout: into
- * eight-row tiles if to_packed, else back into GGUF's rows. */
+/* `size` bytes between a tile's place and GGUF's, in the direction asked. */
+static void move_bytes(uint8_t *packed, uint8_t *gguf, size_t size, int to_packed)
+{
+    if (to_packed) memcpy(packed, gguf, size);
+    else memcpy(gguf, packed, size);
+}
+
+/* Block b of row r of a tile and the same block in GGUF's layout (`gguf`): moved into the
+ * tile's block (`tile`) if to_packed, else out of it. */
+static void move_block(uint8_t *tile, uint8_t *gguf, int r, int type, int to_packed)
+{
+    if (type == T_Q8_0) {
+        move_bytes(tile + PACKED_Q8_D + 2 * r, gguf, 2, to_packed);
+        for (int g = 0; g < QK / 4; g++)
+            move_bytes(tile + 32 * g + 4 * r, gguf + 2 + 4 * g, 4, to_packed);
+        return;
+    }
+    const int nibbles = type == T_Q4_0 ? 2 : 4; /* where a GGUF block's nibbles start */
+    move_bytes(tile + PACKED_D + 2 * r, gguf, 2, to_packed);
+    if (type == T_Q4_1) move_bytes(tile + PACKED_M + 2 * r, gguf + 2, 2, to_packed);
+    for (int g = 0; g < QK / 8; g++)
+        move_bytes(tile + 32 * g + 4 * r, gguf + nibbles + 4 * g, 4, to_packed);
+}
+
+/* Block b of row `row` of the packed n x k matrix w, in GGUF's layout, into `block`. */
+static void packed_row_block(const uint8_t *w, int64_t k, int type, int64_t row, int64_t b,
+                             uint8_t *block)
+{
+    const int64_t bytes = small_block_bytes(type), row_bytes = k / QK * bytes;
+    uint8_t *tile = (uint8_t *)w + row / WIDE_ROWS * WIDE_ROWS * row_bytes + b * WIDE_ROWS * bytes;
+    move_block(tile, block, (int)(row % WIDE_ROWS), type, 0);
+}
+
+/* The n x k Q4_0 / Q4_1 / Q8_0 matrix `from` (n a multiple of WIDE_ROWS) in the other layout:
+ * into eight-row tiles if to_packed, else back into GGUF's rows. */
 int fleet_gguf_repack(const uint8_t *from, int64_t n, int64_t k, int type, uint8_t *to,
                       int to_packed, int num_threads)
 {
-    if (type != T_Q4_0 && type != T_Q4_1) return ERR_TYPE;
+    if (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0) return ERR_TYPE;
     if (k % QK || n % WIDE_ROWS) return ERR_SHAPE;
     const int64_t bytes = small_block_bytes(type), blocks = k / QK, row_bytes = blocks * bytes;
-    const int64_t nibbles = type == T_Q4_0 ? 2 : 4; /* where a GGUF block's nibbles start */
     uint8_t *const gguf = to_packed ? (uint8_t *)from : to;
     uint8_t *const packed = to_packed ? to : (uint8_t *)from;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (n >= 64)
     for (int64_t t = 0; t < n / WIDE_ROWS; t++)
         for (int64_t b = 0; b < blocks; b++) {
             uint8_t *tile = packed + t * WIDE_ROWS * row_bytes + b * WIDE_ROWS * bytes;
-            for (int r = 0; r < WIDE_ROWS; r++) {
-                uint8_t *row = gguf + (t * WIDE_ROWS + r) * row_bytes + b * bytes;
-                /* (packed place, GGUF place, bytes) of d, m and the nibbles' four dwords */
-                const struct { uint8_t *p, *g; size_t size; } moves[] = {
-                    {tile + PACKED_D + 2 * r, row, 2}, {tile + PACKED_M + 2 * r, row + 2, 2},
-                    {tile + 4 * r, row + nibbles, 4}, {tile + 32 + 4 * r, row + nibbles + 4, 4},
-                    {tile + 64 + 4 * r, row + nibbles + 8, 4},
-                    {tile + 96 + 4 * r, row + nibbles + 12, 4}};
-                for (int i = 0; i < 6; i++) {
-                    if (i == 1 && type == T_Q4_0) continue; /* no m */
-                    if (to_packed) memcpy(moves[i].p, moves[i].g, moves[i].size);
-                    else memcpy(moves[i].g, moves[i].p, moves[i].size);
-                }
-            }
+            for (int r = 0; r < WIDE_ROWS; r++)
+                move_block(tile, gguf + (t * WIDE_ROWS + r) * row_bytes + b * bytes, r, type,
+                           to_packed);
         }
     return OK;
 }
@@ -928,6 +963,18 @@ static ALWAYS_INLINE void decode_wide_block(const uint8_t *const rows[WIDE_ROWS]
     out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
 }
 
+/* A packed block's eight fp16 scales (one per row) at p, as fp32. */
+static ALWAYS_INLINE f32x8 packed_scales(const uint8_t *p)
+{
+#if defined(__F16C__)
+    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    f32x8 out;
+    for (int r = 0; r < WIDE_ROWS; r++) out[r] = fp16_to_fp32(p + 2 * r);
+    return out;
+#endif
+}
+
 /* Block b of a tile repacked at load (fleet_gguf_repack): the same layout from one 32-byte
  * load per two groups, a mask and a shift, without decode_wide_block's transposes. */
 static ALWAYS_INLINE void decode_packed_block(const uint8_t *tile, int64_t b, int type,
@@ -941,18 +988,8 @@ static ALWAYS_INLINE void decode_packed_block(const uint8_t *tile, int64_t b, in
         _mm256_store_si256((__m256i *)out->q[g + 4],
                            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
     }
-    f32x8 mins = splat8(0.0f);
-#if defined(__F16C__)
-    out->dw = (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + PACKED_D)));
-    if (type == T_Q4_1)
-        mins = (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + PACKED_M)));
-#else
-    for (int r = 0; r < WIDE_ROWS; r++) {
-        out->dw[r] = fp16_to_fp32(p + PACKED_D + 2 * r);
-        if (type == T_Q4_1) mins[r] = fp16_to_fp32(p + PACKED_M + 2 * r);
-    }
-#endif
-    out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : mins;
+    out->dw = packed_scales(p + PACKED_D);
+    out->c = type == T_Q4_0 ? out->dw * splat8(-8.0f) : packed_scales(p + PACKED_M);
 }
 
 /* A Q8_0 block of eight weight rows in the same layout: signed bytes, so vpmaddubsw takes
@@ -984,6 +1021,19 @@ static ALWAYS_INLINE void decode_wide_block_q8(const uint8_t *const rows[WIDE_RO
         _mm256_store_si256((__m256i *)out->aq[g + 4], _mm256_sign_epi8(second, second));
     }
     for (int r = 0; r < WIDE_ROWS; r++) out->dw[r] = fp16_to_fp32(rows[r] + at);
+}
+
+/* Block b of a packed Q8_0 tile: the groups as they lie, their magnitudes, the d's. */
+static ALWAYS_INLINE void decode_packed_block_q8(const uint8_t *tile, int64_t b,
+                                                 wide_block_q8 *out)
+{
+    const uint8_t *p = tile + b * WIDE_ROWS * small_block_bytes(T_Q8_0);
+    for (int g = 0; g < QK / 4; g++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * g));
+        _mm256_store_si256((__m256i *)out->q[g], v);
+        _mm256_store_si256((__m256i *)out->aq[g], _mm256_sign_epi8(v, v));
+    }
+    out->dw = packed_scales(p + PACKED_Q8_D);
 }
 
 /* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and WIDE_TILES tiles' decoded
@@ -1050,28 +1100,40 @@ static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *con
 }
 
 /* wide_dot for Q8_0 blocks: the same sums as dot_tile_q8's for Q8_0, in its order. (One
- * function for both, the type a constant, measured 1-4% slower in kernel_ab.py.) */
-static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *w, const xblock *x, int nx,
-                                      int64_t blocks, float y[][WIDE_TILE_ROWS])
+ * function for both, the type a constant, measured 1-4% slower in kernel_ab.py.) With
+ * `tiles` (packed Q8_0) each block is read in place, as wide_dot does. */
+static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *decoded, const uint8_t *const *tiles,
+                                      const uint8_t *ahead, int64_t slice, const xblock *x,
+                                      int nx, int64_t blocks, float y[][WIDE_TILE_ROWS])
 {
+    const int64_t block_bytes = WIDE_ROWS * small_block_bytes(T_Q8_0);
     f32x8 a[WIDE_Q8_X_ROWS][WIDE_TILES];
     for (int j = 0; j < nx; j++)
         for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
-    for (int64_t b = 0; b < blocks; b++, w += WIDE_TILES) {
+    for (int64_t b = 0; b < blocks; b++) {
+        const wide_block_q8 *w = tiles ? NULL : decoded + b * WIDE_TILES;
+        if (tiles) prefetch_slice(ahead, slice, b);
         __m256i sums[WIDE_Q8_X_ROWS][WIDE_TILES]; /* int32 */
         for (int j = 0; j < nx; j++)
             for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
         for (int g = 0; g < QK / 4; g++) {
-            __m256i magnitudes[WIDE_TILES];
-            for (int t = 0; t < WIDE_TILES; t++)
-                magnitudes[t] = _mm256_load_si256((const __m256i *)w[t].aq[g]);
+            __m256i values[WIDE_TILES], magnitudes[WIDE_TILES];
+            for (int t = 0; t < WIDE_TILES; t++) {
+                if (tiles) {
+                    values[t] = _mm256_loadu_si256(
+                        (const __m256i *)(tiles[t] + b * block_bytes + 32 * g));
+                    magnitudes[t] = _mm256_sign_epi8(values[t], values[t]);
+                } else {
+                    values[t] = _mm256_load_si256((const __m256i *)w[t].q[g]);
+                    magnitudes[t] = _mm256_load_si256((const __m256i *)w[t].aq[g]);
+                }
+            }
             for (int j = 0; j < nx; j++) {
                 int32_t group;
                 memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
                 const __m256i xg = _mm256_set1_epi32(group);
                 for (int t = 0; t < WIDE_TILES; t++) {
-                    const __m256i signed_x = _mm256_sign_epi8(
-                        xg, _mm256_load_si256((const __m256i *)w[t].q[g]));
+                    const __m256i signed_x = _mm256_sign_epi8(xg, values[t]);
                     __m256i sum = sums[j][t];
 #if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
                     sum = _mm256_dpbusd_epi32(sum, magnitudes[t], signed_x);
@@ -1086,10 +1148,13 @@ static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *w, const xblock *x, i
                 }
             }
         }
-        for (int j = 0; j < nx; j++)
-            for (int t = 0; t < WIDE_TILES; t++)
+        for (int t = 0; t < WIDE_TILES; t++) {
+            const f32x8 dw = tiles ? packed_scales(tiles[t] + b * block_bytes + PACKED_Q8_D)
+                                   : w[t].dw;
+            for (int j = 0; j < nx; j++)
                 a[j][t] = fma8((f32x8)_mm256_cvtepi32_ps(sums[j][t]),
-                               w[t].dw * splat8(x[j * blocks + b].d), a[j][t]);
+                               dw * splat8(x[j * blocks + b].d), a[j][t]);
+        }
     }
     for (int j = 0; j < nx; j++)
         for (int t = 0; t < WIDE_TILES; t++)
@@ -1103,11 +1168,12 @@ static ALWAYS_INLINE void wide_pass(const void *decoded, const uint8_t *const *t
                                     int nx, int64_t blocks, int type, float y[][WIDE_TILE_ROWS])
 {
     if (type == T_Q8_0) {
-        if (nx == WIDE_Q8_X_ROWS) wide_dot_q8(decoded, x, WIDE_Q8_X_ROWS, blocks, y);
+        if (nx == WIDE_Q8_X_ROWS)
+            wide_dot_q8(decoded, tiles, ahead, slice, x, WIDE_Q8_X_ROWS, blocks, y);
 #if WIDE_Q8_X_ROWS > 2
-        else if (nx == 2) wide_dot_q8(decoded, x, 2, blocks, y);
+        else if (nx == 2) wide_dot_q8(decoded, tiles, ahead, slice, x, 2, blocks, y);
 #endif
-        else wide_dot_q8(decoded, x, 1, blocks, y);
+        else wide_dot_q8(decoded, tiles, ahead, slice, x, 1, blocks, y);
         return;
     }
     if (nx == WIDE_X_ROWS) wide_dot(decoded, tiles, ahead, slice, type, x, WIDE_X_ROWS, blocks, y);
@@ -1120,75 +1186,71 @@ static ALWAYS_INLINE void wide_pass(const void *decoded, const uint8_t *const *t
     else wide_dot(decoded, tiles, ahead, slice, type, x, 1, blocks, y);
 }
 
-static ALWAYS_INLINE void wide_matmul_q8(const xblock *x, int64_t m, int64_t k,
-                                         const uint8_t *w, int64_t n, int packed_type,
-                                         float *y, int num_threads, int *status)
+/* Tiles [begin, end) of fleet_gguf_matmul_q8 through the wide tiles. */
+static ALWAYS_INLINE int wide_tiles_q8(const xblock *x, int64_t m, int64_t k,
+                                       const uint8_t *w, int64_t n, int packed_type, float *y,
+                                       int64_t begin, int64_t end)
 {
     const int type = packed_type & ~PACKED, packed = packed_type & PACKED;
     const int64_t blocks = k / QK, row_bytes = blocks * small_block_bytes(type);
-    const int64_t num_tiles = (n + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS;
-#pragma omp parallel num_threads(num_threads) if (num_tiles > 1)
-    {
-        const size_t block_size = type == T_Q8_0 ? sizeof(wide_block_q8) : sizeof(wide_block);
-        const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
-        const int in_place = packed && m >= 1 && m <= WIDE_IN_PLACE_ROWS;
-        char *decoded = in_place ? NULL : aligned_alloc(64, size);
-        if (!in_place && !decoded) {
-#pragma omp atomic write
-            *status = ERR_NO_MEMORY;
+    const size_t block_size = type == T_Q8_0 ? sizeof(wide_block_q8) : sizeof(wide_block);
+    const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
+    const int in_place = packed && m >= 1
+                         && m <= (type == T_Q8_0 ? WIDE_Q8_X_ROWS : WIDE_IN_PLACE_ROWS);
+    char *decoded = in_place ? NULL : aligned_alloc(64, size);
+    if (!in_place && !decoded) return ERR_NO_MEMORY;
+    for (int64_t tile = begin; tile < end; tile++) {
+        const int64_t n0 = tile * WIDE_TILE_ROWS;
+        const int64_t rows_here = n - n0 < WIDE_TILE_ROWS ? n - n0 : WIDE_TILE_ROWS;
+        /* The next pass's rows are one run of bytes: ask for it a slice per block decoded
+         * here, so that it arrives while this pass computes. Decoding GGUF's rows reads 16
+         * rows at a stride the prefetchers do not follow: without this a decode step of
+         * one sequence took 8.8-9.7 ms instead of 6.5-7.3 (docs/benchmarks.md). */
+        const uint8_t *next = w + (n0 + WIDE_TILE_ROWS) * row_bytes;
+        const int64_t slice = (WIDE_TILE_ROWS * row_bytes + WIDE_TILES * blocks - 1)
+                              / (WIDE_TILES * blocks);
+        const uint8_t *tiles[WIDE_TILES]; /* packed: a short last task repeats its first */
+        for (int t = 0; t < WIDE_TILES && packed; t++)
+            tiles[t] = w + (n0 + (t * WIDE_ROWS < rows_here ? t * WIDE_ROWS : 0)) * row_bytes;
+        if (in_place) { /* one pass, asking for the next task's bytes a slice per block */
+            float out[WIDE_IN_PLACE_ROWS > WIDE_Q8_X_ROWS ? WIDE_IN_PLACE_ROWS
+                                                           : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
+            wide_pass(NULL, tiles, next, WIDE_TILES * slice, x, (int)m, blocks, type, out);
+            for (int j = 0; j < m; j++)
+                store_tile(y + j * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
+            continue;
         }
-#pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < num_tiles; tile++) {
-            if (!in_place && !decoded) continue;
-            const int64_t n0 = tile * WIDE_TILE_ROWS;
-            const int64_t rows_here = n - n0 < WIDE_TILE_ROWS ? n - n0 : WIDE_TILE_ROWS;
-            /* The next pass's rows are one run of bytes: ask for it a slice per block decoded
-             * here, so that it arrives while this pass computes. Decoding GGUF's rows reads 16
-             * rows at a stride the prefetchers do not follow: without this a decode step of
-             * one sequence took 8.8-9.7 ms instead of 6.5-7.3 (docs/benchmarks.md). */
-            const uint8_t *next = w + (n0 + WIDE_TILE_ROWS) * row_bytes;
-            const int64_t slice = (WIDE_TILE_ROWS * row_bytes + WIDE_TILES * blocks - 1)
-                                  / (WIDE_TILES * blocks);
-            const uint8_t *tiles[WIDE_TILES]; /* packed: a short last task repeats its first */
-            for (int t = 0; t < WIDE_TILES && packed; t++)
-                tiles[t] = w + (n0 + (t * WIDE_ROWS < rows_here ? t * WIDE_ROWS : 0)) * row_bytes;
-            if (in_place) { /* one pass, asking for the next task's bytes a slice per block */
-                float out[WIDE_IN_PLACE_ROWS][WIDE_TILE_ROWS];
-                wide_pass(NULL, tiles, next, WIDE_TILES * slice, x, (int)m, blocks, type, out);
-                for (int j = 0; j < m; j++)
-                    store_tile(y + j * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
-                continue;
+        for (int t = 0; t < WIDE_TILES && packed; t++)
+            for (int64_t b = 0; b < blocks; b++) {
+                prefetch_slice(next, slice, t * blocks + b);
+                void *out = decoded + (b * WIDE_TILES + t) * block_size;
+                if (type == T_Q8_0) decode_packed_block_q8(tiles[t], b, out);
+                else decode_packed_block(tiles[t], b, type, out);
             }
-            for (int t = 0; t < WIDE_TILES && packed; t++)
-                for (int64_t b = 0; b < blocks; b++) {
-                    prefetch_slice(next, slice, t * blocks + b);
-                    void *out = decoded + (b * WIDE_TILES + t) * block_size;
-                    decode_packed_block(tiles[t], b, type, out);
-                }
-            for (int t = 0; t < WIDE_TILES && !packed; t++) {
-                const uint8_t *rows[WIDE_ROWS];
-                for (int r = 0; r < WIDE_ROWS; r++) { /* a ragged tile repeats its last row */
-                    const int64_t row = t * WIDE_ROWS + r;
-                    rows[r] = w + (n0 + (row < rows_here ? row : rows_here - 1)) * row_bytes;
-                }
-                for (int64_t b = 0; b < blocks; b++) {
-                    prefetch_slice(next, slice, t * blocks + b);
-                    void *out = decoded + (b * WIDE_TILES + t) * block_size;
-                    if (type == T_Q8_0) decode_wide_block_q8(rows, b, out);
-                    else decode_wide_block(rows, b, type, out);
-                }
+        for (int t = 0; t < WIDE_TILES && !packed; t++) {
+            const uint8_t *rows[WIDE_ROWS];
+            for (int r = 0; r < WIDE_ROWS; r++) { /* a ragged tile repeats its last row */
+                const int64_t row = t * WIDE_ROWS + r;
+                rows[r] = w + (n0 + (row < rows_here ? row : rows_here - 1)) * row_bytes;
             }
-            const int pass = type == T_Q8_0 ? WIDE_Q8_X_ROWS : WIDE_X_ROWS;
-            float out[WIDE_X_ROWS > WIDE_Q8_X_ROWS ? WIDE_X_ROWS : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
-            for (int64_t i = 0; i < m; i += pass) {
-                const int nx = (int)(m - i < pass ? m - i : pass);
-                wide_pass(decoded, NULL, NULL, 0, x + i * blocks, nx, blocks, type, out);
-                for (int j = 0; j < nx; j++)
-                    store_tile(y + (i + j) * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
+            for (int64_t b = 0; b < blocks; b++) {
+                prefetch_slice(next, slice, t * blocks + b);
+                void *out = decoded + (b * WIDE_TILES + t) * block_size;
+                if (type == T_Q8_0) decode_wide_block_q8(rows, b, out);
+                else decode_wide_block(rows, b, type, out);
             }
         }
-        free(decoded);
+        const int pass = type == T_Q8_0 ? WIDE_Q8_X_ROWS : WIDE_X_ROWS;
+        float out[WIDE_X_ROWS > WIDE_Q8_X_ROWS ? WIDE_X_ROWS : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
+        for (int64_t i = 0; i < m; i += pass) {
+            const int nx = (int)(m - i < pass ? m - i : pass);
+            wide_pass(decoded, NULL, NULL, 0, x + i * blocks, nx, blocks, type, out);
+            for (int j = 0; j < nx; j++)
+                store_tile(y + (i + j) * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
+        }
     }
+    free(decoded);
+    return OK;
 }
 #else
 #define HAS_WIDE_TILES 0
@@ -1205,15 +1267,59 @@ int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
     return OK;
 }
 
+/* Whether the product of m rows by a matrix of `type` takes the wide tiles (16 weight rows a
+ * tile) rather than the four-row tiles. */
+static int takes_wide_tiles(int64_t m, int type)
+{
+    return HAS_WIDE_TILES && (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS);
+}
+
+/* Tiles [begin, end) of the product of the quantized rows xq (m of them) by w, into y: the
+ * wide or the four-row tiles, each type with its own unrolled loop. 0 or ERR_NO_MEMORY. */
+static int q8_tiles(const xblock *xq, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                    int type, float *y, int64_t begin, int64_t end)
+{
+#if HAS_WIDE_TILES
+    if (takes_wide_tiles(m, type)) {
+        switch (type) {
+        case T_Q4_0: return wide_tiles_q8(xq, m, k, w, n, T_Q4_0, y, begin, end);
+        case T_Q4_1: return wide_tiles_q8(xq, m, k, w, n, T_Q4_1, y, begin, end);
+        case T_Q4_0 | PACKED: return wide_tiles_q8(xq, m, k, w, n, T_Q4_0 | PACKED, y, begin, end);
+        case T_Q4_1 | PACKED: return wide_tiles_q8(xq, m, k, w, n, T_Q4_1 | PACKED, y, begin, end);
+        case T_Q8_0 | PACKED: return wide_tiles_q8(xq, m, k, w, n, T_Q8_0 | PACKED, y, begin, end);
+        default: return wide_tiles_q8(xq, m, k, w, n, T_Q8_0, y, begin, end);
+        }
+    }
+#endif
+    switch (type) {
+    case T_Q4_0: return direct_tiles_q8(xq, m, k, w, n, T_Q4_0, y, begin, end);
+    case T_Q4_1: return direct_tiles_q8(xq, m, k, w, n, T_Q4_1, y, begin, end);
+    default: return direct_tiles_q8(xq, m, k, w, n, T_Q8_0, y, begin, end);
+    }
+}
+
+static int64_t q8_num_tiles(int64_t m, int64_t n, int type)
+{
+    const int64_t rows = takes_wide_tiles(m, type) ? WIDE_TILE_ROWS : ROWS;
+    return (n + rows - 1) / rows;
+}
+
+static int check_q8(int64_t k, int64_t n, int type)
+{
+    const int base = type & ~PACKED, packed = type & PACKED; /* packed: wide tiles only */
+    if ((base != T_Q4_0 && base != T_Q4_1 && base != T_Q8_0) || (packed && !HAS_WIDE_TILES))
+        return ERR_TYPE;
+    if (k % QK || (packed && n % WIDE_ROWS)) return ERR_SHAPE;
+    return OK;
+}
+
 /* y (m x n, fp32) = x (m x k, fp32), quantized per 32-element block to int8, times the
  * transpose of w (n x k, Q4_0 / Q4_1 / Q8_0) by integer dot products. */
 int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                          int type, float *y, int num_threads)
 {
-    const int base = type & ~PACKED, packed = type & PACKED; /* packed: wide tiles only */
-    if ((base != T_Q4_0 && base != T_Q4_1 && type != T_Q8_0) || (packed && !HAS_WIDE_TILES))
-        return ERR_TYPE;
-    if (k % QK || (packed && n % WIDE_ROWS)) return ERR_SHAPE;
+    int status = check_q8(k, n, type);
+    if (status) return status;
     /* A decode step's few rows quantize on the stack: no allocation per product. */
     xblock small[SMALL_INPUT_BLOCKS];
     const int64_t count = m * (k / QK);
@@ -1222,29 +1328,42 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
     PARALLEL_FOR(m >= 8 ? num_threads : 1, i, m,
         quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
     );
-    int status = OK;
-#if HAS_WIDE_TILES
-    if (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS) {
-        switch (type) { /* constant types, so that each gets its own unrolled loop */
-        case T_Q4_0: wide_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status); break;
-        case T_Q4_1: wide_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status); break;
-        case T_Q4_0 | PACKED:
-            wide_matmul_q8(xq, m, k, w, n, T_Q4_0 | PACKED, y, num_threads, &status);
-            break;
-        case T_Q4_1 | PACKED:
-            wide_matmul_q8(xq, m, k, w, n, T_Q4_1 | PACKED, y, num_threads, &status);
-            break;
-        default: wide_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status); break;
+    const int64_t num_tiles = q8_num_tiles(m, n, type);
+    if (num_threads <= 1 || num_tiles <= 1) {
+        status = q8_tiles(xq, m, k, w, n, type, y, 0, num_tiles);
+    } else {
+#pragma omp parallel num_threads(num_threads)
+        {
+            const Team t = {omp_get_thread_num(), omp_get_num_threads(), NULL};
+            int64_t begin, end;
+            team_share(&t, num_tiles, &begin, &end);
+            const int failed = q8_tiles(xq, m, k, w, n, type, y, begin, end);
+            if (failed) {
+#pragma omp atomic write
+                status = failed;
+            }
         }
-        if (xq != small) free(xq);
-        return status;
     }
-#endif
-    switch (type) { /* constant types, so that each gets its own unrolled loop */
-    case T_Q4_0: direct_matmul_q8(xq, m, k, w, n, T_Q4_0, y, num_threads, &status); break;
-    case T_Q4_1: direct_matmul_q8(xq, m, k, w, n, T_Q4_1, y, num_threads, &status); break;
-    default: direct_matmul_q8(xq, m, k, w, n, T_Q8_0, y, num_threads, &status); break;
-    }
+    if (xq != small) free(xq);
+    return status;
+}
+
+/* fleet_gguf_matmul_q8 by a team: this thread's share of the tiles, without a region of its
+ * own (team.h); the caller syncs the team before y is read. Each thread quantizes the rows
+ * itself (a decode step's few). */
+int fleet_gguf_matmul_q8_team(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                              int type, float *y, const Team *t)
+{
+    int status = check_q8(k, n, type);
+    if (status) return status;
+    xblock small[SMALL_INPUT_BLOCKS];
+    const int64_t count = m * (k / QK);
+    xblock *xq = count <= SMALL_INPUT_BLOCKS ? small : malloc((size_t)count * sizeof(xblock));
+    if (xq == NULL) return ERR_NO_MEMORY;
+    for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
+    int64_t begin, end;
+    team_share(t, q8_num_tiles(m, n, type), &begin, &end);
+    status = q8_tiles(xq, m, k, w, n, type, y, begin, end);
     if (xq != small) free(xq);
     return status;
 }
@@ -1253,3 +1372,7 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
  * rows (AVX2 builds: the wide tiles, Q8_0's from two rows): then they never need the
  * dequantized weight's GEMM. */
 int fleet_gguf_wide_tiles(void) { return HAS_WIDE_TILES; }
+
+/* Bit t set for each type code t that fleet_gguf_repack packs, and that the products and
+ * fleet_gguf_dequantize_rows then take packed (with PACKED added to the code). */
+int fleet_gguf_packed_types(void) { return 1 << T_Q4_0 | 1 << T_Q4_1 | 1 << T_Q8_0; }
