@@ -150,6 +150,54 @@ def test_native_decode_stack_equals_the_layer_loop(plain_llm, monkeypatch):
     model._is_stack_made = False  # the next test's stack has its ends again
 
 
+def _native_and_loop(llm, monkeypatch, prompts, params, threads) -> dict[str, list]:
+    """Token ids and logprobs of `prompts` through the native call and the layer loop, with
+    torch (and so both) on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = {}
+        for native in ("1", "0"):
+            monkeypatch.setenv(decode_stack.ENV, native)
+            results[native] = [(out.outputs[0].token_ids, out.outputs[0].logprobs)
+                               for out in llm.generate(prompts, params)]
+        return results
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_stack_as_one_team_equals_the_layer_loop(plain_llm, monkeypatch, threads):
+    """Below csrc/decode_stack.c's TEAM_MAX_ROWS rows, on more than one thread, the native call
+    runs its layers as one team (one region, products and attention shared out by hand,
+    team.h's barrier between): attention, which the loop runs on one thread at these lengths,
+    shared out by kv heads. One and two sequences at a time, and with more threads than this
+    machine's cores (a barrier that sleeps): its logprobs equal the layer loop's bit for
+    bit."""
+    prompts = [[1, 3, 4, 5], [2, 3, 3, 3, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=110, ignore_eos=True, logprobs=3)
+    for batch in (prompts[:1], prompts):
+        results = _native_and_loop(plain_llm, monkeypatch, batch, params, threads)
+        assert results["1"] == results["0"]
+
+
+def test_team_attention_splits_long_sequences_into_spans_as_a_region_does(
+        plain_gguf, tmp_path, monkeypatch):
+    """Past 256 kv tokens (and 2,304 = tokens x heads of work) decode attention splits a
+    sequence's tokens into spans, one per thread, merged at the end: a team does it where a
+    region does, with the same spans, so the native call still equals the loop bit for bit."""
+    path = tmp_path / "long.gguf"
+    hf = tiny_hf_tensors(np.random.default_rng(1))
+    write_tiny_gguf(path, {name: w * 0.1 if w.ndim == 2 else w for name, w in hf.items()},
+                    PLAIN_TYPES, context_length=1024)
+    llm = LLM(str(path), quantization="gguf", dtype="float32", block_size=16,
+              kv_cache_dtype="int8", enable_prefix_caching=False,
+              kv_cache_memory_bytes=4 << 20, seed=0)
+    params = SamplingParams(temperature=0, max_tokens=600, ignore_eos=True, logprobs=1)
+    results = _native_and_loop(llm, monkeypatch, [[1, 3, 4, 5]], params, threads=2)
+    assert results["1"] == results["0"]
+
+
 def test_greedy_steps_take_the_lm_head_and_argmax_in_the_same_call(plain_llm, monkeypatch):
     """Where every row of a decode step is a plain greedy sample (no logprobs, penalties,
     grammar or drafts), its tokens come from one native call that runs the LM head and the

@@ -81,13 +81,14 @@ def gguf_tensors(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def write_tiny_gguf(path: Path, hf: dict[str, np.ndarray],
-                    types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+                    types: dict[str, gguf.GGMLQuantizationType] | None = None,
+                    context_length: int = 128) -> None:
     """The tiny model as a GGUF file; `types` stores tensors (llama.cpp names) in other
     types than F32, quantized by gguf-py."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny")
     writer.add_block_count(NUM_LAYERS)
-    writer.add_context_length(128)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(NUM_HEADS)

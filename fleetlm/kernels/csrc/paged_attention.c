@@ -20,17 +20,21 @@
 #include <string.h>
 
 #include "online_softmax.h"
+#include "team.h"
 
 #define SCALE_BYTES 4 /* an int8 row's float32 scale */
 #define QMAX 127.0f
 enum { OK = 0, ERR_SHAPE = 1, ERR_BLOCK_TABLE = 2, ERR_SEQ_LEN = 3, ERR_NO_MEMORY = 4 };
 
 #define TASKS_PER_THREAD 4 /* enough tasks for dynamic scheduling to even out lengths */
-/* Decode: where sequences x longest kv length x query heads is below this (64 tokens of the
+/* Decode: where sequences x longest kv length x query heads is below this (256 tokens of the
  * built-in model's 9 heads), one thread does it all: a region costs more than it saves. From
- * MIN_SPAN_TOKENS kv tokens a sequence's tokens are split over threads in spans. */
-#define MIN_PARALLEL_DECODE_WORK (64 * 9)
-#define MIN_SPAN_TOKENS 64
+ * MIN_SPAN_TOKENS kv tokens a sequence's tokens are split over threads in spans. One
+ * sequence of the built-in model's shapes (int8 cache, 2-vCPU EPYC, 2026-12-07): one thread
+ * 6.0 / 12.8 / 27.5 us at 64 / 128 / 256 kv tokens, two threads in spans 14.7 / 17.9 / 26.6
+ * (a region, a dynamic loop, a static one and their barriers: 8 us before any work). */
+#define MIN_PARALLEL_DECODE_WORK (256 * 9)
+#define MIN_SPAN_TOKENS 256
 /* A span's result for one query row: running max, sum, then head_dim unnormalised values. */
 #define SPAN_ROW(dim) ((dim) + 2)
 
@@ -419,9 +423,127 @@ static int plan_tasks(const int32_t *cu_seqlens_q, const int32_t *seq_lens,
     return OK;
 }
 
+/* One call's arguments (fleet_paged_attention's) and how its work is split: tasks over
+ * (sequence, query tile, kv heads, span of kv tokens), the same for every thread. */
+typedef struct {
+    const float *query;
+    const void *k_cache, *v_cache;
+    int kv_dtype;
+    int64_t num_blocks, block_size, num_kv_heads, head_dim;
+    const int32_t *cu_seqlens_q, *seq_lens, *block_tables;
+    int64_t max_blocks, num_seqs, num_heads, tokens_per_task;
+    float scale;
+    float *out;
+    /* the split (plan_call) */
+    int threads;          /* the threads the work is worth: 1 below MIN_PARALLEL_DECODE_WORK */
+    int64_t *task_start;  /* [num_seqs + 1]: each sequence's first query tile */
+    int64_t num_tasks, num_spans, span_len, num_splits, heads_per_task, max_rows;
+    float *spans;         /* num_spans > 1: each span's rows (SPAN_ROW) for merge_spans */
+} Call;
+
+/* Validates the call and splits it for up to num_threads threads; the caller frees
+ * c->task_start (on failure too). Spans are not allocated here. A team (is_team) shares out
+ * any decode, however small (a sync costs 0.3 us, not a region's 2.5), by kv heads where a
+ * region would not split the tokens into spans: that leaves every row's sums as one thread
+ * makes them, and a team splits into spans exactly where a region does, so both give the
+ * same bits. */
+static int plan_call(Call *c, int num_threads, int is_team)
+{
+    c->num_tasks = 0;
+    c->spans = NULL;
+    if (c->num_kv_heads < 1 || c->num_heads % c->num_kv_heads || c->head_dim % DIM_CHUNK ||
+        (c->kv_dtype != KV_F32 && c->kv_dtype != KV_BF16 && c->kv_dtype != KV_INT8) ||
+        c->tokens_per_task < 1) {
+        c->task_start = NULL;
+        return ERR_SHAPE;
+    }
+    c->task_start = malloc((c->num_seqs + 1) * sizeof(int64_t));
+    if (!c->task_start) return ERR_NO_MEMORY;
+    int status = plan_tasks(c->cu_seqlens_q, c->seq_lens, c->block_tables, c->max_blocks,
+                            c->num_seqs, c->num_blocks, c->block_size, c->tokens_per_task,
+                            c->task_start);
+    if (status != OK) return status;
+    const int64_t num_tiles = c->task_start[c->num_seqs];
+    const int64_t group = c->num_heads / c->num_kv_heads;
+    int64_t max_kv_len = 0;
+    for (int64_t s = 0; s < c->num_seqs; s++)
+        max_kv_len = c->seq_lens[s] > max_kv_len ? c->seq_lens[s] : max_kv_len;
+    /* Decode with fewer sequences than threads: each sequence's kv tokens are split into
+     * spans, one task each over all kv heads (whole token rows), merged at the end. */
+    int region_threads = num_threads; /* what a region would take */
+    if (!c->cu_seqlens_q && c->num_seqs * max_kv_len * c->num_heads < MIN_PARALLEL_DECODE_WORK)
+        region_threads = 1;
+    c->threads = is_team ? num_threads : region_threads;
+    c->num_spans = !c->cu_seqlens_q && group < MIN_LANE_ROWS && c->num_seqs < region_threads &&
+                   max_kv_len >= MIN_SPAN_TOKENS
+                       ? (region_threads + c->num_seqs - 1) / c->num_seqs : 1;
+    /* Span length: whole KV_TILEs, so that spans read the tiles an unsplit walk would. */
+    const int64_t span_tiles = c->num_spans * KV_TILE;
+    c->span_len = (max_kv_len + span_tiles - 1) / span_tiles * KV_TILE;
+    /* Whole token rows read best, so split kv heads over tasks only to feed every thread. */
+    int64_t num_splits = (TASKS_PER_THREAD * c->threads + num_tiles - 1) / (num_tiles + !num_tiles);
+    c->num_splits = num_splits < 1 || c->num_spans > 1 ? 1
+                    : num_splits > c->num_kv_heads ? c->num_kv_heads : num_splits;
+    c->heads_per_task = (c->num_kv_heads + c->num_splits - 1) / c->num_splits;
+    c->num_tasks = num_tiles * c->num_splits * c->num_spans;
+    c->max_rows = c->tokens_per_task * c->heads_per_task * group;
+    return OK;
+}
+
+static size_t span_floats(const Call *c)
+{
+    return (size_t)(c->num_seqs * c->num_spans * c->num_heads * SPAN_ROW(c->head_dim));
+}
+
+/* Task `task` of the call; *s: the sequence of the thread's last task (a search hint). */
+static void call_task(const Call *c, Scratch *sc, int64_t task, int64_t *s)
+{
+    const int64_t part = task % c->num_spans, split_task = task / c->num_spans;
+    const int64_t tile = split_task / c->num_splits;
+    const int64_t head_begin = split_task % c->num_splits * c->heads_per_task;
+    const int64_t head_end = head_begin + c->heads_per_task;
+    while (c->task_start[*s + 1] <= tile) (*s)++;
+    while (c->task_start[*s] > tile) (*s)--;
+    const int64_t token0 = q_start(c->cu_seqlens_q, *s);
+    const int64_t q_len = q_start(c->cu_seqlens_q, *s + 1) - token0;
+    const int64_t i_begin = (tile - c->task_start[*s]) * c->tokens_per_task;
+    const int64_t i_end = i_begin + c->tokens_per_task < q_len ? i_begin + c->tokens_per_task
+                                                                : q_len;
+    KvView kv = {c->k_cache, c->v_cache, c->kv_dtype, c->block_tables + *s * c->max_blocks,
+                 c->block_size, c->num_kv_heads, c->head_dim, row_elems(c->kv_dtype, c->head_dim)};
+    run_task(&kv, sc, c->query, c->out, token0, i_begin, i_end, c->seq_lens[*s] - q_len,
+             head_begin, head_end < c->num_kv_heads ? head_end : c->num_kv_heads, c->num_heads,
+             c->scale, part * c->span_len, (part + 1) * c->span_len,
+             c->spans ? c->spans + (*s * c->num_spans + part) * c->num_heads
+                                   * SPAN_ROW(c->head_dim)
+                      : NULL);
+}
+
+/* Query row r (sequence r / num_heads, head r % num_heads) merged over its spans. */
+static void call_merge(const Call *c, int64_t r)
+{
+    merge_spans(c->spans + (r / c->num_heads * c->num_spans * c->num_heads + r % c->num_heads)
+                               * SPAN_ROW(c->head_dim),
+                c->num_spans, c->num_heads * SPAN_ROW(c->head_dim), c->head_dim,
+                c->out + r * c->head_dim);
+}
+
+/* Tasks [begin, end), each `stride`-th, by one thread with its own scratch. */
+static int call_tasks(const Call *c, int64_t begin, int64_t end, int64_t stride)
+{
+    if (begin >= end) return OK;
+    Scratch sc;
+    if (!scratch_alloc(&sc, c->max_rows, c->head_dim)) return ERR_NO_MEMORY;
+    int64_t s = 0;
+    for (int64_t task = begin; task < end; task += stride) call_task(c, &sc, task, &s);
+    scratch_free(&sc);
+    return OK;
+}
+
 /* Packed prefill with context. cu_seqlens_q [num_seqs + 1] (NULL: one query token per
  * sequence, i.e. decode), seq_lens [num_seqs] (kv length, >= the sequence's query length),
- * block_tables [num_seqs, max_blocks]. Returns 0, or an ERR_* code with nothing written. */
+ * block_tables [num_seqs, max_blocks]. Returns 0, or an ERR_* code with nothing written.
+ * Work worth one thread runs without entering libgomp (a region of one thread costs 1 us). */
 int fleet_paged_attention(const float *query, const void *k_cache, const void *v_cache,
                           int kv_dtype, int64_t num_blocks, int64_t block_size,
                           int64_t num_kv_heads, int64_t head_dim, const int32_t *cu_seqlens_q,
@@ -429,84 +551,83 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
                           int64_t max_blocks, int64_t num_seqs, int64_t num_heads,
                           int64_t tokens_per_task, float scale, float *out, int num_threads)
 {
-    if (num_kv_heads < 1 || num_heads % num_kv_heads || head_dim % DIM_CHUNK ||
-        (kv_dtype != KV_F32 && kv_dtype != KV_BF16 && kv_dtype != KV_INT8) ||
-        tokens_per_task < 1)
-        return ERR_SHAPE;
-    int64_t *task_start = malloc((num_seqs + 1) * sizeof(int64_t));
-    if (!task_start) return ERR_NO_MEMORY;
-    int status = plan_tasks(cu_seqlens_q, seq_lens, block_tables, max_blocks, num_seqs,
-                            num_blocks, block_size, tokens_per_task, task_start);
-    const int64_t num_tiles = status == OK ? task_start[num_seqs] : 0;
-    const int64_t group = num_heads / num_kv_heads;
-    int64_t max_kv_len = 0;
-    for (int64_t s = 0; s < num_seqs; s++)
-        max_kv_len = seq_lens[s] > max_kv_len ? seq_lens[s] : max_kv_len;
-    /* Decode with fewer sequences than threads: each sequence's kv tokens are split into
-     * spans, one task each over all kv heads (whole token rows), merged at the end. */
-    if (!cu_seqlens_q && num_seqs * max_kv_len * num_heads < MIN_PARALLEL_DECODE_WORK)
-        num_threads = 1;
-    const int64_t num_spans =
-        !cu_seqlens_q && group < MIN_LANE_ROWS && num_seqs < num_threads &&
-        max_kv_len >= MIN_SPAN_TOKENS ? (num_threads + num_seqs - 1) / num_seqs : 1;
-    /* Span length: whole KV_TILEs, so that spans read the tiles an unsplit walk would. */
-    const int64_t span_tiles = num_spans * KV_TILE;
-    const int64_t span_len = (max_kv_len + span_tiles - 1) / span_tiles * KV_TILE;
-    float *spans = NULL;
-    if (num_spans > 1 && status == OK) {
-        spans = malloc((size_t)(num_seqs * num_spans * num_heads * SPAN_ROW(head_dim))
-                       * sizeof(float));
-        if (!spans) status = ERR_NO_MEMORY;
+    Call c = {query, k_cache, v_cache, kv_dtype, num_blocks, block_size, num_kv_heads,
+              head_dim, cu_seqlens_q, seq_lens, block_tables, max_blocks, num_seqs, num_heads,
+              tokens_per_task, scale, out};
+    int status = plan_call(&c, num_threads, 0);
+    if (status == OK && c.num_spans > 1) {
+        c.spans = malloc(span_floats(&c) * sizeof(float));
+        if (!c.spans) status = ERR_NO_MEMORY;
     }
-    /* Whole token rows read best, so split kv heads over tasks only to feed every thread. */
-    int64_t num_splits = (TASKS_PER_THREAD * num_threads + num_tiles - 1) / (num_tiles + !num_tiles);
-    num_splits = num_splits < 1 || num_spans > 1 ? 1
-                 : num_splits > num_kv_heads ? num_kv_heads : num_splits;
-    const int64_t heads_per_task = (num_kv_heads + num_splits - 1) / num_splits;
-    const int64_t num_tasks = status == OK ? num_tiles * num_splits * num_spans : 0;
-    const int64_t max_rows = tokens_per_task * heads_per_task * group;
-#pragma omp parallel num_threads(num_threads) if (num_tasks > 1)
-    {
-        Scratch sc;
-        int is_ready = scratch_alloc(&sc, max_rows, head_dim);
-        int64_t s = 0;
+    if (status == OK && (c.threads <= 1 || c.num_tasks <= 1)) {
+        status = call_tasks(&c, 0, c.num_tasks, 1);
+        for (int64_t r = 0; c.spans && status == OK && r < num_seqs * num_heads; r++)
+            call_merge(&c, r);
+    } else if (status == OK) {
+#pragma omp parallel num_threads(c.threads)
+        {
+            Scratch sc;
+            int is_ready = scratch_alloc(&sc, c.max_rows, head_dim);
+            int64_t s = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_tasks; task++) {
-            if (!is_ready) {
+            for (int64_t task = 0; task < c.num_tasks; task++) {
+                if (!is_ready) {
 #pragma omp atomic write
-                status = ERR_NO_MEMORY;
-                continue;
+                    status = ERR_NO_MEMORY;
+                    continue;
+                }
+                call_task(&c, &sc, task, &s);
             }
-            const int64_t part = task % num_spans, split_task = task / num_spans;
-            int64_t tile = split_task / num_splits;
-            int64_t head_begin = split_task % num_splits * heads_per_task;
-            int64_t head_end = head_begin + heads_per_task;
-            while (task_start[s + 1] <= tile) s++;
-            while (task_start[s] > tile) s--;
-            int64_t token0 = q_start(cu_seqlens_q, s);
-            int64_t q_len = q_start(cu_seqlens_q, s + 1) - token0;
-            int64_t i_begin = (tile - task_start[s]) * tokens_per_task;
-            int64_t i_end = i_begin + tokens_per_task < q_len ? i_begin + tokens_per_task : q_len;
-            KvView kv = {k_cache, v_cache, kv_dtype, block_tables + s * max_blocks, block_size,
-                         num_kv_heads, head_dim, row_elems(kv_dtype, head_dim)};
-            run_task(&kv, &sc, query, out, token0, i_begin, i_end, seq_lens[s] - q_len,
-                     head_begin, head_end < num_kv_heads ? head_end : num_kv_heads, num_heads,
-                     scale, part * span_len, (part + 1) * span_len,
-                     spans ? spans + (s * num_spans + part) * num_heads * SPAN_ROW(head_dim)
-                           : NULL);
-        }
-        scratch_free(&sc);
-        if (spans && status == OK) {
+            if (is_ready) scratch_free(&sc);
+            if (c.spans && status == OK) {
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < num_seqs * num_heads; r++)
-                merge_spans(spans + (r / num_heads * num_spans * num_heads + r % num_heads)
-                                        * SPAN_ROW(head_dim),
-                            num_spans, num_heads * SPAN_ROW(head_dim), head_dim,
-                            out + r * head_dim);
+                for (int64_t r = 0; r < num_seqs * num_heads; r++) call_merge(&c, r);
+            }
         }
     }
-    free(spans);
-    free(task_start);
+    free(c.spans);
+    free(c.task_start);
+    return status;
+}
+
+/* Floats of the span buffer fleet_paged_attention_team may need: a decode of num_seqs
+ * sequences by a team of `threads`. */
+int64_t fleet_paged_attention_span_floats(int64_t num_seqs, int64_t num_heads, int64_t head_dim,
+                                          int threads)
+{
+    return num_seqs * (threads > 1 ? threads : 1) * num_heads * SPAN_ROW(head_dim);
+}
+
+/* A decode (one query token per sequence) by a team (team.h): each thread calls it with the
+ * same arguments and takes its share of the tasks, statically (contiguous runs: a sequence's
+ * spans go to different threads); where the work is worth one thread, thread 0 does it all.
+ * `spans`: fleet_paged_attention_span_floats floats, shared. Returns this thread's status
+ * (a bad batch: every thread's; no scratch: the thread's own, where `out` is then garbage):
+ * the caller syncs the team and takes any thread's failure before `out` is read. */
+int fleet_paged_attention_team(const float *query, const void *k_cache, const void *v_cache,
+                               int kv_dtype, int64_t num_blocks, int64_t block_size,
+                               int64_t num_kv_heads, int64_t head_dim, const int32_t *seq_lens,
+                               const int32_t *block_tables, int64_t max_blocks, int64_t num_seqs,
+                               int64_t num_heads, float scale, float *out, float *spans,
+                               const Team *t)
+{
+    Call c = {query, k_cache, v_cache, kv_dtype, num_blocks, block_size, num_kv_heads,
+              head_dim, NULL, seq_lens, block_tables, max_blocks, num_seqs, num_heads, 1,
+              scale, out};
+    int status = plan_call(&c, t->size, 1);
+    if (status == OK) {
+        c.spans = c.num_spans > 1 ? spans : NULL;
+        int64_t begin = 0, end = t->id == 0 ? c.num_tasks : 0;
+        if (c.threads > 1) team_share(t, c.num_tasks, &begin, &end);
+        status = call_tasks(&c, begin, end, 1);
+        if (c.spans) { /* every span written before any row is merged */
+            team_sync(t);
+            int64_t first, last;
+            team_share(t, num_seqs * num_heads, &first, &last);
+            for (int64_t r = first; r < last; r++) call_merge(&c, r);
+        }
+    }
+    free(c.task_start);
     return status;
 }
 
