@@ -23,7 +23,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 6; i++) {
         int32_t seq = kvs[i]; int reps = 20000;
         double t0 = now();
-        for (int r = 0; r < reps; r++) fleet_paged_attention(q, k, v, kv_dtype, nb, bs, kvh, hd, NULL, &seq, tables, 64, 1, nh, 1, 0.125f, out, 1);
+        for (int r = 0; r < reps; r++) fleet_paged_attention(q, k, v, kv_dtype, nb, bs, kvh, hd, NULL, &seq, tables, 64, 1, nh, 1, 0.125f, out, atoi(argv[2]));
         printf("kv_dtype %d kv %3d: %.2f us/call\n", kv_dtype, kvs[i], (now() - t0) / reps * 1e6);
     }
 }
