@@ -54,6 +54,7 @@ static ALWAYS_INLINE void prefetch_slice(const uint8_t *ahead, int64_t slice, in
 static ALWAYS_INLINE void store_tile(float *y, const float *out, int64_t rows, int64_t whole)
 {
     if (rows == whole && whole == 16) memcpy(y, out, 16 * sizeof(float));
+    else if (rows == whole && whole == 8) memcpy(y, out, 8 * sizeof(float));
     else if (rows == whole && whole == 4) memcpy(y, out, 4 * sizeof(float));
     else memcpy(y, out, (size_t)rows * sizeof(float));
 }
@@ -1036,36 +1037,36 @@ static ALWAYS_INLINE void decode_packed_block_q8(const uint8_t *tile, int64_t b,
     out->dw = packed_scales(p + PACKED_Q8_D);
 }
 
-/* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and WIDE_TILES tiles' decoded
- * blocks (block b of tile t at decoded[b * WIDE_TILES + t]), or the packed tiles at tiles[t]
- * (not NULL: `type` says Q4_0 or Q4_1), each block decoded as it comes. */
+/* y[j][t * WIDE_ROWS + r] = <x_j, w_{t,r}> for nx input rows and nt tiles' decoded blocks
+ * (block b of tile t at decoded[b * WIDE_TILES + t]; nt = WIDE_TILES), or the packed tiles at
+ * tiles[t] (not NULL: `type` says Q4_0 or Q4_1), each block decoded as it comes. */
 static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *const *tiles,
                                    const uint8_t *ahead, int64_t slice, int type,
-                                   const xblock *x, int nx, int64_t blocks,
+                                   const xblock *x, int nx, int nt, int64_t blocks,
                                    float y[][WIDE_TILE_ROWS])
 {
     f32x8 a[WIDE_X_ROWS][WIDE_TILES];
     for (int j = 0; j < nx; j++)
-        for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
+        for (int t = 0; t < nt; t++) a[j][t] = splat8(0.0f);
     for (int64_t b = 0; b < blocks; b++) {
         wide_block here[WIDE_TILES]; /* packed tiles read in place: one pass, nothing to keep */
         if (tiles) {
             prefetch_slice(ahead, slice, b);
-            for (int t = 0; t < WIDE_TILES; t++) decode_packed_block(tiles[t], b, type, &here[t]);
+            for (int t = 0; t < nt; t++) decode_packed_block(tiles[t], b, type, &here[t]);
         }
         const wide_block *w = tiles ? here : decoded + b * WIDE_TILES;
         __m256i sums[WIDE_X_ROWS][WIDE_TILES]; /* int32 with VNNI, else int16 pairs */
         for (int j = 0; j < nx; j++)
-            for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
+            for (int t = 0; t < nt; t++) sums[j][t] = _mm256_setzero_si256();
         for (int g = 0; g < QK / 4; g++) {
             __m256i wq[WIDE_TILES];
-            for (int t = 0; t < WIDE_TILES; t++)
+            for (int t = 0; t < nt; t++)
                 wq[t] = _mm256_load_si256((const __m256i *)w[t].q[g]);
             for (int j = 0; j < nx; j++) {
                 int32_t group;
                 memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
                 const __m256i xg = _mm256_set1_epi32(group);
-                for (int t = 0; t < WIDE_TILES; t++) {
+                for (int t = 0; t < nt; t++) {
                     __m256i sum = sums[j][t];
 #if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
                     sum = _mm256_dpbusd_epi32(sum, wq[t], xg);
@@ -1082,7 +1083,7 @@ static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *con
             }
         }
         for (int j = 0; j < nx; j++)
-            for (int t = 0; t < WIDE_TILES; t++) {
+            for (int t = 0; t < nt; t++) {
 #if WIDE_VNNI
                 const f32x8 dots = (f32x8)_mm256_cvtepi32_ps(sums[j][t]);
 #else
@@ -1095,7 +1096,7 @@ static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *con
             }
     }
     for (int j = 0; j < nx; j++)
-        for (int t = 0; t < WIDE_TILES; t++)
+        for (int t = 0; t < nt; t++)
             for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
 }
 
@@ -1104,21 +1105,22 @@ static ALWAYS_INLINE void wide_dot(const wide_block *decoded, const uint8_t *con
  * `tiles` (packed Q8_0) each block is read in place, as wide_dot does. */
 static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *decoded, const uint8_t *const *tiles,
                                       const uint8_t *ahead, int64_t slice, const xblock *x,
-                                      int nx, int64_t blocks, float y[][WIDE_TILE_ROWS])
+                                      int nx, int nt, int64_t blocks,
+                                      float y[][WIDE_TILE_ROWS])
 {
     const int64_t block_bytes = WIDE_ROWS * small_block_bytes(T_Q8_0);
     f32x8 a[WIDE_Q8_X_ROWS][WIDE_TILES];
     for (int j = 0; j < nx; j++)
-        for (int t = 0; t < WIDE_TILES; t++) a[j][t] = splat8(0.0f);
+        for (int t = 0; t < nt; t++) a[j][t] = splat8(0.0f);
     for (int64_t b = 0; b < blocks; b++) {
         const wide_block_q8 *w = tiles ? NULL : decoded + b * WIDE_TILES;
         if (tiles) prefetch_slice(ahead, slice, b);
         __m256i sums[WIDE_Q8_X_ROWS][WIDE_TILES]; /* int32 */
         for (int j = 0; j < nx; j++)
-            for (int t = 0; t < WIDE_TILES; t++) sums[j][t] = _mm256_setzero_si256();
+            for (int t = 0; t < nt; t++) sums[j][t] = _mm256_setzero_si256();
         for (int g = 0; g < QK / 4; g++) {
             __m256i values[WIDE_TILES], magnitudes[WIDE_TILES];
-            for (int t = 0; t < WIDE_TILES; t++) {
+            for (int t = 0; t < nt; t++) {
                 if (tiles) {
                     values[t] = _mm256_loadu_si256(
                         (const __m256i *)(tiles[t] + b * block_bytes + 32 * g));
@@ -1132,7 +1134,7 @@ static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *decoded, const uint8_
                 int32_t group;
                 memcpy(&group, x[j * blocks + b].q + 4 * g, sizeof group);
                 const __m256i xg = _mm256_set1_epi32(group);
-                for (int t = 0; t < WIDE_TILES; t++) {
+                for (int t = 0; t < nt; t++) {
                     const __m256i signed_x = _mm256_sign_epi8(xg, values[t]);
                     __m256i sum = sums[j][t];
 #if WIDE_VNNI && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -1148,7 +1150,7 @@ static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *decoded, const uint8_
                 }
             }
         }
-        for (int t = 0; t < WIDE_TILES; t++) {
+        for (int t = 0; t < nt; t++) {
             const f32x8 dw = tiles ? packed_scales(tiles[t] + b * block_bytes + PACKED_Q8_D)
                                    : w[t].dw;
             for (int j = 0; j < nx; j++)
@@ -1157,36 +1159,50 @@ static ALWAYS_INLINE void wide_dot_q8(const wide_block_q8 *decoded, const uint8_
         }
     }
     for (int j = 0; j < nx; j++)
-        for (int t = 0; t < WIDE_TILES; t++)
+        for (int t = 0; t < nt; t++)
             for (int r = 0; r < WIDE_ROWS; r++) y[j][t * WIDE_ROWS + r] = a[j][t][r];
 }
 
-/* One pass of nx input rows (at most the type's rows per pass) over a tile's decoded blocks,
- * with nx a constant in each call. */
+/* One pass of nx input rows (at most the type's rows per pass) over a task's nt tiles, with
+ * nx and nt constants in each call: nt is 1 only for one input row over packed tiles. */
 static ALWAYS_INLINE void wide_pass(const void *decoded, const uint8_t *const *tiles,
                                     const uint8_t *ahead, int64_t slice, const xblock *x,
-                                    int nx, int64_t blocks, int type, float y[][WIDE_TILE_ROWS])
+                                    int nx, int64_t blocks, int type, int nt,
+                                    float y[][WIDE_TILE_ROWS])
 {
     if (type == T_Q8_0) {
-        if (nx == WIDE_Q8_X_ROWS)
-            wide_dot_q8(decoded, tiles, ahead, slice, x, WIDE_Q8_X_ROWS, blocks, y);
+        if (nt == 1) wide_dot_q8(decoded, tiles, ahead, slice, x, 1, 1, blocks, y);
+        else if (nx == WIDE_Q8_X_ROWS)
+            wide_dot_q8(decoded, tiles, ahead, slice, x, WIDE_Q8_X_ROWS, WIDE_TILES, blocks, y);
 #if WIDE_Q8_X_ROWS > 2
-        else if (nx == 2) wide_dot_q8(decoded, tiles, ahead, slice, x, 2, blocks, y);
+        else if (nx == 2) wide_dot_q8(decoded, tiles, ahead, slice, x, 2, WIDE_TILES, blocks, y);
 #endif
-        else wide_dot_q8(decoded, tiles, ahead, slice, x, 1, blocks, y);
+        else wide_dot_q8(decoded, tiles, ahead, slice, x, 1, WIDE_TILES, blocks, y);
         return;
     }
-    if (nx == WIDE_X_ROWS) wide_dot(decoded, tiles, ahead, slice, type, x, WIDE_X_ROWS, blocks, y);
+    if (nt == 1) wide_dot(decoded, tiles, ahead, slice, type, x, 1, 1, blocks, y);
+    else if (nx == WIDE_X_ROWS)
+        wide_dot(decoded, tiles, ahead, slice, type, x, WIDE_X_ROWS, WIDE_TILES, blocks, y);
 #if WIDE_X_ROWS > 3
-    else if (nx == 3) wide_dot(decoded, tiles, ahead, slice, type, x, 3, blocks, y);
+    else if (nx == 3) wide_dot(decoded, tiles, ahead, slice, type, x, 3, WIDE_TILES, blocks, y);
 #endif
 #if WIDE_X_ROWS > 2
-    else if (nx == 2) wide_dot(decoded, tiles, ahead, slice, type, x, 2, blocks, y);
+    else if (nx == 2) wide_dot(decoded, tiles, ahead, slice, type, x, 2, WIDE_TILES, blocks, y);
 #endif
-    else wide_dot(decoded, tiles, ahead, slice, type, x, 1, blocks, y);
+    else wide_dot(decoded, tiles, ahead, slice, type, x, 1, WIDE_TILES, blocks, y);
 }
 
-/* Tiles [begin, end) of fleet_gguf_matmul_q8 through the wide tiles. */
+/* Weight rows per task of the wide tiles: one tile for one input row over a packed matrix
+ * (read in place: each thread then streams one run of bytes, where two tiles a pass read two
+ * runs 2.9 KB apart; a one-sequence decode step took 6.12 against 6.43 ms and 6.39 against
+ * 6.63, docs/benchmarks.md), else WIDE_TILES tiles, whose decoded blocks a pass of several
+ * rows reuses. */
+static ALWAYS_INLINE int64_t wide_task_rows(int64_t m, int packed_type)
+{
+    return (packed_type & PACKED) && m == 1 ? WIDE_ROWS : WIDE_TILE_ROWS;
+}
+
+/* Tasks [begin, end) of fleet_gguf_matmul_q8 through the wide tiles. */
 static ALWAYS_INLINE int wide_tiles_q8(const xblock *x, int64_t m, int64_t k,
                                        const uint8_t *w, int64_t n, int packed_type, float *y,
                                        int64_t begin, int64_t end)
@@ -1197,27 +1213,28 @@ static ALWAYS_INLINE int wide_tiles_q8(const xblock *x, int64_t m, int64_t k,
     const size_t size = ((size_t)blocks * WIDE_TILES * block_size + 63) / 64 * 64;
     const int in_place = packed && m >= 1
                          && m <= (type == T_Q8_0 ? WIDE_Q8_X_ROWS : WIDE_IN_PLACE_ROWS);
+    const int64_t task_rows = wide_task_rows(m, packed_type);
+    const int nt = (int)(task_rows / WIDE_ROWS); /* tiles a task */
     char *decoded = in_place ? NULL : aligned_alloc(64, size);
     if (!in_place && !decoded) return ERR_NO_MEMORY;
     for (int64_t tile = begin; tile < end; tile++) {
-        const int64_t n0 = tile * WIDE_TILE_ROWS;
-        const int64_t rows_here = n - n0 < WIDE_TILE_ROWS ? n - n0 : WIDE_TILE_ROWS;
+        const int64_t n0 = tile * task_rows;
+        const int64_t rows_here = n - n0 < task_rows ? n - n0 : task_rows;
         /* The next pass's rows are one run of bytes: ask for it a slice per block decoded
          * here, so that it arrives while this pass computes. Decoding GGUF's rows reads 16
          * rows at a stride the prefetchers do not follow: without this a decode step of
          * one sequence took 8.8-9.7 ms instead of 6.5-7.3 (docs/benchmarks.md). */
-        const uint8_t *next = w + (n0 + WIDE_TILE_ROWS) * row_bytes;
-        const int64_t slice = (WIDE_TILE_ROWS * row_bytes + WIDE_TILES * blocks - 1)
-                              / (WIDE_TILES * blocks);
+        const uint8_t *next = w + (n0 + task_rows) * row_bytes;
+        const int64_t slice = (task_rows * row_bytes + nt * blocks - 1) / (nt * blocks);
         const uint8_t *tiles[WIDE_TILES]; /* packed: a short last task repeats its first */
-        for (int t = 0; t < WIDE_TILES && packed; t++)
+        for (int t = 0; t < nt && packed; t++)
             tiles[t] = w + (n0 + (t * WIDE_ROWS < rows_here ? t * WIDE_ROWS : 0)) * row_bytes;
         if (in_place) { /* one pass, asking for the next task's bytes a slice per block */
             float out[WIDE_IN_PLACE_ROWS > WIDE_Q8_X_ROWS ? WIDE_IN_PLACE_ROWS
                                                            : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
-            wide_pass(NULL, tiles, next, WIDE_TILES * slice, x, (int)m, blocks, type, out);
+            wide_pass(NULL, tiles, next, nt * slice, x, (int)m, blocks, type, nt, out);
             for (int j = 0; j < m; j++)
-                store_tile(y + j * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
+                store_tile(y + j * n + n0, out[j], rows_here, task_rows);
             continue;
         }
         for (int t = 0; t < WIDE_TILES && packed; t++)
@@ -1244,7 +1261,7 @@ static ALWAYS_INLINE int wide_tiles_q8(const xblock *x, int64_t m, int64_t k,
         float out[WIDE_X_ROWS > WIDE_Q8_X_ROWS ? WIDE_X_ROWS : WIDE_Q8_X_ROWS][WIDE_TILE_ROWS];
         for (int64_t i = 0; i < m; i += pass) {
             const int nx = (int)(m - i < pass ? m - i : pass);
-            wide_pass(decoded, NULL, NULL, 0, x + i * blocks, nx, blocks, type, out);
+            wide_pass(decoded, NULL, NULL, 0, x + i * blocks, nx, blocks, type, WIDE_TILES, out);
             for (int j = 0; j < nx; j++)
                 store_tile(y + (i + j) * n + n0, out[j], rows_here, WIDE_TILE_ROWS);
         }
@@ -1269,7 +1286,7 @@ int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
 
 /* Whether the product of m rows by a matrix of `type` takes the wide tiles (16 weight rows a
  * tile) rather than the four-row tiles. */
-static int takes_wide_tiles(int64_t m, int type)
+static inline int takes_wide_tiles(int64_t m, int type)
 {
     return HAS_WIDE_TILES && (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS);
 }
@@ -1300,7 +1317,10 @@ static int q8_tiles(const xblock *xq, int64_t m, int64_t k, const uint8_t *w, in
 
 static int64_t q8_num_tiles(int64_t m, int64_t n, int type)
 {
-    const int64_t rows = takes_wide_tiles(m, type) ? WIDE_TILE_ROWS : ROWS;
+    int64_t rows = ROWS;
+#if HAS_WIDE_TILES
+    if (takes_wide_tiles(m, type)) rows = wide_task_rows(m, type);
+#endif
     return (n + rows - 1) / rows;
 }
 
