@@ -41,11 +41,13 @@ def test_decode_matches_reference(group, block_size, dtype, paged_batch, close):
     close(out, attention.paged_decode_attention_reference(*batch.decode_args()), dtype)
 
 
-# Fewer sequences than threads: each sequence's kv tokens are split into spans (from 64
-# tokens), one task each, merged at the end. (threads, seq_lens): one sequence split in two;
-# three sequences over four threads, the shortest too short for a second span (it merges an
-# empty one); and a context short enough for one thread.
-SPAN_CASES = {"one_long": (2, [300]), "three_of_four_threads": (4, [131, 70, 5]),
+# Fewer sequences than threads: each sequence's kv tokens are split into spans (from 256
+# tokens and 2,304 (sequence, kv token, query head) triples: with these 2 kv heads, 2 or 6
+# query heads, from 1,152 tokens for one sequence), one task each, merged at the end.
+# (threads, seq_lens): one sequence split in two; three sequences over four threads, the
+# shorter two too short for a second span (they merge an empty one); and a context short
+# enough for one thread.
+SPAN_CASES = {"one_long": (2, [1200]), "three_of_four_threads": (4, [1200, 300, 5]),
               "short": (2, [40])}
 
 

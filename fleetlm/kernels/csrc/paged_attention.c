@@ -481,7 +481,8 @@ static int plan_call(Call *c, int num_threads, int is_team)
     const int64_t span_tiles = c->num_spans * KV_TILE;
     c->span_len = (max_kv_len + span_tiles - 1) / span_tiles * KV_TILE;
     /* Whole token rows read best, so split kv heads over tasks only to feed every thread. */
-    int64_t num_splits = (TASKS_PER_THREAD * c->threads + num_tiles - 1) / (num_tiles + !num_tiles);
+    int64_t num_splits = (TASKS_PER_THREAD * c->threads + num_tiles - 1)
+                         / (num_tiles + !num_tiles);
     c->num_splits = num_splits < 1 || c->num_spans > 1 ? 1
                     : num_splits > c->num_kv_heads ? c->num_kv_heads : num_splits;
     c->heads_per_task = (c->num_kv_heads + c->num_splits - 1) / c->num_splits;
@@ -510,7 +511,8 @@ static void call_task(const Call *c, Scratch *sc, int64_t task, int64_t *s)
     const int64_t i_end = i_begin + c->tokens_per_task < q_len ? i_begin + c->tokens_per_task
                                                                 : q_len;
     KvView kv = {c->k_cache, c->v_cache, c->kv_dtype, c->block_tables + *s * c->max_blocks,
-                 c->block_size, c->num_kv_heads, c->head_dim, row_elems(c->kv_dtype, c->head_dim)};
+                 c->block_size, c->num_kv_heads, c->head_dim,
+                 row_elems(c->kv_dtype, c->head_dim)};
     run_task(&kv, sc, c->query, c->out, token0, i_begin, i_end, c->seq_lens[*s] - q_len,
              head_begin, head_end < c->num_kv_heads ? head_end : c->num_kv_heads, c->num_heads,
              c->scale, part * c->span_len, (part + 1) * c->span_len,
@@ -528,14 +530,14 @@ static void call_merge(const Call *c, int64_t r)
                 c->out + r * c->head_dim);
 }
 
-/* Tasks [begin, end), each `stride`-th, by one thread with its own scratch. */
-static int call_tasks(const Call *c, int64_t begin, int64_t end, int64_t stride)
+/* Tasks [begin, end) by one thread with its own scratch. */
+static int call_tasks(const Call *c, int64_t begin, int64_t end)
 {
     if (begin >= end) return OK;
     Scratch sc;
     if (!scratch_alloc(&sc, c->max_rows, c->head_dim)) return ERR_NO_MEMORY;
     int64_t s = 0;
-    for (int64_t task = begin; task < end; task += stride) call_task(c, &sc, task, &s);
+    for (int64_t task = begin; task < end; task++) call_task(c, &sc, task, &s);
     scratch_free(&sc);
     return OK;
 }
@@ -560,7 +562,7 @@ int fleet_paged_attention(const float *query, const void *k_cache, const void *v
         if (!c.spans) status = ERR_NO_MEMORY;
     }
     if (status == OK && (c.threads <= 1 || c.num_tasks <= 1)) {
-        status = call_tasks(&c, 0, c.num_tasks, 1);
+        status = call_tasks(&c, 0, c.num_tasks);
         for (int64_t r = 0; c.spans && status == OK && r < num_seqs * num_heads; r++)
             call_merge(&c, r);
     } else if (status == OK) {
@@ -619,7 +621,7 @@ int fleet_paged_attention_team(const float *query, const void *k_cache, const vo
         c.spans = c.num_spans > 1 ? spans : NULL;
         int64_t begin = 0, end = t->id == 0 ? c.num_tasks : 0;
         if (c.threads > 1) team_share(t, c.num_tasks, &begin, &end);
-        status = call_tasks(&c, begin, end, 1);
+        status = call_tasks(&c, begin, end);
         if (c.spans) { /* every span written before any row is merged */
             team_sync(t);
             int64_t first, last;
