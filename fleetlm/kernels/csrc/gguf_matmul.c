@@ -1333,6 +1333,21 @@ static int check_q8(int64_t k, int64_t n, int type)
     return OK;
 }
 
+/* x's m rows quantized per block, into `small` (SMALL_INPUT_BLOCKS) where they fit: a decode
+ * step's few rows need no allocation per product. Else an allocation for the caller to free;
+ * NULL where there is no memory. */
+static xblock *quantized_rows(const float *x, int64_t m, int64_t k, xblock *small,
+                              int num_threads)
+{
+    const int64_t count = m * (k / QK);
+    xblock *xq = count <= SMALL_INPUT_BLOCKS ? small : malloc((size_t)count * sizeof(xblock));
+    if (xq != NULL)
+        PARALLEL_FOR(m >= 8 ? num_threads : 1, i, m,
+            quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
+        );
+    return xq;
+}
+
 /* y (m x n, fp32) = x (m x k, fp32), quantized per 32-element block to int8, times the
  * transpose of w (n x k, Q4_0 / Q4_1 / Q8_0) by integer dot products. */
 int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
@@ -1340,14 +1355,9 @@ int fleet_gguf_matmul_q8(const float *x, int64_t m, int64_t k, const uint8_t *w,
 {
     int status = check_q8(k, n, type);
     if (status) return status;
-    /* A decode step's few rows quantize on the stack: no allocation per product. */
     xblock small[SMALL_INPUT_BLOCKS];
-    const int64_t count = m * (k / QK);
-    xblock *xq = count <= SMALL_INPUT_BLOCKS ? small : malloc((size_t)count * sizeof(xblock));
+    xblock *xq = quantized_rows(x, m, k, small, num_threads);
     if (xq == NULL) return ERR_NO_MEMORY;
-    PARALLEL_FOR(m >= 8 ? num_threads : 1, i, m,
-        quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
-    );
     const int64_t num_tiles = q8_num_tiles(m, n, type);
     if (num_threads <= 1 || num_tiles <= 1) {
         status = q8_tiles(xq, m, k, w, n, type, y, 0, num_tiles);
@@ -1377,10 +1387,8 @@ int fleet_gguf_matmul_q8_team(const float *x, int64_t m, int64_t k, const uint8_
     int status = check_q8(k, n, type);
     if (status) return status;
     xblock small[SMALL_INPUT_BLOCKS];
-    const int64_t count = m * (k / QK);
-    xblock *xq = count <= SMALL_INPUT_BLOCKS ? small : malloc((size_t)count * sizeof(xblock));
+    xblock *xq = quantized_rows(x, m, k, small, 1);
     if (xq == NULL) return ERR_NO_MEMORY;
-    for (int64_t i = 0; i < m; i++) quantize_row_blocks(x + i * k, k, xq + i * (k / QK));
     int64_t begin, end;
     team_share(t, q8_num_tiles(m, n, type), &begin, &end);
     status = q8_tiles(xq, m, k, w, n, type, y, begin, end);
