@@ -323,8 +323,8 @@ class ModelRunner:
         and one more when it verifies drafts. `plain`: `_is_plain_greedy` holds."""
         if not batch.sampling_req_ids:
             return None
-        states = [self.requests[r] for r in batch.sampling_req_ids]
         if not plain:
+            states = [self.requests[r] for r in batch.sampling_req_ids]
             # One row per position: a request verifying k drafts has k + 1, row j seeing its
             # first j drafts as outputs (penalties, min_tokens and seeds of that position).
             rows = [(s, drafts[:j]) for s, drafts in zip(states, batch.sampling_drafts)

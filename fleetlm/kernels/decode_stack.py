@@ -169,8 +169,7 @@ class DecodeStack:
              eps: float, ends: EndsSpec | None = None) -> DecodeStack | None:
         """The stack, or None where a layer does not qualify or the library does not load.
         `ends` that do not qualify (an embedding of another type, tables not fp32
-        [*, head_dim / 2])
-        are dropped: the model's Python runs them around `run`."""
+        [*, head_dim / 2]) are dropped: the model's Python runs them around `run`."""
         if not specs or head_dim % 16:
             return None
         hidden, q_width = specs[0].qkv.shape[1], num_heads * head_dim

@@ -237,16 +237,17 @@ int fleet_decode_stack(const LayerWeights *layers, int64_t num_layers, const Sta
     const float *out = hidden;
     int status = OK;
     if (team) {
-        /* the residual's start: the first thread's is the caller's, each other's its own */
-        for (int i = 1; i < num_threads; i++)
-            memcpy(own_scratch + (i * own_row + hidden_width + s->intermediate) * m, residual,
-                   (size_t)(m * hidden_width) * sizeof(float));
 #pragma omp parallel num_threads(num_threads)
         {
             const Team t = {omp_get_thread_num(), omp_get_num_threads(), &shared};
             float *mine = own_scratch + t.id * m * own_row;
             const Own own = {t.id == 0 ? residual : mine + m * (hidden_width + s->intermediate),
                              mine, mine + m * hidden_width};
+            /* the residual's start: the first thread's is the caller's, each other's a copy
+             * taken before the first thread changes it */
+            if (t.id > 0)
+                memcpy(own.residual, residual, (size_t)(m * hidden_width) * sizeof(float));
+            team_sync(&t);
             const float *last;
             const int done = run_layers(&t, layers, num_layers, s, m, hidden, has_residual, cos,
                                         sin, slot_mapping, seq_lens, block_tables, max_blocks,

@@ -1284,15 +1284,16 @@ int fleet_gguf_quantize_input(const float *x, int64_t m, int64_t k, void *xq)
     return OK;
 }
 
-/* Whether the product of m rows by a matrix of `type` takes the wide tiles (16 weight rows a
- * tile) rather than the four-row tiles. */
+/* Whether the product of m rows by a matrix of `type` takes the wide tiles (tasks of
+ * wide_task_rows weight rows) rather than the four-row tiles. */
 static inline int takes_wide_tiles(int64_t m, int type)
 {
     return HAS_WIDE_TILES && (type != T_Q8_0 || m >= WIDE_Q8_MIN_ROWS);
 }
 
-/* Tiles [begin, end) of the product of the quantized rows xq (m of them) by w, into y: the
- * wide or the four-row tiles, each type with its own unrolled loop. 0 or ERR_NO_MEMORY. */
+/* Tasks [begin, end) (q8_num_tiles of them) of the product of the quantized rows xq (m of
+ * them) by w, into y: the wide or the four-row tiles, each type with its own unrolled loop.
+ * 0 or ERR_NO_MEMORY. */
 static int q8_tiles(const xblock *xq, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                     int type, float *y, int64_t begin, int64_t end)
 {
